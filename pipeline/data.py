@@ -1,0 +1,183 @@
+"""Instruction data: read the user's records, render the prompt, tokenise with label masking, split.
+
+Every example gets a `sample_id` derived from its content (not its row number): cached teacher targets are
+keyed by it, so shuffling, filtering or resuming can never pair a student row with another example's targets.
+"""
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from pipeline.config import DataConfig
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+REQUIRED = ("instruction", "output")
+IGNORE = -100  # label of positions that are not supervised (prompt, padding)
+
+
+class DataError(ValueError):
+    """Bad user data: the message names the file (and line) and what is wrong."""
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Read {"instruction", "input", "output"} records from JSONL, or a .json/.parquet file via `datasets`.
+
+    "input" may be missing (it is then empty); "instruction" and "output" are required strings.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if path.suffix == ".jsonl":
+        records = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                records.append(_check(rec, f"{path}:{lineno}"))
+    elif path.suffix in (".json", ".parquet"):
+        ds = datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
+        records = [_check(dict(r), f"{path}: row {i}") for i, r in enumerate(ds)]
+    else:
+        raise DataError(f"{path}: unsupported data format {path.suffix!r} (use .jsonl, .json or .parquet)")
+    if not records:
+        raise DataError(f"{path}: the dataset is empty")
+    return records
+
+
+def _check(rec, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key in REQUIRED:
+        if key not in rec:
+            raise DataError(f"{where}: missing field {key!r} (need 'instruction', 'output', optional 'input')")
+    out = {"instruction": rec["instruction"], "input": rec.get("input") or "", "output": rec["output"]}
+    for key, value in out.items():
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return out
+
+
+def sample_id(rec: dict) -> str:
+    """16 hex chars (64 bits) of SHA-256 over the record's content."""
+    key = json.dumps([rec["instruction"], rec["input"], rec["output"]], ensure_ascii=False)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def split_of(sid: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split from the sample id alone: the same example lands in the same split in any order."""
+    u = int(sid[8:16], 16) / 2**32  # bits not used by anything else that hashes the id
+    return "test" if u < test_fraction else "validation" if u < test_fraction + val_fraction else "train"
+
+
+def render(rec: dict, tokenizer, template: str) -> tuple[str, str]:
+    """(prompt, response) texts; the response includes the end-of-sequence marker the model must learn."""
+    if template == "alpaca":
+        return ALPACA_TEMPLATE.format(**rec), rec["output"] + tokenizer.eos_token
+    if template == "chat":
+        if not tokenizer.chat_template:
+            raise DataError("template=chat but the tokenizer has no chat template; use template=alpaca")
+        user = rec["instruction"] + (f"\n\n{rec['input']}" if rec["input"] else "")
+        msgs = [{"role": "user", "content": user}]
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": rec["output"]}],
+                                             tokenize=False)
+        if not full.startswith(prompt):
+            raise DataError("the chat template renders the prompt differently with and without the answer")
+        return prompt, full[len(prompt):]
+    raise DataError(f"unknown template {template!r} (use 'alpaca' or 'chat')")
+
+
+def tokenize(rec: dict, tokenizer, template: str, max_length: int) -> tuple[dict, bool]:
+    """input_ids with labels = IGNORE on the prompt; returns (example, truncated)."""
+    prompt, response = render(rec, tokenizer, template)
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"]
+    ids, labels = p + r, [IGNORE] * len(p) + r
+    truncated = len(ids) > max_length
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}, truncated
+
+
+@dataclass
+class Splits:
+    """Tokenised examples per split plus what happened on the way."""
+
+    splits: dict[str, datasets.Dataset]
+    n_truncated: int
+    n_dropped: int  # no supervised token left after truncation
+    n_duplicates: int
+
+    def __getitem__(self, name: str) -> datasets.Dataset:
+        return self.splits[name]
+
+
+def load_splits(cfg: DataConfig, tokenizer, log=print) -> Splits:
+    """Read, deduplicate, tokenise and split the data; columns: sample_id, input_ids, labels + the record."""
+    records = read_records(cfg.path)
+    rows = {name: [] for name in ("train", "validation", "test")}
+    seen, n_trunc, n_drop = set(), 0, 0
+    for rec in records:
+        sid = sample_id(rec)
+        if sid in seen:  # identical examples would collide in the id-keyed cache
+            continue
+        seen.add(sid)
+        ex, truncated = tokenize(rec, tokenizer, cfg.template, cfg.max_length)
+        n_trunc += truncated
+        if all(x == IGNORE for x in ex["labels"][1:]):  # nothing left to supervise
+            n_drop += 1
+            continue
+        rows[split_of(sid, cfg.val_fraction, cfg.test_fraction)].append({"sample_id": sid, **ex, **rec})
+    n_dup = len(records) - len(seen)
+    log(f"data: {len(records)} records from {cfg.path}: " + ", ".join(f"{k} {len(v)}" for k, v in rows.items())
+        + f"; truncated to {cfg.max_length} tokens: {n_trunc}; dropped (no response left): {n_drop}"
+        + f"; duplicates removed: {n_dup}")
+    if n_drop == len(seen):
+        raise DataError(f"{cfg.path}: no example keeps a response token within max_length={cfg.max_length}")
+    cols = ["sample_id", "input_ids", "labels", "instruction", "input", "output"]
+    splits = {k: datasets.Dataset.from_dict({c: [r[c] for r in v] for c in cols}) for k, v in rows.items()}
+    return Splits(splits, n_trunc, n_drop, n_dup)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Hash of what makes two tokenizers interchangeable: the vocabulary, special tokens and chat template.
+
+    Compared instead of `vocab_size`: Qwen2.5 models with 151,936 and 152,064 logit columns share one
+    151,665-entry tokenizer, while two tokenizers of equal size may map ids to different strings.
+    """
+    data = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+            "special": sorted(map(str, tokenizer.all_special_tokens)),
+            "chat_template": tokenizer.chat_template or ""}
+    return hashlib.sha256(json.dumps(data, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def fingerprint(ds: datasets.Dataset, template: str) -> str:
+    """Hash of the exact token sequences and labels a split holds (what the cache's rows correspond to)."""
+    h = hashlib.sha256(template.encode())
+    for sid, ids, labels in zip(ds["sample_id"], ds["input_ids"], ds["labels"]):
+        h.update(f"{sid}:{ids}:{labels};".encode())
+    return h.hexdigest()[:16]
+
+
+def pad_collate(batch: list[dict], pad_id: int) -> dict:
+    """Right-pad input_ids (pad_id) and labels (IGNORE) to the batch's longest sequence."""
+    import torch
+
+    L = max(len(x["input_ids"]) for x in batch)
+    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)  # (B, L)
+    labels = torch.full((len(batch), L), IGNORE, dtype=torch.long)  # (B, L)
+    att = torch.zeros((len(batch), L), dtype=torch.long)  # (B, L)
+    for b, x in enumerate(batch):
+        n = len(x["input_ids"])
+        ids[b, :n] = torch.as_tensor(x["input_ids"])
+        labels[b, :n] = torch.as_tensor(x["labels"])
+        att[b, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": att}

@@ -1,0 +1,61 @@
+"""Teacher SFT on the task (the seeds' step 1): LoRA then merge_and_unload, or full fine-tuning.
+
+The result is a plain checkpoint (no adapter) so Stage 1 loads it exactly like Qwen/Qwen2.5-7B.
+"""
+import json
+from functools import partial
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainingArguments
+
+from pipeline.config import Config, save_config
+from pipeline.data import load_splits, pad_collate
+from pipeline.generate import checker, task_accuracy
+from pipeline.models import load_causal_lm, load_tokenizer
+
+
+def training_args(out: Path, seed: int, epochs: float, lr: float, batch_size: int, warmup_ratio: float,
+                  **kwargs) -> TrainingArguments:
+    """Trainer arguments shared by the teacher SFT and the student stages: no hub, no external loggers."""
+    return TrainingArguments(
+        output_dir=str(out), num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size,
+        lr_scheduler_type="cosine", warmup_ratio=warmup_ratio, weight_decay=0.0, seed=seed, data_seed=seed,
+        logging_steps=10, save_strategy="no", report_to=[], disable_tqdm=False,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), **kwargs)
+
+
+def run(cfg: Config) -> dict:
+    f = cfg.finetune
+    out = Path(f.out)
+    tokenizer = load_tokenizer(f.base)
+    splits = load_splits(cfg.data, tokenizer)
+    model = load_causal_lm(f.base, "auto")
+    if f.mode == "lora":
+        model = get_peft_model(model, LoraConfig(r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout,
+                                                 target_modules=f.target_modules, task_type="CAUSAL_LM"))
+    elif f.mode != "full":
+        raise ValueError(f"finetune.mode must be 'lora' or 'full', got {f.mode!r}")
+    train = splits["train"].select_columns(["input_ids", "labels"])
+    args = training_args(out / "trainer", cfg.seed, f.epochs, f.lr, f.batch_size, f.warmup_ratio)
+    trainer = Trainer(model=model, args=args, train_dataset=train,
+                      data_collator=partial(pad_collate, pad_id=tokenizer.pad_token_id))
+    trainer.train()
+    if f.mode == "lora":
+        model = model.merge_and_unload()  # a plain checkpoint: Stage 1 never needs peft
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+    test = splits["test"].to_list()
+    if f.eval_examples:
+        test = test[:f.eval_examples]
+    acc = task_accuracy(model, tokenizer, test, cfg.data.template, check=checker(cfg.data.metric), desc="teacher accuracy")
+    metrics = {"teacher_accuracy": acc, "n_test": len(test),
+               "train_loss": trainer.state.log_history[-1].get("train_loss")}
+    Path(f.metrics).parent.mkdir(parents=True, exist_ok=True)
+    Path(f.metrics).write_text(json.dumps(metrics, indent=2))
+    save_config(cfg, out / "config.yaml")
+    print(f"teacher: held-out accuracy {acc:.1%} on {len(test)} test examples; saved to {out}")
+    return metrics

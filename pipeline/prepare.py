@@ -1,0 +1,30 @@
+"""The embedded default: write the synthetic task as JSONL, train a tokenizer on it, build tiny Qwen2 models.
+
+Everything downstream reads these exactly as it would read a user's data and Qwen/Qwen2.5-* checkpoints:
+a JSONL file and `from_pretrained(folder)`.
+"""
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.config import Config, save_config
+from pipeline.data import ALPACA_TEMPLATE
+from pipeline.task import generate_examples
+from pipeline.tiny import build_model, build_tokenizer
+
+
+def run(cfg: Config) -> None:
+    p = cfg.prepare
+    records = generate_examples(p.n_examples, cfg.seed)
+    data = Path(p.out_data)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+    models = Path(p.out_models)
+    texts = [ALPACA_TEMPLATE.format(**r) + r["output"] for r in records]
+    tokenizer = build_tokenizer(texts, models / "tokenizer", p.tokenizer_vocab)
+    for i, (name, shape) in enumerate([("teacher", p.teacher), ("student", p.student)]):
+        build_model(tokenizer, models / name, **asdict(shape), vocab_multiple=p.vocab_multiple, seed=cfg.seed + i)
+    save_config(cfg, models / "config.yaml")
+    print(f"prepare: {len(records)} examples -> {data}; tokenizer ({len(tokenizer)} tokens), "
+          f"teacher and student -> {models}")

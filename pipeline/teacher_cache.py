@@ -1,0 +1,124 @@
+"""Stage 1: run the teacher alone over the data and write its top-k targets to one Zarr store per split.
+
+Row contract (see cache/schema.py): the row stored for position j is the teacher's distribution over token
+j+1, and a row exists iff token j+1 is supervised. The batch plan is a pure function of the data and the
+config, so a rerun after a crash recomputes exactly the same batches and the resumed store is bit-identical
+to an uninterrupted one.
+"""
+import functools
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig
+
+from cache.writer import CacheWriter
+from pipeline.config import Config, save_config
+from pipeline.data import IGNORE, fingerprint, load_splits, pad_collate, tokenizer_hash
+from pipeline.models import load_causal_lm, load_tokenizer, model_hash
+from pipeline.topk import topk_from_hidden
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Consecutive runs of (already length-sorted) sequences whose padded size stays within batch_tokens."""
+    batches, cur, longest = [], [], 0
+    for i, n in enumerate(lengths):
+        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    return batches + [cur] if cur else batches
+
+
+def supervised_rows(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: a row is stored at position j iff token j+1 is supervised (the row predicts it)."""
+    sup = torch.zeros_like(labels, dtype=torch.bool)
+    sup[:, :-1] = labels[:, 1:] != IGNORE
+    return sup
+
+
+def teacher_rows(model, batch: dict, k: int, vocab_size: int, chunk_rows: int, keep_hidden: bool):
+    """One teacher forward on a right-padded batch; returns the stored rows of all its sequences, in order."""
+    dev = next(model.parameters()).device
+    # The decoder alone gives the hidden states that feed lm_head; calling the full model would build the
+    # whole (B, L, V) logits tensor (1.2 GB in bf16 at 4k tokens for a 152k vocabulary).
+    hidden = model.get_decoder()(input_ids=batch["input_ids"].to(dev),
+                                 attention_mask=batch["attention_mask"].to(dev)).last_hidden_state  # (B, L, D)
+    h = hidden[supervised_rows(batch["labels"]).to(dev)]  # (R, D) sequence by sequence, position by position
+    top_ids, logprobs, tail = topk_from_hidden(h, model.get_output_embeddings(), k, vocab_size, chunk_rows)
+    return top_ids, logprobs, tail, (h if keep_hidden else None)
+
+
+def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: dict) -> Path:
+    """Cache one split; resumes a partial store and does nothing for a complete, matching one.
+
+    `get_model()` loads the teacher on first use, so a wrong or complete output store is reported before
+    minutes are spent loading a 7B checkpoint.
+    """
+    c = cfg.cache
+    # Storage order = processing order: sorted by length (then id) so that batches waste little padding.
+    lengths, sids = [len(x) for x in ds["input_ids"]], ds["sample_id"]
+    order = sorted(range(len(ds)), key=lambda i: (lengths[i], sids[i]))
+    ds = ds.select(order)
+    input_ids = [np.asarray(x, dtype=np.int32) for x in ds["input_ids"]]
+    labels = ds["labels"]
+    supervised = [supervised_rows(torch.tensor([lab]))[0].numpy() for lab in labels]  # (L,) each
+    path = Path(c.out) / f"{name}.zarr"
+    writer = CacheWriter.create_or_resume(
+        path, sample_ids=list(ds["sample_id"]), input_ids_per_seq=input_ids, supervised_per_seq=supervised,
+        k=c.k, logprob_dtype=c.logprob_dtype,
+        hidden_size=None if c.hidden_dtype == "none" else provenance["hidden_size"],
+        hidden_dtype=None if c.hidden_dtype == "none" else c.hidden_dtype,
+        provenance={**provenance, "split": name, "dataset_fingerprint": fingerprint(ds, cfg.data.template)},
+        shard_rows=c.shard_rows)
+    if writer.complete:
+        print(f"cache {path}: complete and up to date, nothing to do")
+        return path
+    rows_per_seq = np.array([s.sum() for s in supervised])
+    row_start = np.r_[0, np.cumsum(rows_per_seq)]
+    batches = length_batches([len(x) for x in input_ids], c.batch_tokens)
+    todo = [b for b in batches if not writer.is_row_range_done(row_start[b[0]], row_start[b[-1] + 1])]
+    n_tok = sum(len(input_ids[i]) for b in todo for i in b)
+    print(f"cache {path}: {len(ds)} sequences, {row_start[-1]} rows, {len(todo)}/{len(batches)} batches to run")
+    t0 = time.perf_counter()
+    with writer, tqdm(total=n_tok, unit="tok", unit_scale=True, desc=f"teacher {name}") as bar:
+        for b in todo:
+            batch = pad_collate([{"input_ids": input_ids[i], "labels": labels[i]} for i in b],
+                                tokenizer.pad_token_id)
+            out = teacher_rows(get_model(), batch, c.k, len(tokenizer), c.chunk_rows, c.hidden_dtype != "none")
+            writer.write_rows(int(row_start[b[0]]), *out)
+            bar.update(sum(len(input_ids[i]) for i in b))
+    print(f"cache {path}: done in {time.perf_counter() - t0:.1f}s")
+    return path
+
+
+def run(cfg: Config) -> None:
+    """Stage 1 entry: load only the teacher, cache each configured split, save the resolved config."""
+    c = cfg.cache
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(c.teacher)
+    if c.k > len(tokenizer):
+        raise ValueError(f"cache.k={c.k} is larger than the tokenizer's vocabulary ({len(tokenizer)} tokens)")
+    splits = load_splits(cfg.data, tokenizer)
+    missing = [s for s in c.splits if s not in splits.splits]
+    if missing:
+        raise ValueError(f"cache.splits: unknown split {missing[0]!r} (use train, validation, test)")
+    teacher_cfg = AutoConfig.from_pretrained(c.teacher)
+    provenance = {
+        "teacher": c.teacher, "teacher_hash": model_hash(c.teacher), "tokenizer_hash": tokenizer_hash(tokenizer),
+        "tokenizer_size": len(tokenizer), "logits_size": teacher_cfg.vocab_size,
+        "hidden_size": teacher_cfg.hidden_size, "template": cfg.data.template,
+        "max_length": cfg.data.max_length,
+        # what shapes the stored values; `out` and `splits` only say where and which, so they may change
+        "params": {k: v for k, v in asdict(c).items() if k not in ("out", "splits")},
+    }
+    get_model = functools.cache(lambda: load_causal_lm(c.teacher, c.dtype, c.load_in_bits).eval())
+
+    with torch.inference_mode():
+        for name in c.splits:
+            cache_split(cfg, name, splits[name], get_model, tokenizer, provenance)
+    save_config(cfg, Path(c.out) / "config.yaml")

@@ -1,0 +1,56 @@
+"""Teacher top-k log-probabilities and tail mass, chunked over tokens (Stage 1's per-token math).
+
+The cache stores, per supervised position, the top-k of the teacher's log-softmax over the FULL real
+vocabulary (not top-k of raw logits renormalised, which Axolotl's maintainers call "mostly incorrect for KD")
+plus the log of the probability mass outside the top-k. Imports only torch.
+"""
+from typing import Callable
+
+import torch
+
+# exp(-80) ~ 1.8e-35: the tail floor when the top-k hold all the mass to float32 precision. A finite floor
+# keeps p·log p style terms at 0 instead of 0·(-inf) = NaN in the losses that read the cache.
+TAIL_FLOOR = -80.0
+
+
+def topk_logprobs(logits: torch.Tensor, k: int, vocab_size: int | None = None):
+    """Top-k log-probs of a block of logits.
+
+    logits: (R, V_logits) in any float dtype; only the first `vocab_size` columns are real tokens
+    (Qwen2.5 pads logits to 151,936 / 152,064 columns for a 151,665-entry tokenizer), the rest are dropped
+    before the softmax so they can never be candidates nor take mass.
+    Returns ids (R, k) int64 in descending-probability order, logprobs (R, k) float32 and tail (R,) float32
+    with tail = log(1 - sum(exp(logprobs))), computed exactly as logsumexp over the non-top-k logits.
+    """
+    V = logits.shape[-1] if vocab_size is None else vocab_size
+    if not 0 < k <= V:
+        raise ValueError(f"k={k} must be between 1 and the vocabulary size {V}")
+    # (R, V) fp32 copy: log-softmax must not run in bf16, and the copy is ours to overwrite in place below
+    x = logits[:, :V].to(torch.float32, copy=True)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (R, 1)
+    top_vals, ids = torch.topk(x, k, dim=-1)  # (R, k)
+    logprobs = top_vals - lse  # (R, k)
+    if k == V:
+        tail = torch.full_like(lse[:, 0], TAIL_FLOOR)
+    else:
+        # The tail from the excluded logits themselves, not log1p(-sum p): the subtraction cancels
+        # catastrophically (and goes NaN) when the top-k hold ~all the mass.
+        x.scatter_(-1, ids, float("-inf"))  # (R, V) in place: no second R×V buffer
+        tail = (torch.logsumexp(x, dim=-1) - lse[:, 0]).clamp_min(TAIL_FLOOR)  # (R,)
+    return ids, logprobs, tail
+
+
+def topk_from_hidden(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor], k: int,
+                     vocab_size: int, chunk_rows: int = 1024):
+    """`topk_logprobs` of lm_head(hidden), chunked over rows.
+
+    hidden: (R, D) final hidden states (the input of lm_head). At most chunk_rows × V fp32 logits exist at
+    once, so a 7B teacher's 152k-column logits never exist for a whole batch.
+    """
+    outs = [topk_logprobs(lm_head(h), k, vocab_size) for h in hidden.split(chunk_rows)]
+    if not outs:  # no supervised rows in this batch
+        e = hidden.new_empty
+        return (torch.empty(0, k, dtype=torch.long, device=hidden.device),
+                e(0, k, dtype=torch.float32), e(0, dtype=torch.float32))
+    ids, logprobs, tail = zip(*outs)
+    return torch.cat(ids), torch.cat(logprobs), torch.cat(tail)

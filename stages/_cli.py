@@ -1,0 +1,27 @@
+"""What every stage CLI shares: loading params.yaml with overrides, and turning known errors into one line."""
+import sys
+from contextlib import contextmanager
+
+import typer
+
+from pipeline.config import Config, load_config
+
+PARAMS = typer.Option("params.yaml", "--params", help="Params file (the one DVC tracks).")
+SET = typer.Option([], "--set", help="Override one value, e.g. --set cache.k=32 (repeatable).")
+
+
+def config(params: str, overrides: list[str], named: dict[str, object]) -> Config:
+    """params.yaml, then --set overrides, then the stage's named options (those given on the command line)."""
+    extra = [f"{k}={v}" for k, v in named.items() if v is not None]
+    return load_config(params, [*overrides, *extra])
+
+
+@contextmanager
+def clear_errors():
+    """Known, user-fixable errors print one line and exit 1 instead of a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        msg = str(e).strip() or type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,31 @@
+"""Stage 1: run the teacher alone and write its top-k log-probs, tail mass and hidden states to Zarr.
+
+    python -m stages.cache_teacher [--teacher PATH] [--k 64] [--set cache.batch_tokens=8192]
+"""
+import typer
+
+from stages._cli import PARAMS, SET, clear_errors, config
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def main(
+    params: str = PARAMS,
+    overrides: list[str] = SET,
+    teacher: str = typer.Option(None, help="Teacher checkpoint: local folder or hub name (cache.teacher)."),
+    out: str = typer.Option(None, help="Output folder for the split stores (cache.out)."),
+    k: int = typer.Option(None, help="Top-k log-probs stored per token (cache.k)."),
+    hidden_dtype: str = typer.Option(None, help="Hidden-state storage: bf16, fp16 or none (cache.hidden_dtype)."),
+):
+    """Cache the teacher's targets for the configured splits; resumes an interrupted run."""
+    with clear_errors():
+        cfg = config(params, overrides, {"cache.teacher": teacher, "cache.out": out, "cache.k": k,
+                                         "cache.hidden_dtype": hidden_dtype})
+        from pipeline import teacher_cache  # imported late so --help answers without loading torch
+
+        teacher_cache.run(cfg)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,43 @@
+"""Shared fixtures: the embedded default built once per session at test size, in a temp folder."""
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, ModelShape
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def small_config(tmp: Path) -> Config:
+    """The embedded default shrunk so each stage takes seconds; every path points into `tmp`."""
+    cfg = Config()
+    cfg.prepare.out_data = str(tmp / "data/task.jsonl")
+    cfg.prepare.out_models = str(tmp / "base")
+    cfg.prepare.n_examples = 300
+    cfg.prepare.teacher = ModelShape(32, 2, 2, 1, 64)
+    cfg.prepare.student = ModelShape(16, 1, 2, 1, 32)
+    cfg.data.path = cfg.prepare.out_data
+    cfg.finetune.base = str(tmp / "base/teacher")
+    cfg.finetune.out = str(tmp / "teacher")
+    cfg.finetune.metrics = str(tmp / "metrics/teacher.json")
+    cfg.finetune.epochs = 1
+    cfg.finetune.eval_examples = 16
+    cfg.cache.teacher = str(tmp / "base/teacher")  # random teacher: caching does not need a trained one
+    cfg.cache.out = str(tmp / "cache")
+    cfg.cache.k = 8
+    cfg.cache.batch_tokens = 1024
+    cfg.cache.shard_rows = 256
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Config:
+    """Prepared tiny data, tokenizer, teacher and student (built once); returns a config pointing at them."""
+    from pipeline import prepare
+
+    cfg = small_config(tmp_path_factory.mktemp("tiny"))
+    prepare.run(cfg)
+    return cfg

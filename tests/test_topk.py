@@ -1,0 +1,68 @@
+"""Teacher top-k log-probs and tail mass against a float64 dense reference."""
+import torch
+
+from pipeline.topk import TAIL_FLOOR, topk_from_hidden, topk_logprobs
+
+
+def reference(logits: torch.Tensor, k: int, vocab_size: int):
+    """Dense float64: log-softmax over the real vocabulary, top-k, log of the remaining probability."""
+    lp = torch.log_softmax(logits[:, :vocab_size].double(), dim=-1)
+    vals, ids = lp.topk(k, dim=-1)
+    tail = torch.log1p(-vals.exp().sum(-1).clamp(max=1.0))
+    return ids, vals, tail
+
+
+def test_matches_float64_reference_awkward_shape():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(41, 401, generator=g) * 3  # (R, V_logits)
+    ids, lp, tail = topk_logprobs(logits, 7, vocab_size=389)
+    rids, rlp, rtail = reference(logits, 7, 389)
+    assert torch.equal(ids, rids)
+    torch.testing.assert_close(lp.double(), rlp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tail.double(), rtail, rtol=1e-5, atol=1e-6)
+    assert lp.dtype == tail.dtype == torch.float32
+
+
+def test_padded_logit_columns_are_never_candidates():
+    logits = torch.zeros(3, 20)
+    logits[:, 16:] = 50.0  # padded columns with huge logits, as random padding rows can produce
+    ids, lp, tail = topk_logprobs(logits, 4, vocab_size=16)
+    assert (ids < 16).all()
+    # the real 16 tokens are uniform: each 1/16, tail = 12/16
+    torch.testing.assert_close(lp, torch.full((3, 4), -torch.log(torch.tensor(16.0)).item()))
+    torch.testing.assert_close(tail, torch.full((3,), torch.log(torch.tensor(0.75)).item()))
+
+
+def test_tail_when_topk_hold_almost_all_mass():
+    logits = torch.full((2, 300), -45.0)
+    logits[:, :5] = torch.tensor([0.0, -1.0, -2.0, -3.0, -4.0])  # the other 295 hold ~1e-17 of the mass
+    logits[1, 5:] = -200.0  # a tail beyond float32 altogether
+    ids, lp, tail = topk_logprobs(logits, 5, vocab_size=300)
+    # 1 - sum(p) rounds to exactly 0 even in float64, so the reference takes the excluded logits directly
+    exact = torch.logsumexp(logits[:, 5:].double(), -1) - torch.logsumexp(logits.double(), -1)
+    naive = torch.log1p(-lp.double().exp().sum(-1).clamp(max=1.0))
+    assert torch.isinf(naive).all()  # what log(1 - sum p) would have stored
+    assert torch.isfinite(tail).all() and not torch.isnan(lp).any()
+    assert abs(tail[0].item() - exact[0].item()) < 1e-4  # about -39.4
+    assert tail[1].item() == TAIL_FLOOR  # exact is about -195: floored, finite
+
+
+def test_chunking_changes_nothing():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(97, 13, generator=g)  # (V, D)
+    h = torch.randn(50, 13, generator=g)  # (R, D)
+    head = lambda x: x @ W.T  # noqa: E731
+    whole = topk_from_hidden(h, head, 6, 90, chunk_rows=1000)
+    for chunk in (1, 7, 49):
+        parts = topk_from_hidden(h, head, 6, 90, chunk_rows=chunk)
+        for a, b in zip(whole, parts):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # matmul bits depend on shape
+    empty = topk_from_hidden(h[:0], head, 6, 90)
+    assert [t.shape for t in empty] == [(0, 6), (0, 6), (0,)]
+
+
+def test_k_out_of_range():
+    import pytest
+
+    with pytest.raises(ValueError, match="k=20 must be between 1 and the vocabulary size 16"):
+        topk_logprobs(torch.zeros(2, 32), 20, vocab_size=16)
