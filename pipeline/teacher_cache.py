@@ -6,6 +6,8 @@ config, so a rerun after a crash recomputes exactly the same batches and the res
 to an uninterrupted one.
 """
 import functools
+import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,11 +17,14 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from cache.writer import CacheWriter
+from cache import CacheMismatchError, CacheWriter
 from pipeline.config import Config, save_config
 from pipeline.data import IGNORE, fingerprint, load_splits, pad_collate, tokenizer_hash
 from pipeline.models import load_causal_lm, load_tokenizer, model_hash
 from pipeline.topk import topk_from_hidden
+
+# Test-only: seconds to pause after each batch, so the crash-resume test can SIGKILL a run mid-way.
+DELAY = float(os.environ.get("OTKD_TEST_BATCH_DELAY", "0"))
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -53,11 +58,13 @@ def teacher_rows(model, batch: dict, k: int, vocab_size: int, chunk_rows: int, k
     return top_ids, logprobs, tail, (h if keep_hidden else None)
 
 
-def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: dict) -> Path:
+def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: dict,
+                replace_mismatched: bool = False) -> Path:
     """Cache one split; resumes a partial store and does nothing for a complete, matching one.
 
     `get_model()` loads the teacher on first use, so a wrong or complete output store is reported before
-    minutes are spent loading a 7B checkpoint.
+    minutes are spent loading a 7B checkpoint. `replace_mismatched` deletes a store made from other inputs
+    instead of refusing it (DVC uses it: there a param change is deliberate).
     """
     c = cfg.cache
     # Storage order = processing order: sorted by length (then id) so that batches waste little padding.
@@ -68,13 +75,22 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
     labels = ds["labels"]
     supervised = [supervised_rows(torch.tensor([lab]))[0].numpy() for lab in labels]  # (L,) each
     path = Path(c.out) / f"{name}.zarr"
-    writer = CacheWriter.create_or_resume(
+    create = functools.partial(
+        CacheWriter.create_or_resume,
         path, sample_ids=list(ds["sample_id"]), input_ids_per_seq=input_ids, supervised_per_seq=supervised,
         k=c.k, logprob_dtype=c.logprob_dtype,
         hidden_size=None if c.hidden_dtype == "none" else provenance["hidden_size"],
         hidden_dtype=None if c.hidden_dtype == "none" else c.hidden_dtype,
         provenance={**provenance, "split": name, "dataset_fingerprint": fingerprint(ds, cfg.data.template)},
         shard_rows=c.shard_rows)
+    try:
+        writer = create()
+    except CacheMismatchError as e:
+        if not replace_mismatched:
+            raise
+        print(f"cache {path}: replacing a store made with other inputs ({e})")
+        shutil.rmtree(path)
+        writer = create()
     if writer.complete:
         print(f"cache {path}: complete and up to date, nothing to do")
         return path
@@ -91,12 +107,14 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
                                 tokenizer.pad_token_id)
             out = teacher_rows(get_model(), batch, c.k, len(tokenizer), c.chunk_rows, c.hidden_dtype != "none")
             writer.write_rows(int(row_start[b[0]]), *out)
+            if DELAY:
+                time.sleep(DELAY)
             bar.update(sum(len(input_ids[i]) for i in b))
     print(f"cache {path}: done in {time.perf_counter() - t0:.1f}s")
     return path
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config, replace_mismatched: bool = False) -> None:
     """Stage 1 entry: load only the teacher, cache each configured split, save the resolved config."""
     c = cfg.cache
     torch.manual_seed(cfg.seed)
@@ -120,5 +138,5 @@ def run(cfg: Config) -> None:
 
     with torch.inference_mode():
         for name in c.splits:
-            cache_split(cfg, name, splits[name], get_model, tokenizer, provenance)
+            cache_split(cfg, name, splits[name], get_model, tokenizer, provenance, replace_mismatched)
     save_config(cfg, Path(c.out) / "config.yaml")

@@ -17,6 +17,9 @@ def main(
     out: str = typer.Option(None, help="Output folder for the split stores (cache.out)."),
     k: int = typer.Option(None, help="Top-k log-probs stored per token (cache.k)."),
     hidden_dtype: str = typer.Option(None, help="Hidden-state storage: bf16, fp16 or none (cache.hidden_dtype)."),
+    replace_mismatched: bool = typer.Option(
+        False, help="Delete an existing store made from another teacher/tokenizer/data/params instead of "
+                    "refusing it (dvc.yaml sets this; a store from the same inputs is always resumed)."),
 ):
     """Cache the teacher's targets for the configured splits; resumes an interrupted run."""
     with clear_errors():
@@ -24,7 +27,7 @@ def main(
                                          "cache.hidden_dtype": hidden_dtype})
         from pipeline import teacher_cache  # imported late so --help answers without loading torch
 
-        teacher_cache.run(cfg)
+        teacher_cache.run(cfg, replace_mismatched)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,187 @@
+"""Reading a teacher cache in Stage 2: validation on open, per-sequence reads, a lazy torch Dataset.
+
+Reads are per-sequence slices only (integer-array indexing on sharded arrays was 3-13x slower, see
+references/zarr-dvc-notes.md), and the slices of one sequence or of a whole minibatch are issued together
+on zarr's event loop so their shard/chunk fetches overlap. Only the small per-sequence arrays (ids, offsets)
+are held in memory; token and row data stay on disk until asked for.
+"""
+import asyncio
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.core.sync import sync
+
+from cache.schema import (FIELDS, CacheError, CacheMismatchError, canonical, canonical_meta, decode_float, sid_to_u64,
+                          u64_to_sid)
+from cache.writer import _short, read_root_attrs
+
+STAGE1 = "python -m stages.cache_teacher"
+
+
+def open_cache(path, expect: dict | None = None) -> "TeacherCache":
+    """Open a complete cache, or raise a one-line CacheError saying what is wrong and what to run.
+
+    expect: {key: value} checked against the store's provenance (or, for keys not in it, the root attributes
+    such as k or logprob_dtype); a difference raises CacheMismatchError naming the key and both values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CacheError(f"no teacher cache at {path} — run `{STAGE1}` first")
+    attrs = read_root_attrs(path)
+    group = zarr.open_group(path, mode="r")
+    done = group["shard_done"][:]
+    if not (attrs.get("complete") and done.all()):
+        raise CacheError(f"incomplete teacher cache at {path} ({int(done.sum())}/{len(done)} shards written) — "
+                         f"rerun `{STAGE1}` to resume it")
+    for key, value in (expect or {}).items():
+        prov = attrs.get("provenance", {})
+        if key in prov:
+            stored = prov[key]
+        elif key in attrs:
+            stored = attrs[key]
+        else:
+            raise CacheMismatchError(f"teacher cache at {path} does not record {key!r} (expected {_short(value)})")
+        if canonical(stored) != canonical(value):
+            raise CacheMismatchError(f"teacher cache at {path} was made with {key}={_short(stored)} but "
+                                     f"{key}={_short(value)} is expected; rerun `{STAGE1}` with matching settings")
+    return TeacherCache(path, attrs)
+
+
+def describe(path) -> dict:
+    """A store's identity in canonical comparable form: {schema_version, plan, provenance} (complete or not).
+
+    Two stores (or a store and a request) hold the same teacher targets iff these dicts are equal.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CacheError(f"no teacher cache at {path} — run `{STAGE1}` first")
+    return canonical_meta(read_root_attrs(path))
+
+
+async def _gather(coros):
+    return await asyncio.gather(*coros)
+
+
+class TeacherCache:
+    """Read access to a complete cache. Picklable: zarr handles are reopened lazily in each process.
+
+    read(i) returns numpy arrays: input_ids (L,) int64, supervised (L,) bool, topk_ids (R_i, k) int64,
+    topk_logprobs (R_i, k) float32, tail_logmass (R_i,) float32, hidden (R_i, D) float32 (exact widening of
+    the stored bf16/fp16; present only if the cache has hidden states), plus sample_id (hex str) and index.
+    Row r of the sequence is the teacher's distribution over the token after the r-th supervised position:
+    input_ids[np.flatnonzero(supervised) + 1] are the tokens the rows predict.
+    """
+
+    def __init__(self, path, attrs: dict):
+        self.path, self.attrs = Path(path), attrs
+        self.k, self.provenance = attrs["k"], attrs["provenance"]
+        g = zarr.open_group(self.path, mode="r")
+        self._sids = g["sample_ids"][:]
+        self.token_offsets = g["token_offsets"][:]
+        self.row_offsets = g["row_offsets"][:]
+        self.has_hidden = "hidden" in g
+        self._index = None
+        self._arrays, self._pid = None, None
+
+    def __len__(self) -> int:
+        return len(self._sids)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [u64_to_sid(v) for v in self._sids]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per sequence (for length-bucketed batching without reading any token data)."""
+        return np.diff(self.token_offsets)
+
+    @property
+    def n_rows(self) -> np.ndarray:
+        """Stored rows (supervised positions) per sequence."""
+        return np.diff(self.row_offsets)
+
+    def index_of(self, sample_id: str) -> int:
+        if self._index is None:
+            self._index = {int(v): i for i, v in enumerate(self._sids)}
+        try:
+            return self._index[sid_to_u64(sample_id)]
+        except KeyError:
+            raise KeyError(f"sample {sample_id} is not in the teacher cache {self.path}") from None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_arrays"], state["_pid"] = None, None  # open handles stay in the process that made them
+        return state
+
+    def _arrs(self) -> dict:
+        if self._arrays is None or self._pid != os.getpid():
+            g = zarr.open_group(self.path, mode="r")
+            names = [n for n in FIELDS if n in g]
+            self._arrays = {n: g[n] for n in names}
+            self._logical = {n: self._arrays[n].attrs.get("logical_dtype") for n in names}
+            self._pid = os.getpid()
+        return self._arrays
+
+    def _fields(self, fields) -> list[str]:
+        avail = [f for f in FIELDS if f != "hidden" or self.has_hidden]
+        if fields is None:
+            return avail
+        bad = [f for f in fields if f not in avail]
+        if bad:
+            raise KeyError(f"field {bad[0]!r} not in this cache (available: {', '.join(avail)})")
+        return list(fields)
+
+    def read(self, i: int, fields=None) -> dict:
+        """One sequence; `fields` (e.g. without "hidden") limits what is read from disk."""
+        return self.read_many([i], fields)[0]
+
+    def read_many(self, indices, fields=None) -> list[dict]:
+        """Several sequences with all their slices fetched concurrently (one event-loop round trip)."""
+        fields, arrs = self._fields(fields), self._arrs()
+        indices = [int(i) for i in indices]
+        for i in indices:
+            if not 0 <= i < len(self):
+                raise IndexError(f"sequence {i} out of range for a cache of {len(self)}")
+        coros, keys = [], []
+        for i in indices:
+            for f in fields:
+                off = self.token_offsets if f in ("input_ids", "supervised") else self.row_offsets
+                coros.append(arrs[f].async_array.getitem(slice(int(off[i]), int(off[i + 1]))))
+                keys.append((i, f))
+        got = sync(_gather(coros)) if coros else []
+        out = {i: {"index": i, "sample_id": u64_to_sid(self._sids[i])} for i in indices}
+        for (i, f), a in zip(keys, got):
+            out[i][f] = self._decode(f, a)
+        return [out[i] for i in indices]
+
+    def _decode(self, field: str, a: np.ndarray) -> np.ndarray:
+        if field in ("input_ids", "topk_ids"):
+            return a.astype(np.int64)  # torch indexing and gather want int64
+        if field == "supervised":
+            return a.astype(bool)
+        return decode_float(a, self._logical[field])
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """Lazy map-style dataset over a cache: each item is `TeacherCache.read(i, fields)` (numpy arrays).
+
+    Holds only the path and the per-sequence index; DataLoader workers reopen the store themselves.
+    Defines __getitems__, so a DataLoader with a batch_sampler fetches a whole minibatch in one round trip
+    (give it a collate_fn that takes a list of these dicts).
+    """
+
+    def __init__(self, cache, fields=None, expect: dict | None = None):
+        self.cache = cache if isinstance(cache, TeacherCache) else open_cache(cache, expect)
+        self.fields = self.cache._fields(fields)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.cache.read(i, self.fields)
+
+    def __getitems__(self, indices) -> list[dict]:
+        return self.cache.read_many(indices, self.fields)

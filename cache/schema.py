@@ -1,0 +1,215 @@
+"""On-disk schema of the otkd teacher cache (Zarr v3), shared by the writer and the reader.
+
+ROW CONTRACT. Row j of a sequence is the teacher's distribution over token j+1 (the token that follows
+position j), computed from the full-vocabulary log-softmax at position j. A row is stored for position j iff
+token j+1 is supervised (its label is not -100); so the last position never has a row, and a sequence's rows
+are its supervised positions in increasing order. Row-axis data is keyed by the content-derived `sample_id`,
+never by the row's position in some other dataset.
+
+LAYOUT (one Zarr v3 group, flat token-major arrays, no padding; S sequences, T tokens, R rows):
+  sample_ids     (S,)    uint64   64-bit content hash (16 hex chars in the API)
+  token_offsets  (S+1,)  int64    sequence i owns tokens [token_offsets[i], token_offsets[i+1])
+  row_offsets    (S+1,)  int64    sequence i owns rows   [row_offsets[i],   row_offsets[i+1])
+  input_ids      (T,)    int32
+  supervised     (T,)    uint8    1 at position j iff a row is stored for j
+  topk_ids       (R,k)   int32    rank order (descending probability)
+  topk_logprobs  (R,k)   uint16 (bf16 bits) | float16 | float32; attribute logical_dtype says which
+  tail_logmass   (R,)    float32  log(1 - sum of the top-k probabilities)
+  hidden         (R,D)   uint16 (bf16 bits) | float16, optional: the final hidden state (lm_head input) at j
+  shard_done     (n_shards,) uint8, one object per shard: 1 once all row-axis data of that shard is on disk
+Row-axis arrays are sharded by `shard_rows` rows (the unit of writing and of resume). Only spec codecs
+(sharding_indexed, bytes, blosc, crc32c) are used so any Zarr v3 reader can open the store; bfloat16 has no
+Zarr dtype, hence the uint16 bit pattern plus the `logical_dtype` attribute.
+The root attribute `complete` becomes true only after every shard_done record exists.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from zarr.codecs import BloscCodec
+
+SCHEMA_VERSION = 1
+FORMAT = "otkd-teacher-cache"
+ROW_CONTRACT = "row j = teacher distribution over token j+1; stored iff token j+1 is supervised"
+
+# name -> (stored numpy dtype, codec). bf16 bits compress ~2x better with byte shuffle than fp16 does;
+# fp16 does best with bitshuffle (measured, see references/zarr-dvc-notes.md section 2).
+LOGPROB_DTYPES = {
+    "bf16": (np.uint16, BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")),
+    "fp16": (np.float16, BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")),
+    "fp32": (np.float32, BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")),
+}
+# Hidden states are ~90% of the bytes and near-Gaussian: zstd-5 saves only ~8% over zstd-1 at ~7x the CPU.
+HIDDEN_DTYPES = {
+    "bf16": (np.uint16, BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")),
+    "fp16": (np.float16, BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")),
+}
+LOGICAL = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+ZSTD5 = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+
+ROW_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "hidden")
+FIELDS = ("input_ids", "supervised") + ROW_ARRAYS
+# Token-axis and per-sequence arrays are written once; 16k-element chunks keep a per-sequence read small.
+SEQ_CHUNK, SEQ_SHARD = 16384, 1 << 20
+# Inner-chunk targets: ~1 MB reads for ids/log-probs (4096 rows at k=64), ~2 MB for hidden (256 rows at 3584).
+ROW_CHUNK_BYTES, HIDDEN_CHUNK_BYTES = 1 << 20, 2 << 20
+
+
+class CacheError(ValueError):
+    """A teacher cache is missing, incomplete, not a cache, or of an unknown schema."""
+
+
+class CacheMismatchError(CacheError):
+    """A teacher cache exists but was made from other inputs (teacher, data, parameters) than expected."""
+
+
+def sid_to_u64(sid: str) -> int:
+    if not (isinstance(sid, str) and len(sid) == 16):
+        raise ValueError(f"sample_id must be 16 hex characters, got {sid!r}")
+    return int(sid, 16)
+
+
+def u64_to_sid(v) -> str:
+    return f"{int(v):016x}"
+
+
+def to_numpy(x) -> np.ndarray:
+    """numpy view of a torch tensor (any device) or array; bfloat16 tensors become their uint16 bit pattern."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            return x.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return x.numpy()
+    return np.asarray(x)
+
+
+def encode_float(x, name: str) -> np.ndarray:
+    """Array or tensor -> stored representation of dtype `name` ("bf16" = uint16 bits, "fp16", "fp32").
+
+    A torch bfloat16 input is taken bit for bit when the target is bf16 (no round trip through float32);
+    float32 -> bf16 rounds to nearest even, as torch does.
+    """
+    if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16:
+        if name == "bf16":
+            return to_numpy(x)
+        x = x.float()  # bf16 -> fp32 is exact; fp16/fp32 rounding then happens once
+    if name == "bf16":
+        t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+        return to_numpy(t.to(torch.bfloat16))
+    return to_numpy(x).astype(LOGPROB_DTYPES[name][0], copy=False)
+
+
+def decode_float(a: np.ndarray, logical: str) -> np.ndarray:
+    """Stored array -> float32; bf16 bits are widened exactly (they are the high half of a float32)."""
+    if logical == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def canonical(obj):
+    """JSON-normal form (sorted keys, lists, plain numbers) so requested and stored values compare equal.
+
+    Stored attributes went through JSON; passing the requested ones through the same round trip makes
+    tuples/lists, int/np.int64, Path/str and dict key order irrelevant to the comparison.
+    """
+    def plain(o):
+        if isinstance(o, dict):
+            return {str(k): plain(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [plain(v) for v in o]
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        return o
+    return json.loads(json.dumps(plain(obj), sort_keys=True))
+
+
+def first_difference(a, b, prefix: str = ""):
+    """(dotted field name, a value, b value) of the first difference between two canonical values, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if key not in a or key not in b:
+                return f"{prefix}{key}", a.get(key, "<missing>"), b.get(key, "<missing>")
+            d = first_difference(a[key], b[key], f"{prefix}{key}.")
+            if d:
+                return d
+        return None
+    return None if a == b else (prefix.rstrip("."), a, b)
+
+
+def _digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def make_plan(sample_ids_u64, token_offsets, row_offsets, input_ids, supervised, *, k, logprob_dtype,
+              hidden_dtype, hidden_size, shard_rows) -> dict:
+    """What fixes the row layout: resuming is only sound if every entry matches (ordered for error messages)."""
+    return canonical({
+        "n_sequences": len(sample_ids_u64), "n_tokens": int(token_offsets[-1]), "n_rows": int(row_offsets[-1]),
+        "k": k, "logprob_dtype": logprob_dtype, "hidden_dtype": hidden_dtype, "hidden_size": hidden_size,
+        "shard_rows": shard_rows,
+        "sample_ids_sha": _digest(sample_ids_u64),  # order matters: rows are laid out in this order
+        "offsets_sha": _digest(token_offsets, row_offsets),
+        "tokens_sha": _digest(input_ids, supervised),
+    })
+
+
+def canonical_meta(attrs: dict) -> dict:
+    """A store's (or a request's) identity in comparable form: schema version, plan and provenance."""
+    return canonical({"schema_version": attrs.get("schema_version"), "plan": attrs.get("plan", {}),
+                      "provenance": attrs.get("provenance", {})})
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    """Inner chunks must tile a shard exactly, and shard_rows need not be a power of two."""
+    cap = max(1, min(n, cap))
+    best = 1
+    for d in range(1, int(n ** 0.5) + 1):
+        if n % d == 0:
+            for c in (d, n // d):
+                if best < c <= cap:
+                    best = c
+    return best
+
+
+def array_specs(n_seq: int, n_tok: int, n_rows: int, *, k: int, logprob_dtype: str, hidden_dtype,
+                hidden_size, shard_rows: int) -> dict:
+    """name -> keyword arguments of zarr.create_array (minus store/name) for every array of the layout."""
+    def seq(n, dtype):
+        return dict(shape=(n,), dtype=dtype, chunks=(SEQ_CHUNK,), shards=(SEQ_SHARD,), compressors=[ZSTD5])
+
+    def rows(width, dtype, codec, target_bytes, logical=None):
+        row_bytes = np.dtype(dtype).itemsize * (width or 1)
+        inner = _largest_divisor_at_most(shard_rows, target_bytes // row_bytes)
+        tail = (width,) if width else ()
+        attrs = {"logical_dtype": logical} if logical else {}
+        return dict(shape=(n_rows,) + tail, dtype=dtype, chunks=(inner,) + tail, shards=(shard_rows,) + tail,
+                    compressors=[codec], attributes={"axis": "row", **attrs})
+
+    lp_dtype, lp_codec = LOGPROB_DTYPES[logprob_dtype]
+    specs = {
+        "sample_ids": seq(n_seq, np.uint64), "token_offsets": seq(n_seq + 1, np.int64),
+        "row_offsets": seq(n_seq + 1, np.int64), "input_ids": seq(n_tok, np.int32),
+        "supervised": seq(n_tok, np.uint8),
+        "topk_ids": rows(k, np.int32, ZSTD5, ROW_CHUNK_BYTES),
+        "topk_logprobs": rows(k, lp_dtype, lp_codec, ROW_CHUNK_BYTES, LOGICAL[logprob_dtype]),
+        "tail_logmass": rows(None, np.float32, ZSTD5, ROW_CHUNK_BYTES // 16, "float32"),
+        # one small object per shard: writing it is the atomic "this shard is complete" record
+        "shard_done": dict(shape=(n_shards(n_rows, shard_rows),), dtype=np.uint8, chunks=(1,), compressors=None),
+    }
+    if hidden_dtype is not None:
+        h_dtype, h_codec = HIDDEN_DTYPES[hidden_dtype]
+        specs["hidden"] = rows(hidden_size, h_dtype, h_codec, HIDDEN_CHUNK_BYTES, LOGICAL[hidden_dtype])
+    return specs
+
+
+def n_shards(n_rows: int, shard_rows: int) -> int:
+    return -(-n_rows // shard_rows)

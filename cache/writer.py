@@ -1,0 +1,307 @@
+"""Crash-safe, resumable writer of a teacher cache (layout and row contract: cache/schema.py).
+
+Why it is shaped this way (measured, references/zarr-dvc-notes.md): a partial write into a Zarr shard is a
+read-modify-write of the whole shard object, so rows are buffered and each shard is written by exactly one
+call; a shard's `shard_done` record is written only after all its row arrays, and the root `complete`
+attribute only after every record. LocalStore writes are atomic (temp file + rename), so after a SIGKILL
+every object on disk is either old or new; a rerun rewrites every shard without a record, from scratch, and
+ends bit-identical to an uninterrupted run. The store is created in a sibling `<name>.creating` directory
+and renamed into place, so a half-created store is never mistaken for a cache.
+
+With background=True (the default) a full shard is compressed and written by one helper thread while the
+caller goes on (in Stage 1: while the GPU runs the next forward); at most one shard is in flight, so memory
+is two shard buffers. Blosc and file I/O release the GIL, so the write overlaps the teacher almost fully.
+"""
+import os
+import re
+import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from cache.schema import (FORMAT, HIDDEN_DTYPES, LOGPROB_DTYPES, ROW_ARRAYS, ROW_CONTRACT, SCHEMA_VERSION,
+                          CacheError, CacheMismatchError, array_specs, canonical, canonical_meta, encode_float,
+                          first_difference, make_plan, n_shards, sid_to_u64, to_numpy)
+
+# LocalStore's temp files: "<key>.<32 hex>.partial"; a SIGKILL mid-write leaves one behind.
+_TMP_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def read_root_attrs(path: Path) -> dict:
+    """Root attributes of an otkd cache, or CacheError if `path` holds something else."""
+    try:
+        attrs = zarr.open_group(path, mode="r").attrs.asdict()
+    except Exception as e:  # no zarr.json, unreadable JSON, an array instead of a group, ...
+        raise CacheError(f"{path} exists but is not an otkd teacher cache ({type(e).__name__}); "
+                         "delete it or choose another path") from None
+    if attrs.get("format") != FORMAT:
+        raise CacheError(f"{path} is a Zarr group but not an otkd teacher cache (no format={FORMAT!r} "
+                         "attribute); delete it or choose another path")
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        raise CacheError(f"{path} has cache schema version {attrs.get('schema_version')!r}, this code reads "
+                         f"version {SCHEMA_VERSION}; recreate the cache with this version of otkd")
+    return attrs
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+class CacheWriter:
+    """Writes rows in increasing, contiguous order; flushes one whole shard per Zarr write."""
+
+    def __init__(self, path: Path, group, resumed: bool, background: bool = True):
+        self.path, self._group, self.resumed = path, group, resumed
+        a = group.attrs.asdict()
+        self.k, self.n_rows, self.shard_rows = a["k"], a["n_rows"], a["shard_rows"]
+        self.logprob_dtype, self.hidden_dtype = a["logprob_dtype"], a["hidden_dtype"]
+        self.hidden_size = a["hidden_size"]
+        self._arrays = {n: group[n] for n in ROW_ARRAYS if n in group}
+        self._done_arr = group["shard_done"]
+        self._done = self._done_arr[:].astype(bool)
+        self.complete = bool(a.get("complete")) and bool(self._done.all())
+        self._buf = None  # {name: preallocated (shard_rows, ...) array}, allocated on first use
+        self._buf_shard, self._buf_fill = None, 0
+        self._spare = None  # the other shard buffer (background mode)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="otkd-cache-write") if background else None
+        self._pending = None  # Future of the shard being written in the background
+
+    # ---------------------------------------------------------------- creation / resume
+    @classmethod
+    def create_or_resume(cls, path, *, sample_ids, input_ids_per_seq, supervised_per_seq, k: int,
+                         logprob_dtype: str = "bf16", hidden_size: int | None = None,
+                         hidden_dtype: str | None = None, provenance: dict, shard_rows: int = 65536,
+                         background: bool = True):
+        """Create the store (all per-sequence and token arrays written now) or resume a matching one.
+
+        Raises CacheMismatchError naming the first differing field when `path` holds a cache made from other
+        inputs, and CacheError when it holds something that is not an otkd cache.
+        """
+        path = Path(path)
+        hidden_dtype = None if hidden_dtype in (None, "none") else hidden_dtype
+        if logprob_dtype not in LOGPROB_DTYPES:
+            raise ValueError(f"logprob_dtype={logprob_dtype!r}: use one of {sorted(LOGPROB_DTYPES)}")
+        if hidden_dtype is not None and hidden_dtype not in HIDDEN_DTYPES:
+            raise ValueError(f"hidden_dtype={hidden_dtype!r}: use one of {sorted(HIDDEN_DTYPES)} or None")
+        if (hidden_dtype is None) != (hidden_size is None):
+            raise ValueError("hidden_size and hidden_dtype must be given together (or both None)")
+        if not (isinstance(k, int) and k > 0 and isinstance(shard_rows, int) and shard_rows > 0):
+            raise ValueError(f"k={k!r} and shard_rows={shard_rows!r} must be positive integers")
+        n = len(sample_ids)
+        if n == 0 or len(input_ids_per_seq) != n or len(supervised_per_seq) != n:
+            raise ValueError(f"need >= 1 sequence and equal counts: {n} sample_ids, {len(input_ids_per_seq)} "
+                             f"input_ids, {len(supervised_per_seq)} supervised masks")
+        sids = np.array([sid_to_u64(s) for s in sample_ids], dtype=np.uint64)
+        if len(np.unique(sids)) != n:
+            raise ValueError("sample_ids are not unique: rows are keyed by sample id")
+        ids = [np.asarray(x).reshape(-1) for x in input_ids_per_seq]
+        sup = [np.asarray(x, dtype=bool).reshape(-1) for x in supervised_per_seq]
+        for i, (x, m) in enumerate(zip(ids, sup)):
+            if len(x) != len(m) or len(x) == 0:
+                raise ValueError(f"sequence {i}: {len(x)} input_ids but {len(m)} supervised flags")
+            if m[-1]:  # row j predicts token j+1: the last position has nothing to predict
+                raise ValueError(f"sequence {i}: last position marked supervised; row j predicts token j+1, "
+                                 "so supervised[j] must be labels[j+1] != -100")
+        token_offsets = np.r_[0, np.cumsum([len(x) for x in ids])].astype(np.int64)
+        row_offsets = np.r_[0, np.cumsum([m.sum() for m in sup])].astype(np.int64)
+        input_ids = np.concatenate(ids).astype(np.int32)
+        supervised = np.concatenate(sup).astype(np.uint8)
+        plan = make_plan(sids, token_offsets, row_offsets, input_ids, supervised, k=k,
+                         logprob_dtype=logprob_dtype, hidden_dtype=hidden_dtype, hidden_size=hidden_size,
+                         shard_rows=shard_rows)
+        want = {"schema_version": SCHEMA_VERSION, "plan": plan, "provenance": canonical(provenance)}
+
+        if path.exists():
+            have = canonical_meta(read_root_attrs(path))
+            for section in ("provenance", "plan"):
+                d = first_difference(have[section], want[section])
+                if d:
+                    field, old, new = d
+                    what = "another teacher" if "teacher" in field else "other inputs"
+                    raise CacheMismatchError(
+                        f"output path {path} holds a cache from {what} ({section}.{field}: stored {_short(old)} "
+                        f"!= requested {_short(new)}); delete it or choose another path")
+            _remove_stale_temp_files(path)
+            return cls(path, zarr.open_group(path, mode="r+"), resumed=True, background=background)
+
+        tmp = path.with_name(path.name + ".creating")
+        if tmp.exists():  # a creation killed midway; the name is ours, but never delete someone else's data
+            if (tmp / "zarr.json").exists():
+                read_root_attrs(tmp)
+            shutil.rmtree(tmp)
+        attrs = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "row_contract": ROW_CONTRACT,
+                 **{key: plan[key] for key in ("k", "logprob_dtype", "hidden_dtype", "hidden_size", "shard_rows")},
+                 "n_sequences": n, "n_tokens": plan["n_tokens"], "n_rows": plan["n_rows"],
+                 "n_shards": n_shards(plan["n_rows"], shard_rows), "plan": plan,
+                 "provenance": want["provenance"], "complete": False}
+        group = zarr.open_group(tmp, mode="w-", attributes=attrs)
+        specs = array_specs(n, plan["n_tokens"], plan["n_rows"], k=k, logprob_dtype=logprob_dtype,
+                            hidden_dtype=hidden_dtype, hidden_size=hidden_size, shard_rows=shard_rows)
+        for name, spec in specs.items():
+            group.create_array(name, fill_value=0, **spec)
+        for name, data in (("sample_ids", sids), ("token_offsets", token_offsets), ("row_offsets", row_offsets),
+                           ("input_ids", input_ids), ("supervised", supervised)):
+            group[name][:] = data
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, path)
+        return cls(path, zarr.open_group(path, mode="r+"), resumed=False, background=background)
+
+    # ---------------------------------------------------------------- progress
+    @property
+    def n_shards(self) -> int:
+        return len(self._done)
+
+    @property
+    def shards_done(self) -> int:
+        return int(self._done.sum())
+
+    def rows_todo(self) -> int:
+        """First row of the first incomplete shard (n_rows if all are done): where a resumed run restarts."""
+        todo = np.flatnonzero(~self._done)
+        return int(todo[0]) * self.shard_rows if len(todo) else self.n_rows
+
+    def is_row_range_done(self, start: int, end: int) -> bool:
+        """True iff every row in [start, end) lies in a completed shard (so a batch producing them can be skipped)."""
+        if end <= start:
+            return True
+        return bool(self._done[int(start) // self.shard_rows:(int(end) - 1) // self.shard_rows + 1].all())
+
+    # ---------------------------------------------------------------- writing
+    def write_rows(self, row_start: int, topk_ids, topk_logprobs, tail, hidden=None) -> None:
+        """Append rows [row_start, row_start + n); tensors (any device, bf16 included) or arrays.
+
+        Rows in completed shards are dropped silently (a resumed batch plan replays whole batches); inside an
+        incomplete shard rows must arrive contiguously from the shard's first row.
+        """
+        row_start = int(row_start)
+        if self._pending is not None and self._pending.done():
+            self._wait()  # surface a failed background write now, not at close
+        ids = to_numpy(topk_ids)
+        n = ids.shape[0]
+        if ids.shape != (n, self.k):
+            raise ValueError(f"topk_ids has shape {ids.shape}, expected ({n}, {self.k})")
+        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+            raise ValueError("topk_ids out of int32 range")
+        cols = {"topk_ids": ids.astype(np.int32, copy=False),
+                "topk_logprobs": encode_float(topk_logprobs, self.logprob_dtype),
+                "tail_logmass": encode_float(tail, "fp32")}
+        if "hidden" in self._arrays:
+            if hidden is None:
+                raise ValueError("this cache stores hidden states: pass hidden=(n, D)")
+            cols["hidden"] = encode_float(hidden, self.hidden_dtype)
+        want = {"topk_ids": (n, self.k), "topk_logprobs": (n, self.k), "tail_logmass": (n,),
+                "hidden": (n, self.hidden_size)}
+        for name, a in cols.items():
+            if a.shape != want[name]:
+                raise ValueError(f"{name} has shape {a.shape}, expected {want[name]}")
+        # NaN in what the losses read would poison training silently; hidden is left unchecked (cost ~D/k)
+        lp = cols["topk_logprobs"]
+        lp_nan = ((lp & 0x7FFF) > 0x7F80).any() if self.logprob_dtype == "bf16" else np.isnan(lp).any()
+        if lp_nan or np.isnan(cols["tail_logmass"]).any():
+            raise ValueError(f"NaN in teacher log-probs or tail for rows {row_start}..{row_start + n}")
+        if row_start < 0 or row_start + n > self.n_rows:
+            raise ValueError(f"rows {row_start}..{row_start + n} outside the cache's {self.n_rows} rows")
+
+        pos, end = row_start, row_start + n
+        while pos < end:
+            s = pos // self.shard_rows
+            s0, s1 = s * self.shard_rows, min((s + 1) * self.shard_rows, self.n_rows)
+            take = min(end, s1) - pos
+            if not self._done[s]:
+                if self._buf_shard != s:
+                    if self._buf_shard is not None and self._buf_fill:
+                        raise ValueError(f"rows jump to shard {s} while shard {self._buf_shard} has only "
+                                         f"{self._buf_fill} rows buffered")
+                    if pos != s0:
+                        raise ValueError(f"write_rows starts at row {pos}, inside incomplete shard {s}; a "
+                                         f"resumed run must restart at row {s0} (see writer.rows_todo())")
+                    self._buf_shard, self._buf_fill = s, 0
+                if pos != s0 + self._buf_fill:
+                    raise ValueError(f"rows must be contiguous: got row {pos}, expected {s0 + self._buf_fill}")
+                if self._buf is None:
+                    # one shard of each array, reused (two in background mode; 470 MB each for hidden at
+                    # 65,536 rows x 3584 bf16)
+                    size = min(self.shard_rows, self.n_rows)
+                    self._buf = {k: np.empty((size,) + a.shape[1:], a.dtype) for k, a in cols.items()}
+                lo = pos - row_start
+                for name, a in cols.items():
+                    self._buf[name][self._buf_fill:self._buf_fill + take] = a[lo:lo + take]
+                self._buf_fill += take
+                if self._buf_fill == s1 - s0:
+                    self._flush(s, s0, s1)
+            pos += take
+
+    def _flush(self, s: int, s0: int, s1: int) -> None:
+        buf, self._buf_shard, self._buf_fill = self._buf, None, 0
+        if self._pool is None:
+            return self._write_shard(s, s0, s1, buf)
+        self._wait()  # the previous shard is on disk: its buffer (the spare) may be refilled
+        self._pending = self._pool.submit(self._write_shard, s, s0, s1, buf)
+        self._buf, self._spare = self._spare, buf
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # re-raises the writer thread's exception
+
+    def _write_shard(self, s: int, s0: int, s1: int, buf: dict) -> None:
+        for name, arr in self._arrays.items():
+            # zarr 3.1 reads an existing shard even when the write covers it entirely; a leftover of an
+            # interrupted run (or a corrupt object on a store without atomic writes) must not be merged in.
+            key = arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))
+            sync(arr.store_path.store.delete(f"{arr.store_path.path}/{key}"))
+            arr[s0:s1] = buf[name][:s1 - s0]
+        self._done_arr[s] = 1  # only now is the shard complete on disk
+        self._done[s] = True
+
+    # ---------------------------------------------------------------- completion
+    def close(self) -> bool:
+        """Mark the store complete if every shard is on disk; returns whether it is complete.
+
+        Rows buffered for a shard that never filled are dropped (a rerun recomputes that shard).
+        """
+        try:
+            self._wait()
+        finally:
+            self._shutdown()
+        if self._buf_fill:
+            warnings.warn(f"{self.path}: {self._buf_fill} buffered rows of shard {self._buf_shard} dropped at "
+                          "close (shard incomplete); rerun to finish the cache", stacklevel=2)
+        self._buf, self._spare, self._buf_shard, self._buf_fill = None, None, None, 0
+        if self._done.all() and not self.complete:
+            self._group.attrs["complete"] = True
+            self.complete = True
+        return self.complete
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:  # an exception: a shard already handed to the writer thread is whole, let it finish; mark nothing else
+            try:
+                self._wait()
+            except Exception as e:  # the caller's exception is the one to report
+                warnings.warn(f"{self.path}: background shard write failed too: {e!r}", stacklevel=2)
+            self._shutdown()
+            self._buf, self._spare, self._buf_shard, self._buf_fill = None, None, None, 0
+        return False
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Delete LocalStore temp files a killed writer left, so a resumed store has exactly the files of a clean one."""
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            if _TMP_FILE.search(f):
+                os.remove(os.path.join(root, f))

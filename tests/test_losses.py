@@ -1,0 +1,318 @@
+"""Losses against float64 references written here: dense per-token CE, the exact KL of the coarse-grained
+(k+1)-bucket distributions from full logits, and OT on the unpadded problems with unrolled Sinkhorn."""
+import math
+
+import pytest
+import torch
+
+from pipeline.losses import (ce_loss, init_projection, ot_hidden_loss, ot_logits_loss, topk_kl_loss)
+
+V, K = 401, 7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: OpenMP fan-out only costs time, 2-3x more on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CE
+# ---------------------------------------------------------------------------------------------------------
+
+def ref_ce(logits, labels, n=None):
+    """Token by token: -log softmax(logits[b, t])[labels[b, t + 1]] over supervised targets, float64."""
+    logp = logits.double().log_softmax(-1)  # (B, L, V)
+    total, count = 0.0, 0
+    for b, t in (labels[:, 1:] != -100).nonzero().tolist():
+        total = total - logp[b, t, labels[b, t + 1]]
+        count += 1
+    return total / (n if n is not None else max(count, 1))
+
+
+def make_ce(seed=0, B=3, L=41):
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(B, L, V, generator=g)
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[torch.rand(B, L, generator=g) < 0.3] = -100
+    labels[1] = -100  # one fully unsupervised row
+    return logits, labels
+
+
+@pytest.mark.parametrize("num_items", [None, 123])
+def test_ce_matches_reference(num_items):
+    logits, labels = make_ce()
+    x = logits.clone().requires_grad_()
+    x64 = logits.double().requires_grad_()
+    loss = ce_loss(x, labels, num_items)
+    ref = ref_ce(x64, labels, num_items)
+    (2 * loss).backward()
+    (2 * ref).backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-8)
+    assert (x.grad[1] == 0).all() and (x.grad[:, -1] == 0).all()  # no label, and nothing after the last token
+
+
+def test_ce_vocab_padding_ignored():
+    logits, labels = make_ce()
+    padded = torch.cat([logits, torch.full((*logits.shape[:2], 5), 50.0)], -1)  # fake columns, huge logits
+    torch.testing.assert_close(ce_loss(padded, labels, vocab_size=V), ce_loss(logits, labels))
+
+
+def test_ce_all_masked_is_zero():
+    logits, labels = make_ce()
+    labels[:] = -100
+    x = logits.requires_grad_()
+    loss = ce_loss(x, labels)
+    loss.backward()
+    assert loss.item() == 0 and (x.grad == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KL on top-k + tail bucket
+# ---------------------------------------------------------------------------------------------------------
+
+def make_kl(seed=0, R=53, t_scale=3.0, s_scale=2.0):
+    """Full teacher/student logits (float64), the teacher's cached top-k view, and a row mask."""
+    g = torch.Generator().manual_seed(seed)
+    t_logits = t_scale * torch.randn(R, V, generator=g, dtype=torch.float64)
+    s_logits = s_scale * torch.randn(R, V, generator=g, dtype=torch.float64)
+    lp = t_logits.log_softmax(-1)
+    t_lp, ids = lp.topk(K, dim=-1)
+    tail = lp.scatter(-1, ids, -math.inf).logsumexp(-1).clamp_min(-80.0)  # log(1 - sum p), as the cache does
+    mask = torch.rand(R, generator=g) < 0.8
+    mask[0] = False
+    return t_logits, s_logits, ids, t_lp.float(), tail.float(), mask
+
+
+def ref_bucket_kl(s_logits, t_logits, ids, mask, *, tau=1.0, tail="bucket", reverse=False):
+    """Dense float64: coarse-grain the FULL distributions into [top-k tokens, rest], then KL."""
+    p = t_logits.softmax(-1)  # (R, V) teacher, untempered (the cache stores tau = 1 log-probs)
+    q = (s_logits / tau).softmax(-1)  # (R, V) student, tempered on the full vocabulary
+    in_topk = torch.zeros_like(p, dtype=torch.bool).scatter(-1, ids, True)
+    P = p.gather(-1, ids)
+    Q = q.gather(-1, ids)
+    if tail == "bucket":
+        P = torch.cat([P, (p * ~in_topk).sum(-1, keepdim=True)], -1)  # tail mass by summing, no cancellation
+        Q = torch.cat([Q, (q * ~in_topk).sum(-1, keepdim=True)], -1)
+    P = P ** (1 / tau)  # tempered buckets, renormalised below
+    P, Q = P / P.sum(-1, keepdim=True), Q / Q.sum(-1, keepdim=True)
+    if reverse:
+        P, Q = Q, P
+    kl = (P * (P.log() - Q.log())).sum(-1)  # (R,)
+    return kl[mask].sum() * tau ** 2 / max(mask.sum().item(), 1)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "none"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_topk_kl_matches_coarse_grained_reference(tail, reverse, tau):
+    t_logits, s_logits, ids, t_lp, t_tail, mask = make_kl()
+    x = s_logits.float().requires_grad_()
+    x64 = s_logits.clone().requires_grad_()
+    loss = topk_kl_loss(x, ids, t_lp, t_tail, mask, temperature=tau, tail=tail, reverse=reverse)
+    ref = ref_bucket_kl(x64, t_logits, ids, mask, tau=tau, tail=tail, reverse=reverse)
+    (3 * loss).backward()
+    (3 * ref).backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+    assert rel_err(x.grad, x64.grad) < 1e-5
+    assert (x.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_topk_kl_zero_when_student_is_teacher(reverse):
+    t_logits, _, ids, t_lp, t_tail, mask = make_kl()
+    x = t_logits.float().requires_grad_()
+    loss = topk_kl_loss(x, ids, t_lp, t_tail, mask, reverse=reverse)
+    loss.backward()
+    assert abs(loss.item()) < 1e-6
+    assert x.grad.abs().max().item() < 1e-6
+
+
+def test_topk_kl_peaked_distributions_stay_finite_and_exact():
+    # teacher top-k hold all but e^-80 of the mass (tail at the cache floor); student top-k q ~ 1 - e^-55,
+    # where log(1 - sum q) would cancel to log(0) in float32
+    t_logits, s_logits, ids, t_lp, t_tail, mask = make_kl(t_scale=40.0, s_scale=1.0)
+    s_logits = s_logits.scatter(-1, ids, 60.0 + s_logits.gather(-1, ids))
+    assert (t_tail[mask] == -80).any()
+    for reverse in (False, True):
+        x = s_logits.float().requires_grad_()
+        x64 = s_logits.clone().requires_grad_()
+        loss = topk_kl_loss(x, ids, t_lp, t_tail, mask, reverse=reverse)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        if not reverse:  # forward KL: the floored teacher tail has no mass, so the dense reference applies
+            ref = ref_bucket_kl(x64, t_logits, ids, mask)
+            ref.backward()
+            torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_topk_kl_options():
+    t_logits, s_logits, ids, t_lp, t_tail, mask = make_kl()
+    x = s_logits.float()
+    base = topk_kl_loss(x, ids, t_lp, t_tail, mask)
+    # num_items: global normalisation across micro-batches
+    torch.testing.assert_close(topk_kl_loss(x, ids, t_lp, t_tail, mask, num_items=1000),
+                               base * mask.sum() / 1000)
+    # padded vocabulary columns are not tokens
+    padded = torch.cat([x, torch.full((x.shape[0], 9), 30.0)], -1)
+    torch.testing.assert_close(topk_kl_loss(padded, ids, t_lp, t_tail, mask, vocab_size=V), base)
+    # any leading dims: (B, L, V) with a (B, L) mask is the same as the flattened rows
+    R = x.shape[0] - 1
+    torch.testing.assert_close(
+        topk_kl_loss(x[:R].view(4, R // 4, V), ids[:R].view(4, -1, K), t_lp[:R].view(4, -1, K),
+                     t_tail[:R].view(4, -1), mask[:R].view(4, -1)),
+        topk_kl_loss(x[:R], ids[:R], t_lp[:R], t_tail[:R], mask[:R]))
+    # k covering the whole vocabulary: no tail bucket, "bucket" is the same as "none"
+    full_lp, full_ids = t_logits.float().log_softmax(-1).topk(V, dim=-1)
+    floor = torch.full((x.shape[0],), -80.0)
+    torch.testing.assert_close(topk_kl_loss(x, full_ids, full_lp, floor, mask),
+                               topk_kl_loss(x, full_ids, full_lp, None, mask, tail="none"))
+
+
+@pytest.mark.parametrize("tail", ["bucket", "none"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_topk_kl_all_masked_is_zero(tail, reverse):
+    _, s_logits, ids, t_lp, t_tail, mask = make_kl()
+    t_lp[:] = -math.inf  # garbage in masked rows must not leak
+    x = s_logits.float().requires_grad_()
+    loss = topk_kl_loss(x, ids, t_lp, t_tail, torch.zeros_like(mask), tail=tail, reverse=reverse,
+                        temperature=2.0)
+    loss.backward()
+    assert loss.item() == 0 and (x.grad == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OT on hidden states and on logits
+# ---------------------------------------------------------------------------------------------------------
+
+B, N, M, d, D = 3, 41, 37, 13, 29
+
+
+def masks():
+    """Sequence 0 full, 1 padded on both sides, 2 has no teacher token at all (contributes 0)."""
+    x_mask = torch.ones(B, N, dtype=torch.bool)
+    y_mask = torch.ones(B, M, dtype=torch.bool)
+    x_mask[1, 33:] = False
+    y_mask[1, :4] = False
+    y_mask[2] = False
+    return x_mask, y_mask
+
+
+def ref_ot_from_similarity(S, x_mask, y_mask, eps, objective="linear", n_iter=1500):
+    """Mean over non-empty sequences of the OT loss on the unpadded problem; unrolled float64 Sinkhorn."""
+    losses = []
+    for s, xm, ym in zip(S, x_mask, y_mask):
+        if not (xm.any() and ym.any()):
+            continue
+        c = 1 - s[xm][:, ym].softmax(-1)  # (n, m)
+        n, m = c.shape
+        u = torch.zeros(n, dtype=c.dtype)
+        v = torch.zeros(m, dtype=c.dtype)
+        for _ in range(n_iter):
+            u = -math.log(n) - torch.logsumexp(v[None, :] - c / eps, dim=1)
+            v = -math.log(m) - torch.logsumexp(u[:, None] - c / eps, dim=0)
+        log_T = u[:, None] + v[None, :] - c / eps
+        value = (log_T.exp() * c).sum()
+        if objective == "regularized":
+            value = value + eps * (log_T.exp() * log_T).sum()
+        losses.append(value)
+    return torch.stack(losses).mean()
+
+
+def make_hidden(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, d, generator=g, dtype=torch.float64)
+    y = torch.randn(B, M, D, generator=g, dtype=torch.float64)
+    proj = 2 * init_projection(D, d, generator=g, dtype=torch.float64)  # sharper S: a less uniform plan
+    return x, y, proj
+
+
+@pytest.mark.parametrize("objective", ["linear", "regularized"])
+def test_ot_hidden_matches_reference(objective):
+    x_mask, y_mask = masks()
+    x64, y64, p64 = (t.requires_grad_() for t in make_hidden())
+    x, y, proj = (t.detach().float().requires_grad_() for t in (x64, y64, p64))
+    eps = 0.05
+
+    # tol below the float32 default (1e-5), which alone gives ~5e-5 relative gradient error here
+    loss, res = ot_hidden_loss(x, x_mask, y, y_mask, proj, eps=eps, objective=objective, tol=1e-6)
+    ref = ref_ot_from_similarity(x64 @ (y64 @ p64).transpose(1, 2) / math.sqrt(d), x_mask, y_mask, eps,
+                                 objective)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
+    for got, want in [(x.grad, x64.grad), (proj.grad, p64.grad), (y.grad, y64.grad)]:
+        assert rel_err(got, want) < 1e-4
+    assert (x.grad[~x_mask] == 0).all() and (y.grad[~y_mask] == 0).all()
+    assert res.n_iters[2] == 0 and (res.n_iters[:2] > 0).all()
+
+    loss_sum, _ = ot_hidden_loss(x, x_mask, y, y_mask, proj, eps=eps, objective=objective, reduction="sum")
+    torch.testing.assert_close(loss_sum, 2 * loss)  # 2 non-empty sequences
+
+
+def test_ot_hidden_all_masked_is_zero():
+    x_mask, y_mask = masks()
+    x, y, proj = (t.float().requires_grad_() for t in make_hidden())
+    loss, _ = ot_hidden_loss(x, torch.zeros_like(x_mask), y, y_mask, proj)
+    loss.backward()
+    assert loss.item() == 0
+    for t in (x, y, proj):
+        assert torch.isfinite(t.grad).all() and (t.grad == 0).all()
+
+
+def test_init_projection_keeps_unit_variance():
+    g = torch.Generator().manual_seed(0)
+    P = init_projection(512, 64, generator=g)
+    Y = torch.randn(4096, 512, generator=g)
+    assert P.shape == (512, 64)
+    assert abs((Y @ P).var().item() - 1) < 0.1
+
+
+def make_logits(seed=0, V_pad=V):
+    """Student position i is a noisy copy of a random teacher position, so S_ij (a probability overlap)
+    is large for the matching pairs and the plan is far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    t_logits = 6 * torch.randn(B, M, V, generator=g, dtype=torch.float64)
+    src = torch.randint(0, M, (B, N), generator=g)
+    s_logits = t_logits.gather(1, src[..., None].expand(B, N, V)) + 2 * torch.randn(B, N, V, generator=g,
+                                                                                      dtype=torch.float64)
+    s_logits = torch.cat([s_logits, torch.full((B, N, V_pad - V), 20.0, dtype=torch.float64)], -1)
+    t_lp, t_ids = t_logits.log_softmax(-1).topk(K, dim=-1)  # (B, M, K)
+    return s_logits, t_ids, t_lp
+
+
+@pytest.mark.parametrize("block, V_pad", [(5, V), (64, V + 11)])
+def test_ot_logits_matches_reference(block, V_pad):
+    x_mask, y_mask = masks()
+    s64, t_ids, t_lp = make_logits(V_pad=V_pad)
+    s64.requires_grad_()
+    s = s64.detach().float().requires_grad_()
+    eps = 0.01  # S lies in [0, 1], so C = 1 - softmax_j(S) has a spread of ~0.04: eps must be small
+
+    loss, _ = ot_logits_loss(s, t_ids, t_lp.float(), x_mask, y_mask, eps=eps, block=block, vocab_size=V)
+    q = s64[..., :V].softmax(-1)  # (B, N, V)
+    Y = torch.zeros(B, M, V, dtype=torch.float64).scatter(-1, t_ids, t_lp.exp())  # dense teacher top-k
+    ref = ref_ot_from_similarity(q @ Y.transpose(1, 2), x_mask, y_mask, eps)
+    (2 * loss).backward()
+    (2 * ref).backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
+    assert rel_err(s.grad, s64.grad) < 1e-4
+    assert (s.grad[~x_mask] == 0).all() and (s.grad[..., V:] == 0).all()
+
+
+def test_ot_logits_all_masked_is_zero():
+    x_mask, y_mask = masks()
+    s64, t_ids, t_lp = make_logits()
+    s = s64.float().requires_grad_()
+    loss, _ = ot_logits_loss(s, t_ids, t_lp.float(), x_mask, torch.zeros_like(y_mask))
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(s.grad).all() and (s.grad == 0).all()

@@ -1,0 +1,193 @@
+"""Sinkhorn solver and OT gradients against float64 references written here (plain per-sequence loops on the
+unpadded problem, unrolled autograd, POT)."""
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.sinkhorn import ot_loss, sinkhorn
+
+B, N, M = 3, 41, 37  # awkward on purpose: N != M, both prime
+W = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)  # non-unit upstream gradient per sequence
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: OpenMP fan-out only costs time, 2-3x more on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_problem(dtype=torch.float64, seed=0, peaked=False):
+    """Costs in [0, 1] and masks: sequence 0 full, 1 right-padded on both sides, 2 left/right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    if peaked:  # the OT losses' cost shape: 1 - row softmax of sharp similarities
+        C = 1 - (4 * torch.randn(B, N, M, generator=g, dtype=torch.float64)).softmax(-1)
+    else:
+        C = torch.rand(B, N, M, generator=g, dtype=torch.float64)
+    a_mask = torch.ones(B, N, dtype=torch.bool)
+    b_mask = torch.ones(B, M, dtype=torch.bool)
+    a_mask[1, 30:] = False
+    b_mask[1, 20:] = False
+    a_mask[2, :5] = False
+    b_mask[2, -3:] = False
+    return C.to(dtype), a_mask, b_mask
+
+
+def ref_plans(C, a_mask, b_mask, eps, n_iter):
+    """Unrolled float64 log-domain Sinkhorn on each unpadded problem, with autograd.
+    Yields (plan (n, m), log plan, cost (n, m)) per sequence."""
+    for c_full, am, bm in zip(C, a_mask, b_mask):
+        c = c_full[am][:, bm]  # (n, m)
+        n, m = c.shape
+        u = torch.zeros(n, dtype=c.dtype)
+        v = torch.zeros(m, dtype=c.dtype)
+        for _ in range(n_iter):
+            u = -math.log(n) - torch.logsumexp(v[None, :] - c / eps, dim=1)
+            v = -math.log(m) - torch.logsumexp(u[:, None] - c / eps, dim=0)
+        log_T = u[:, None] + v[None, :] - c / eps
+        yield log_T.exp(), log_T, c
+
+
+def ref_ot(C, a_mask, b_mask, eps, objective="linear", n_iter=600):
+    """(B,) float64 reference loss, differentiable by unrolling."""
+    out = []
+    for T, log_T, c in ref_plans(C, a_mask, b_mask, eps, n_iter):
+        value = (T * c).sum()
+        if objective == "regularized":
+            value = value + eps * (T * log_T).sum()
+        out.append(value)
+    return torch.stack(out)
+
+
+@functools.lru_cache
+def ref_value_and_grad(eps, peaked, objective):
+    """Cached: the float64 unrolled reference is the slow part of these tests."""
+    C, a_mask, b_mask = make_problem(torch.float64, peaked=peaked)
+    C.requires_grad_()
+    value = ref_ot(C, a_mask, b_mask, eps, objective)
+    (value * W).sum().backward()
+    return value.detach(), C.grad
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("eps", [0.05, 0.2])
+def test_marginals_and_padding(dtype, eps):
+    C, a_mask, b_mask = make_problem(dtype)
+    C[~a_mask] = float("nan")  # padding may hold garbage: it must not leak
+    res = sinkhorn(C, a_mask, b_mask, eps)
+    tol = 1e-6 if dtype == torch.float64 else 1e-5
+    a = a_mask / a_mask.sum(-1, keepdim=True)
+    b = b_mask / b_mask.sum(-1, keepdim=True)
+    row_err = (res.plan.sum(2).double() - a).abs().sum(-1)
+    col_err = (res.plan.sum(1).double() - b).abs().sum(-1)
+    assert (row_err + col_err <= 2 * tol).all(), (row_err, col_err)
+    torch.testing.assert_close(res.err.double(), row_err + col_err, rtol=1e-3, atol=1e-7)
+    pad = ~(a_mask[:, :, None] & b_mask[:, None, :])
+    assert (res.plan[pad] == 0).all()
+    assert (res.f[~a_mask] == 0).all() and (res.g[~b_mask] == 0).all()
+    assert torch.isfinite(res.plan).all() and torch.isfinite(res.f).all() and torch.isfinite(res.g).all()
+    assert ((res.n_iters > 0) & (res.n_iters < 1000)).all()
+    assert res.plan.grad_fn is None  # solved under no_grad
+
+
+def test_matches_pot():
+    ot = pytest.importorskip("ot")
+    C, a_mask, b_mask = make_problem(torch.float64)
+    eps = 0.05
+    res = sinkhorn(C, a_mask, b_mask, eps, tol=1e-12, max_iter=5000)
+    for i in range(B):
+        c = C[i][a_mask[i]][:, b_mask[i]].numpy()
+        n, m = c.shape
+        T_pot = ot.sinkhorn(np.full(n, 1 / n), np.full(m, 1 / m), c, eps, method="sinkhorn_log",
+                            numItermax=5000, stopThr=1e-14)
+        np.testing.assert_allclose(res.plan[i][a_mask[i]][:, b_mask[i]].numpy(), T_pot, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("eps", [0.01, 1.0])
+def test_float32_extreme_eps_finite_and_close(eps):
+    # (max C - min C) / eps = 100 at eps = 0.01: exp(-C/eps) would underflow in float32 kernel-domain Sinkhorn
+    C, a_mask, b_mask = make_problem(torch.float64, seed=1)
+    res32 = sinkhorn(C.float(), a_mask, b_mask, eps, max_iter=2000)
+    res64 = sinkhorn(C, a_mask, b_mask, eps, tol=1e-10, max_iter=5000)
+    for t in res32:
+        assert torch.isfinite(t).all()
+    assert (res32.err <= 2e-5).all()  # the stopping rule is 1e-5 on the rows; err adds the columns
+    l1 = (res32.plan.double() - res64.plan).abs().sum((1, 2))  # total mass is 1 per sequence
+    assert (l1 <= 1e-4).all(), l1
+
+
+def test_batch_mates_do_not_matter():
+    # converged sequences are frozen: solving one alone gives the same answer as solving it in a batch
+    C, a_mask, b_mask = make_problem(torch.float32)
+    res = sinkhorn(C, a_mask, b_mask, 0.05)
+    for i in range(B):
+        alone = sinkhorn(C[i:i + 1], a_mask[i:i + 1], b_mask[i:i + 1], 0.05)
+        assert alone.n_iters.item() == res.n_iters[i].item()
+        torch.testing.assert_close(alone.plan[0], res.plan[i], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("objective", ["linear", "regularized"])
+def test_empty_problems_give_zero_and_zero_grad(objective):
+    C, a_mask, b_mask = make_problem(torch.float32)
+    b_mask[0] = False  # no teacher token
+    a_mask[1] = False  # no student token
+    C.requires_grad_()
+    loss, res = ot_loss(C, a_mask, b_mask, 0.05, objective)
+    assert loss[0] == 0 and loss[1] == 0 and loss[2] != 0
+    assert (res.n_iters[:2] == 0).all() and (res.plan[:2] == 0).all()
+    loss.sum().backward()
+    assert torch.isfinite(C.grad).all()
+    assert (C.grad[:2] == 0).all()
+
+    a_mask[:] = False  # everything masked
+    C.grad = None
+    loss, _ = ot_loss(C, a_mask, b_mask, 0.05, objective)
+    loss.sum().backward()
+    assert (loss == 0).all() and (C.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype, tol, max_rel", [(torch.float64, 1e-13, 1e-8), (torch.float32, None, 1e-4)])
+@pytest.mark.parametrize("eps, peaked", [(0.05, False), (0.1, True)])
+def test_linear_grad_matches_unrolled_float64(dtype, tol, max_rel, eps, peaked):
+    C64, a_mask, b_mask = make_problem(torch.float64, peaked=peaked)
+    value_ref, grad_ref = ref_value_and_grad(eps, peaked, "linear")
+    C = C64.to(dtype).requires_grad_()
+    value, res = ot_loss(C, a_mask, b_mask, eps, "linear", tol=tol, max_iter=5000)
+    (value * W.to(dtype)).sum().backward()
+
+    torch.testing.assert_close(value.double(), value_ref, rtol=max_rel, atol=0)
+    assert rel_err(C.grad, grad_ref) <= max_rel
+    # The detached-plan ("envelope") gradient is the wrong gradient for <T*, C>: far off, not rounding.
+    assert rel_err(res.plan * W.to(dtype)[:, None, None], grad_ref) > 0.1
+
+
+@pytest.mark.parametrize("dtype, tol, max_rel", [(torch.float64, 1e-13, 1e-8), (torch.float32, None, 1e-4)])
+def test_regularized_grad_matches_unrolled_float64(dtype, tol, max_rel):
+    C64, a_mask, b_mask = make_problem(torch.float64, peaked=True)
+    value_ref, grad_ref = ref_value_and_grad(0.1, True, "regularized")
+    C = C64.to(dtype).requires_grad_()
+    value, res = ot_loss(C, a_mask, b_mask, 0.1, "regularized", tol=tol, max_iter=5000)
+    (value * W.to(dtype)).sum().backward()
+    torch.testing.assert_close(value.double(), value_ref, rtol=max_rel, atol=0)
+    assert rel_err(C.grad, grad_ref) <= max_rel
+    # envelope theorem: the gradient is the plan itself
+    torch.testing.assert_close(C.grad, res.plan * W.to(dtype)[:, None, None])
+
+
+def test_linear_gradcheck_tiny():
+    # finite differences on a tiny fully converged float64 problem, padding included
+    g = torch.Generator().manual_seed(3)
+    C = torch.rand(2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    a_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    b_mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    fn = lambda c: ot_loss(c, a_mask, b_mask, 0.2, tol=1e-14, max_iter=10000)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (C,), eps=1e-6, atol=1e-7, rtol=1e-5)
