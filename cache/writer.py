@@ -47,6 +47,10 @@ def read_root_attrs(path: Path) -> dict:
     return attrs
 
 
+# Provenance keys compared first when an existing store differs from what is asked for.
+IDENTITY = ("teacher", "teacher_hash", "tokenizer_hash", "dataset_fingerprint")
+
+
 def _short(v) -> str:
     r = repr(v)
     return r if len(r) <= 60 else r[:57] + "..."
@@ -119,10 +123,14 @@ class CacheWriter:
         if path.exists():
             have = canonical_meta(read_root_attrs(path))
             for section in ("provenance", "plan"):
-                d = first_difference(have[section], want[section])
+                # who made it first (teacher, tokenizer, data), so the message names the cause, not a symptom
+                first = [k for k in IDENTITY if k in have[section]]
+                ordered = {**{k: have[section][k] for k in first}, **have[section]}
+                d = first_difference(ordered, want[section])
                 if d:
                     field, old, new = d
-                    what = "another teacher" if "teacher" in field else "other inputs"
+                    what = ("another teacher" if "teacher" in field else "another tokenizer" if "tokenizer" in field
+                            else "other inputs")
                     raise CacheMismatchError(
                         f"output path {path} holds a cache from {what} ({section}.{field}: stored {_short(old)} "
                         f"!= requested {_short(new)}); delete it or choose another path")

@@ -129,6 +129,111 @@ class CacheConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Stage 2: train the student alone against the streamed teacher cache (CE + KL + OT, weights below)."""
+
+    student: str = "artifacts/base/student"
+    """Student checkpoint: a local folder or a hub name (e.g. unsloth/Qwen2.5-1.5B-bnb-4bit's base). Must share
+    the teacher's tokenizer (checked against the cache by tokenizer hash)."""
+    cache: str = "artifacts/cache"
+    """Folder holding Stage 1's `train.zarr` (and `validation.zarr`, used for the periodic eval if eval_steps > 0)."""
+    out: str = "artifacts/student"
+    """Where the trained student is saved: full weights (mode=full) or the LoRA adapter (mode=lora), plus
+    `projection.pt` (the learned teacher->student projection P, when w_ot > 0) and `config.yaml`."""
+    plots: str = "artifacts/plots"
+    """Folder receiving the loss curves `train_<name of out>.tsv` (one row per logging step; DVC plots)."""
+    mode: str = "full"
+    """"lora" (LoRA adapters on a frozen, optionally 4-bit base: the real-model setting) or "full" (every weight
+    trains: the random-init tiny student of the embedded default learns little through LoRA)."""
+    load_in_bits: int = 16
+    """Load the student quantised with bitsandbytes: 4 (NF4, QLoRA; needs mode=lora), 8, or 16 (no quantisation)."""
+    dtype: str = "auto"
+    """Student compute dtype (also the 4-bit compute dtype): "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16"
+    or "fp32"."""
+    lora_r: int = 16
+    """LoRA rank (mode=lora)."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (mode=lora)."""
+    lora_dropout: float = 0.05
+    """LoRA dropout (mode=lora)."""
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Modules that get LoRA adapters: all attention and MLP projections, as in the seeds."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more time); for real models on one GPU."""
+    w_ce: float = 1.0
+    """Weight of the cross-entropy on the hard labels."""
+    w_kl: float = 1.0
+    """Weight of KL(teacher || student) over the cached top-k + tail bucket (0 skips it)."""
+    w_ot: float = 0.1
+    """Weight of the sequence-level OT between student and projected teacher final hidden states (0 skips it;
+    > 0 needs a cache with hidden states)."""
+    w_ot_logits: float = 0.1
+    """Weight of the sequence-level OT between student and teacher next-token distributions (0 skips it)."""
+    temperature: float = 1.0
+    """KL temperature (student logits / tau, teacher bucket log-probs / tau, loss x tau^2)."""
+    kl_tail: str = "bucket"
+    """"bucket" (top-k + one tail bucket on both sides) or "none" (both renormalised over the teacher's top-k)."""
+    kl_reverse: bool = False
+    """Use KL(student || teacher) over the same buckets instead of KL(teacher || student)."""
+    ot_eps: float = 0.05
+    """Entropic regularisation of both OT losses (the seeds' 1/lambda; see pipeline/losses.py for why not 10)."""
+    ot_objective: str = "linear"
+    """"linear" (<T*, C>, the seeds' loss, exact implicit gradient) or "regularized" (<T*, C> - eps H(T*))."""
+    ot_max_iter: int = 300
+    """Cap on Sinkhorn iterations per step (the logged iteration count shows whether it is reached)."""
+    epochs: float = 6.0
+    """Passes over the cached training split."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1 = run all epochs)."""
+    lr: float = 2e-3
+    """Peak learning rate of the student weights (or adapters) and of P (cosine schedule with warmup)."""
+    batch_size: int = 32
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (CE/KL stay token means over the whole step)."""
+    warmup_ratio: float = 0.05
+    """Fraction of steps spent warming the learning rate up."""
+    num_workers: int = 2
+    """DataLoader worker processes reading the Zarr cache (0 = read in the training process)."""
+    logging_steps: int = 10
+    """Optimizer steps between two logged (and plotted) points."""
+    save_steps: int = 0
+    """Write a resumable checkpoint to `<out>/checkpoints` every this many steps (0 = only the final save)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in `<out>/checkpoints` if there is one (model, P, optimizer, schedule,
+    RNG, data position)."""
+    eval_steps: int = 0
+    """Evaluate every component on the validation cache every this many steps (0 = never during training)."""
+
+
+@dataclass
+class EvalConfig:
+    """`python -m stages.evaluate`: teacher vs students on held-out data and on the validation cache."""
+
+    models: dict[str, str] = field(default_factory=lambda: {
+        "teacher": "artifacts/teacher", "student_base": "artifacts/base/student",
+        "student_ce": "artifacts/student_ce", "student_distilled": "artifacts/student"})
+    """Name -> checkpoint folder (plain model or a Stage 2 output with a LoRA adapter), in table order."""
+    cache: str = "artifacts/cache"
+    """Folder with Stage 1's `validation.zarr`: top-1 agreement and KL(teacher || model) are measured on it."""
+    plots: str = "artifacts/plots"
+    """Folder with the Stage 2 loss curves (`train_*.tsv`) drawn into curves.png."""
+    out: str = "artifacts/metrics"
+    """Folder receiving metrics.json (DVC metrics), metrics.md and curves.png."""
+    eval_examples: int = 200
+    """Test examples used for task accuracy by greedy generation (0 = all); perplexity uses the whole test split."""
+    max_new_tokens: int = 32
+    """Generation budget per answer."""
+    batch_size: int = 32
+    """Sequences per forward for perplexity, cache metrics and generation."""
+    load_in_bits: int = 16
+    """Quantisation of plain checkpoints (teacher, base student) when loaded for evaluation: 4, 8 or 16."""
+    dtype: str = "auto"
+    """Compute dtype for evaluation: "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32"."""
+
+
+@dataclass
 class Config:
     """Everything params.yaml holds."""
 
@@ -138,6 +243,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _build(cls, values: dict, where: str):
@@ -158,16 +265,22 @@ def _build(cls, values: dict, where: str):
 
 
 def _coerce(text: str, current: Any):
-    """Parse an override string with YAML (so 32, 1e-3, true, [a, b] work), checked against the field's type."""
+    """Parse an override string as the type of the field it replaces (YAML for lists and mappings)."""
     if isinstance(current, str):  # paths and names stay verbatim ("007" is not 7)
         return text
-    value = yaml.safe_load(text)
-    if isinstance(current, bool) != isinstance(value, bool) or (
-            isinstance(current, (int, float)) and not isinstance(value, (int, float))):
-        raise ValueError(f"expected a value like {current!r}, got {text!r}")
-    if isinstance(current, float) and isinstance(value, int):
-        value = float(value)
-    return value
+    try:
+        if isinstance(current, bool):
+            value = yaml.safe_load(text)
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)  # also "1e-4", which YAML 1.1 would read as a string
+        return yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError):
+        raise ValueError(f"expected a value like {current!r}, got {text!r}") from None
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

@@ -17,8 +17,9 @@ def small_config(tmp: Path) -> Config:
     cfg.prepare.out_data = str(tmp / "data/task.jsonl")
     cfg.prepare.out_models = str(tmp / "base")
     cfg.prepare.n_examples = 300
-    cfg.prepare.teacher = ModelShape(32, 2, 2, 1, 64)
-    cfg.prepare.student = ModelShape(16, 1, 2, 1, 32)
+    # widths >= 64: bitsandbytes 4-bit blocks are 64 input features, narrower layers fail to quantise
+    cfg.prepare.teacher = ModelShape(64, 2, 2, 1, 128)
+    cfg.prepare.student = ModelShape(64, 1, 2, 1, 64)
     cfg.data.path = cfg.prepare.out_data
     cfg.finetune.base = str(tmp / "base/teacher")
     cfg.finetune.out = str(tmp / "teacher")

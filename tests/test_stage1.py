@@ -188,3 +188,22 @@ def test_bad_data_is_one_line(tiny, tmp_path):
     data.write_text("")
     assert "empty" in bad(cfg, tmp_path, out=str(tmp_path / "c"))
     assert not (tmp_path / "c").exists()
+
+
+def test_quantised_teacher_without_hidden_states(tiny, tmp_path):
+    """The 4-bit NF4 teacher path (bitsandbytes on CPU), fp16 log-probs and no hidden states."""
+    from pipeline import teacher_cache
+
+    cfg = copy.deepcopy(tiny)
+    cfg.cache.out, cfg.cache.splits = str(tmp_path / "q"), ["validation"]
+    cfg.cache.load_in_bits, cfg.cache.hidden_dtype, cfg.cache.logprob_dtype = 4, "none", "fp16"
+    teacher_cache.run(cfg)
+    c = open_cache(tmp_path / "q/validation.zarr", expect={"logprob_dtype": "fp16"})
+    assert not c.has_hidden and c.provenance["params"]["load_in_bits"] == 4
+    n_tok = c.provenance["tokenizer_size"]
+    for i in range(len(c)):
+        s = c.read(i)
+        assert (s["topk_ids"] < n_tok).all() and np.isfinite(s["tail_logmass"]).all()
+        p = np.exp(s["topk_logprobs"]).sum(-1) + np.exp(s["tail_logmass"])
+        np.testing.assert_allclose(p, 1.0, atol=2e-3)  # fp16 log-probs: ~1e-3 relative
+        assert (np.diff(s["topk_logprobs"], axis=-1) <= 0).all()  # rank order
