@@ -12,7 +12,7 @@ import torch
 import zarr
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from cache.reader import open_cache
 from pipeline import distill, teacher_cache
@@ -125,7 +125,8 @@ def test_qlora_student_trains_and_loss_decreases(cached, tmp_path):
 
     out = Path(cfg.distill.out)
     assert (out / "adapter_config.json").exists() and (out / "tokenizer.json").exists()
-    D, d = open_cache(Path(cfg.cache.out) / "train.zarr").provenance["hidden_size"], 16
+    D = open_cache(Path(cfg.cache.out) / "train.zarr").provenance["hidden_size"]
+    d = AutoConfig.from_pretrained(cfg.distill.student).hidden_size
     P0 = init_projection(D, d, torch.Generator().manual_seed(cfg.seed))
     P = torch.load(out / PROJECTION_FILE, weights_only=True)
     assert P.shape == P0.shape and not torch.allclose(P, P0)  # trained with the adapters
