@@ -139,22 +139,35 @@ class TeacherCache:
         return self.read_many([i], fields)[0]
 
     def read_many(self, indices, fields=None) -> list[dict]:
-        """Several sequences with all their slices fetched concurrently (one event-loop round trip)."""
+        """Several sequences with all their slices fetched concurrently (one event-loop round trip).
+
+        Runs of consecutive indices are read as ONE slice per field and split in memory: zarr 3.1 costs ~1 ms
+        per slice whatever its size, so a batch of neighbouring sequences (see `BlockShuffleSampler`) reads
+        ~20x faster than the same number of scattered ones.
+        """
         fields, arrs = self._fields(fields), self._arrs()
         indices = [int(i) for i in indices]
         for i in indices:
             if not 0 <= i < len(self):
                 raise IndexError(f"sequence {i} out of range for a cache of {len(self)}")
-        coros, keys = [], []
+        runs = []  # [first, last] of each run of consecutive indices, in request order
         for i in indices:
+            if runs and i == runs[-1][1] + 1:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i])
+        coros, keys = [], []
+        for first, last in runs:
             for f in fields:
                 off = self.token_offsets if f in ("input_ids", "supervised") else self.row_offsets
-                coros.append(arrs[f].async_array.getitem(slice(int(off[i]), int(off[i + 1]))))
-                keys.append((i, f))
+                coros.append(arrs[f].async_array.getitem(slice(int(off[first]), int(off[last + 1]))))
+                keys.append((first, last, f, off))
         got = sync(_gather(coros)) if coros else []
         out = {i: {"index": i, "sample_id": u64_to_sid(self._sids[i])} for i in indices}
-        for (i, f), a in zip(keys, got):
-            out[i][f] = self._decode(f, a)
+        for (first, last, f, off), a in zip(keys, got):
+            a = self._decode(f, a)
+            for i in range(first, last + 1):
+                out[i][f] = a[off[i] - off[first]:off[i + 1] - off[first]]
         return [out[i] for i in indices]
 
     def _decode(self, field: str, a: np.ndarray) -> np.ndarray:
@@ -163,6 +176,37 @@ class TeacherCache:
         if field == "supervised":
             return a.astype(bool)
         return decode_float(a, self._logical[field])
+
+
+class BlockShuffleSampler(torch.utils.data.Sampler):
+    """Sequences in shuffled blocks of `block` neighbours: a DataLoader with batch_size == block then gets
+    batches of consecutive cache entries, read as one slice per field (`read_many`).
+
+    Stage 1 stores sequences sorted by length, so a block is also a length bucket (little padding). The order
+    of blocks, and the offset at which blocks start, change with `set_epoch` (Trainer calls it every epoch),
+    deterministically for a seed, so an interrupted run resumes on the same order.
+    """
+
+    def __init__(self, n: int, block: int, seed: int = 0):
+        self.n, self.block, self.seed, self.epoch = n, block, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        shift = int(torch.randint(self.block, (1,), generator=g)) if self.n > self.block else 0
+        starts = [0] + list(range(shift or self.block, self.n, self.block))  # first block may be short
+        bounds = list(zip(starts, starts[1:] + [self.n]))
+        # Full blocks first, in random order; short blocks last, so every full batch is one block.
+        full = [bounds[i] for i in torch.randperm(len(bounds), generator=g).tolist()
+                if bounds[i][1] - bounds[i][0] == self.block]
+        short = [b for b in bounds if b[1] - b[0] != self.block]
+        for a, b in full + short:
+            yield from range(a, b)
 
 
 class CacheDataset(torch.utils.data.Dataset):

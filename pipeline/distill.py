@@ -20,7 +20,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from cache.reader import CacheDataset, describe, open_cache
+from cache.reader import BlockShuffleSampler, CacheDataset, describe, open_cache
 from cache.schema import CacheMismatchError
 from pipeline.config import Config, DistillConfig, save_config
 from pipeline.data import IGNORE, tokenizer_hash
@@ -145,6 +145,12 @@ class DistillTrainer(Trainer):
             self.add_callback(_ZeroGrad(self.projection))
         self._parts = {"train": defaultdict(list), "eval": defaultdict(list)}
 
+    def _get_train_sampler(self, train_dataset=None):
+        # Batches of neighbouring cache entries: one Zarr slice per field instead of one per sequence, and
+        # similar lengths (Stage 1 stores sequences sorted by length). Multi-GPU would shard the blocks.
+        n = len(train_dataset if train_dataset is not None else self.train_dataset)
+        return BlockShuffleSampler(n, self.args.per_device_train_batch_size, self.args.seed)
+
     # -- loss --------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         d, V = self.d, self.vocab_size
@@ -206,9 +212,15 @@ class DistillTrainer(Trainer):
         return optimizer
 
     def _clip_grad_norm(self, model):
-        if self.projection is None:
-            return super()._clip_grad_norm(model)
-        return self.accelerator.clip_grad_norm_([*model.parameters(), self.projection], self.args.max_grad_norm)
+        params = [*model.parameters()] + ([self.projection] if self.projection is not None else [])
+        norm = self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+        # A finite loss can still give a NaN/inf gradient; clipping would spread it into every weight and the
+        # run would only fail a step later, far from the cause.
+        if not torch.isfinite(torch.as_tensor(norm)):
+            raise NonFiniteLossError(f"non-finite gradient at training step {self.state.global_step + 1} "
+                                     f"(norm {float(norm)}); training stopped — lower distill.lr or the OT "
+                                     "weights, or try distill.ot_objective=regularized")
+        return norm
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)

@@ -199,12 +199,22 @@ def _solve_dual_system(T, r, s, a_ok, b_ok, tol, max_iter):
 
 
 def _linear_grad(plan, C0, eps, a_ok, b_ok, cg_tol, cg_max_iter):
-    """d<T*, C>/dC (B, N, M) = T (1 - C/eps + alpha_i + beta_j); C0 is C with padding zeroed."""
+    """d<T*, C>/dC (B, N, M) = T (1 - C/eps + alpha_i + beta_j); C0 is C with padding zeroed.
+
+    The dual system is solved in float64 whatever the input dtype: it is tiny next to the model, and in
+    float32 CG on a plan from an unconverged Sinkhorn (max_iter reached) can stall below its rounding floor and
+    break down into inf/NaN. A sequence whose gradient is still not finite gets a zero gradient rather than
+    poisoning every weight through gradient clipping.
+    """
+    dt = plan.dtype
+    plan, C0 = plan.double(), C0.double()
     TC = plan * C0  # (B, N, M)
     r = TC.sum(2) / eps  # (B, N)
     s = TC.sum(1) / eps  # (B, M)
     alpha, beta, iters = _solve_dual_system(plan, r, s, a_ok, b_ok, cg_tol, cg_max_iter)
-    return plan * (1.0 - C0 / eps + alpha[:, :, None] + beta[:, None, :]), iters
+    grad = plan * (1.0 - C0 / eps + alpha[:, :, None] + beta[:, None, :])  # (B, N, M)
+    ok = torch.isfinite(grad).all(2).all(1)  # (B,)
+    return torch.where(ok[:, None, None], grad, 0.0).to(dt), iters
 
 
 class _OTValue(torch.autograd.Function):
