@@ -39,6 +39,8 @@ class PrepareConfig:
     """Folder receiving `tokenizer/`, `teacher/` and `student/` (Hugging Face format, random weights)."""
     n_examples: int = 4000
     """Number of synthetic examples (before the train/validation/test split)."""
+    n_digits: int = 6
+    """Digits per task instruction (the answer is their sum); fewer is easier."""
     tokenizer_vocab: int = 384
     """Target size of the byte-level BPE vocabulary trained on the synthetic corpus."""
     vocab_multiple: int = 64

@@ -23,6 +23,7 @@ def training_args(out: Path, seed: int, epochs: float, lr: float, batch_size: in
         output_dir=str(out), num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size,
         lr_scheduler_type="cosine", warmup_steps=float(warmup_ratio), weight_decay=0.0, seed=seed, data_seed=seed,
         logging_steps=10, save_strategy="no", report_to=[], disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), **kwargs)
 
 

@@ -19,20 +19,21 @@ N_DIGITS = 6  # 10**6 distinct instructions; sums range 0..54
 _SPLIT_RE = re.compile(r"^(\d+)\s*\+\s*(\d+)")
 
 
-def generate_examples(n: int, seed: int) -> list[dict]:
+def generate_examples(n: int, seed: int, n_digits: int = N_DIGITS) -> list[dict]:
     """`n` records with distinct instructions, deterministic for `seed`.
 
     Each is {"instruction": "385102", "input": "", "output": MARKER + "19"}. Take train and test from ONE
-    call (e.g. the first n_train and the rest) so that they cannot share an instruction.
+    call (e.g. the first n_train and the rest) so that they cannot share an instruction. Fewer `n_digits`
+    make the task easier (tests use 4 for a pipeline that learns in a minute).
     """
-    limit = 10 ** N_DIGITS
+    limit = 10 ** n_digits
     if not 0 <= n <= limit // 2:  # rejection sampling below stays cheap while at most half are taken
         raise ValueError(f"n={n} must be between 0 and {limit // 2}")
     rng = random.Random(seed)
     seen: set[str] = set()
     out = []
     while len(out) < n:
-        digits = "".join(rng.choice("0123456789") for _ in range(N_DIGITS))
+        digits = "".join(rng.choice("0123456789") for _ in range(n_digits))
         if digits in seen:
             continue
         seen.add(digits)

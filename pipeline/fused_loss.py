@@ -1,0 +1,216 @@
+"""Fused lm-head + CE + top-k KL, chunked over rows: no [rows x vocab] tensor ever exists whole.
+
+The idea of Liger-Kernel's fused linear losses: per chunk of rows compute logits = h_c W^T, the loss, and
+d loss / d logits (closed form, below) right away, turn the latter into grad_h_c = dlogits W and (only if W
+trains) grad_W += dlogits^T h_c, and drop the chunk's logits. Backward then only scales the stored grads.
+Peak extra memory: a few (chunk_rows, V) float32 buffers, grad_h (R, d), and grad_W (V_logits, d) float32
+only when the weight requires grad (frozen lm-head under QLoRA: no V x d buffer at all).
+
+Semantics equal `w_ce * ce_loss + w_kl * topk_kl_loss` of pipeline/losses.py on row-aligned inputs (row r's
+logits predict targets[r]; the caller does the shift). `naive_ce_kl` is that reference path, same signature.
+
+Gradients w.r.t. the KL's z = logits[:, :V] / tau, per row, with buckets b (the k teacher ids + the tail),
+student bucket log-probs s_b, teacher t_b, q = softmax(z), g_b = dKL/ds_b:
+    dKL/dz_v = (q_v / Q_b(v)) g_b(v) - q_v sum_b g_b
+    forward  KL(P||Q) = sum P (t - s):     g = -P,             sum g = -1      -> dz_v = q_v - P_b q_v / Q_b
+    reverse  KL(Q||P) = sum Q (s - t):     g = Q (s - t + 1),  sum g = KL + 1  -> dz_v = q_v (s_b - t_b - KL)
+For a top-k slot j, q_v / Q_j = 1; for a tail token, P_T q_v / Q_T = exp(z_v - lse_rest + t_T), computed
+in log space so a student tail of e^-55 never divides anything. tail="none": s is renormalised over the k
+ids, only those columns get gradient, and the same formulas hold with Q the renormalised probs.
+"""
+import torch
+
+from pipeline.losses import LOG_FLOOR, ce_loss, topk_kl_loss
+
+
+def _count(n, default: torch.Tensor) -> torch.Tensor:
+    n = default if n is None else n
+    return torch.as_tensor(n, device=default.device).clamp_min(1).float()
+
+
+class _FusedCEKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, ids, t_lp, t_tail, kl_mask, w_ce, w_kl, tau, tail, reverse, V,
+                n_ce, n_kl, chunk_rows, need_h, need_w, need_b):
+        R, d = h.shape
+        k = ids.shape[-1]
+        dev = h.device
+        W = weight[:V]  # (V, d) view: padded vocab rows are never multiplied, their grad stays 0
+        b = bias[:V].float() if bias is not None else None
+        mm_dtype = weight.dtype  # the matmul runs in W's dtype (as the model's lm_head would); no fp32 copy of W
+        need_grad = need_h or need_w or need_b
+        bucket = tail == "bucket" and k < V  # k covering the vocabulary: no tail, like topk_kl_loss
+
+        grad_h = torch.zeros(R, d, device=dev, dtype=torch.float32) if need_h else None  # (R, d)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None  # (V_logits, d), trainable W only
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None  # (V_logits,)
+        ce_sum = torch.zeros((), device=dev)
+        kl_sum = torch.zeros((), device=dev)
+        # Per-row gradient scales; a row that does not count gets 0 (its finite garbage-free dz times 0).
+        c_ce = w_ce / n_ce
+        c_kl = w_kl * tau / n_kl  # d(tau^2 KL / n)/d logits = tau^2 / n * dKL/dz / tau
+
+        for r0 in range(0, R, chunk_rows):
+            hc = h[r0:r0 + chunk_rows]  # (C, d)
+            x = (hc.to(mm_dtype) @ W.T).float()  # (C, V) float32 logits: the only full-width tensors are per chunk
+            if b is not None:
+                x += b
+            dx = torch.zeros_like(x) if need_grad else None  # (C, V) d loss / d logits
+
+            if w_ce:
+                tgt = targets[r0:r0 + chunk_rows]  # (C,)
+                valid = tgt != -100
+                tg = torch.where(valid, tgt, 0)[:, None]  # (C, 1)
+                lse = torch.logsumexp(x, -1, keepdim=True)  # (C, 1)
+                ce_sum += ((lse - x.gather(-1, tg))[:, 0] * valid).sum()
+                if need_grad:
+                    coef = (valid.float() * c_ce)[:, None]  # (C, 1)
+                    dx += torch.exp(x - lse) * coef  # softmax - onehot, scaled
+                    dx.scatter_add_(-1, tg, -coef)
+
+            if w_kl:
+                m = kl_mask[r0:r0 + chunk_rows]  # (C,)
+                # Rows that do not count may hold anything (ids -1, log-probs -inf): make them harmless.
+                idc = torch.where(m[:, None], ids[r0:r0 + chunk_rows], torch.arange(k, device=dev))  # (C, k)
+                z = x / tau if tau != 1.0 else x  # (C, V); with tau = 1 z is x, modified below only reversibly
+                lse = torch.logsumexp(z, -1, keepdim=True)  # (C, 1)
+                zk = z.gather(-1, idc)  # (C, k)
+                s = zk - lse  # (C, k) student log-probs at the teacher's top-k
+                t = torch.where(m[:, None], t_lp[r0:r0 + chunk_rows].float(), 0.0)  # (C, k)
+                if bucket:
+                    tt = torch.where(m, t_tail[r0:r0 + chunk_rows].float(), 0.0)[:, None]  # (C, 1)
+                    t = torch.cat([t, tt], -1)  # (C, k+1)
+                t = (t.clamp_min(LOG_FLOOR) / tau).log_softmax(-1)  # (C, k[+1]) tempered teacher buckets
+                P = t.exp()
+                if bucket:
+                    # Student tail = logsumexp over the non-top-k logits, exact even when the top-k hold ~all
+                    # the mass. In place: fill the top-k with a finite minimum (exp -> 0, no inf - inf), ...
+                    z.scatter_(-1, idc, torch.finfo(z.dtype).min)
+                    lse_rest = torch.logsumexp(z, -1, keepdim=True)  # (C, 1)
+                    s = torch.cat([s, lse_rest - lse], -1)  # (C, k+1)
+                    Q = s.exp()
+                    kl = ((Q * (s - t)) if reverse else (P * (t - s))).sum(-1)  # (C,)
+                    if need_grad:  # ... where the tail-token gradient is then exactly 0 at the top-k columns
+                        coef = (m.float() * c_kl)[:, None]  # (C, 1)
+                        if reverse:
+                            dx += torch.exp(z - lse) * ((s[:, k:] - t[:, k:] - kl[:, None]) * coef)
+                        else:
+                            dx += (torch.exp(z - lse) - torch.exp(z - lse_rest + t[:, k:])) * coef
+                    z.scatter_(-1, idc, zk)  # ... and put them back bit-exactly
+                else:
+                    s = s.log_softmax(-1)  # renormalise over the k ids
+                    Q = s.exp()
+                    kl = ((Q * (s - t)) if reverse else (P * (t - s))).sum(-1)  # (C,)
+                kl_sum += (kl * m).sum()
+                if need_grad:  # top-k columns: g = Q - P (forward) or Q (s - t - KL) (reverse)
+                    coef = (m.float() * c_kl)[:, None]  # (C, 1)
+                    gk = Q[:, :k] * (s[:, :k] - t[:, :k] - kl[:, None]) if reverse else Q[:, :k] - P[:, :k]
+                    dx.scatter_add_(-1, idc, gk * coef)
+
+            if need_grad:
+                if need_h:
+                    grad_h[r0:r0 + chunk_rows] = (dx.to(mm_dtype) @ W).float()  # (C, d)
+                if need_w:
+                    grad_w[:V].addmm_(dx.T, hc.float())  # (V, d) += (V, C) @ (C, d), in float32
+                if need_b:
+                    grad_b[:V] += dx.sum(0)
+
+        ce, kl = ce_sum / n_ce, tau ** 2 * kl_sum / n_kl
+        ctx.mark_non_differentiable(ce, kl)  # logged parts only: backward holds one combined gradient
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.done = False
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return w_ce * ce + w_kl * kl, ce, kl
+
+    @staticmethod
+    def backward(ctx, g, _g_ce, _g_kl):
+        if ctx.done:
+            raise RuntimeError("fused_ce_kl: backward runs once per forward (its stored gradients are scaled in "
+                               "place so no second V x d buffer exists); recompute the loss instead of "
+                               "retain_graph=True")
+        ctx.done = True
+        grads = [None if x is None else x.mul_(g).to(dt) for x, dt in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, *[None] * 17)
+
+
+def fused_ce_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None,
+                teacher_ids: torch.Tensor | None = None, teacher_logprobs: torch.Tensor | None = None,
+                teacher_tail: torch.Tensor | None = None, kl_mask: torch.Tensor | None = None, *,
+                w_ce: float = 1.0, w_kl: float = 0.0, temperature: float = 1.0, tail: str = "bucket",
+                reverse: bool = False, vocab_size: int | None = None, num_items=None, chunk_rows: int = 1024,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """w_ce * CE + w_kl * top-k KL from hidden states, without materialising the logits.
+
+    h: (R, d) final (post-norm) hidden states, fp32 or bf16; any leading dims are flattened with the rows.
+    weight: (V_logits, d) lm-head weight (tied embedding fine); its grad is produced only if it requires grad.
+    targets: (R,) long, -100 = no CE on that row. Row r's logits predict targets[r] (already shifted).
+    teacher_ids / teacher_logprobs: (R, k), teacher_tail: (R,), kl_mask: (R,) bool, as in `topk_kl_loss`.
+    vocab_size: only the first vocab_size logit columns are tokens (default V_logits).
+    num_items: normaliser for both terms (Trainer's num_items_in_batch); default: CE by its valid-target
+        count, KL by kl_mask's count, each clamped to >= 1 (all masked -> 0 with zero grads).
+    chunk_rows: rows per chunk; memory ~ a few chunk_rows x V float32 buffers.
+    bias: optional (V_logits,) lm-head bias.
+    Returns (loss, parts): loss differentiable; parts["ce"] / parts["kl"] are the unweighted, detached terms
+    (KL including tau^2), present only for nonzero weights.
+    """
+    if tail not in ("bucket", "none"):
+        raise ValueError(f"tail must be 'bucket' or 'none', got {tail!r}")
+    d = h.shape[-1]
+    h = h.reshape(-1, d)
+    R, V = h.shape[0], vocab_size or weight.shape[0]
+    if w_kl:
+        if teacher_ids is None or teacher_logprobs is None or kl_mask is None:
+            raise ValueError("w_kl needs teacher_ids, teacher_logprobs and kl_mask")
+        if tail == "bucket" and teacher_tail is None:
+            raise ValueError("tail='bucket' needs teacher_tail")
+        ids = teacher_ids.reshape(R, -1).long()
+        t_lp = teacher_logprobs.reshape(R, -1)
+        kl_mask = kl_mask.reshape(R).bool()
+        t_tail = teacher_tail.reshape(R) if teacher_tail is not None else torch.zeros(R, device=h.device)
+    else:
+        ids = torch.zeros(R, 1, dtype=torch.long, device=h.device)
+        t_lp, t_tail = torch.zeros(R, 1, device=h.device), torch.zeros(R, device=h.device)
+        kl_mask = torch.zeros(R, dtype=torch.bool, device=h.device)
+    if w_ce:
+        if targets is None:
+            raise ValueError("w_ce needs targets")
+        targets = targets.reshape(R).long()
+    else:
+        targets = torch.full((R,), -100, dtype=torch.long, device=h.device)
+    n_ce = _count(num_items, (targets != -100).sum())
+    n_kl = _count(num_items, kl_mask.sum())
+    grad_on = torch.is_grad_enabled()
+    need_h, need_w = grad_on and h.requires_grad, grad_on and weight.requires_grad
+    need_b = grad_on and bias is not None and bias.requires_grad
+    loss, ce, kl = _FusedCEKL.apply(h, weight, bias, targets, ids, t_lp, t_tail, kl_mask, float(w_ce),
+                                    float(w_kl), float(temperature), tail, reverse, V, n_ce, n_kl,
+                                    int(chunk_rows), need_h, need_w, need_b)
+    parts = {}
+    if w_ce:
+        parts["ce"] = ce.detach()
+    if w_kl:
+        parts["kl"] = kl.detach()
+    return loss, parts
+
+
+def naive_ce_kl(h, weight, targets=None, teacher_ids=None, teacher_logprobs=None, teacher_tail=None,
+                kl_mask=None, *, w_ce=1.0, w_kl=0.0, temperature=1.0, tail="bucket", reverse=False,
+                vocab_size=None, num_items=None, chunk_rows=None, bias=None):
+    """Same contract as `fused_ce_kl` through the plain losses on full (R, V_logits) logits (for comparison)."""
+    d = h.shape[-1]
+    logits = torch.nn.functional.linear(h.reshape(-1, d), weight, bias)  # (R, V_logits), materialised
+    R = logits.shape[0]
+    loss, parts = logits.new_zeros(()).float(), {}
+    if w_ce:
+        # ce_loss shifts (logits[t] predicts labels[t + 1]): prepend an ignored label, append a dummy row
+        lab = torch.cat([targets.new_full((1,), -100), targets.reshape(R)])[None]  # (1, R+1)
+        lg = torch.cat([logits, logits.new_zeros(1, logits.shape[1])])[None]  # (1, R+1, V_logits)
+        parts["ce"] = ce_loss(lg, lab, num_items, vocab_size=vocab_size)
+        loss = loss + w_ce * parts["ce"]
+    if w_kl:
+        parts["kl"] = topk_kl_loss(logits, teacher_ids.reshape(R, -1), teacher_logprobs.reshape(R, -1),
+                                   None if teacher_tail is None else teacher_tail.reshape(R),
+                                   kl_mask.reshape(R).bool(), temperature=temperature, tail=tail,
+                                   reverse=reverse, vocab_size=vocab_size, num_items=num_items)
+        loss = loss + w_kl * parts["kl"]
+    return loss, {k: v.detach() for k, v in parts.items()}
