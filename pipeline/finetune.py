@@ -18,7 +18,7 @@ from pipeline.models import load_causal_lm, load_tokenizer
 
 def training_args(out: Path, seed: int, epochs: float, lr: float, batch_size: int, warmup_ratio: float,
                   **kwargs) -> TrainingArguments:
-    """Trainer arguments shared by the teacher SFT and the student stages: no hub, no external loggers."""
+    """Trainer arguments of the teacher SFT: cosine schedule, no hub, no external loggers, no checkpoints."""
     return TrainingArguments(
         output_dir=str(out), num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size,
         lr_scheduler_type="cosine", warmup_steps=float(warmup_ratio), weight_decay=0.0, seed=seed, data_seed=seed,

@@ -42,3 +42,19 @@ def tiny(tmp_path_factory) -> Config:
     cfg = small_config(tmp_path_factory.mktemp("tiny"))
     prepare.run(cfg)
     return cfg
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Loss/Sinkhorn tensors are tiny: OpenMP fan-out only costs time, 2-3x more on a busy 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel_err(x, ref) -> float:
+    """Relative error of x against a float64 reference, in the 2-norm."""
+    return ((x.double() - ref).norm() / ref.norm()).item()

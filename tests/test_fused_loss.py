@@ -8,20 +8,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.fused_loss import fused_ce_kl, naive_ce_kl
+from tests.conftest import rel_err
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 R, D, VL, V, K = 41, 13, 401, 389, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
 
 
 def make(seed=0):

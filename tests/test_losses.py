@@ -6,21 +6,13 @@ import pytest
 import torch
 
 from pipeline.losses import (ce_loss, init_projection, ot_hidden_loss, ot_logits_loss, topk_kl_loss)
+from tests.conftest import rel_err
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 V, K = 401, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: OpenMP fan-out only costs time, 2-3x more on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,18 +8,13 @@ import pytest
 import torch
 
 from pipeline.sinkhorn import ot_loss, sinkhorn
+from tests.conftest import rel_err
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 B, N, M = 3, 41, 37  # awkward on purpose: N != M, both prime
 W = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)  # non-unit upstream gradient per sequence
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: OpenMP fan-out only costs time, 2-3x more on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_problem(dtype=torch.float64, seed=0, peaked=False):
@@ -73,9 +68,6 @@ def ref_value_and_grad(eps, peaked, objective):
     (value * W).sum().backward()
     return value.detach(), C.grad
 
-
-def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
