@@ -163,6 +163,9 @@ class DistillConfig:
     """Modules that get LoRA adapters: all attention and MLP projections, as in the seeds."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more time); for real models on one GPU."""
+    fused_loss: bool = True
+    """CE + KL straight from hidden states in token chunks (no [tokens x vocab] logits); false = the plain
+    full-logits path, kept as the reference."""
     w_ce: float = 1.0
     """Weight of the cross-entropy on the hard labels."""
     w_kl: float = 1.0

@@ -24,6 +24,7 @@ from cache.reader import BlockShuffleSampler, CacheDataset, describe, open_cache
 from cache.schema import CacheMismatchError
 from pipeline.config import Config, DistillConfig, save_config
 from pipeline.data import IGNORE, tokenizer_hash
+from pipeline.fused_loss import fused_ce_kl
 from pipeline.losses import LOG_FLOOR, ce_loss, init_projection, ot_hidden_loss, ot_logits_loss, topk_kl_loss
 from pipeline.models import load_tokenizer
 from pipeline.student import PROJECTION_FILE, load_student
@@ -125,6 +126,71 @@ def gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 # Trainer
 # ---------------------------------------------------------------------------------------------------------
 
+def student_losses(model, inputs: dict, d: DistillConfig, vocab_size: int, projection, n_items, ga: int = 1):
+    """Weighted loss of one micro-batch and the unweighted terms to log: (loss, {name: float tensor}).
+
+    distill.fused_loss (default): the decoder's hidden states go straight into `fused_ce_kl`, which builds the
+    lm_head logits chunk by chunk and only at supervised rows, so no (B, L, V) tensor exists; OT on logits
+    takes the lm_head of its gathered rows only. Otherwise the model's full logits feed the plain losses.
+    CE and KL are sums over rows divided by n_items (the optimizer step's count, so micro-batches add up);
+    OT terms are per-sequence means, divided by the number of micro-batches `ga`.
+    """
+    V, logs, loss = vocab_size, {}, 0.0
+    row_mask = inputs["row_mask"]  # (B, L)
+    pos, pos_mask = inputs["row_pos"], inputs["row_pos_mask"]  # (B, M)
+    if d.fused_loss:
+        hidden = model.get_decoder()(input_ids=inputs["input_ids"],
+                                     attention_mask=inputs["attention_mask"]).last_hidden_state  # (B, L, d)
+        head = model.get_output_embeddings()
+        if d.w_ce or d.w_kl:
+            targets = torch.full_like(inputs["labels"], IGNORE)  # (B, L)
+            targets[:, :-1] = inputs["labels"][:, 1:]  # position j's logits predict token j+1
+            sel = (targets != IGNORE) | row_mask  # (B, L) the rows any CE/KL term reads
+            R = int(sel.sum())
+            if "teacher_ids" in inputs:
+                t_ids, t_lp, t_tail = inputs["teacher_ids"][sel], inputs["teacher_logprobs"][sel], inputs["teacher_tail"][sel]
+            else:  # the CE baseline reads no teacher rows; KL is off, these are never used
+                t_ids, t_lp, t_tail = hidden.new_zeros(R, 1, dtype=torch.long), hidden.new_zeros(R, 1), hidden.new_zeros(R)
+            ce_kl, parts = fused_ce_kl(hidden[sel], head.weight, targets[sel], t_ids, t_lp, t_tail,
+                                       row_mask[sel] & bool(d.w_kl), w_ce=d.w_ce, w_kl=d.w_kl,
+                                       temperature=d.temperature, tail=d.kl_tail, reverse=d.kl_reverse,
+                                       vocab_size=V, num_items=n_items, bias=getattr(head, "bias", None))
+            loss = loss + ce_kl
+            logs.update(parts)
+        row_logits = head(gather_rows(hidden, pos)) if d.w_ot_logits else None  # (B, M, V_logits)
+        final = hidden
+    else:
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    output_hidden_states=d.w_ot > 0)
+        logits = out.logits  # (B, L, V_student); columns >= V are padding, the losses drop them
+        if d.w_ce:
+            logs["ce"] = ce_loss(logits, inputs["labels"], n_items, vocab_size=V)
+            loss = loss + d.w_ce * logs["ce"]
+        if d.w_kl:
+            logs["kl"] = topk_kl_loss(logits, inputs["teacher_ids"], inputs["teacher_logprobs"],
+                                      inputs["teacher_tail"], row_mask, temperature=d.temperature,
+                                      tail=d.kl_tail, reverse=d.kl_reverse, vocab_size=V, num_items=n_items)
+            loss = loss + d.w_kl * logs["kl"]
+        row_logits = gather_rows(logits, pos) if d.w_ot_logits else None
+        final = out.hidden_states[-1] if d.w_ot else None
+    if d.w_ot:
+        x = gather_rows(final, pos).float()  # (B, M, d) final (post-norm) state at the teacher's rows
+        logs["ot_hidden"], res = ot_hidden_loss(x, pos_mask, inputs["teacher_hidden"], pos_mask, projection,
+                                                eps=d.ot_eps, objective=d.ot_objective, max_iter=d.ot_max_iter)
+        loss = loss + d.w_ot * logs["ot_hidden"] / ga
+        logs["sinkhorn_iters_hidden"] = res.n_iters.float().mean()
+    if d.w_ot_logits:
+        logs["ot_logits"], res = ot_logits_loss(
+            row_logits, gather_rows(inputs["teacher_ids"], pos), gather_rows(inputs["teacher_logprobs"], pos),
+            pos_mask, pos_mask, eps=d.ot_eps, vocab_size=V, objective=d.ot_objective, max_iter=d.ot_max_iter)
+        loss = loss + d.w_ot_logits * logs["ot_logits"] / ga
+        logs["sinkhorn_iters_logits"] = res.n_iters.float().mean()
+    for k in ("ce", "kl"):  # a micro-batch's share of the step's token mean; x ga reads as the step's mean
+        if k in logs:
+            logs[k] = logs[k] * ga
+    return loss, {k: v.detach().float() for k, v in logs.items()}
+
+
 class DistillTrainer(Trainer):
     """Trainer whose loss is the weighted sum of the pure distillation losses; P trains with the student.
 
@@ -153,46 +219,19 @@ class DistillTrainer(Trainer):
 
     # -- loss --------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        d, V = self.d, self.vocab_size
         mode = "train" if model.training else "eval"
         ga = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    output_hidden_states=d.w_ot > 0)
-        logits = out.logits  # (B, L, V_student); columns >= V are padding, the losses drop them
-        row_mask = inputs["row_mask"]  # (B, L)
         # Without a count from Trainer (models that take no loss kwargs), approximate the step's count.
-        n_items = num_items_in_batch if num_items_in_batch is not None else row_mask.sum() * ga
-        parts, stats = {}, {}
-        if d.w_ce:
-            parts["ce"] = ce_loss(logits, inputs["labels"], n_items, vocab_size=V)
-        if d.w_kl:
-            parts["kl"] = topk_kl_loss(logits, inputs["teacher_ids"], inputs["teacher_logprobs"],
-                                       inputs["teacher_tail"], row_mask, temperature=d.temperature,
-                                       tail=d.kl_tail, reverse=d.kl_reverse, vocab_size=V, num_items=n_items)
-        pos, pos_mask = inputs["row_pos"], inputs["row_pos_mask"]  # (B, M)
-        if d.w_ot:
-            x = gather_rows(out.hidden_states[-1], pos).float()  # (B, M, d) final (post-norm) state at rows
-            ot, res = ot_hidden_loss(x, pos_mask, inputs["teacher_hidden"], pos_mask, self.projection,
-                                     eps=d.ot_eps, objective=d.ot_objective, max_iter=d.ot_max_iter)
-            parts["ot_hidden"], stats["sinkhorn_iters_hidden"] = ot / ga, res.n_iters.float().mean()
-        if d.w_ot_logits:
-            ot, res = ot_logits_loss(gather_rows(logits, pos), gather_rows(inputs["teacher_ids"], pos),
-                                     gather_rows(inputs["teacher_logprobs"], pos), pos_mask, pos_mask,
-                                     eps=d.ot_eps, vocab_size=V, objective=d.ot_objective, max_iter=d.ot_max_iter)
-            parts["ot_logits"], stats["sinkhorn_iters_logits"] = ot / ga, res.n_iters.float().mean()
-        weights = {"ce": d.w_ce, "kl": d.w_kl, "ot_hidden": d.w_ot, "ot_logits": d.w_ot_logits}
-        loss = sum(weights[k] * v for k, v in parts.items())
-
+        n_items = num_items_in_batch if num_items_in_batch is not None else inputs["row_mask"].sum() * ga
+        loss, logs = student_losses(model, inputs, self.d, self.vocab_size, self.projection, n_items, ga)
         if not torch.isfinite(loss):
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in logs.items() if k in COMPONENTS)
             where = f"training step {self.state.global_step + 1}" if model.training else "evaluation"
             raise NonFiniteLossError(f"non-finite loss at {where} ({values}); training stopped — check the "
                                      f"teacher cache for NaN/inf values or lower distill.lr")
-        for k, v in parts.items():  # per-step contributions (x ga undoes the micro-batch split at log time)
-            self._parts[mode][k].append(v.item() * ga)
-        for k, v in stats.items():
+        for k, v in logs.items():
             self._parts[mode][k].append(v.item())
-        return (loss, out) if return_outputs else loss
+        return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict, start_time=None) -> None:
         """Add the mean of every loss component since the last log (train) or over the eval set (eval_*)."""

@@ -205,3 +205,38 @@ def test_nan_loss_stops_training_naming_the_step(cached, tmp_path):
 def test_help(name, option):
     p = stage(name, "--help")
     assert "--params" in p.stdout and option in p.stdout
+
+
+@pytest.mark.parametrize("weights", [dict(w_ce=1.0, w_kl=1.0, w_ot=0.5, w_ot_logits=0.5),
+                                     dict(w_ce=1.0, w_kl=0.0, w_ot=0.0, w_ot_logits=0.0)])
+def test_fused_and_full_logits_paths_agree(cached, tmp_path, weights):
+    """Stage 2's default fused path (no [tokens x vocab] logits) equals the plain full-logits path: loss and
+    gradients, with every term on, and for the CE baseline that reads no teacher rows."""
+    from pipeline.distill import student_losses
+
+    cfg = distill_cfg(cached, tmp_path / "s", **weights)
+    c = open_cache(Path(cfg.cache.out) / "train.zarr")
+    batch = DistillCollator(load_tokenizer(cfg.distill.student).pad_token_id)(
+        c.read_many(range(0, len(c), len(c) // 5), cache_fields(cfg.distill)))
+    model = load_student(cfg.distill)
+    V = len(load_tokenizer(cfg.distill.student))
+    D, d = c.provenance["hidden_size"], AutoConfig.from_pretrained(cfg.distill.student).hidden_size
+    got = {}
+    for fused in (True, False):
+        cfg.distill.fused_loss = fused
+        model.zero_grad()
+        P = init_projection(D, d, torch.Generator().manual_seed(0)).requires_grad_()
+        loss, logs = student_losses(model, batch, cfg.distill, V, P, batch["row_mask"].sum())
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        got[fused] = (loss.detach(), logs, grads, None if P.grad is None else P.grad.clone())
+    (l1, logs1, g1, p1), (l0, logs0, g0, p0) = got[True], got[False]
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert logs1.keys() == logs0.keys()
+    for k in logs0:
+        torch.testing.assert_close(logs1[k], logs0[k], rtol=1e-4, atol=1e-5)
+    assert g1.keys() == g0.keys() and len(g0) > 0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6)
+    if weights["w_ot"]:
+        torch.testing.assert_close(p1, p0, rtol=1e-4, atol=1e-7)
