@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipeline.config import Config  # noqa: E402
+from pipeline.config import Config, save_config  # noqa: E402
 from pipeline.data import load_splits, pad_collate  # noqa: E402
 from pipeline.distill import COMPONENTS, DistillCollator, open_checked  # noqa: E402
 from pipeline.generate import checker, task_accuracy  # noqa: E402
@@ -150,6 +150,7 @@ def run(cfg: Config) -> dict:
                                 "validation_rows": n_rows}}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "metrics.md").write_text(markdown_table(results))
+    save_config(cfg, out / "evaluate_config.yaml")  # the resolved config next to the output
     curves = {}
     for name in names:
         f = Path(e.plots) / f"train_{Path(e.models[name]).name}.tsv"  # as pipeline.distill.curves_path names it
