@@ -2,6 +2,9 @@
 
     python bench/loss_bench.py [--quick] [--no-trainable]   # writes bench/results/loss_bench.json
 
+Runtime on 2 shared cores: --quick ~80 s (3 cases at N = 1024); full ~8-10 min (9 frozen-W cases + 2
+trainable-W cases; --no-trainable saves ~3 min). Needs ~16 GB free RAM (naive at N = 4096).
+
 What is measured. CE + top-k KL (forward KL, tail bucket, w_ce = w_kl = 1) computed from hidden states
 h (N, d) and an lm-head weight (V, d), forward AND backward, at the real Qwen2.5-1.5B shape: V = 151,936,
 d = 1536, k = 64, N in {1024, 2048, 4096} rows. Two paths with the same signature, both from
@@ -167,7 +170,7 @@ def label(r):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help=f"N = {N_QUICK} only, frozen W (~1 min)")
+    ap.add_argument("--quick", action="store_true", help=f"N = {N_QUICK} only, frozen W (~80 s on 2 busy cores)")
     ap.add_argument("--no-trainable", action="store_true", help="skip the trainable-W row group")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/loss_bench.json; config.quick marks a --quick run)")
     ap.add_argument("--timeout", type=float, default=600, help="per-case subprocess timeout, s")

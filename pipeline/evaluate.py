@@ -91,10 +91,11 @@ def plot_curves(curves: dict[str, dict], path: Path) -> None:
     """One panel per loss component, one line per trained model (nothing to draw still gives a figure)."""
     panels = [k for k in ("loss", *COMPONENTS) if any(k in c for c in curves.values())] or ["loss"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    color = {name: f"C{i}" for i, name in enumerate(curves)}  # one colour per model across all panels
     for ax, key in zip(axes[0], panels):
         for name, c in curves.items():
             if key in c:
-                ax.plot(c["step"], c[key], label=name)
+                ax.plot(c["step"], c[key], label=name, color=color[name])
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
