@@ -25,6 +25,7 @@ from cache.schema import CacheMismatchError
 from pipeline.config import Config, DistillConfig, save_config
 from pipeline.data import IGNORE, tokenizer_hash
 from pipeline.fused_loss import fused_ce_kl
+from pipeline.fused_ot import ot_logits_loss_from_hidden
 from pipeline.losses import LOG_FLOOR, ce_loss, init_projection, ot_hidden_loss, ot_logits_loss, topk_kl_loss
 from pipeline.models import load_tokenizer
 from pipeline.student import PROJECTION_FILE, load_student
@@ -131,7 +132,7 @@ def student_losses(model, inputs: dict, d: DistillConfig, vocab_size: int, proje
 
     distill.fused_loss (default): the decoder's hidden states go straight into `fused_ce_kl`, which builds the
     lm_head logits chunk by chunk and only at supervised rows, so no (B, L, V) tensor exists; OT on logits
-    takes the lm_head of its gathered rows only. Otherwise the model's full logits feed the plain losses.
+    builds the student's probabilities only at the teacher's top-k ids (`ot_logits_loss_from_hidden`). Otherwise the model's full logits feed the plain losses.
     CE and KL are sums over rows divided by n_items (the optimizer step's count, so micro-batches add up);
     OT terms are per-sequence means, divided by the number of micro-batches `ga`.
     """
@@ -157,7 +158,6 @@ def student_losses(model, inputs: dict, d: DistillConfig, vocab_size: int, proje
                                        vocab_size=V, num_items=n_items, bias=getattr(head, "bias", None))
             loss = loss + ce_kl
             logs.update(parts)
-        row_logits = head(gather_rows(hidden, pos)) if d.w_ot_logits else None  # (B, M, V_logits)
         final = hidden
     else:
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
@@ -180,9 +180,14 @@ def student_losses(model, inputs: dict, d: DistillConfig, vocab_size: int, proje
         loss = loss + d.w_ot * logs["ot_hidden"] / ga
         logs["sinkhorn_iters_hidden"] = res.n_iters.float().mean()
     if d.w_ot_logits:
-        logs["ot_logits"], res = ot_logits_loss(
-            row_logits, gather_rows(inputs["teacher_ids"], pos), gather_rows(inputs["teacher_logprobs"], pos),
-            pos_mask, pos_mask, eps=d.ot_eps, vocab_size=V, objective=d.ot_objective, max_iter=d.ot_max_iter)
+        t_ids, t_lp = gather_rows(inputs["teacher_ids"], pos), gather_rows(inputs["teacher_logprobs"], pos)
+        ot_kw = dict(eps=d.ot_eps, vocab_size=V, objective=d.ot_objective, max_iter=d.ot_max_iter)
+        if d.fused_loss:  # only the teacher's top-k columns of the lm_head, never (B, M, V) logits
+            logs["ot_logits"], res = ot_logits_loss_from_hidden(
+                gather_rows(hidden, pos), head.weight, t_ids, t_lp, pos_mask, pos_mask,
+                bias=getattr(head, "bias", None), **ot_kw)
+        else:
+            logs["ot_logits"], res = ot_logits_loss(row_logits, t_ids, t_lp, pos_mask, pos_mask, **ot_kw)
         loss = loss + d.w_ot_logits * logs["ot_logits"] / ga
         logs["sinkhorn_iters_logits"] = res.n_iters.float().mean()
     for k in ("ce", "kl"):  # a micro-batch's share of the step's token mean; x ga reads as the step's mean

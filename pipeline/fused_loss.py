@@ -3,8 +3,9 @@
 The idea of Liger-Kernel's fused linear losses: per chunk of rows compute logits = h_c W^T, the loss, and
 d loss / d logits (closed form, below) right away, turn the latter into grad_h_c = dlogits W and (only if W
 trains) grad_W += dlogits^T h_c, and drop the chunk's logits. Backward then only scales the stored grads.
-Peak extra memory: a few (chunk_rows, V) float32 buffers, grad_h (R, d), and grad_W (V_logits, d) float32
-only when the weight requires grad (frozen lm-head under QLoRA: no V x d buffer at all).
+Peak extra memory: two (chunk_rows, V) float32 buffers (logits and their gradient; every other full-width
+temporary is built 128 rows at a time), grad_h (R, d), and grad_W (V_logits, d) float32 only when the weight
+requires grad (frozen lm-head under QLoRA: no V x d buffer at all). The default chunk holds 2^26 logits.
 
 Semantics equal `w_ce * ce_loss + w_kl * topk_kl_loss` of pipeline/losses.py on row-aligned inputs (row r's
 logits predict targets[r]; the caller does the shift). `naive_ce_kl` is that reference path, same signature.
@@ -26,6 +27,32 @@ from pipeline.losses import LOG_FLOOR, ce_loss, topk_kl_loss
 def _count(n, default: torch.Tensor) -> torch.Tensor:
     n = default if n is None else n
     return torch.as_tensor(n, device=default.device).clamp_min(1).float()
+
+
+SLICE = 128  # rows per full-width temporary inside a chunk (logsumexp, exp): 128 x V floats, not chunk x V
+CHUNK_ELEMS = 2 ** 26  # default chunk = this many logits (256 MB float32): ~441 rows at V = 151,936
+
+
+def default_chunk_rows(vocab: int) -> int:
+    """Rows per chunk so that one (rows, V) float32 buffer holds CHUNK_ELEMS elements (two such buffers live)."""
+    return max(SLICE, CHUNK_ELEMS // vocab)
+
+
+def _lse(x: torch.Tensor) -> torch.Tensor:
+    """(C, V) -> (C, 1) logsumexp, SLICE rows at a time (torch.logsumexp allocates a full (C, V) temporary)."""
+    return torch.cat([torch.logsumexp(xs, -1, keepdim=True) for xs in x.split(SLICE)])
+
+
+def _add_exp(dst: torch.Tensor | None, x: torch.Tensor, shift: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """dst += exp(x - shift) * coef, row slices at a time; dst None -> a new buffer. shift, coef: (C, 1)."""
+    if dst is None:
+        dst = torch.empty_like(x)
+        for d_s, x_s, sh, c in zip(dst.split(SLICE), x.split(SLICE), shift.split(SLICE), coef.split(SLICE)):
+            torch.sub(x_s, sh, out=d_s).exp_().mul_(c)
+        return dst
+    for d_s, x_s, sh, c in zip(dst.split(SLICE), x.split(SLICE), shift.split(SLICE), coef.split(SLICE)):
+        d_s.add_((x_s - sh).exp_().mul_(c))
+    return dst
 
 
 class _FusedCEKL(torch.autograd.Function):
@@ -55,25 +82,27 @@ class _FusedCEKL(torch.autograd.Function):
             x = (hc.to(mm_dtype) @ W.T).float()  # (C, V) float32 logits: the only full-width tensors are per chunk
             if b is not None:
                 x += b
-            dx = torch.zeros_like(x) if need_grad else None  # (C, V) d loss / d logits
+            # Two (C, V) buffers live per chunk: x (logits, later overwritten) and dx (d loss / d logits). Every
+            # other full-width temporary (logsumexp's, exp(x - lse)'s) is built SLICE rows at a time.
+            dx = None
 
             if w_ce:
                 tgt = targets[r0:r0 + chunk_rows]  # (C,)
                 valid = tgt != -100
                 tg = torch.where(valid, tgt, 0)[:, None]  # (C, 1)
-                lse = torch.logsumexp(x, -1, keepdim=True)  # (C, 1)
+                lse = _lse(x)  # (C, 1)
                 ce_sum += ((lse - x.gather(-1, tg))[:, 0] * valid).sum()
                 if need_grad:
                     coef = (valid.float() * c_ce)[:, None]  # (C, 1)
-                    dx += torch.exp(x - lse) * coef  # softmax - onehot, scaled
+                    dx = _add_exp(dx, x, lse, coef)  # softmax - onehot, scaled
                     dx.scatter_add_(-1, tg, -coef)
 
             if w_kl:
                 m = kl_mask[r0:r0 + chunk_rows]  # (C,)
                 # Rows that do not count may hold anything (ids -1, log-probs -inf): make them harmless.
                 idc = torch.where(m[:, None], ids[r0:r0 + chunk_rows], torch.arange(k, device=dev))  # (C, k)
-                z = x / tau if tau != 1.0 else x  # (C, V); with tau = 1 z is x, modified below only reversibly
-                lse = torch.logsumexp(z, -1, keepdim=True)  # (C, 1)
+                z = x.div_(tau) if tau != 1.0 else x  # (C, V) in place: CE is done with the raw logits
+                lse = _lse(z)  # (C, 1)
                 zk = z.gather(-1, idc)  # (C, k)
                 s = zk - lse  # (C, k) student log-probs at the teacher's top-k
                 t = torch.where(m[:, None], t_lp[r0:r0 + chunk_rows].float(), 0.0)  # (C, k)
@@ -82,32 +111,35 @@ class _FusedCEKL(torch.autograd.Function):
                     t = torch.cat([t, tt], -1)  # (C, k+1)
                 t = (t.clamp_min(LOG_FLOOR) / tau).log_softmax(-1)  # (C, k[+1]) tempered teacher buckets
                 P = t.exp()
+                coef = (m.float() * c_kl)[:, None]  # (C, 1)
                 if bucket:
                     # Student tail = logsumexp over the non-top-k logits, exact even when the top-k hold ~all
-                    # the mass. In place: fill the top-k with a finite minimum (exp -> 0, no inf - inf), ...
+                    # the mass: fill the top-k with a finite minimum (exp -> 0, no inf - inf), in place.
                     z.scatter_(-1, idc, torch.finfo(z.dtype).min)
-                    lse_rest = torch.logsumexp(z, -1, keepdim=True)  # (C, 1)
+                    lse_rest = _lse(z)  # (C, 1)
                     s = torch.cat([s, lse_rest - lse], -1)  # (C, k+1)
                     Q = s.exp()
                     kl = ((Q * (s - t)) if reverse else (P * (t - s))).sum(-1)  # (C,)
-                    if need_grad:  # ... where the tail-token gradient is then exactly 0 at the top-k columns
-                        coef = (m.float() * c_kl)[:, None]  # (C, 1)
+                    if need_grad:  # tail tokens; the top-k columns hold exp(min) = 0 here, filled below
                         if reverse:
-                            dx += torch.exp(z - lse) * ((s[:, k:] - t[:, k:] - kl[:, None]) * coef)
+                            dx = _add_exp(dx, z, lse, (s[:, k:] - t[:, k:] - kl[:, None]) * coef)
                         else:
-                            dx += (torch.exp(z - lse) - torch.exp(z - lse_rest + t[:, k:])) * coef
-                    z.scatter_(-1, idc, zk)  # ... and put them back bit-exactly
+                            dx = _add_exp(dx, z, lse, coef)
+                            # z is not needed any more: its last use turns it into exp(z - lse_rest + t_T)
+                            dx.sub_(z.sub_(lse_rest - t[:, k:]).exp_().mul_(coef))
                 else:
                     s = s.log_softmax(-1)  # renormalise over the k ids
                     Q = s.exp()
                     kl = ((Q * (s - t)) if reverse else (P * (t - s))).sum(-1)  # (C,)
                 kl_sum += (kl * m).sum()
                 if need_grad:  # top-k columns: g = Q - P (forward) or Q (s - t - KL) (reverse)
-                    coef = (m.float() * c_kl)[:, None]  # (C, 1)
+                    if dx is None:  # tail="none": only the k columns carry gradient
+                        dx = torch.zeros_like(x)
                     gk = Q[:, :k] * (s[:, :k] - t[:, :k] - kl[:, None]) if reverse else Q[:, :k] - P[:, :k]
                     dx.scatter_add_(-1, idc, gk * coef)
+            del x
 
-            if need_grad:
+            if dx is not None:
                 if need_h:
                     grad_h[r0:r0 + chunk_rows] = (dx.to(mm_dtype) @ W).float()  # (C, d)
                 if need_w:
@@ -137,7 +169,7 @@ def fused_ce_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | N
                 teacher_ids: torch.Tensor | None = None, teacher_logprobs: torch.Tensor | None = None,
                 teacher_tail: torch.Tensor | None = None, kl_mask: torch.Tensor | None = None, *,
                 w_ce: float = 1.0, w_kl: float = 0.0, temperature: float = 1.0, tail: str = "bucket",
-                reverse: bool = False, vocab_size: int | None = None, num_items=None, chunk_rows: int = 1024,
+                reverse: bool = False, vocab_size: int | None = None, num_items=None, chunk_rows: int | None = None,
                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """w_ce * CE + w_kl * top-k KL from hidden states, without materialising the logits.
 
@@ -148,7 +180,8 @@ def fused_ce_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | N
     vocab_size: only the first vocab_size logit columns are tokens (default V_logits).
     num_items: normaliser for both terms (Trainer's num_items_in_batch); default: CE by its valid-target
         count, KL by kl_mask's count, each clamped to >= 1 (all masked -> 0 with zero grads).
-    chunk_rows: rows per chunk; memory ~ a few chunk_rows x V float32 buffers.
+    chunk_rows: rows per chunk; memory ~ 2 x chunk_rows x V float32. Default `default_chunk_rows(V)`: 441 rows
+        (2 x 256 MB) at V = 151,936, everything in one chunk for a small vocabulary.
     bias: optional (V_logits,) lm-head bias.
     Returns (loss, parts): loss differentiable; parts["ce"] / parts["kl"] are the unweighted, detached terms
     (KL including tau^2), present only for nonzero weights.
@@ -184,7 +217,7 @@ def fused_ce_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | N
     need_b = grad_on and bias is not None and bias.requires_grad
     loss, ce, kl = _FusedCEKL.apply(h, weight, bias, targets, ids, t_lp, t_tail, kl_mask, float(w_ce),
                                     float(w_kl), float(temperature), tail, reverse, V, n_ce, n_kl,
-                                    int(chunk_rows), need_h, need_w, need_b)
+                                    int(chunk_rows or default_chunk_rows(V)), need_h, need_w, need_b)
     parts = {}
     if w_ce:
         parts["ce"] = ce.detach()

@@ -114,7 +114,7 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teache
 # Sequence-level OT
 # ---------------------------------------------------------------------------------------------------------
 
-def _cost_from_similarity(S: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
+def cost_from_similarity(S: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
     """C = 1 - softmax_j(S_ij) over the valid teacher tokens j: (B, N, M) -> (B, N, M) in [0, 1]."""
     S = _upcast(S).masked_fill(~y_mask[:, None, :], float("-inf"))
     # A sequence with no valid teacher token would softmax over all -inf (NaN); it is an empty OT problem,
@@ -123,7 +123,7 @@ def _cost_from_similarity(S: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor
     return 1.0 - S.softmax(-1)
 
 
-def _reduce(per_seq: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor, reduction: str):
+def reduce_sequences(per_seq: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor, reduction: str):
     if reduction == "sum":
         return per_seq.sum()
     if reduction == "mean":  # over sequences that have a valid token on both sides
@@ -167,9 +167,9 @@ def ot_hidden_loss(x: torch.Tensor, x_mask: torch.Tensor, y: torch.Tensor, y_mas
     Returns (loss scalar, SinkhornResult) - the result's n_iters / err are for logging.
     """
     S = x @ (y @ proj).transpose(1, 2) / math.sqrt(x.shape[-1])  # (B, N, M)
-    C = _cost_from_similarity(S, y_mask)
+    C = cost_from_similarity(S, y_mask)
     per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, tol=tol, max_iter=max_iter)  # (B,)
-    return _reduce(per_seq, x_mask, y_mask, reduction), res
+    return reduce_sequences(per_seq, x_mask, y_mask, reduction), res
 
 
 class _TopkSimilarity(torch.autograd.Function):
@@ -230,6 +230,6 @@ def ot_logits_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teac
     q = _upcast(student_logits[..., :vocab_size]).softmax(-1)  # (B, N, V)
     p = teacher_logprobs.to(q.dtype).exp()  # (B, M, k)
     S = _TopkSimilarity.apply(q, teacher_ids.long(), p, block)  # (B, N, M)
-    C = _cost_from_similarity(S, y_mask)
+    C = cost_from_similarity(S, y_mask)
     per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, tol=tol, max_iter=max_iter)  # (B,)
-    return _reduce(per_seq, x_mask, y_mask, reduction), res
+    return reduce_sequences(per_seq, x_mask, y_mask, reduction), res

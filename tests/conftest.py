@@ -3,6 +3,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.config import Config, ModelShape
 
@@ -47,8 +49,6 @@ def tiny(tmp_path_factory) -> Config:
 @pytest.fixture(scope="module")
 def one_thread():
     """Loss/Sinkhorn tensors are tiny: OpenMP fan-out only costs time, 2-3x more on a busy 2-core box."""
-    import torch
-
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -58,3 +58,21 @@ def one_thread():
 def rel_err(x, ref) -> float:
     """Relative error of x against a float64 reference, in the 2-norm."""
     return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+class NewAllocations(TorchDispatchMode):
+    """Shapes of every tensor an op allocates (outputs not sharing storage with an input: no views, no
+    in-place results)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
+                self.shapes.append(tuple(o.shape))
+        return out

@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.fused_loss import fused_ce_kl, naive_ce_kl
-from tests.conftest import rel_err
+from tests.conftest import NewAllocations, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,24 +114,6 @@ def test_all_masked_is_zero(tail):
                                  **dict(BASE, tail=tail, reverse=True, temperature=2.0))
     assert loss.item() == 0 and parts["ce"].item() == 0 and parts["kl"].item() == 0
     assert (gh == 0).all() and (gw == 0).all()
-
-
-class NewAllocations(TorchDispatchMode):
-    """Shapes of every tensor an op allocates (outputs not sharing storage with an input: no views, no
-    in-place results)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}
-        for o in torch.utils._pytree.tree_leaves(out):
-            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
-                self.shapes.append(tuple(o.shape))
-        return out
 
 
 @pytest.mark.parametrize("train_w", [False, True])

@@ -117,14 +117,18 @@ def test_float32_extreme_eps_finite_and_close(eps):
     assert (l1 <= 1e-4).all(), l1
 
 
-def test_batch_mates_do_not_matter():
+@pytest.mark.parametrize("domain", ["log", "kernel"])
+def test_batch_mates_do_not_matter(domain):
     # converged sequences are frozen: solving one alone gives the same answer as solving it in a batch
+    # (bit for bit in the log domain; batched bmm may round differently from a batch of one)
     C, a_mask, b_mask = make_problem(torch.float32)
-    res = sinkhorn(C, a_mask, b_mask, 0.05)
+    res = sinkhorn(C, a_mask, b_mask, 0.05, domain=domain)
+    assert len(set(res.n_iters.tolist())) > 1  # the sequences really did stop at different iterations
     for i in range(B):
-        alone = sinkhorn(C[i:i + 1], a_mask[i:i + 1], b_mask[i:i + 1], 0.05)
+        alone = sinkhorn(C[i:i + 1], a_mask[i:i + 1], b_mask[i:i + 1], 0.05, domain=domain)
         assert alone.n_iters.item() == res.n_iters[i].item()
-        torch.testing.assert_close(alone.plan[0], res.plan[i], rtol=0, atol=0)
+        atol = 0 if domain == "log" else 1e-7
+        torch.testing.assert_close(alone.plan[0], res.plan[i], rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("objective", ["linear", "regularized"])
@@ -198,3 +202,71 @@ def test_unconverged_peaked_problems_give_finite_gradients():
         assert (res.n_iters == 20).any()  # some problems really did stop early
         loss.sum().backward()
         assert torch.isfinite(C.grad).all()
+
+
+# ------------------------------------------------------------------ solver options: domain, over-relaxation
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("overrelax", [False, True])
+def test_kernel_and_log_domains_agree(dtype, atol, overrelax):
+    C, a_mask, b_mask = make_problem(dtype, peaked=True)
+    tol = 1e-11 if dtype == torch.float64 else None
+    res = {d: sinkhorn(C, a_mask, b_mask, 0.1, tol=tol, domain=d, overrelax=overrelax) for d in ("kernel", "log")}
+    for r in res.values():
+        assert (r.err <= (3e-11 if dtype == torch.float64 else 3e-5)).all(), r.err
+    # L1 distance of the plans (total mass 1 each): both solved the same problem to tolerance
+    l1 = (res["kernel"].plan.double() - res["log"].plan.double()).abs().sum((1, 2))
+    assert (l1 <= atol * 10).all(), l1
+    torch.testing.assert_close(res["kernel"].f, res["log"].f, rtol=0, atol=atol * 1e3)
+
+
+def test_automatic_domain_choice(monkeypatch):
+    import pipeline.sinkhorn as sk
+    C, a_mask, b_mask = make_problem(torch.float32)  # costs in [0, 1]: shifted spread / eps ~ 1 / eps
+    chosen = []
+    real = sk.choose_domain
+    monkeypatch.setattr(sk, "choose_domain", lambda spread, dt: chosen.append((spread, real(spread, dt))) or chosen[-1][1])
+    for eps in (0.1, 0.05, 0.005):
+        sinkhorn(C, a_mask, b_mask, eps)
+    assert [c[1] for c in chosen] == ["kernel", "kernel", "log"], chosen
+    assert chosen[-1][0] > sk.KERNEL_MAX[torch.float32]
+    # in float64 the kernel domain stays safe much further
+    assert real(chosen[-1][0], torch.float64) == "kernel"
+    # tiny eps in the log domain still converges to a finite plan (the kernel domain would underflow to 0)
+    res = sinkhorn(C, a_mask, b_mask, 0.005, max_iter=5000)
+    assert torch.isfinite(res.plan).all() and (res.err <= 2e-5).all()
+    with pytest.raises(ValueError, match="domain"):
+        sinkhorn(C, a_mask, b_mask, 0.1, domain="exp")
+
+
+def test_overrelaxation_saves_iterations_and_finds_the_same_plan():
+    # a slow problem: 1 - rowsoftmax costs of the benchmark's kind at a small eps
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 2, 96, 16, generator=g, dtype=torch.float64)
+    C = 1 - (x @ y.transpose(1, 2) / 2).softmax(-1)  # (2, 96, 96)
+    m = torch.ones(2, 96, dtype=torch.bool)
+    plain = sinkhorn(C, m, m, 0.05, tol=1e-9, max_iter=20000, overrelax=False)  # 400 and 860 iterations
+    fast = sinkhorn(C, m, m, 0.05, tol=1e-9, max_iter=20000, overrelax=True)
+    assert (fast.err <= 1e-9).all() and (plain.err <= 1e-9).all()
+    assert (fast.n_iters * 3 <= plain.n_iters).all(), (fast.n_iters, plain.n_iters)
+    assert (fast.plan - plain.plan).abs().sum((1, 2)).max() <= 1e-8
+
+
+def test_overrelaxation_backs_off_when_it_diverges(monkeypatch):
+    # force a wildly unstable omega: the solver must notice the error growing, return to its last checked
+    # state and still converge to the plain Sinkhorn plan
+    import pipeline.sinkhorn as sk
+    monkeypatch.setattr(sk, "OMEGA_MAX", 10.0)
+    monkeypatch.setattr(sk, "_young_omega", lambda mu2: torch.full_like(mu2, 3.0))
+    C, a_mask, b_mask = make_problem(torch.float64, peaked=True)
+    res = sinkhorn(C, a_mask, b_mask, 0.05, tol=1e-10, max_iter=5000)
+    ref = sinkhorn(C, a_mask, b_mask, 0.05, tol=1e-10, max_iter=5000, overrelax=False)
+    assert torch.isfinite(res.plan).all() and (res.err <= 1e-10).all()
+    assert (res.plan - ref.plan).abs().sum((1, 2)).max() <= 1e-8
+
+
+def test_check_every_only_changes_where_sequences_stop():
+    C, a_mask, b_mask = make_problem(torch.float64, peaked=True)
+    for k in (1, 7):
+        res = sinkhorn(C, a_mask, b_mask, 0.1, tol=1e-10, check_every=k, overrelax=False)
+        assert (res.n_iters % k == 0).all() and (res.err <= 1e-10).all()
