@@ -67,6 +67,9 @@ class DataConfig:
     """Share of examples in the test split (held out from every training stage)."""
     metric: str = "exact"
     """How a generated answer is judged: "exact" (equals the output) or "embedded_task" (the synthetic task's rule)."""
+    limit: int = 0
+    """Use only the first `limit` records of the file (0 = all): 3000 takes the seeds' alpaca-cleaned slices
+    train[:2000] + train[2000:3000]; the splits inside them are still chosen by sample id."""
 
 
 @dataclass
@@ -163,6 +166,10 @@ class DistillConfig:
     """Modules that get LoRA adapters: all attention and MLP projections, as in the seeds."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more time); for real models on one GPU."""
+    optim: str = "adamw_torch"
+    """Optimizer (a transformers `optim` name): "adamw_torch" (two moments in the parameter's dtype: 8 B per fp32
+    LoRA parameter), "adamw_8bit" (bitsandbytes 8-bit moments, ~2 B; the seeds' AdamW8bit) or "paged_adamw_8bit"
+    (the same, paged to host memory under pressure; CUDA only, plain 8-bit on the CPU)."""
     fused_loss: bool = True
     """CE + KL straight from hidden states in token chunks (no [tokens x vocab] logits); false = the plain
     full-logits path, kept as the reference."""

@@ -123,6 +123,9 @@ class Splits:
 def load_splits(cfg: DataConfig, tokenizer, log=print) -> Splits:
     """Read, deduplicate, tokenise and split the data; columns: sample_id, input_ids, labels + the record."""
     records = read_records(cfg.path)
+    if cfg.limit < 0:
+        raise DataError(f"data.limit must be >= 0 (0 = all records), got {cfg.limit}")
+    records = records[:cfg.limit] if cfg.limit else records  # the seeds' train[:N] slice of a public dataset
     rows = {name: [] for name in ("train", "validation", "test")}
     seen, n_trunc, n_drop = set(), 0, 0
     for rec in records:

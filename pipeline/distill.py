@@ -27,7 +27,7 @@ from pipeline.data import IGNORE, tokenizer_hash
 from pipeline.fused_loss import fused_ce_kl
 from pipeline.fused_ot import ot_logits_loss_from_hidden
 from pipeline.losses import LOG_FLOOR, ce_loss, init_projection, ot_hidden_loss, ot_logits_loss, topk_kl_loss
-from pipeline.models import load_tokenizer
+from pipeline.models import check_vocab, load_tokenizer
 from pipeline.student import PROJECTION_FILE, load_student
 
 COMPONENTS = ("ce", "kl", "ot_hidden", "ot_logits")
@@ -346,6 +346,7 @@ def run(cfg: Config) -> dict:
     train_ds = CacheDataset(train_cache, cache_fields(d))
 
     model = load_student(d)
+    check_vocab(model.config.vocab_size, len(tokenizer), d.student)  # vocab_size=len(tokenizer) below slices
     projection = None
     if d.w_ot:
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -355,7 +356,7 @@ def run(cfg: Config) -> dict:
     args = TrainingArguments(
         output_dir=str(ckpt_dir), num_train_epochs=d.epochs, max_steps=d.max_steps, learning_rate=d.lr,
         per_device_train_batch_size=d.batch_size, per_device_eval_batch_size=d.batch_size,
-        gradient_accumulation_steps=d.grad_accum, lr_scheduler_type="cosine",
+        gradient_accumulation_steps=d.grad_accum, lr_scheduler_type="cosine", optim=d.optim,
         warmup_steps=d.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
         weight_decay=0.0, seed=cfg.seed, data_seed=cfg.seed, logging_steps=d.logging_steps,
         save_strategy="steps" if d.save_steps else "no", save_steps=d.save_steps or 500, save_total_limit=2,

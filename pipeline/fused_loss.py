@@ -137,7 +137,7 @@ class _FusedCEKL(torch.autograd.Function):
                         dx = torch.zeros_like(x)
                     gk = Q[:, :k] * (s[:, :k] - t[:, :k] - kl[:, None]) if reverse else Q[:, :k] - P[:, :k]
                     dx.scatter_add_(-1, idc, gk * coef)
-            del x
+            x = z = None  # z aliases x: drop both, or the next chunk's logits would coexist with these
 
             if dx is not None:
                 if need_h:
@@ -146,6 +146,7 @@ class _FusedCEKL(torch.autograd.Function):
                     grad_w[:V].addmm_(dx.T, hc.float())  # (V, d) += (V, C) @ (C, d), in float32
                 if need_b:
                     grad_b[:V] += dx.sum(0)
+            dx = None  # before the next chunk's matmul, so at most two (C, V) buffers ever live
 
         ce, kl = ce_sum / n_ce, tau ** 2 * kl_sum / n_kl
         ctx.mark_non_differentiable(ce, kl)  # logged parts only: backward holds one combined gradient

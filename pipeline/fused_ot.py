@@ -47,7 +47,7 @@ class _HiddenTopkSimilarity(torch.autograd.Function):
             if need_h:
                 q = z.sub_(lse[r0:r0 + chunk_rows]).exp_()  # (C, V) in place: softmax
                 m[r0:r0 + chunk_rows] = (q.to(mm) @ W).float()
-            del z
+            z = q = None  # q aliases z: free the (C, V) buffer before the next chunk or the first block
         lse = lse.view(B, N, 1)
         S = h.new_empty(B, N, M, dtype=torch.float32)
         for bi, j0, U, inv in _blocks(ids, block):
@@ -82,6 +82,7 @@ class _HiddenTopkSimilarity(torch.autograd.Function):
                 dW.index_add_(0, U, g.T @ h[bi].float())
             if need_b:
                 db.index_add_(0, U, g.sum(0))
+            q = contrib = g = None  # free this block's tensors before the next block builds its own
         if need_h:
             dh -= t[..., None] * m.view(B, N, d)
         if need_w or need_b:  # - sum_i t_i q_i(v) h_i over the whole vocabulary, recomputed chunk by chunk

@@ -45,6 +45,14 @@ def load_tokenizer(path: str):
     return tok
 
 
+def check_vocab(logits_size: int, tokenizer_size: int, model: str) -> None:
+    """Logits padded beyond the tokenizer are fine (both stages use only the first len(tokenizer) columns, e.g.
+    151,665 of Qwen2.5's 151,936 / 152,064), fewer columns than tokens cannot represent every token."""
+    if logits_size < tokenizer_size:
+        raise ModelLoadError(f"{model} has {logits_size} logit columns but its tokenizer has {tokenizer_size} tokens: "
+                             "the model does not belong to this tokenizer")
+
+
 def quantization(load_in_bits: int, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     """bitsandbytes NF4 (4) or LLM.int8 (8); 16 means no quantisation."""
     if load_in_bits == 4:
@@ -58,13 +66,19 @@ def quantization(load_in_bits: int, dtype: torch.dtype) -> BitsAndBytesConfig | 
 
 
 def load_causal_lm(path: str, dtype: str = "auto", load_in_bits: int = 16):
-    """AutoModelForCausalLM.from_pretrained on the right device, optionally quantised with bitsandbytes."""
+    """AutoModelForCausalLM.from_pretrained on the right device, optionally quantised with bitsandbytes.
+
+    A pre-quantised checkpoint (e.g. unsloth/Qwen2.5-1.5B-bnb-4bit) loads with its own quantization_config
+    whatever load_in_bits says (an explicit quantization_config=None would make transformers read its packed
+    weights as plain ones). Quantised weights are placed on the device while loading.
+    """
     dt = compute_dtype(dtype)
     q = quantization(load_in_bits, dt)
     dev = device()
-    model = _from_pretrained(
-        AutoModelForCausalLM, path, dtype=dt, quantization_config=q, device_map={"": dev} if q is not None else None)
-    return model if q is not None else model.to(dev)
+    placed = q is not None or getattr(_from_pretrained(AutoConfig, path), "quantization_config", None) is not None
+    kwargs = {"quantization_config": q} if q is not None else {}
+    model = _from_pretrained(AutoModelForCausalLM, path, dtype=dt, device_map={"": dev} if placed else None, **kwargs)
+    return model if placed else model.to(dev)
 
 
 def model_hash(path: str) -> str:

@@ -337,7 +337,8 @@ class _OTValue(torch.autograd.Function):
         if ctx.objective == "regularized":
             grad = plan  # envelope theorem
         else:
-            grad, _ = _linear_grad(plan, C0, ctx.eps, a_ok, b_ok, ctx.cg_tol, ctx.cg_max_iter)
+            with torch.autocast(C0.device.type, enabled=False):  # see ot_loss
+                grad, _ = _linear_grad(plan, C0, ctx.eps, a_ok, b_ok, ctx.cg_tol, ctx.cg_max_iter)
         return grad * grad_value[:, None, None], None, None, None, None, None, None, None
 
 
@@ -356,8 +357,11 @@ def ot_loss(C: torch.Tensor, a_mask: torch.Tensor, b_mask: torch.Tensor, eps: fl
     """
     if objective not in ("linear", "regularized"):
         raise ValueError(f"objective must be 'linear' or 'regularized', got {objective!r}")
-    res = sinkhorn(C, a_mask, b_mask, eps, tol=tol, max_iter=max_iter, domain=domain, check_every=check_every,
-                   overrelax=overrelax)
+    # Under mixed precision (Trainer's bf16 autocast on a GPU) bmm would silently run in bf16: the kernel-domain
+    # iterations and the CG solve need the dtype of C, so autocast is switched off for the solver.
+    with torch.autocast(C.device.type, enabled=False):
+        res = sinkhorn(C, a_mask, b_mask, eps, tol=tol, max_iter=max_iter, domain=domain,
+                       check_every=check_every, overrelax=overrelax)
     a_ok, b_ok = valid_masks(a_mask, b_mask)
     cg_tol = default_cg_tol(C.dtype) if cg_tol is None else cg_tol
     loss = _OTValue.apply(C, res.plan, a_ok, b_ok, eps, objective, cg_tol, cg_max_iter)

@@ -27,6 +27,9 @@ def load_student(d: DistillConfig):
         raise ValueError(f"distill.mode=full cannot train {d.load_in_bits}-bit quantised weights; "
                          "use distill.mode=lora (QLoRA) or distill.load_in_bits=16")
     model = cpu_4bit_guard(load_causal_lm(d.student, d.dtype, d.load_in_bits))
+    if getattr(model, "is_loaded_in_4bit", False) and d.load_in_bits != 4:  # e.g. unsloth/Qwen2.5-1.5B-bnb-4bit
+        raise ValueError(f"{d.student} is a pre-quantised 4-bit checkpoint: set distill.load_in_bits=4 (and "
+                         "distill.mode=lora) so that it is prepared for k-bit training")
     model.config.use_cache = False  # the KV cache is useless in training and warns with checkpointing
     # Non-reentrant checkpointing needs no input that requires grad, so it also works with frozen embeddings.
     gc_kwargs = {"use_reentrant": False}

@@ -20,7 +20,7 @@ from transformers import AutoConfig
 from cache import CacheMismatchError, CacheWriter
 from pipeline.config import Config, save_config
 from pipeline.data import IGNORE, fingerprint, load_splits, pad_collate, tokenizer_hash
-from pipeline.models import load_causal_lm, load_tokenizer, model_hash
+from pipeline.models import check_vocab, load_causal_lm, load_tokenizer, model_hash
 from pipeline.topk import topk_from_hidden
 
 # Test-only: seconds to pause after each batch, so the crash-resume test can SIGKILL a run mid-way.
@@ -51,8 +51,10 @@ def teacher_rows(model, batch: dict, k: int, vocab_size: int, chunk_rows: int, k
     dev = next(model.parameters()).device
     # The decoder alone gives the hidden states that feed lm_head; calling the full model would build the
     # whole (B, L, V) logits tensor (1.2 GB in bf16 at 4k tokens for a 152k vocabulary).
-    hidden = model.get_decoder()(input_ids=batch["input_ids"].to(dev),
-                                 attention_mask=batch["attention_mask"].to(dev)).last_hidden_state  # (B, L, D)
+    # use_cache=False: the KV cache of every layer would otherwise be kept for the whole forward (57 KB per
+    # token for a 7B teacher) although nothing is generated.
+    hidden = model.get_decoder()(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                                 use_cache=False).last_hidden_state  # (B, L, D)
     h = hidden[supervised_rows(batch["labels"]).to(dev)]  # (R, D) sequence by sequence, position by position
     top_ids, logprobs, tail = topk_from_hidden(h, model.get_output_embeddings(), k, vocab_size, chunk_rows)
     return top_ids, logprobs, tail, (h if keep_hidden else None)
@@ -126,6 +128,7 @@ def run(cfg: Config, replace_mismatched: bool = False) -> None:
     if missing:
         raise ValueError(f"cache.splits: unknown split {missing[0]!r} (use train, validation, test)")
     teacher_cfg = AutoConfig.from_pretrained(c.teacher)
+    check_vocab(teacher_cfg.vocab_size, len(tokenizer), c.teacher)  # padded logits are sliced to the tokenizer
     provenance = {
         "teacher": c.teacher, "teacher_hash": model_hash(c.teacher), "tokenizer_hash": tokenizer_hash(tokenizer),
         "tokenizer_size": len(tokenizer), "logits_size": teacher_cfg.vocab_size,

@@ -270,3 +270,17 @@ def test_check_every_only_changes_where_sequences_stop():
     for k in (1, 7):
         res = sinkhorn(C, a_mask, b_mask, 0.1, tol=1e-10, check_every=k, overrelax=False)
         assert (res.n_iters % k == 0).all() and (res.err <= 1e-10).all()
+
+
+def test_autocast_does_not_reach_the_solver():
+    # Trainer's bf16 autocast would run the kernel-domain bmm and the CG solve in bf16; the solver opts out
+    C, a_mask, b_mask = make_problem(torch.float32, peaked=True)
+    C.requires_grad_()
+    ref, _ = ot_loss(C, a_mask, b_mask, 0.1)
+    (g_ref,) = torch.autograd.grad(ref.sum(), C)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, res = ot_loss(C, a_mask, b_mask, 0.1)
+        (g,) = torch.autograd.grad(got.sum(), C)
+    assert res.plan.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=0)

@@ -1,0 +1,226 @@
+"""VRAM planner: the GPU memory budget of Stage 1 and Stage 2 for a params file, before any GPU is rented.
+
+Pure arithmetic on the models' config.json (a local checkpoint folder, or the copies shipped in params/models
+for hub names) and the otkd Config: pipeline/memory.py has the per-component formulas, this file adds them up
+per stage, gives the verdict on a GPU of `gpu_gb` GiB and the longest sequence that still fits.
+
+Every assumption is listed in ASSUMPTIONS below, printed under the table and written into the JSON, so that
+the metric says what it assumed (the README's "Will it fit?" explains them).
+"""
+import json
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import memory as mm
+from pipeline.config import Config
+
+GIB = 2 ** 30
+MODELS_DIR = Path(__file__).resolve().parents[1] / "params" / "models"
+CUDA_CONTEXT_GIB = 0.5
+MARGIN = 0.10
+ASSUMPTIONS = [
+    "GiB = 2^30 bytes; the GPU's whole memory is usable (an RTX 4090's 24 GiB)",
+    f"CUDA context + cuBLAS/cuDNN workspaces: {CUDA_CONTEXT_GIB} GiB, outside PyTorch's allocator",
+    f"allocator margin: {MARGIN:.0%} of the allocated peak (fragmentation of PyTorch's caching allocator)",
+    "compute dtype 'auto' = bf16 (2 B per element), Stage 2 under bf16 autocast",
+    ("NF4 = bitsandbytes 4-bit with double quantisation: 0.5 B + 0.127 bit of absmax per weight; embeddings, "
+     "lm_head, norms and biases stay unquantised (fp32 after peft's prepare_model_for_kbit_training)"),
+    "LoRA adapters are fp32 (peft upcasts them); the teacher->student projection P is fp32",
+    "Adam states: adamw_torch 2 x the parameter's dtype; 8-bit (paged) 2 B + fp32 absmax per 256, resident",
+    "worst-case rows: every position of every sequence is supervised (N = M = sequence length for OT)",
+    ("Stage 2 batches are padded to the longest sequence (= the sequence length); batch_size > 1 means padding, "
+     "so SDPA gets a mask: K/V repeated to all heads and an additive mask of L^2 per sequence per layer"),
+    "attention is SDPA's fused kernel (flash / memory-efficient): no L x L scores are stored",
+    ("activations: HF Qwen2/Qwen3 decoder layers, counted tensor by tensor (Korthikanti et al. 2022's method); "
+     "with gradient checkpointing each layer keeps its input, and one layer is recomputed at a time"),
+    "backward working set of a layer = its saved activations again (their gradients)",
+    ("OT: Sinkhorn converges within ot_max_iter (else +1 B x N x M fp32), the implicit gradient's float32 CG "
+     "converges (a float64 re-solve is not counted), a block's teacher top-k ids are all distinct"),
+    "working sets that never coexist (loss chunk, OT, a layer's backward; Stage 1: forward, head) count once",
+    "Stage 1 forwards cache.batch_tokens padded tokens (at least one sequence) with no KV cache",
+    "vocabulary V = the logits width from config.json (the tokenizer's real size is <= 0.3% smaller)",
+    "data loader: the batch and its gathered copies on the GPU; worker processes use host memory only",
+]
+
+
+@dataclass
+class Item:
+    key: str  # stable name in the JSON / DVC metric
+    label: str  # what the table says
+    nbytes: float
+    transient: bool = False  # a working set that never coexists with the other transients
+
+
+@dataclass
+class Budget:
+    """One stage's memory: resident items plus the largest transient working set, then context and margin."""
+
+    title: str
+    items: list[Item]
+
+    @property
+    def peak(self) -> float:
+        return (sum(i.nbytes for i in self.items if not i.transient)
+                + max((i.nbytes for i in self.items if i.transient), default=0.0))
+
+    @property
+    def total(self) -> float:
+        return self.peak * (1 + MARGIN) + CUDA_CONTEXT_GIB * GIB
+
+
+def find_config(name: str) -> dict:
+    """config.json of a local checkpoint folder, or of a hub name from the copies in params/models."""
+    local = Path(name) / "config.json"
+    shipped = MODELS_DIR / name.replace("/", "--") / "config.json"
+    for f in (local, shipped):
+        if f.is_file():
+            return json.loads(f.read_text())
+    known = sorted(p.parent.name.replace("--", "/") for p in MODELS_DIR.glob("*/config.json"))
+    raise FileNotFoundError(f"no config.json for model {name!r}: not a local checkpoint folder, and not one of the "
+                            f"shipped configs ({', '.join(known)}); copy its config.json to {MODELS_DIR}/"
+                            f"{name.replace('/', '--')}/config.json")
+
+
+def teacher_name(cfg: Config) -> str:
+    """Stage 1's teacher; a teacher SFT output that does not exist yet has its base model's architecture."""
+    c, f = cfg.cache, cfg.finetune
+    if Path(c.teacher).resolve() == Path(f.out).resolve() and not (Path(c.teacher) / "config.json").is_file():
+        return f.base
+    return c.teacher
+
+
+def dtype_bytes(name: str) -> int:
+    return 4 if name == "fp32" else 2  # auto: bf16 on a GPU
+
+
+def _kind(bits: int, a: int) -> str:
+    return {16: "bf16" if a == 2 else "fp32", 8: "int8", 4: "NF4"}[bits]
+
+
+def stage1(cfg: Config, t: mm.Arch, seq: int) -> Budget:
+    c = cfg.cache
+    a, bits = dtype_bytes(c.dtype), t.prequantized if t.prequantized != 16 else c.load_in_bits
+    tokens = max(c.batch_tokens, seq)
+    padded = tokens > seq  # length batching puts several (unequal) sequences in one forward
+    chunk = min(c.chunk_rows, tokens)
+    # the decoder's output, its supervised rows (worst case: all), the top-k chunk and the batch's top-k results
+    head = 2 * a * t.hidden * tokens + mm.topk_bytes(tokens, t.vocab, t.vocab, a, c.chunk_rows) + tokens * (12 * c.k + 4)
+    return Budget(f"Stage 1 - teacher {t.name} ({_kind(bits, a)}), {tokens:,} tokens per forward "
+                  f"(sequence {seq:,})", [
+        Item("weights", f"weights ({t.params / 1e9:.2f} B parameters, {_kind(bits, a)})",
+             mm.weight_bytes(t, bits, a, False) + mm.dequant_bytes(t, bits, a)),
+        Item("forward", "forward: one layer's working set (no grad, no KV cache)",
+             tokens * mm.infer_layer_bytes(t, a, padded, seq), True),
+        Item("head", f"head: hidden states + lm_head/top-k chunk ({chunk:,} x {t.vocab:,}) + top-{c.k} rows",
+             head, True),
+    ])
+
+
+def stage2(cfg: Config, s: mm.Arch, t: mm.Arch, seq: int) -> Budget:
+    d = cfg.distill
+    a, bits = dtype_bytes(d.dtype), s.prequantized if s.prequantized != 16 else d.load_in_bits
+    kbit, B, k = bits != 16, d.batch_size, cfg.cache.k
+    lora = tuple(x for x in d.target_modules if x in s.linears()) if d.mode == "lora" else None
+    tokens, res, rows = B * seq, 4 if kbit else a, B * (seq - 1)  # worst case: every position has a row
+    proj = [t.hidden * s.hidden] if d.w_ot else []  # P (D x d), fp32
+    items = [Item("weights", f"weights ({s.params / 1e9:.2f} B parameters, {_kind(bits, a)})",
+                  mm.weight_bytes(s, bits, a, kbit) + mm.dequant_bytes(s, bits, a))]
+    if lora is not None:
+        sizes = mm.lora_sizes(s, d.lora_r, lora)
+        items += [Item("trainable", f"LoRA r={d.lora_r} on {len(lora)} projections ({sum(sizes) / 1e6:.1f} M)"
+                       + (f" + P ({proj[0] / 1e6:.1f} M), fp32" if proj else ", fp32"), 4 * sum(sizes + proj)),
+                  Item("gradients", "gradients", 4 * sum(sizes + proj)),
+                  Item("optimizer", f"optimizer states ({d.optim})", mm.optimizer_bytes(sizes + proj, 4, d.optim))]
+    else:
+        sizes = s.tensor_sizes()
+        items += [Item("trainable", f"projection P ({proj[0] / 1e6:.1f} M), fp32", 4 * proj[0])] if proj else []
+        items += [Item("gradients", "gradients", a * sum(sizes) + 4 * sum(proj)),
+                  Item("optimizer", f"optimizer states ({d.optim})",
+                       mm.optimizer_bytes(sizes, a, d.optim) + mm.optimizer_bytes(proj, 4, d.optim))]
+    layer = tokens * mm.train_layer_bytes(s, a, kbit, lora, d.lora_r, d.lora_dropout, B > 1, seq)
+    out = tokens * (4 + res) * s.hidden  # the final norm's fp32 input and the decoder's output
+    if d.gradient_checkpointing:
+        items += [Item("activations", f"activations: the inputs of {s.layers} checkpointed layers",
+                       s.layers * tokens * res * s.hidden + out),
+                  Item("backward", "backward: one recomputed layer + its gradients", 2 * layer, True)]
+    else:
+        items += [Item("activations", f"activations: {s.layers} layers x {layer / tokens / 1024:.0f} KiB per token",
+                       s.layers * layer + out),
+                  Item("backward", "backward: one layer's gradients", layer, True)]
+    targets = bool(d.w_kl or d.w_ot_logits)
+    items.append(Item("batch", "batch on the GPU (ids, labels" + (", top-k targets" if targets else "")
+                      + (", teacher hidden)" if d.w_ot else ")"),
+                      tokens * (34 + 2 * (12 * k + 4) * targets + 4 * t.hidden * bool(d.w_ot))))
+    if d.fused_loss:
+        items.append(Item("loss", f"fused CE+KL ({min(mm.fused_chunk_rows(s.vocab), rows):,} rows x {s.vocab:,} "
+                          "per chunk)", mm.fused_loss_bytes(rows, s.vocab, s.vocab, s.hidden, a, d.w_ce, d.w_kl,
+                                                             d.mode == "full"), True))
+    else:  # (B, L, V) logits, their fp32 copy, log-softmax (saved) and its gradient: roughly a + 12 B each
+        items.append(Item("loss", f"full logits CE+KL ({tokens:,} x {s.vocab:,})", tokens * s.vocab * (a + 12), True))
+    if d.w_ot or d.w_ot_logits:
+        items.append(Item("ot", f"OT: Sinkhorn on {B} x {seq:,} x {seq:,}" + (" + top-k probabilities by block"
+                          if d.w_ot_logits else ""), mm.ot_bytes(B, seq, seq, s.vocab, k, bool(d.w_ot),
+                                                                 bool(d.w_ot_logits)), True))
+    return Budget(f"Stage 2 - student {s.name} ({_kind(bits, a)}{' + LoRA' if lora is not None else ', full'}), "
+                  f"batch {B} x sequence {seq:,}{', gradient checkpointing' if d.gradient_checkpointing else ''}",
+                  items)
+
+
+def longest_fit(budget_at, gpu: float, limit: int, step: int = 128) -> int:
+    """Longest sequence (a multiple of `step`, <= limit) whose budget fits in `gpu` bytes; 0 if none does."""
+    lo, hi = 0, limit // step
+    while lo < hi:  # memory grows with the sequence: binary search
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if budget_at(mid * step).total <= gpu else (lo, mid - 1)
+    return lo * step
+
+
+def plan(cfg: Config, gpu_gb: float = 24.0) -> dict:
+    """Both stages' budgets at data.max_length, the verdicts and the longest sequences that fit."""
+    t = mm.Arch.from_config(find_config(teacher_name(cfg)), teacher_name(cfg))
+    s = mm.Arch.from_config(find_config(cfg.distill.student), cfg.distill.student)
+    if t.vocab < s.vocab - 512 or s.vocab < t.vocab - 512:
+        raise ValueError(f"teacher {t.name} ({t.vocab} logits) and student {s.name} ({s.vocab}) cannot share a tokenizer")
+    gpu, seq = gpu_gb * GIB, cfg.data.max_length
+    out = {"gpu_gib": gpu_gb, "seq_len": seq, "assumptions": ASSUMPTIONS}
+    for name, at, arch in (("stage1", lambda n: stage1(cfg, t, n), t), ("stage2", lambda n: stage2(cfg, s, t, n), s)):
+        b = at(seq)
+        gib = {i.key: i.nbytes / GIB for i in b.items}
+        top = max((i for i in b.items if i.transient), key=lambda i: i.nbytes)
+        out[name] = {"title": b.title, "gib": {**gib, "context": CUDA_CONTEXT_GIB, "margin": b.peak * MARGIN / GIB},
+                     "labels": {i.key: i.label for i in b.items}, "transient": [i.key for i in b.items if i.transient],
+                     "peak": top.key, "total_gib": b.total / GIB,
+                     "fits": b.total <= gpu, "max_seq_len": longest_fit(at, gpu, arch.max_positions)}
+    return out
+
+
+def table(p: dict) -> str:
+    """The readable form of `plan`'s result."""
+    lines = [f"VRAM plan on a {p['gpu_gib']:g} GiB GPU, in GiB"]
+    for name in ("stage1", "stage2"):
+        st = p[name]
+        lines += ["", st["title"]]
+        lines += [f"  {st['labels'][key]:<76} {st['gib'][key]:6.2f}" for key in st["labels"]
+                  if key not in st["transient"]]
+        lines += ["  working sets that never coexist (the largest counts):"]
+        lines += [f"    {st['labels'][key]:<74} {st['gib'][key]:6.2f}" + ("  <- peak" if key == st["peak"] else "")
+                  for key in st["transient"]]
+        lines += [f"  {'CUDA context':<76} {st['gib']['context']:6.2f}",
+                  f"  {f'allocator margin ({MARGIN:.0%})':<76} {st['gib']['margin']:6.2f}",
+                  f"  {'total':<76} {st['total_gib']:6.2f}  "
+                  + ("fits" if st["fits"] else "DOES NOT FIT"),
+                  f"  longest sequence that fits: {st['max_seq_len']:,} tokens"]
+    lines += ["", "Assumptions:"] + [textwrap.fill(x, 116, initial_indent="  - ", subsequent_indent="    ")
+                                     for x in p["assumptions"]]
+    return "\n".join(lines)
+
+
+def run(cfg: Config, gpu_gb: float = 24.0, out: str | None = None) -> dict:
+    """Stage entry: print the table, write the JSON (a DVC metric) if `out` is given."""
+    p = plan(cfg, gpu_gb)
+    print(table(p))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(p, indent=2))
+    return p

@@ -1,0 +1,311 @@
+"""The VRAM planner (pipeline/plan.py, pipeline/memory.py) against ground truth.
+
+References: parameter counts of models built by transformers on the meta device (exact) and the model cards'
+published counts; memory measured on the CPU in fresh processes (tests/memprobe.py: peak resident set of one
+step, or growth of anonymous memory) within +-15%; tensors saved for the backward (autograd's saved-tensor
+hooks) for the activation formula. Measurements use fp32 (a = 4): the formulas take the dtype width.
+"""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from pipeline import memory as mm
+from pipeline import plan
+from pipeline.config import load_config
+from tests import memprobe
+from tests.conftest import ROOT
+
+TOL = 0.15
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHIPPED = sorted(p.parent for p in plan.MODELS_DIR.glob("*/config.json"))
+PRESETS = sorted(p for p in ROOT.glob("params/*.yaml") if p.name != "dvc.yaml")
+# Model cards: "Number of Parameters" and "(Non-Embedding)", in billions, as printed (they round 7.6156 to 7.61).
+CARDS = {"Qwen/Qwen2.5-7B": ("7.61", "6.53"), "Qwen/Qwen2.5-1.5B": ("1.54", "1.31"),
+         "unsloth/Qwen2.5-1.5B-bnb-4bit": ("1.54", "1.31"), "Qwen/Qwen2.5-3B-Instruct": ("3.09", "2.77"),
+         "Qwen/Qwen2.5-0.5B-Instruct": ("0.49", "0.36"), "Qwen/Qwen3-4B": ("4.0", "3.6"), "Qwen/Qwen3-0.6B": ("0.6", "0.44")}
+
+
+def name_of(folder) -> str:
+    return folder.name.replace("--", "/")
+
+
+def near(formula: float, measured: float, what: str):
+    assert measured > 0 and abs(formula / measured - 1) <= TOL, \
+        f"{what}: formula {formula / 1e6:.2f} MB, measured {measured / 1e6:.2f} MB ({formula / measured - 1:+.1%})"
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=name_of)
+def test_parameter_counts_equal_a_model_built_on_meta(folder):
+    """Total, per-tensor, quantisable (decoder projections) and LoRA counts, exactly."""
+    arch = mm.Arch.from_config(json.loads((folder / "config.json").read_text()), name_of(folder))
+    cfg = AutoConfig.from_pretrained(folder)
+    cfg.quantization_config = None  # the architecture, not bitsandbytes' loading path
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+        params = list(model.parameters())  # a tied embedding is one parameter
+        assert arch.params == sum(p.numel() for p in params)
+        assert sorted(arch.tensor_sizes()) == sorted(p.numel() for p in params)
+        assert arch.linear_weights == sum(m.weight.numel() for n, m in model.named_modules()
+                                          if isinstance(m, torch.nn.Linear) and ".layers." in n)
+        lora = get_peft_model(model, LoraConfig(r=16, target_modules=ALL[:4] + ["down_proj"]))
+        assert sum(mm.lora_sizes(arch, 16, ALL[:4] + ["down_proj"])) == \
+            sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert arch.vocab in (151936, 152064) and arch.prequantized == (4 if "bnb-4bit" in folder.name else 16)
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=name_of)
+def test_shipped_configs_give_the_model_cards_counts(folder):
+    arch = mm.Arch.from_config(json.loads((folder / "config.json").read_text()), name_of(folder))
+    embeddings = arch.vocab * arch.hidden * (1 if arch.tied else 2)
+    for card, count in zip(CARDS[arch.name], (arch.params, arch.params - embeddings)):
+        unit = 10.0 ** -len(card.split(".")[1])
+        assert abs(count / 1e9 - float(card)) <= unit, (card, count)  # to the card's last printed digit
+
+
+def test_constants_follow_the_fused_loss():
+    from pipeline.fused_loss import CHUNK_ELEMS, SLICE, default_chunk_rows
+
+    assert (mm.FUSED_SLICE, mm.FUSED_CHUNK_ELEMS) == (SLICE, CHUNK_ELEMS)
+    assert all(mm.fused_chunk_rows(v) == default_chunk_rows(v) for v in (389, 32768, 151936, 152064))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Formulas against measured CPU memory
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A bf16 Qwen2 checkpoint whose projections dominate its weights (NF4 must show), saved once."""
+    path = tmp_path_factory.mktemp("plan") / "m"
+    cfg = Qwen2Config(vocab_size=2048, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def test_weights_lora_gradients_and_optimizer_states(checkpoint):
+    """Stage 2's QLoRA student on the CPU: bf16 checkpoint loaded as fp32 (16-bit formula), NF4 + fp32 rest after
+    prepare_model_for_kbit_training, LoRA r=64 on every projection, its gradients, both optimizers' states."""
+    arch = mm.Arch.from_config(json.loads((checkpoint / "config.json").read_text()), "m")
+    sizes = mm.lora_sizes(arch, 64, ALL)
+    m = memprobe.run("student", path=str(checkpoint), r=64, targets=ALL, optims=["adamw_torch", "adamw_8bit"])
+    assert m["n_lora"] == sum(sizes)
+    near(mm.weight_bytes(arch, 16, 4, False), m["weights16"], "fp32 weights")
+    near(mm.weight_bytes(arch, 4, 4, True), m["weights"], "NF4 weights + fp32 embeddings/norms")
+    near(4 * sum(sizes), m["lora"], "LoRA adapters")
+    near(4 * sum(sizes), m["grads"], "LoRA gradients")
+    for optim in ("adamw_torch", "adamw_8bit"):
+        near(mm.optimizer_bytes(sizes, 4, optim), m[optim], f"{optim} states")
+
+
+@pytest.mark.parametrize("R, V, w_ce, w_kl", [
+    (1024, 32768, 1.0, 1.0),  # one chunk: logits + gradient + a 128-row temporary
+    (4096, 32768, 1.0, 1.0),  # two chunks: the previous chunk's logits are still referenced
+    (300, 151936, 0.0, 1.0),  # the real vocabulary, KL only
+])
+def test_fused_loss_peak(R, V, w_ce, w_kl):
+    measured = memprobe.run("fused", R=R, d=64, V=V, w_ce=w_ce, w_kl=w_kl)["peak"]
+    near(mm.fused_loss_bytes(R, V, V, 64, 4, w_ce, w_kl, False), measured, "fused CE+KL")
+
+
+@pytest.mark.parametrize("B, N, V, k, hidden, logits", [
+    (2, 512, 4096, 16, True, False),  # B x N x M dominated: Sinkhorn's working set
+    (1, 1024, 4096, 16, True, True),  # both terms, B x N x M dominated
+    (1, 256, 65536, 64, False, True),  # the vocabulary pass of OT on logits
+    (1, 512, 8192, 64, False, True),  # OT on logits' blocks of teacher tokens (distinct ids)
+])
+def test_ot_peak(B, N, V, k, hidden, logits):
+    measured = memprobe.run("ot", B=B, N=N, V=V, d=64, D=128, k=k, hidden=hidden, logits=logits)["peak"]
+    near(mm.ot_bytes(B, N, N, V, k, hidden, logits), measured, "OT")
+
+
+def test_stage1_topk_peak():
+    measured = memprobe.run("topk", R=300, D=256, V=151665, V_logits=152064, chunk_rows=256)["peak"]
+    near(mm.topk_bytes(300, 151665, 152064, 4, 256), measured, "lm_head + top-k chunk")
+
+
+@pytest.mark.parametrize("B, L", [(1, 2048), (4, 512)])
+def test_stage1_forward_working_set(B, L):
+    """One decoder layer's no-grad working set (+ the decoder's output), one long sequence or a padded batch."""
+    measured = memprobe.run("forward", B=B, L=L, hidden=512, intermediate=2048, heads=8, kv_heads=2)["peak"]
+    arch = mm.Arch.from_config({"model_type": "qwen2", "hidden_size": 512, "num_hidden_layers": 2,
+                                "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 2048,
+                                "vocab_size": 512}, "qwen2")
+    near(B * L * (mm.infer_layer_bytes(arch, 4, B > 1, L) + 4 * 512), measured, "Stage 1 forward")
+
+
+@pytest.mark.parametrize("model_type, mode, B", [("qwen2", "full", 2), ("qwen2", "lora", 1), ("qwen2", "kbit", 2),
+                                                 ("qwen3", "full", 1), ("qwen3", "lora", 2), ("qwen3", "kbit", 1)])
+def test_saved_activations_per_layer(model_type, mode, B, tmp_path):
+    """Bytes a decoder layer saves for the backward (deduplicated storages, parameters excluded), per token.
+    kbit = the QLoRA path: NF4 projections, prepare_model_for_kbit_training, bf16 autocast (on the CPU here)."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from pipeline.student import cpu_4bit_guard
+
+    L, r = 128, 16
+    cfg = AutoConfig.for_model(model_type, vocab_size=512, hidden_size=256, intermediate_size=768,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=64 if model_type == "qwen2" else 32, tie_word_embeddings=True)
+    arch = mm.Arch.from_config({**cfg.to_dict(), "model_type": model_type}, model_type)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+    if mode == "kbit":
+        model.save_pretrained(tmp_path)
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map={"": "cpu"})
+        model = prepare_model_for_kbit_training(cpu_4bit_guard(model), use_gradient_checkpointing=False)
+    if mode != "full":
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=ALL)).get_base_model()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, where = {}, [None]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if where[0] is not None and ptr not in params and not any(ptr in s for s in saved.values()):
+            saved.setdefault(where[0], {})[ptr] = t.untyped_storage().nbytes()
+        return t
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: where.__setitem__(0, i))
+        layer.register_forward_hook(lambda *_: where.__setitem__(0, None))
+    ids = torch.randint(0, 512, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1:, -7:] = 0  # padding in every batch of more than one sequence
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "kbit"):
+        model.model(input_ids=ids, attention_mask=mask)
+    measured = sum(saved[1].values()) / (B * L)  # layer 1: what layer 0 shares with it (rotary tables) excluded
+    formula = mm.train_layer_bytes(arch, 2 if mode == "kbit" else 4, mode == "kbit", None if mode == "full" else
+                                   tuple(ALL), r, 0.0, B > 1, L)
+    near(formula, measured, f"{model_type} {mode} layer")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_presets_fit_on_24_gib_and_the_longest_fit_is_the_edge(preset):
+    cfg = load_config(preset)
+    p = plan.plan(cfg, 24.0)
+    t = mm.Arch.from_config(plan.find_config(plan.teacher_name(cfg)), "t")
+    s = mm.Arch.from_config(plan.find_config(cfg.distill.student), "s")
+    for name, at, arch in (("stage1", lambda n: plan.stage1(cfg, t, n), t),
+                           ("stage2", lambda n: plan.stage2(cfg, s, t, n), s)):
+        st = p[name]
+        assert st["fits"] and st["total_gib"] <= 24 and st["max_seq_len"] >= cfg.data.max_length
+        n = st["max_seq_len"]
+        assert at(n).total <= 24 * plan.GIB
+        assert n + 128 > arch.max_positions or at(n + 128).total > 24 * plan.GIB
+        resident = sum(v for k, v in st["gib"].items() if k not in st["transient"] + ["context", "margin"])
+        assert st["total_gib"] == pytest.approx(resident + st["gib"][st["peak"]] + st["gib"]["context"]
+                                                + st["gib"]["margin"])
+
+
+def test_seeds_case_numbers():
+    """Stage 1's bf16 7B weights are exactly 2 bytes per parameter; the NF4 student is ~1/7 of them."""
+    p = plan.plan(load_config(ROOT / "params/qwen2.5-7b_to_1.5b.yaml"))
+    assert p["stage1"]["gib"]["weights"] * plan.GIB == 2 * 7_615_616_512
+    assert 1.4 < p["stage2"]["gib"]["weights"] < 1.7 and p["stage2"]["peak"] in ("loss", "ot", "backward")
+
+
+def test_model_configs_are_found_locally_or_shipped(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 8}))
+    assert plan.find_config(str(tmp_path))["hidden_size"] == 8
+    assert plan.find_config("Qwen/Qwen2.5-7B")["vocab_size"] == 152064
+    with pytest.raises(FileNotFoundError, match="Qwen/Qwen2.5-7B.*params/models/Org--Nope"):
+        plan.find_config("Org/Nope")
+    # a teacher SFT output that does not exist yet is planned as its base model
+    assert plan.teacher_name(load_config(ROOT / "params/qwen2.5-3b-instruct_sft_to_0.5b-instruct.yaml")) == \
+        "Qwen/Qwen2.5-3B-Instruct"
+
+
+def run_plan(*args):
+    return subprocess.run([sys.executable, "-m", "stages.plan", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+
+
+def test_cli_prints_the_table_and_writes_the_metric(tmp_path):
+    out = tmp_path / "plan.json"
+    p = run_plan("--params", "params/qwen2.5-7b_to_1.5b.yaml", "--max-length", "4096", "--gpu-gb", "16",
+                 "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "Stage 1 - teacher Qwen/Qwen2.5-7B" in p.stdout and "DOES NOT FIT" in p.stdout  # 17.8 GiB > 16
+    m = json.loads(out.read_text())
+    assert m["seq_len"] == 4096 and m["gpu_gib"] == 16 and not m["stage1"]["fits"] and m["stage2"]["fits"]
+    assert set(m["stage2"]["gib"]) >= {"weights", "trainable", "gradients", "optimizer", "activations", "loss", "ot"}
+    bad = run_plan("--params", "params/qwen2.5-7b_to_1.5b.yaml", "--set", "distill.student=Org/Nope")
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: no config.json for model 'Org/Nope'")
+
+
+def preset_items(stage: str) -> dict:
+    import yaml
+
+    items = yaml.safe_load((ROOT / "params/dvc.yaml").read_text())["stages"][stage]["foreach"]
+    return items if isinstance(items, dict) else {k: {} for k in items}
+
+
+def test_preset_pipeline_matches_the_presets():
+    """Every preset is planned, distilled and evaluated; the data file each stage depends on is the preset's."""
+    names = {p.stem for p in PRESETS}
+    for stage in ("plan", "distill_student", "evaluate"):
+        assert set(preset_items(stage)) == names, stage
+    cached = {**preset_items("cache_teacher"), **preset_items("cache_finetuned_teacher")}
+    assert set(cached) == names and set(preset_items("finetune_teacher")) <= set(preset_items("cache_finetuned_teacher"))
+    for stage in ("cache_teacher", "cache_finetuned_teacher", "finetune_teacher", "evaluate"):
+        for name, item in preset_items(stage).items():
+            assert item["data"] == load_config(ROOT / f"params/{name}.yaml").data.path, (stage, name)
+
+
+@pytest.mark.slow
+def test_dvc_runs_a_presets_plan_and_only_its_params_rerun_it(tmp_path):
+    """`dvc repro params/dvc.yaml:plan@<preset>` in a copy of the repo; distill.lr does not rerun it."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, text=True,
+                           capture_output=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file() and f != "dvc.lock":
+            (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, tmp_path / f)
+    env_bin = str(__import__("pathlib").Path(sys.executable).parent)
+    env = {"PATH": f"{env_bin}:/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(tmp_path)}
+
+    def sh(*cmd):
+        p = subprocess.run(cmd, cwd=tmp_path, env=env, text=True, capture_output=True, check=False)
+        assert p.returncode == 0, f"{cmd}: {p.stdout[-2000:]}{p.stderr[-2000:]}"
+        return p.stdout + p.stderr
+    sh("git", "init", "-q")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    stage = "params/dvc.yaml:plan@qwen2.5-7b_to_1.5b"
+    assert "Running stage" in sh("dvc", "repro", stage)
+    assert json.loads((tmp_path / "artifacts/qwen2.5-7b_to_1.5b/plan.json").read_text())["stage2"]["fits"]
+    assert "qwen2.5-7b_to_1.5b/plan.json" in sh("dvc", "metrics", "show")
+    preset = tmp_path / "params/qwen2.5-7b_to_1.5b.yaml"
+    preset.write_text(preset.read_text().replace("lr: 0.0002", "lr: 0.0001"))
+    assert "Running stage" not in sh("dvc", "repro", stage)
+    preset.write_text(preset.read_text().replace("batch_size: 1 ", "batch_size: 2 "))
+    assert "Running stage" in sh("dvc", "repro", stage)
+
+
+def test_preset_pipeline_depends_on_the_code_it_imports():
+    """params/dvc.yaml, like dvc.yaml (tests/test_dvc_deps.py): editing an imported file reruns the stage."""
+    import yaml
+
+    from tests.test_dvc_deps import imported_files
+
+    for name, stage in yaml.safe_load((ROOT / "params/dvc.yaml").read_text())["stages"].items():
+        do = stage["do"]
+        module = do["cmd"].split()[2]
+        need = {p if isinstance(p, str) else p.relative_to(ROOT).as_posix() for p in imported_files(module)}
+        assert need - set(do["deps"]) == set(), f"stage {name}: deps lack {sorted(need - set(do['deps']))}"
