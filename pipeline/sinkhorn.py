@@ -287,6 +287,10 @@ def _solve_dual_system(T, r, s, a_ok, b_ok, tol, max_iter):
     return x, y, iters, conv
 
 
+# Iteration cap of the float32 CG attempt in `_linear_grad` (the float64 redo gets cg_max_iter).
+CG_MAX_ITER_LOW = 64
+
+
 def _grad_from_duals(plan, C0, eps, a_ok, b_ok, cg_tol, cg_max_iter):
     """(grad (B, N, M), ok (B,) bool: CG converged and grad finite, CG iterations (B,)) in plan's dtype."""
     TC = plan * C0  # (B, N, M)
@@ -303,11 +307,14 @@ def _linear_grad(plan, C0, eps, a_ok, b_ok, cg_tol, cg_max_iter):
     The dual system is solved in the plan's dtype first (float32 during training: half the memory traffic
     of float64, and CG needs only a handful of iterations on converged plans). A sequence whose float32 CG
     did not reach cg_tol or gave a non-finite gradient - CG on a plan from an unconverged Sinkhorn (max_iter
-    reached) can stall at its rounding floor and break down into inf/NaN - is solved again in float64. One
+    reached) can stall at its rounding floor and break down into inf/NaN - is solved again in float64. The
+    float32 attempt gets at most CG_MAX_ITER_LOW iterations: converged plans need a handful (3-60 measured),
+    and a stalled float32 CG would otherwise spin to cg_max_iter before the float64 redo. One
     whose gradient is still not finite gets a zero gradient rather than poisoning every weight through
     gradient clipping.
     """
-    grad, ok, iters = _grad_from_duals(plan, C0, eps, a_ok, b_ok, cg_tol, cg_max_iter)
+    first_max = cg_max_iter if plan.dtype == torch.float64 else min(cg_max_iter, CG_MAX_ITER_LOW)
+    grad, ok, iters = _grad_from_duals(plan, C0, eps, a_ok, b_ok, cg_tol, first_max)
     if plan.dtype != torch.float64 and not ok.all():
         redo = (~ok).nonzero()[:, 0]
         g64, _, it64 = _grad_from_duals(plan[redo].double(), C0[redo].double(), eps, a_ok[redo], b_ok[redo],
