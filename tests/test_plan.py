@@ -108,7 +108,7 @@ def test_weights_lora_gradients_and_optimizer_states(checkpoint):
 
 @pytest.mark.parametrize("R, V, w_ce, w_kl", [
     (1024, 32768, 1.0, 1.0),  # one chunk: logits + gradient + a 128-row temporary
-    (4096, 32768, 1.0, 1.0),  # two chunks: the previous chunk's logits are still referenced
+    (4096, 32768, 1.0, 1.0),  # two chunks: a chunk's buffers are freed before the next chunk's
     (300, 151936, 0.0, 1.0),  # the real vocabulary, KL only
 ])
 def test_fused_loss_peak(R, V, w_ce, w_kl):
