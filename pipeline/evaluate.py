@@ -41,8 +41,9 @@ def perplexity(model, records: list[dict], pad_id: int, vocab_size: int, batch_s
     nll, n = 0.0, 0
     for i in range(0, len(records), batch_size):
         batch = pad_collate(records[i:i + batch_size], pad_id)
+        # use_cache=False: nothing is generated here, a KV cache of every layer would only take memory
         logits = model(input_ids=batch["input_ids"].to(_device(model)),
-                       attention_mask=batch["attention_mask"].to(_device(model))).logits
+                       attention_mask=batch["attention_mask"].to(_device(model)), use_cache=False).logits
         labels = batch["labels"].to(logits.device)
         nll += ce_loss(logits, labels, num_items_in_batch=1, vocab_size=vocab_size).item()  # a sum, not a mean
         n += int((labels[:, 1:] != -100).sum())
@@ -58,7 +59,8 @@ def cache_agreement(model, cache, pad_id: int, vocab_size: int, batch_size: int)
     for i in range(0, len(cache), batch_size):
         b = {k: v.to(_device(model)) for k, v in collate(cache.read_many(range(i, min(i + batch_size, len(cache))),
                                                                           fields)).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, L, V)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       use_cache=False).logits  # (B, L, V)
         mask = b["row_mask"]  # (B, L): rows sit at the position whose logits predict the same token
         agree += int((logits[..., :vocab_size].argmax(-1) == b["teacher_ids"][..., 0])[mask].sum())
         kl += topk_kl_loss(logits, b["teacher_ids"], b["teacher_logprobs"], b["teacher_tail"], mask,
