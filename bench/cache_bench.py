@@ -418,7 +418,7 @@ def main():
               f"{b['logit_part']:>12.1f}  {'pass' if b['logit_part'] <= TARGET_BYTES else 'FAIL'}")
 
     # compact summary: both id models (bf16, the default log-prob dtype) + the real embedded cache
-    print(f"\nSUMMARY (bytes per row = per supervised token; logit part = ids + log-probs + tail)")
+    print("\nSUMMARY (bytes per row = per supervised token; logit part = ids + log-probs + tail)")
     print(f"{'source':<34}{'k':>4}{'V':>8}{'ids':>7}{'lp':>7}{'tail':>6}{'logit':>7}{'hidden':>8}{'Jacc':>7}"
           f"{'H bits':>7}{'p1 med':>7}{'mass':>6}  logit <= {TARGET_BYTES}")
     for model, m in res["id_models"].items():

@@ -50,11 +50,13 @@ class _HiddenTopkSimilarity(torch.autograd.Function):
             z = q = None  # q aliases z: free the (C, V) buffer before the next chunk or the first block
         lse = lse.view(B, N, 1)
         S = h.new_empty(B, N, M, dtype=torch.float32)
-        for bi, j0, U, inv in _blocks(ids, block):
+        blocks = list(_blocks(ids, block))  # the distinct ids per block, reused by the backward
+        for bi, j0, U, inv in blocks:
             q = (_logits(h[bi], W[U], b[U] if b is not None else None, mm) - lse[bi]).exp_()  # (N, |U|)
             S[bi, :, j0:j0 + len(inv)] = (q[:, inv.view(-1)].view(N, -1, k) * p[bi, j0:j0 + len(inv)]).sum(-1)
         ctx.save_for_backward(h, weight, bias, ids, p, lse, m)
         ctx.cfg = (V, block, chunk_rows, need_h, need_w, need_b)
+        ctx.blocks = blocks
         return S
 
     @staticmethod
@@ -62,7 +64,6 @@ class _HiddenTopkSimilarity(torch.autograd.Function):
         h, weight, bias, ids, p, lse, m = ctx.saved_tensors
         V, block, chunk_rows, need_h, need_w, need_b = ctx.cfg
         B, N, d = h.shape
-        k = ids.shape[-1]
         W = weight[:V]
         b = bias[:V].float() if bias is not None else None
         mm = weight.dtype
@@ -71,7 +72,7 @@ class _HiddenTopkSimilarity(torch.autograd.Function):
         db = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         t = torch.zeros(B, N, device=h.device)  # (B, N) sum_u g_iu
         dS = dS.float()
-        for bi, j0, U, inv in _blocks(ids, block):
+        for bi, j0, U, inv in ctx.blocks:
             q = (_logits(h[bi], W[U], b[U] if b is not None else None, mm) - lse[bi]).exp_()  # (N, |U|)
             contrib = dS[bi, :, j0:j0 + len(inv), None] * p[bi, None, j0:j0 + len(inv)]  # (N, Mb, k)
             g = torch.zeros_like(q).index_add_(1, inv.view(-1), contrib.reshape(N, -1)).mul_(q)  # (N, |U|)

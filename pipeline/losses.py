@@ -198,7 +198,6 @@ class _TopkSimilarity(torch.autograd.Function):
     def backward(ctx, dS):  # (B, N, M)
         ids, p = ctx.saved_tensors
         B, N, _ = ctx.q_shape
-        k = ids.shape[-1]
         dq = dS.new_zeros(ctx.q_shape)
         for j0 in range(0, ids.shape[1], ctx.block):
             idx = ids[:, j0:j0 + ctx.block].reshape(B, 1, -1).expand(B, N, -1)  # (B, N, Mb*k)

@@ -167,7 +167,8 @@ def sinkhorn(C: torch.Tensor, a_mask: torch.Tensor, b_mask: torch.Tensor, eps: f
                 omega = torch.where(bad, 1 + 0.5 * (omega - 1), omega)
                 uw, vw = torch.where(bad[:, None], u_snap, uw), torch.where(bad[:, None], v_snap, vw)
                 err = torch.where(bad, err_prev, err)
-                u_new = torch.where(bad[:, None], _row_update(Kd, vw, la, ao, kernel), u_new)
+                if bad.any():  # rare: recompute the row update from the restored state only then
+                    u_new = torch.where(bad[:, None], _row_update(Kd, vw, la, ao, kernel), u_new)
                 lam = ratio.clamp(1e-30, 1.0) ** (1.0 / check_every)  # observed per-iteration rate
                 mu2 = (lam + omega - 1) ** 2 / (lam * omega ** 2)  # plain rate (= lam when omega = 1)
                 target = torch.minimum(_young_omega(mu2), cap)

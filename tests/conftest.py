@@ -1,4 +1,6 @@
-"""Shared fixtures: the embedded default built once per session at test size, in a temp folder."""
+"""Shared fixtures: the embedded default built once per session at test size, in a temp folder; float64 test
+references used by several test files."""
+import math
 import os
 from pathlib import Path
 
@@ -53,6 +55,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def padded_masks(B: int, N: int, M: int):
+    """(B >= 3) masks: sequence 0 full, 1 right-padded on both sides, 2 left-padded on one side and right-padded
+    on the other (needs N > 30, M > 20)."""
+    a_mask = torch.ones(B, N, dtype=torch.bool)
+    b_mask = torch.ones(B, M, dtype=torch.bool)
+    a_mask[1, 30:] = False
+    b_mask[1, 20:] = False
+    a_mask[2, :5] = False
+    b_mask[2, -3:] = False
+    return a_mask, b_mask
+
+
+def unrolled_log_plan(c: torch.Tensor, eps: float, n_iter: int) -> torch.Tensor:
+    """Float64 reference: log of the entropic OT plan between uniform marginals for one unpadded cost (n, m),
+    by plain log-domain Sinkhorn unrolled under autograd (so gradients flow through every iteration)."""
+    n, m = c.shape
+    u = torch.zeros(n, dtype=c.dtype)
+    v = torch.zeros(m, dtype=c.dtype)
+    for _ in range(n_iter):
+        u = -math.log(n) - torch.logsumexp(v[None, :] - c / eps, dim=1)
+        v = -math.log(m) - torch.logsumexp(u[:, None] - c / eps, dim=0)
+    return u[:, None] + v[None, :] - c / eps  # (n, m)
 
 
 def rel_err(x, ref) -> float:

@@ -1,5 +1,4 @@
 """Teacher cache: round trips at awkward sizes, plain-zarr readability, crash/resume bit-identity, refusals."""
-import os
 import signal
 import subprocess
 import sys

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.fused_ot import ot_logits_loss_from_hidden
 from pipeline.losses import ot_logits_loss
-from tests.conftest import NewAllocations, rel_err
+from tests.conftest import NewAllocations, padded_masks, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,12 +25,7 @@ def make(seed=0):
     src = torch.randint(0, M, (B, N), generator=g)
     h = y.gather(1, src[..., None].expand(B, N, D)) + 0.5 * torch.randn(B, N, D, generator=g, dtype=torch.float64)
     t_lp, t_ids = (y @ W[:V].T).log_softmax(-1).topk(K, dim=-1)  # (B, M, K)
-    x_mask = torch.ones(B, N, dtype=torch.bool)
-    y_mask = torch.ones(B, M, dtype=torch.bool)
-    x_mask[1, 30:] = False
-    y_mask[1, 20:] = False
-    x_mask[2, :5] = False
-    y_mask[2, -3:] = False
+    x_mask, y_mask = padded_masks(B, N, M)
     t_ids[~y_mask] = -1  # padding rows of the cache may hold anything
     t_lp[~y_mask] = -math.inf
     return h, W, t_ids, t_lp, x_mask, y_mask

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.losses import (ce_loss, init_projection, ot_hidden_loss, ot_logits_loss, topk_kl_loss)
-from tests.conftest import rel_err
+from tests.conftest import rel_err, unrolled_log_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,13 +206,7 @@ def ref_ot_from_similarity(S, x_mask, y_mask, eps, objective="linear", n_iter=15
         if not (xm.any() and ym.any()):
             continue
         c = 1 - s[xm][:, ym].softmax(-1)  # (n, m)
-        n, m = c.shape
-        u = torch.zeros(n, dtype=c.dtype)
-        v = torch.zeros(m, dtype=c.dtype)
-        for _ in range(n_iter):
-            u = -math.log(n) - torch.logsumexp(v[None, :] - c / eps, dim=1)
-            v = -math.log(m) - torch.logsumexp(u[:, None] - c / eps, dim=0)
-        log_T = u[:, None] + v[None, :] - c / eps
+        log_T = unrolled_log_plan(c, eps, n_iter)
         value = (log_T.exp() * c).sum()
         if objective == "regularized":
             value = value + eps * (log_T.exp() * log_T).sum()

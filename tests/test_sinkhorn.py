@@ -1,14 +1,13 @@
 """Sinkhorn solver and OT gradients against float64 references written here (plain per-sequence loops on the
 unpadded problem, unrolled autograd, POT)."""
 import functools
-import math
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.sinkhorn import ot_loss, sinkhorn
-from tests.conftest import rel_err
+from tests.conftest import padded_masks, rel_err, unrolled_log_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,13 +23,7 @@ def make_problem(dtype=torch.float64, seed=0, peaked=False):
         C = 1 - (4 * torch.randn(B, N, M, generator=g, dtype=torch.float64)).softmax(-1)
     else:
         C = torch.rand(B, N, M, generator=g, dtype=torch.float64)
-    a_mask = torch.ones(B, N, dtype=torch.bool)
-    b_mask = torch.ones(B, M, dtype=torch.bool)
-    a_mask[1, 30:] = False
-    b_mask[1, 20:] = False
-    a_mask[2, :5] = False
-    b_mask[2, -3:] = False
-    return C.to(dtype), a_mask, b_mask
+    return C.to(dtype), *padded_masks(B, N, M)
 
 
 def ref_plans(C, a_mask, b_mask, eps, n_iter):
@@ -38,13 +31,7 @@ def ref_plans(C, a_mask, b_mask, eps, n_iter):
     Yields (plan (n, m), log plan, cost (n, m)) per sequence."""
     for c_full, am, bm in zip(C, a_mask, b_mask):
         c = c_full[am][:, bm]  # (n, m)
-        n, m = c.shape
-        u = torch.zeros(n, dtype=c.dtype)
-        v = torch.zeros(m, dtype=c.dtype)
-        for _ in range(n_iter):
-            u = -math.log(n) - torch.logsumexp(v[None, :] - c / eps, dim=1)
-            v = -math.log(m) - torch.logsumexp(u[:, None] - c / eps, dim=0)
-        log_T = u[:, None] + v[None, :] - c / eps
+        log_T = unrolled_log_plan(c, eps, n_iter)
         yield log_T.exp(), log_T, c
 
 
