@@ -5,7 +5,7 @@
 Realistic inputs at the real Qwen2.5 vocabulary (V = 151,936 logit columns) and k = 64: per row a peaked
 distribution (top-1 probability ~ Beta with median 0.8, a Zipf-like head, a tail holding ~6% of the mass)
 whose statistics are printed so they can be checked. Everything is written by the real `CacheWriter` with the
-real codecs and dtypes, after the real `pipeline.topk.topk_logprobs`. Hidden states: bf16 Gaussian at D = 3584
+real codecs and dtypes, after the real `pipeline.teacher.topk.topk_logprobs`. Hidden states: bf16 Gaussian at D = 3584
 with log-normal per-channel scales and a few outlier channels (real ones compress no better: they are
 near-incompressible either way).
 
@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cache import CacheWriter, open_cache  # noqa: E402
 from cache.schema import decode_float  # noqa: E402
-from pipeline.topk import topk_logprobs  # noqa: E402
+from pipeline.teacher.topk import topk_logprobs  # noqa: E402
 
 V, K, D = 151_936, 64, 3584
 PARAMS_7B, LM_HEAD_V = 7.6e9, 152_064
@@ -131,7 +131,7 @@ def synth_logits_realistic(n: int, gen: torch.Generator, prior: torch.Tensor, si
     The 64 best-scoring ids get the same calibrated head probabilities as the pessimistic model (top-1 ~
     Beta, median 0.8; ranks 2..64 Zipf), in score order; the tail mass is spread over all other ids
     proportionally to exp(score), i.e. the tail too is "frequent tokens, perturbed by context". The real
-    top-k (pipeline.topk.topk_logprobs) then decides what is stored; a tail id may outrank a weak head id.
+    top-k (pipeline.teacher.topk.topk_logprobs) then decides what is stored; a tail id may outrank a weak head id.
     """
     head, tail = shape_draws(n, gen)
     key = realistic_keys(n, gen, prior, sigma)

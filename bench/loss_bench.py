@@ -8,7 +8,7 @@ trainable-W cases; --no-trainable saves ~3 min). Needs ~16 GB free RAM (naive at
 What is measured. CE + top-k KL (forward KL, tail bucket, w_ce = w_kl = 1) computed from hidden states
 h (N, d) and an lm-head weight (V, d), forward AND backward, at the real Qwen2.5-1.5B shape: V = 151,936,
 d = 1536, k = 64, N in {1024, 2048, 4096} rows. Two paths with the same signature, both from
-pipeline/fused_loss.py:
+pipeline/losses/fused_ce_kl.py:
   naive   `naive_ce_kl`: logits = h W^T materialised (N, V) float32, then log_softmax -> ce_loss +
           topk_kl_loss through autograd (what a plain Trainer does);
   fused   `fused_ce_kl`: chunked over rows (the default chunk, 2^26 logits = 441 rows at this V, and
@@ -64,7 +64,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from memtools import proc_status, reset_peak  # noqa: E402
-from pipeline.fused_loss import default_chunk_rows  # noqa: E402  (imports only torch)
+from pipeline.losses.fused_ce_kl import default_chunk_rows  # noqa: E402  (imports only torch)
 V, D, K = 151_936, 1536, 64
 N_FULL, N_QUICK, N_WARM = (1024, 2048, 4096), (1024,), 128
 CHUNKS = (0, 1024)  # 0 = fused_ce_kl's default chunk (default_chunk_rows(V))
@@ -112,7 +112,7 @@ def run_step(fn, inputs, chunk):
 def worker(args):
     import torch
     torch.set_num_threads(THREADS)
-    from pipeline.fused_loss import fused_ce_kl, naive_ce_kl
+    from pipeline.losses.fused_ce_kl import fused_ce_kl, naive_ce_kl
     fn = fused_ce_kl if args.path == "fused" else naive_ce_kl
     rss_start = proc_status()["VmRSS"]
 

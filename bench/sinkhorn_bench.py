@@ -45,8 +45,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.losses import ot_hidden_loss  # noqa: E402
-from pipeline.sinkhorn import ot_loss  # noqa: E402
+from pipeline.losses.ot import ot_hidden_loss  # noqa: E402
+from pipeline.losses.sinkhorn import ot_loss  # noqa: E402
 
 B, D = 4, 64
 NS, EPSS = (128, 512, 1024), (0.1, 0.05)

@@ -2,7 +2,7 @@
 
     python bench/train_step_bench.py [--steps 3]      # writes bench/results/train_step_bench.json
 
-What is measured. One Stage-2 optimizer step = `pipeline.distill.student_losses` (the function
+What is measured. One Stage-2 optimizer step = `pipeline.distill.train.student_losses` (the function
 DistillTrainer.compute_loss calls: CE + top-k KL + OT on hidden states + OT on logits, default weights) +
 backward + AdamW step, on a tiny-hidden Qwen2 student (2 layers x 64 wide, tied embeddings) with the real
 Qwen2.5 vocabulary V = 151,936, batch 2 x 1024 tokens of which the last 768 of each are supervised (1,536
@@ -36,7 +36,7 @@ def make_batch(g):
     """A DistillCollator batch from synthetic cache reads (random tokens, peaked random teacher top-k)."""
     import numpy as np
     import torch
-    from pipeline.distill import DistillCollator
+    from pipeline.distill.train import DistillCollator
     reads = []
     for _ in range(B):
         ids = torch.randint(0, V, (L,), generator=g).numpy()
@@ -55,8 +55,8 @@ def worker(fused: bool, steps: int):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from pipeline.config import DistillConfig
-    from pipeline.distill import student_losses
-    from pipeline.losses import init_projection
+    from pipeline.distill.train import student_losses
+    from pipeline.losses.ot import init_projection
     torch.set_num_threads(THREADS)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)

@@ -4,8 +4,9 @@ supervised token, written by Stage 1 and streamed by Stage 2. Layout and row con
 Dependency direction is stages -> pipeline -> cache: nothing here imports pipeline or stages.
 """
 from cache.reader import CacheDataset, TeacherCache, describe, open_cache
-from cache.schema import SCHEMA_VERSION, CacheError, CacheMismatchError, canonical_meta
+from cache.errors import CacheError, CacheMismatchError, OtkdError
+from cache.schema import SCHEMA_VERSION, canonical_meta
 from cache.writer import CacheWriter
 
-__all__ = ["CacheWriter", "open_cache", "TeacherCache", "CacheDataset", "CacheError", "CacheMismatchError",
+__all__ = ["CacheWriter", "open_cache", "TeacherCache", "CacheDataset", "CacheError", "CacheMismatchError", "OtkdError",
            "canonical_meta", "describe", "SCHEMA_VERSION"]

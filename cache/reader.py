@@ -14,8 +14,8 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
-from cache.schema import (FIELDS, CacheError, CacheMismatchError, canonical, canonical_meta, decode_float, sid_to_u64,
-                          u64_to_sid)
+from cache.errors import CacheError, CacheMismatchError
+from cache.schema import FIELDS, canonical, canonical_meta, decode_float, sid_to_u64, u64_to_sid
 from cache.writer import _short, read_root_attrs
 
 STAGE1 = "python -m stages.cache_teacher"

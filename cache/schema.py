@@ -57,14 +57,6 @@ SEQ_CHUNK, SEQ_SHARD = 16384, 1 << 20
 ROW_CHUNK_BYTES, HIDDEN_CHUNK_BYTES = 1 << 20, 2 << 20
 
 
-class CacheError(ValueError):
-    """A teacher cache is missing, incomplete, not a cache, or of an unknown schema."""
-
-
-class CacheMismatchError(CacheError):
-    """A teacher cache exists but was made from other inputs (teacher, data, parameters) than expected."""
-
-
 def sid_to_u64(sid: str) -> int:
     if not (isinstance(sid, str) and len(sid) == 16):
         raise ValueError(f"sample_id must be 16 hex characters, got {sid!r}")

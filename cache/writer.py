@@ -23,9 +23,10 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from cache.schema import (FORMAT, HIDDEN_DTYPES, LOGPROB_DTYPES, ROW_ARRAYS, ROW_CONTRACT, SCHEMA_VERSION,
-                          CacheError, CacheMismatchError, array_specs, canonical, canonical_meta, encode_float,
-                          first_difference, make_plan, n_shards, sid_to_u64, to_numpy)
+from cache.errors import CacheError, CacheMismatchError
+from cache.schema import (FORMAT, HIDDEN_DTYPES, LOGPROB_DTYPES, ROW_ARRAYS, ROW_CONTRACT, SCHEMA_VERSION, array_specs,
+                          canonical, canonical_meta, encode_float, first_difference, make_plan, n_shards, sid_to_u64,
+                          to_numpy)
 
 # LocalStore's temp files: "<key>.<32 hex>.partial"; a SIGKILL mid-write leaves one behind.
 _TMP_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")

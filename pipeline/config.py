@@ -189,7 +189,7 @@ class DistillConfig:
     kl_reverse: bool = False
     """Use KL(student || teacher) over the same buckets instead of KL(teacher || student)."""
     ot_eps: float = 0.05
-    """Entropic regularisation of both OT losses (the seeds' 1/lambda; see pipeline/losses.py for why not 10)."""
+    """Entropic regularisation of both OT losses (the seeds' 1/lambda; see pipeline/losses/ot.py for why not 10)."""
     ot_objective: str = "linear"
     """"linear" (<T*, C>, the seeds' loss, exact implicit gradient) or "regularized" (<T*, C> - eps H(T*))."""
     ot_max_iter: int = 300

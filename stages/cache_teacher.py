@@ -25,7 +25,7 @@ def main(
     with clear_errors():
         cfg = config(params, overrides, {"cache.teacher": teacher, "cache.out": out, "cache.k": k,
                                          "cache.hidden_dtype": hidden_dtype})
-        from pipeline import teacher_cache  # imported late so --help answers without loading torch
+        from pipeline.teacher import cache_teacher as teacher_cache  # imported late so --help answers without loading torch
 
         teacher_cache.run(cfg, replace_mismatched)
 

@@ -31,7 +31,7 @@ def main(
         cfg = config(params, overrides, {
             "distill.student": student, "distill.cache": cache, "distill.out": out, "distill.mode": mode,
             "distill.load_in_bits": load_in_bits, "distill.max_steps": max_steps, "distill.resume": resume})
-        from pipeline import distill  # imported late so --help answers without loading torch
+        from pipeline.distill import train as distill  # imported late so --help answers without loading torch
 
         distill.run(cfg)
 

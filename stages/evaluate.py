@@ -20,7 +20,7 @@ def main(
     """Compare teacher, base student, CE-only student and distilled student."""
     with clear_errors():
         cfg = config(params, overrides, {"evaluate.out": out, "evaluate.eval_examples": eval_examples})
-        from pipeline import evaluate  # imported late so --help answers without loading torch
+        from pipeline.evaluation import evaluate  # imported late so --help answers without loading torch
 
         evaluate.run(cfg)
 

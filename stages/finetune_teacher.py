@@ -20,7 +20,7 @@ def main(
     """SFT the teacher on the training split; held-out accuracy goes to <out>/metrics.json."""
     with clear_errors():
         cfg = config(params, overrides, {"finetune.base": base, "finetune.out": out, "finetune.mode": mode})
-        from pipeline import finetune
+        from pipeline.teacher import finetune
 
         finetune.run(cfg)
 

@@ -21,7 +21,7 @@ def main(
     """Print the memory budget of both stages on one GPU, the verdict and the longest sequence that fits."""
     with clear_errors():
         cfg = config(params, overrides, {"data.max_length": max_length})
-        from pipeline import plan  # imported late so --help answers at once
+        from pipeline.planning import plan  # imported late so --help answers at once
 
         plan.run(cfg, gpu_gb, out)
 

@@ -14,7 +14,7 @@ def main(params: str = PARAMS, overrides: list[str] = SET):
     """Write artifacts/data/task.jsonl and artifacts/base/{tokenizer,teacher,student}."""
     with clear_errors():
         cfg = config(params, overrides, {})
-        from pipeline import prepare
+        from pipeline.data import prepare
 
         prepare.run(cfg)
 

@@ -41,7 +41,7 @@ def small_config(tmp: Path) -> Config:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Config:
     """Prepared tiny data, tokenizer, teacher and student (built once); returns a config pointing at them."""
-    from pipeline import prepare
+    from pipeline.data import prepare
 
     cfg = small_config(tmp_path_factory.mktemp("tiny"))
     prepare.run(cfg)

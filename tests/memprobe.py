@@ -50,7 +50,7 @@ def growth_of(fn):
 def fused(R, d, V, w_ce, w_kl, chunk_rows=None, seed=0):
     import torch
 
-    from pipeline.fused_loss import fused_ce_kl
+    from pipeline.losses.fused_ce_kl import fused_ce_kl
 
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(R, d, generator=g).requires_grad_()
@@ -72,8 +72,8 @@ def ot(B, N, V, d, D, k, hidden, logits, max_iter=50, seed=0):
     """student_losses' OT terms: hidden-state OT, then OT on logits from the hidden states (fused path)."""
     import torch
 
-    from pipeline.fused_ot import ot_logits_loss_from_hidden
-    from pipeline.losses import init_projection, ot_hidden_loss
+    from pipeline.losses.fused_ot import ot_logits_loss_from_hidden
+    from pipeline.losses.ot import init_projection, ot_hidden_loss
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, N, d, generator=g).requires_grad_()
@@ -98,7 +98,7 @@ def ot(B, N, V, d, D, k, hidden, logits, max_iter=50, seed=0):
 def topk(R, D, V, V_logits, chunk_rows, seed=0):
     import torch
 
-    from pipeline.topk import topk_from_hidden
+    from pipeline.teacher.topk import topk_from_hidden
 
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(R, D, generator=g)
@@ -130,7 +130,7 @@ def student(path, r, targets, optims):
     from transformers import Trainer, TrainingArguments
 
     from pipeline.models import load_causal_lm
-    from pipeline.student import cpu_4bit_guard
+    from pipeline.distill.student import cpu_4bit_guard
 
     plain, weights16 = growth_of(lambda: load_causal_lm(path, "fp32", 16))  # the checkpoint is bf16: a copy
     del plain

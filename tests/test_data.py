@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.config import Config, apply_overrides, load_config, save_config
-from pipeline.data import (IGNORE, DataError, load_splits, read_records, render, sample_id, split_of,
+from pipeline.data.records import (IGNORE, DataError, load_splits, read_records, render, sample_id, split_of,
                            tokenize, tokenizer_hash)
 
 REC = {"instruction": "2631", "input": "", "output": "2164 + 467"}

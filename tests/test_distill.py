@@ -15,14 +15,15 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cache.reader import open_cache
-from pipeline import distill, teacher_cache
+from pipeline.distill import train as distill
+from pipeline.teacher import cache_teacher as teacher_cache
 from pipeline.config import save_config
-from pipeline.data import ALPACA_TEMPLATE, IGNORE, load_splits, read_records
-from pipeline.distill import DistillCollator, cache_fields, curves_path
-from pipeline.losses import init_projection
+from pipeline.data.records import ALPACA_TEMPLATE, IGNORE, load_splits, read_records
+from pipeline.distill.train import DistillCollator, cache_fields, curves_path
+from pipeline.losses.ot import init_projection
 from pipeline.models import load_tokenizer
-from pipeline.student import PROJECTION_FILE, load_student, load_trained
-from pipeline.tiny import build_model, build_tokenizer
+from pipeline.distill.student import PROJECTION_FILE, load_student, load_trained
+from pipeline.data.tiny import build_model, build_tokenizer
 from tests.test_stage1 import stage
 
 STAGE1 = "python -m stages.cache_teacher"
@@ -212,7 +213,7 @@ def test_help(name, option):
 def test_fused_and_full_logits_paths_agree(cached, tmp_path, weights):
     """Stage 2's default fused path (no [tokens x vocab] logits) equals the plain full-logits path: loss and
     gradients, with every term on, and for the CE baseline that reads no teacher rows."""
-    from pipeline.distill import student_losses
+    from pipeline.distill.train import student_losses
 
     cfg = distill_cfg(cached, tmp_path / "s", **weights)
     c = open_cache(Path(cfg.cache.out) / "train.zarr")

@@ -2,10 +2,10 @@
 import json
 from pathlib import Path
 
-from pipeline import distill
+from pipeline.distill import train as distill
 from pipeline.config import save_config
-from pipeline.distill import curves_path
-from pipeline.evaluate import KEYS, made_by_stage2
+from pipeline.distill.train import curves_path
+from pipeline.evaluation.evaluate import KEYS, made_by_stage2
 from tests.test_distill import distill_cfg, make_cache, read_tsv
 from tests.test_stage1 import stage
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline import finetune
+from pipeline.teacher import finetune
 
 
 def test_lora_sft_merges_into_a_plain_checkpoint(tiny, tmp_path):

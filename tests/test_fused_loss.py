@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipeline.fused_loss import fused_ce_kl, naive_ce_kl
+from pipeline.losses.fused_ce_kl import fused_ce_kl, naive_ce_kl
 from tests.conftest import NewAllocations, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")

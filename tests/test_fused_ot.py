@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pipeline.fused_ot import ot_logits_loss_from_hidden
-from pipeline.losses import ot_logits_loss
+from pipeline.losses.fused_ot import ot_logits_loss_from_hidden
+from pipeline.losses.ot import ot_logits_loss
 from tests.conftest import NewAllocations, padded_masks, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import (ce_loss, init_projection, ot_hidden_loss, ot_logits_loss, topk_kl_loss)
+from pipeline.losses.kl import ce_loss, topk_kl_loss
+from pipeline.losses.ot import init_projection, ot_hidden_loss, ot_logits_loss
 from tests.conftest import rel_err, unrolled_log_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""The VRAM planner (pipeline/plan.py, pipeline/memory.py) against ground truth.
+"""The VRAM planner (pipeline/planning/plan.py, pipeline/planning/memory.py) against ground truth.
 
 References: parameter counts of models built by transformers on the meta device (exact) and the model cards'
 published counts; memory measured on the CPU in fresh processes (tests/memprobe.py: peak resident set of one
@@ -15,8 +15,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from pipeline import memory as mm
-from pipeline import plan
+from pipeline.planning import memory as mm
+from pipeline.planning import plan
 from pipeline.config import load_config
 from tests import memprobe
 from tests.conftest import ROOT
@@ -69,7 +69,7 @@ def test_shipped_configs_give_the_model_cards_counts(folder):
 
 
 def test_constants_follow_the_fused_loss():
-    from pipeline.fused_loss import CHUNK_ELEMS, SLICE, default_chunk_rows
+    from pipeline.losses.fused_ce_kl import CHUNK_ELEMS, SLICE, default_chunk_rows
 
     assert (mm.FUSED_SLICE, mm.FUSED_CHUNK_ELEMS) == (SLICE, CHUNK_ELEMS)
     assert all(mm.fused_chunk_rows(v) == default_chunk_rows(v) for v in (389, 32768, 151936, 152064))
@@ -150,7 +150,7 @@ def test_saved_activations_per_layer(model_type, mode, B, tmp_path):
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    from pipeline.student import cpu_4bit_guard
+    from pipeline.distill.student import cpu_4bit_guard
 
     L, r = 128, 16
     cfg = AutoConfig.for_model(model_type, vocab_size=512, hidden_size=256, intermediate_size=768,

@@ -23,16 +23,18 @@ from transformers import (
 )
 
 from cache.reader import open_cache
-from pipeline import distill, finetune, teacher_cache
+from pipeline.distill import train as distill
+from pipeline.teacher import finetune
+from pipeline.teacher import cache_teacher as teacher_cache
 from pipeline.config import load_config
-from pipeline.data import ALPACA_TEMPLATE
-from pipeline.distill import DistillCollator, cache_fields, curves_path, student_losses
-from pipeline.losses import init_projection
+from pipeline.data.records import ALPACA_TEMPLATE
+from pipeline.distill.train import DistillCollator, cache_fields, curves_path, student_losses
+from pipeline.losses.ot import init_projection
 from pipeline.models import ModelLoadError, check_vocab, load_tokenizer
-from pipeline.plan import MODELS_DIR
-from pipeline.student import load_student
-from pipeline.task import generate_examples
-from pipeline.tiny import CHAT_TEMPLATE, build_tokenizer
+from pipeline.planning.plan import MODELS_DIR
+from pipeline.distill.student import load_student
+from pipeline.data.task import generate_examples
+from pipeline.data.tiny import CHAT_TEMPLATE, build_tokenizer
 from tests.conftest import ROOT
 
 # Qwen2.5's 22 added tokens (ids 151,643-151,664); Qwen3 appends 4 more (151,665-151,668).

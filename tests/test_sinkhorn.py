@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.sinkhorn import ot_loss, sinkhorn
+from pipeline.losses.sinkhorn import ot_loss, sinkhorn
 from tests.conftest import padded_masks, rel_err, unrolled_log_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -208,7 +208,7 @@ def test_kernel_and_log_domains_agree(dtype, atol, overrelax):
 
 
 def test_automatic_domain_choice(monkeypatch):
-    import pipeline.sinkhorn as sk
+    import pipeline.losses.sinkhorn as sk
     C, a_mask, b_mask = make_problem(torch.float32)  # costs in [0, 1]: shifted spread / eps ~ 1 / eps
     chosen = []
     real = sk.choose_domain
@@ -242,7 +242,7 @@ def test_overrelaxation_saves_iterations_and_finds_the_same_plan():
 def test_overrelaxation_backs_off_when_it_diverges(monkeypatch):
     # force a wildly unstable omega: the solver must notice the error growing, return to its last checked
     # state and still converge to the plain Sinkhorn plan
-    import pipeline.sinkhorn as sk
+    import pipeline.losses.sinkhorn as sk
     monkeypatch.setattr(sk, "OMEGA_MAX", 10.0)
     monkeypatch.setattr(sk, "_young_omega", lambda mu2: torch.full_like(mu2, 3.0))
     C, a_mask, b_mask = make_problem(torch.float64, peaked=True)

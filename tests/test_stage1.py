@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from cache.reader import open_cache
 from pipeline.config import save_config
-from pipeline.data import IGNORE
+from pipeline.data.records import IGNORE
 from tests.conftest import ROOT
 
 ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "hidden", "input_ids", "supervised", "sample_ids",
@@ -79,7 +79,7 @@ def test_stage1_writes_what_the_teacher_computes(cached):
 
 def test_rows_follow_the_label_contract(cached, tiny):
     """supervised[j] == (labels[j+1] != IGNORE): row j predicts token j+1, and the last token has no row."""
-    from pipeline.data import load_splits
+    from pipeline.data.records import load_splits
     from pipeline.models import load_tokenizer
 
     cfg, out = cached
@@ -192,7 +192,7 @@ def test_bad_data_is_one_line(tiny, tmp_path):
 
 def test_quantised_teacher_without_hidden_states(tiny, tmp_path):
     """The 4-bit NF4 teacher path (bitsandbytes on CPU), fp16 log-probs and no hidden states."""
-    from pipeline import teacher_cache
+    from pipeline.teacher import cache_teacher as teacher_cache
 
     cfg = copy.deepcopy(tiny)
     cfg.cache.out, cfg.cache.splits = str(tmp_path / "q"), ["validation"]

@@ -1,7 +1,7 @@
 """Teacher top-k log-probs and tail mass against a float64 dense reference."""
 import torch
 
-from pipeline.topk import TAIL_FLOOR, topk_from_hidden, topk_logprobs
+from pipeline.teacher.topk import TAIL_FLOOR, topk_from_hidden, topk_logprobs
 
 
 def reference(logits: torch.Tensor, k: int, vocab_size: int):

@@ -8,9 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import Config, save_config
-from pipeline.data import ALPACA_TEMPLATE
-from pipeline.task import generate_examples
-from pipeline.tiny import build_model, build_tokenizer
+from pipeline.data.records import ALPACA_TEMPLATE
+from pipeline.data.task import generate_examples
+from pipeline.data.tiny import build_model, build_tokenizer
 
 
 def run(cfg: Config) -> None:

@@ -1,7 +1,7 @@
 """VRAM planner: the GPU memory budget of Stage 1 and Stage 2 for a params file, before any GPU is rented.
 
 Pure arithmetic on the models' config.json (a local checkpoint folder, or the copies shipped in params/models
-for hub names) and the otkd Config: pipeline/memory.py has the per-component formulas, this file adds them up
+for hub names) and the otkd Config: pipeline/planning/memory.py has the per-component formulas, this file adds them up
 per stage, gives the verdict on a GPU of `gpu_gb` GiB and the longest sequence that still fits.
 
 Every assumption is listed in ASSUMPTIONS below, printed under the table and written into the JSON, so that
@@ -12,11 +12,11 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import memory as mm
+from pipeline.planning import memory as mm
 from pipeline.config import Config
 
 GIB = 2 ** 30
-MODELS_DIR = Path(__file__).resolve().parents[1] / "params" / "models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "params" / "models"
 CUDA_CONTEXT_GIB = 0.5
 MARGIN = 0.10
 ASSUMPTIONS = [

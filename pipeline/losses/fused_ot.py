@@ -1,6 +1,6 @@
 """OT on logits straight from hidden states: the student side is built only at the teacher's top-k ids.
 
-`ot_logits_loss` (pipeline/losses.py) needs the student's probabilities q_i = softmax(h_i W^T) only at the
+`ot_logits_loss` (pipeline/losses/ot.py) needs the student's probabilities q_i = softmax(h_i W^T) only at the
 teacher's top-k ids of each teacher token j:
 
     S_ij = sum_c q_i(ids_jc) p_jc            (B, N, M)
@@ -20,9 +20,9 @@ Imports only torch.
 """
 import torch
 
-from pipeline.fused_loss import _lse, default_chunk_rows
-from pipeline.losses import OT_EPS, cost_from_similarity, reduce_sequences
-from pipeline.sinkhorn import SinkhornResult, ot_loss
+from pipeline.losses.fused_ce_kl import _lse, default_chunk_rows
+from pipeline.losses.ot import OT_EPS, cost_from_similarity, reduce_sequences
+from pipeline.losses.sinkhorn import SinkhornResult, ot_loss
 
 
 def _logits(h, W, b, mm_dtype):

@@ -7,7 +7,7 @@ Peak extra memory: two (chunk_rows, V) float32 buffers (logits and their gradien
 temporary is built 128 rows at a time), grad_h (R, d), and grad_W (V_logits, d) float32 only when the weight
 requires grad (frozen lm-head under QLoRA: no V x d buffer at all). The default chunk holds 2^26 logits.
 
-Semantics equal `w_ce * ce_loss + w_kl * topk_kl_loss` of pipeline/losses.py on row-aligned inputs (row r's
+Semantics equal `w_ce * ce_loss + w_kl * topk_kl_loss` of pipeline/losses/kl.py on row-aligned inputs (row r's
 logits predict targets[r]; the caller does the shift). `naive_ce_kl` is that reference path, same signature.
 
 Gradients w.r.t. the KL's z = logits[:, :V] / tau, per row, with buckets b (the k teacher ids + the tail),
@@ -21,7 +21,7 @@ ids, only those columns get gradient, and the same formulas hold with Q the reno
 """
 import torch
 
-from pipeline.losses import LOG_FLOOR, ce_loss, topk_kl_loss
+from pipeline.losses.kl import LOG_FLOOR, ce_loss, topk_kl_loss
 
 
 def _count(n, default: torch.Tensor) -> torch.Tensor:

@@ -21,14 +21,15 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from cache.reader import BlockShuffleSampler, CacheDataset, describe, open_cache
-from cache.schema import CacheMismatchError
+from cache.errors import CacheMismatchError
 from pipeline.config import Config, DistillConfig, save_config
-from pipeline.data import IGNORE, tokenizer_hash
-from pipeline.fused_loss import fused_ce_kl
-from pipeline.fused_ot import ot_logits_loss_from_hidden
-from pipeline.losses import LOG_FLOOR, ce_loss, init_projection, ot_hidden_loss, ot_logits_loss, topk_kl_loss
+from pipeline.data.records import IGNORE, tokenizer_hash
+from pipeline.losses.fused_ce_kl import fused_ce_kl
+from pipeline.losses.fused_ot import ot_logits_loss_from_hidden
+from pipeline.losses.kl import LOG_FLOOR, ce_loss, topk_kl_loss
+from pipeline.losses.ot import init_projection, ot_hidden_loss, ot_logits_loss
 from pipeline.models import check_vocab, load_tokenizer
-from pipeline.student import PROJECTION_FILE, load_student
+from pipeline.distill.student import PROJECTION_FILE, load_student
 
 COMPONENTS = ("ce", "kl", "ot_hidden", "ot_logits")
 

@@ -11,8 +11,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from pipeline.config import Config, save_config
-from pipeline.data import load_splits, pad_collate
-from pipeline.generate import checker, task_accuracy
+from pipeline.data.records import load_splits, pad_collate
+from pipeline.evaluation.generate import checker, task_accuracy
 from pipeline.models import load_causal_lm, load_tokenizer
 
 

@@ -4,7 +4,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from pipeline.data import render
+from pipeline.data.records import render
 
 
 def exact_match(rec: dict, generated: str) -> bool:
@@ -17,7 +17,7 @@ def checker(metric: str) -> Callable[[dict, str], bool]:
     if metric == "exact":
         return exact_match
     if metric == "embedded_task":
-        from pipeline.task import is_correct
+        from pipeline.data.task import is_correct
         return is_correct
     raise ValueError(f"data.metric must be 'exact' or 'embedded_task', got {metric!r}")
 

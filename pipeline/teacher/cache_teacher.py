@@ -19,9 +19,9 @@ from transformers import AutoConfig
 
 from cache import CacheMismatchError, CacheWriter
 from pipeline.config import Config, save_config
-from pipeline.data import IGNORE, fingerprint, load_splits, pad_collate, tokenizer_hash
+from pipeline.data.records import IGNORE, fingerprint, load_splits, pad_collate, tokenizer_hash
 from pipeline.models import check_vocab, load_causal_lm, load_tokenizer, model_hash
-from pipeline.topk import topk_from_hidden
+from pipeline.teacher.topk import topk_from_hidden
 
 # Test-only: seconds to pause after each batch, so the crash-resume test can SIGKILL a run mid-way.
 DELAY = float(os.environ.get("OTKD_TEST_BATCH_DELAY", "0"))

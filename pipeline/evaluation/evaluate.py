@@ -4,7 +4,7 @@ For every model in `evaluate.models`:
   perplexity      exp(token-mean CE) over the supervised (response) tokens of the test split
   accuracy        fraction of test examples whose greedy answer passes the task's rule (`data.metric`)
   top1_agreement  share of validation-cache rows where the model's argmax is the teacher's top-1 token
-  kl_teacher      KL(teacher || model) per row over the cached top-k + tail buckets (pipeline.losses)
+  kl_teacher      KL(teacher || model) per row over the cached top-k + tail buckets (pipeline/losses/kl.py)
 Writes metrics.json (DVC metrics), metrics.md (a table) and curves.png (Stage 2 loss curves).
 """
 import csv
@@ -21,12 +21,12 @@ import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipeline.config import Config, save_config  # noqa: E402
-from pipeline.data import load_splits, pad_collate  # noqa: E402
-from pipeline.distill import COMPONENTS, DistillCollator, open_checked  # noqa: E402
-from pipeline.generate import checker, task_accuracy  # noqa: E402
-from pipeline.losses import ce_loss, topk_kl_loss  # noqa: E402
+from pipeline.data.records import load_splits, pad_collate  # noqa: E402
+from pipeline.distill.train import COMPONENTS, DistillCollator, open_checked  # noqa: E402
+from pipeline.evaluation.generate import checker, task_accuracy  # noqa: E402
+from pipeline.losses.kl import ce_loss, topk_kl_loss  # noqa: E402
 from pipeline.models import load_tokenizer  # noqa: E402
-from pipeline.student import load_trained  # noqa: E402
+from pipeline.distill.student import load_trained  # noqa: E402
 
 KEYS = ("perplexity", "accuracy", "top1_agreement", "kl_teacher")
 
@@ -156,7 +156,7 @@ def run(cfg: Config) -> dict:
     save_config(cfg, out / "evaluate_config.yaml")  # the resolved config next to the output
     curves = {}
     for name in names:
-        f = Path(e.plots) / f"train_{Path(e.models[name]).name}.tsv"  # as pipeline.distill.curves_path names it
+        f = Path(e.plots) / f"train_{Path(e.models[name]).name}.tsv"  # as pipeline.distill.train.curves_path names it
         if made_by_stage2(e.models[name]) and f.exists():
             curves[name] = read_curves(f)
     plot_curves(curves, out / "curves.png")

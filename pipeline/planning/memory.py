@@ -14,7 +14,7 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 fp32 second-level absmax per 256 blocks = 4.127 bits per weight (QLoRA, Dettmers et al. 2023, section 3)."""
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096  # bitsandbytes 8-bit Adam: blockwise absmax; smaller tensors stay fp32
-FUSED_SLICE, FUSED_CHUNK_ELEMS = 128, 2 ** 26  # pipeline/fused_loss.py SLICE, CHUNK_ELEMS (tests check they match)
+FUSED_SLICE, FUSED_CHUNK_ELEMS = 128, 2 ** 26  # pipeline/losses/fused_ce_kl.py SLICE, CHUNK_ELEMS (tests check they match)
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Arch:
 def weight_bytes(arch: Arch, bits: int, a: int, kbit_prepared: bool) -> float:
     """Model weights on the device. bits 16: every parameter in the compute dtype. 4: NF4 projections; 8: LLM.int8
     (1 B + one fp32 scale per output row). `kbit_prepared`: peft's prepare_model_for_kbit_training (Stage 2's
-    QLoRA path, pipeline/student.py) casts every unquantised parameter - embeddings, norms, biases - to fp32."""
+    QLoRA path, pipeline/distill/student.py) casts every unquantised parameter - embeddings, norms, biases - to fp32."""
     if bits == 16:
         return arch.params * a
     other = arch.other_params * (4 if kbit_prepared else a)
@@ -187,13 +187,13 @@ def infer_layer_bytes(arch: Arch, a: int, padded: bool, seq: int) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 def fused_chunk_rows(vocab: int) -> int:
-    """pipeline/fused_loss.py default_chunk_rows: one (rows, V) fp32 buffer holds 2^26 logits."""
+    """pipeline/losses/fused_ce_kl.py default_chunk_rows: one (rows, V) fp32 buffer holds 2^26 logits."""
     return max(FUSED_SLICE, FUSED_CHUNK_ELEMS // vocab)
 
 
 def fused_loss_bytes(rows: int, vocab: int, vocab_logits: int, d: int, a: int, w_ce: float, w_kl: float,
                      head_trains: bool) -> float:
-    """Peak of pipeline/fused_loss.py fused_ce_kl (forward + its stored gradients), for `rows` supervised rows.
+    """Peak of pipeline/losses/fused_ce_kl.py fused_ce_kl (forward + its stored gradients), for `rows` supervised rows.
 
     Per chunk of C rows: the fp32 logits x and their gradient dx (C x V each); both are dropped before the
     next chunk's matmul, so two C x V buffers at most. In one chunk with CE and KL, KL's 128-row logsumexp / exp temporaries come on top of
@@ -211,17 +211,17 @@ def fused_loss_bytes(rows: int, vocab: int, vocab_logits: int, d: int, a: int, w
 
 
 def topk_bytes(rows: int, vocab: int, vocab_logits: int, a: int, chunk_rows: int) -> float:
-    """pipeline/topk.py topk_from_hidden per chunk: the lm_head output (a-wide, all V_logits columns), its fp32
+    """pipeline/teacher/topk.py topk_from_hidden per chunk: the lm_head output (a-wide, all V_logits columns), its fp32
     copy over the real vocabulary and logsumexp's full-size temporary (the tail's logsumexp reuses the copy)."""
     c = min(chunk_rows, rows)
     return c * (a * vocab_logits + 8 * vocab) if rows else 0.0
 
 
 def ot_bytes(B: int, N: int, M: int, vocab: int, k: int, hidden: bool, logits: bool, block: int = 64) -> float:
-    """Peak of Stage 2's sequence-level OT terms (pipeline/losses.py ot_hidden_loss, then pipeline/fused_ot.py
+    """Peak of Stage 2's sequence-level OT terms (pipeline/losses/ot.py ot_hidden_loss, then pipeline/losses/fused_ot.py
     ot_logits_loss_from_hidden), forward and backward. E = the bytes of one (B, N, M) fp32 tensor.
 
-    Forward of each term: the similarity S, the softmax P and the cost C = 1 - P (3E), then pipeline/sinkhorn.py:
+    Forward of each term: the similarity S, the softmax P and the cost C = 1 - P (3E), then pipeline/losses/sinkhorn.py:
     the padding mask (E/4), C with inf on padding, the shifted C/eps, the kernel exp(-C/eps) and its copy for
     the working batch (4.25E; sequences that hit ot_max_iter keep the kernel to the end, +1E). P, C with padding
     zeroed and the plan stay saved for the backward (3E), whose implicit gradient (sinkhorn._grad_from_duals)

@@ -1,0 +1,18 @@
+"""The project's user-facing errors. `OtkdError` is the base of every error that a user can fix (a missing
+file, a bad parameter, a cache made by another teacher); the stage CLIs print those as one line and keep the
+traceback of anything else, so a bug in otkd, torch or transformers is never hidden.
+
+It lives in `cache`, the bottom layer of stages -> pipeline -> cache, so that every layer can raise it.
+"""
+
+
+class OtkdError(Exception):
+    """A problem with the user's inputs, files or environment, explained in one line that says what to do."""
+
+
+class CacheError(OtkdError, ValueError):
+    """A teacher cache is missing, incomplete, not a cache, or of an unknown schema."""
+
+
+class CacheMismatchError(CacheError):
+    """A teacher cache exists but was made from other inputs (teacher, data, parameters) than expected."""
