@@ -2,15 +2,15 @@
 
     python bench/train_step_bench.py [--steps 3]      # writes bench/results/train_step_bench.json
 
-What is measured. One Stage-2 optimizer step = `pipeline.distill.train.student_losses` (the function
-DistillTrainer.compute_loss calls: CE + top-k KL + OT on hidden states + OT on logits, default weights) +
+What is measured. One Stage-2 optimizer step = `DistillModel.forward` (pipeline/distill/model.py, the
+production step: CE + top-k KL + OT on hidden states + OT on logits, default weights) +
 backward + AdamW step, on a tiny-hidden Qwen2 student (2 layers x 64 wide, tied embeddings) with the real
 Qwen2.5 vocabulary V = 151,936, batch 2 x 1024 tokens of which the last 768 of each are supervised (1,536
 teacher rows, k = 64, teacher hidden D = 128). The tiny hidden size makes the loss path - not the decoder -
 the dominant cost, which is exactly what the fused path changes:
-  fused   distill.fused_loss = true: decoder hidden states -> `fused_ce_kl` (row chunks, no (B, L, V) logits)
+  fused   DistillModel: decoder hidden states -> `fused_ce_kl` (row chunks, no (B, L, V) logits)
           and `ot_logits_loss_from_hidden` (lm_head only at the teacher's top-k ids)
-  naive   distill.fused_loss = false: the model's full logits (B, L, V) -> plain losses
+  naive   tests/conftest.py `reference_loss`: the model's full logits (B, L, V) -> plain losses
 Each path runs in a FRESH subprocess: build model and inputs, one warm-up step (allocates AdamW state,
 thread pools), reset the kernel's peak-RSS mark, then --steps timed steps. Reported: steps/s and the step's
 peak = VmHWM - RSS before the timed steps (memory the step itself adds over model + optimizer + inputs),
@@ -33,10 +33,10 @@ THREADS = 2
 
 
 def make_batch(g):
-    """A DistillCollator batch from synthetic cache reads (random tokens, peaked random teacher top-k)."""
+    """A Stage-2 batch from synthetic cache reads (random tokens, peaked random teacher top-k)."""
     import numpy as np
     import torch
-    from pipeline.distill.train import DistillCollator
+    from pipeline.distill.batches import collate
     reads = []
     for _ in range(B):
         ids = torch.randint(0, V, (L,), generator=g).numpy()
@@ -48,15 +48,16 @@ def make_batch(g):
                       "topk_logprobs": lp.sort(-1, descending=True).values.numpy(),
                       "tail_logmass": np.full(SUP, np.log(1 - np.exp(-0.05)), dtype=np.float32),
                       "hidden": torch.randn(SUP, D_TEACHER, generator=g).numpy()})
-    return DistillCollator(pad_id=0)(reads)
+    return collate(reads, pad_id=0)
 
 
 def worker(fused: bool, steps: int):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from pipeline.config import DistillConfig
-    from pipeline.distill.train import student_losses
+    from pipeline.distill.model import DistillModel
     from pipeline.losses.ot import init_projection
+    from tests.conftest import reference_loss
     torch.set_num_threads(THREADS)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -65,14 +66,12 @@ def worker(fused: bool, steps: int):
                       max_position_embeddings=L, use_sliding_window=False)
     model = Qwen2ForCausalLM(cfg)
     model.train()
-    proj = torch.nn.Parameter(init_projection(D_TEACHER, HIDDEN, generator=g))
-    opt = torch.optim.AdamW([*model.parameters(), proj], lr=1e-3)
-    d = DistillConfig(fused_loss=fused)
+    model = DistillModel(model, DistillConfig(), V, init_projection(D_TEACHER, HIDDEN, generator=g))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = make_batch(g)
-    n_items = int(batch["row_mask"].sum())
 
     def step():
-        loss, logs = student_losses(model, batch, d, V, proj, n_items)
+        loss, logs = model(**batch) if fused else reference_loss(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -2,11 +2,26 @@
 supervised token, written by Stage 1 and streamed by Stage 2. Layout and row contract: cache/schema.py.
 
 Dependency direction is stages -> pipeline -> cache: nothing here imports pipeline or stages.
-"""
-from cache.reader import CacheDataset, TeacherCache, describe, open_cache
-from cache.errors import CacheError, CacheMismatchError, OtkdError
-from cache.schema import SCHEMA_VERSION, canonical_meta
-from cache.writer import CacheWriter
 
-__all__ = ["CacheWriter", "open_cache", "TeacherCache", "CacheDataset", "CacheError", "CacheMismatchError", "OtkdError",
-           "canonical_meta", "describe", "SCHEMA_VERSION"]
+The reader and writer (zarr, numpy, torch) are imported on first use of their names: every layer imports
+`cache.errors`, and the stage CLIs must answer --help and print a one-line error without loading torch.
+"""
+import importlib
+
+from cache.errors import CacheError, CacheMismatchError, OtkdError
+
+_LAZY = {"CacheBlocks": "cache.reader", "CacheDataset": "cache.reader", "TeacherCache": "cache.reader",
+         "describe": "cache.reader",
+         "open_cache": "cache.reader", "SCHEMA_VERSION": "cache.schema", "canonical_meta": "cache.schema",
+         "CacheWriter": "cache.writer"}
+
+__all__ = ["CacheWriter", "open_cache", "TeacherCache", "CacheDataset", "CacheBlocks", "CacheError",
+           "CacheMismatchError", "OtkdError", "canonical_meta", "describe", "SCHEMA_VERSION"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,8 @@ class OtkdError(Exception):
 
 
 class CacheError(OtkdError, ValueError):
-    """A teacher cache is missing, incomplete, not a cache, or of an unknown schema."""
+    """A teacher cache is missing, incomplete, not a cache, of an unknown schema, or cannot be made with the
+    requested cache.* settings."""
 
 
 class CacheMismatchError(CacheError):

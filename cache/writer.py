@@ -1,6 +1,7 @@
 """Crash-safe, resumable writer of a teacher cache (layout and row contract: cache/schema.py).
 
-Why it is shaped this way (measured, references/zarr-dvc-notes.md): a partial write into a Zarr shard is a
+Why it is shaped this way (measured with zarr-python 3.1: two processes writing disjoint, chunk-aligned
+regions of the same shards lost 2-21% of the rows, zarr-python#3682): a partial write into a Zarr shard is a
 read-modify-write of the whole shard object, so rows are buffered and each shard is written by exactly one
 call; a shard's `shard_done` record is written only after all its row arrays, and the root `complete`
 attribute only after every record. LocalStore writes are atomic (temp file + rename), so after a SIGKILL
@@ -23,38 +24,17 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from cache.errors import CacheError, CacheMismatchError
+from cache.errors import CacheMismatchError
 from cache.schema import (FORMAT, HIDDEN_DTYPES, LOGPROB_DTYPES, ROW_ARRAYS, ROW_CONTRACT, SCHEMA_VERSION, array_specs,
-                          canonical, canonical_meta, encode_float, first_difference, make_plan, n_shards, sid_to_u64,
-                          to_numpy)
+                          canonical, canonical_meta, encode_float, first_difference, make_plan, n_shards,
+                          read_root_attrs, short_repr, sid_to_u64, to_numpy)
 
 # LocalStore's temp files: "<key>.<32 hex>.partial"; a SIGKILL mid-write leaves one behind.
 _TMP_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
-def read_root_attrs(path: Path) -> dict:
-    """Root attributes of an otkd cache, or CacheError if `path` holds something else."""
-    try:
-        attrs = zarr.open_group(path, mode="r").attrs.asdict()
-    except Exception as e:  # no zarr.json, unreadable JSON, an array instead of a group, ...
-        raise CacheError(f"{path} exists but is not an otkd teacher cache ({type(e).__name__}); "
-                         "delete it or choose another path") from None
-    if attrs.get("format") != FORMAT:
-        raise CacheError(f"{path} is a Zarr group but not an otkd teacher cache (no format={FORMAT!r} "
-                         "attribute); delete it or choose another path")
-    if attrs.get("schema_version") != SCHEMA_VERSION:
-        raise CacheError(f"{path} has cache schema version {attrs.get('schema_version')!r}, this code reads "
-                         f"version {SCHEMA_VERSION}; recreate the cache with this version of otkd")
-    return attrs
-
-
 # Provenance keys compared first when an existing store differs from what is asked for.
 IDENTITY = ("teacher", "teacher_hash", "tokenizer_hash", "dataset_fingerprint")
-
-
-def _short(v) -> str:
-    r = repr(v)
-    return r if len(r) <= 60 else r[:57] + "..."
 
 
 class CacheWriter:
@@ -133,8 +113,8 @@ class CacheWriter:
                     what = ("another teacher" if "teacher" in field else "another tokenizer" if "tokenizer" in field
                             else "other inputs")
                     raise CacheMismatchError(
-                        f"output path {path} holds a cache from {what} ({section}.{field}: stored {_short(old)} "
-                        f"!= requested {_short(new)}); delete it or choose another path")
+                        f"output path {path} holds a cache from {what} ({section}.{field}: stored {short_repr(old)} "
+                        f"!= requested {short_repr(new)}); delete it or choose another path")
             _remove_stale_temp_files(path)
             return cls(path, zarr.open_group(path, mode="r+"), resumed=True, background=background)
 

@@ -6,11 +6,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from cache.errors import OtkdError
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class ModelLoadError(ValueError):
-    """The model path or its settings cannot work; the message says what to change."""
+class ModelLoadError(OtkdError, ValueError):
+    """The model path or its settings (shape, dtype, quantisation, training mode) cannot work; the message says
+    what to change."""
 
 
 def device() -> torch.device:

@@ -1,9 +1,10 @@
-"""What every stage CLI shares: loading params.yaml with overrides, and turning known errors into one line."""
+"""What every stage CLI shares: loading params.yaml with overrides, and turning user errors into one line."""
 import sys
 from contextlib import contextmanager
 
 import typer
 
+from cache.errors import OtkdError
 from pipeline.config import Config, load_config
 
 PARAMS = typer.Option("params.yaml", "--params", help="Params file (the one DVC tracks).")
@@ -18,10 +19,14 @@ def config(params: str, overrides: list[str], named: dict[str, object]) -> Confi
 
 @contextmanager
 def clear_errors():
-    """Known, user-fixable errors print one line and exit 1 instead of a traceback."""
+    """User-fixable errors (`OtkdError`) print one line and exit 1 instead of a traceback.
+
+    Only OtkdError: a ValueError, KeyError or FileNotFoundError from torch, transformers or a bug in otkd
+    keeps its traceback, which is what it takes to find its cause.
+    """
     try:
         yield
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except OtkdError as e:
         msg = str(e).strip() or type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -1,13 +1,19 @@
 """Shared fixtures: the embedded default built once per session at test size, in a temp folder; float64 test
-references used by several test files."""
+references used by several test files; the Stage-2 helpers and the plain full-logits reference of its loss."""
+import copy
+import csv
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from cache import CacheWriter
 from pipeline.config import Config, ModelShape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +27,9 @@ def small_config(tmp: Path) -> Config:
     cfg.prepare.out_data = str(tmp / "data/task.jsonl")
     cfg.prepare.out_models = str(tmp / "base")
     cfg.prepare.n_examples = 300
+    # explicit test sizes for every default the tests run with: a params.yaml change must not slow them down
+    # (or change them: 384 is below the ~389 tokens BPE reaches, so a smaller vocab is a genuinely other one)
+    cfg.prepare.tokenizer_vocab = 384
     # widths >= 64: bitsandbytes 4-bit blocks are 64 input features, narrower layers fail to quantise
     cfg.prepare.teacher = ModelShape(64, 2, 2, 1, 128)
     cfg.prepare.student = ModelShape(64, 1, 2, 1, 64)
@@ -29,12 +38,15 @@ def small_config(tmp: Path) -> Config:
     cfg.finetune.out = str(tmp / "teacher")
     cfg.finetune.metrics = str(tmp / "metrics/teacher.json")
     cfg.finetune.epochs = 1
+    cfg.finetune.batch_size = 32
     cfg.finetune.eval_examples = 16
     cfg.cache.teacher = str(tmp / "base/teacher")  # random teacher: caching does not need a trained one
     cfg.cache.out = str(tmp / "cache")
     cfg.cache.k = 8
     cfg.cache.batch_tokens = 1024
     cfg.cache.shard_rows = 256
+    cfg.distill.epochs, cfg.distill.batch_size, cfg.distill.num_workers = 1.0, 32, 0
+    cfg.evaluate.eval_examples, cfg.evaluate.batch_size, cfg.evaluate.max_new_tokens = 16, 32, 16
     return cfg
 
 
@@ -102,3 +114,119 @@ class NewAllocations(TorchDispatchMode):
             if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
                 self.shapes.append(tuple(o.shape))
         return out
+
+
+def stage(name: str, *args: str, check=True, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m stages.<name>` from the repo root, as DVC and users do."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=ROOT, env=env, text=True,
+                       capture_output=True, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"stages.{name} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 2 helpers shared by test_distill, test_evaluate and test_presets
+# ---------------------------------------------------------------------------------------------------------
+
+def make_cache(tiny: Config, out: Path, teacher: str | None = None) -> Config:
+    """Stage 1 (in process) into `out` with the tiny random teacher, or another `teacher`."""
+    from pipeline.teacher import cache_teacher
+
+    cfg = copy.deepcopy(tiny)
+    cfg.cache.out = str(out)
+    cfg.cache.teacher = teacher or tiny.cache.teacher
+    cache_teacher.run(cfg)
+    return cfg
+
+
+def distill_cfg(cfg: Config, out: Path, **kw) -> Config:
+    """A copy of cfg whose Stage 2 trains the tiny student briefly into `out` (curves next to it)."""
+    cfg = copy.deepcopy(cfg)
+    d = cfg.distill
+    d.student = str(Path(cfg.prepare.out_models) / "student")
+    d.cache, d.out, d.plots = cfg.cache.out, str(out), str(out.parent / "plots")
+    d.batch_size, d.num_workers, d.logging_steps, d.max_steps, d.lr, d.warmup_ratio = 16, 0, 1, 8, 1e-2, 0.0
+    for k, v in kw.items():
+        setattr(d, k, v)
+    return cfg
+
+
+def read_tsv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def reference_loss(model, batch: dict, num_items=None) -> tuple[torch.Tensor, dict]:
+    """`DistillModel`'s loss the plain way: the student's full (B, L, V) logits into the plain losses of
+    pipeline/losses/kl.py and ot.py (the reference for the fused production path; same (loss, parts))."""
+    from pipeline.distill.batches import gather_rows
+    from pipeline.losses.kl import ce_loss, topk_kl_loss
+    from pipeline.losses.ot import ot_hidden_loss, ot_logits_loss
+
+    d, V = model.d, model.vocab_size
+    pos, mask = batch["row_pos"], batch["row_mask"]  # (B, M)
+    n = mask.sum() if num_items is None else num_items
+    out = model.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=True)
+    rows = gather_rows(out.logits, pos)  # (B, M, V_logits) the logits at the teacher's rows
+    ot_kw = dict(eps=d.ot_eps, objective=d.ot_objective, max_iter=d.ot_max_iter)
+    parts, weights = {}, {}
+    if d.w_ce:
+        parts["ce"], weights["ce"] = ce_loss(out.logits, batch["labels"], n, vocab_size=V), d.w_ce
+    if d.w_kl:
+        parts["kl"] = topk_kl_loss(rows, batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_tail"],
+                                   mask, temperature=d.temperature, tail=d.kl_tail, reverse=d.kl_reverse,
+                                   vocab_size=V, num_items=n)
+        weights["kl"] = d.w_kl
+    if d.w_ot:
+        x = gather_rows(out.hidden_states[-1], pos).float()  # (B, M, d) final (post-norm) states
+        parts["ot_hidden"], _ = ot_hidden_loss(x, mask, batch["teacher_hidden"], mask, model.projection, **ot_kw)
+        weights["ot_hidden"] = d.w_ot
+    if d.w_ot_logits:
+        parts["ot_logits"], _ = ot_logits_loss(rows, batch["teacher_ids"], batch["teacher_logprobs"], mask, mask,
+                                               vocab_size=V, **ot_kw)
+        weights["ot_logits"] = d.w_ot_logits
+    loss = sum(weights[k] * v for k, v in parts.items())
+    return loss, {k: v.detach().float() for k, v in parts.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cache-writer helpers shared by test_cache and the process it SIGKILLs mid-write
+# ---------------------------------------------------------------------------------------------------------
+
+K, D, SHARD = 5, 13, 16
+PROV = {"teacher": "tiny-teacher", "teacher_hash": "a1b2", "tokenizer_hash": "t0", "params": {"k": K}}
+
+
+def make_inputs(seed=0, lengths=(5, 9, 1, 12, 7, 20, 4)):
+    """7 sequences of awkward lengths, incl. a 1-token one (no rows); last position never supervised."""
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(0, 1000, n).astype(np.int64) for n in lengths]
+    sup = [np.r_[rng.random(n - 1) < 0.7, False] for n in lengths]
+    sids = [f"{int(x):016x}" for x in rng.integers(0, 2**63, len(lengths), dtype=np.int64)]
+    return dict(sample_ids=sids, input_ids_per_seq=ids, supervised_per_seq=sup)
+
+
+def make_rows(n_rows, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(1000, generator=g)[:K] for _ in range(n_rows)])
+    lp = torch.randn(n_rows, K, generator=g).sort(dim=1, descending=True).values - 2.0
+    tail = torch.randn(n_rows, generator=g)
+    hidden = torch.randn(n_rows, D, generator=g)
+    return ids, lp, tail, hidden
+
+
+def create(path, inputs=None, **kw):
+    args = dict(k=K, logprob_dtype="bf16", hidden_size=D, hidden_dtype="bf16", provenance=PROV, shard_rows=SHARD)
+    args.update(kw)
+    return CacheWriter.create_or_resume(path, **(inputs or make_inputs()), **args)
+
+
+def write_all(w, rows, step=None):
+    ids, lp, tail, hid = rows
+    n = len(ids)
+    bounds = [0, n] if step is None else sorted(set([0, n] + list(step)))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        w.write_rows(a, ids[a:b], lp[a:b], tail[a:b], None if hid is None else hid[a:b])

@@ -10,44 +10,11 @@ import pytest
 import torch
 import zarr
 
-from cache import CacheDataset, CacheError, CacheMismatchError, CacheWriter, describe, open_cache
+from cache import CacheDataset, CacheError, CacheMismatchError, describe, open_cache
 from cache.schema import canonical_meta
+from tests.conftest import D, K, PROV, SHARD, create, make_inputs, make_rows, write_all
 
 REPO = Path(__file__).resolve().parents[1]
-K, D, SHARD = 5, 13, 16
-PROV = {"teacher": "tiny-teacher", "teacher_hash": "a1b2", "tokenizer_hash": "t0", "params": {"k": K}}
-
-
-def make_inputs(seed=0, lengths=(5, 9, 1, 12, 7, 20, 4)):
-    """7 sequences of awkward lengths, incl. a 1-token one (no rows); last position never supervised."""
-    rng = np.random.default_rng(seed)
-    ids = [rng.integers(0, 1000, n).astype(np.int64) for n in lengths]
-    sup = [np.r_[rng.random(n - 1) < 0.7, False] for n in lengths]
-    sids = [f"{int(x):016x}" for x in rng.integers(0, 2**63, len(lengths), dtype=np.int64)]
-    return dict(sample_ids=sids, input_ids_per_seq=ids, supervised_per_seq=sup)
-
-
-def make_rows(n_rows, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(1000, generator=g)[:K] for _ in range(n_rows)])
-    lp = torch.randn(n_rows, K, generator=g).sort(dim=1, descending=True).values - 2.0
-    tail = torch.randn(n_rows, generator=g)
-    hidden = torch.randn(n_rows, D, generator=g)
-    return ids, lp, tail, hidden
-
-
-def create(path, inputs=None, **kw):
-    args = dict(k=K, logprob_dtype="bf16", hidden_size=D, hidden_dtype="bf16", provenance=PROV, shard_rows=SHARD)
-    args.update(kw)
-    return CacheWriter.create_or_resume(path, **(inputs or make_inputs()), **args)
-
-
-def write_all(w, rows, step=None):
-    ids, lp, tail, hid = rows
-    n = len(ids)
-    bounds = [0, n] if step is None else sorted(set([0, n] + list(step)))
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        w.write_rows(a, ids[a:b], lp[a:b], tail[a:b], None if hid is None else hid[a:b])
 
 
 def snapshot(path) -> dict:
@@ -189,8 +156,8 @@ def test_all_records_but_no_complete_flag(tmp_path):
 
 CHILD = """
 import os, signal, sys, numpy as np, torch, zarr
-sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
-from test_cache import create, make_rows, write_all
+sys.path.insert(0, {repo!r})
+from tests.conftest import create, make_rows, write_all
 calls = [0]
 orig = zarr.Array.__setitem__
 def setitem(self, key, value):
@@ -212,7 +179,7 @@ def test_sigkill_then_resume_bit_identical(tmp_path):
         write_all(ref, rows)
     path = str(tmp_path / "c.zarr")
     # per shard: 4 row arrays + 1 record = 5 setitems; call 8 is the 3rd array of shard 1
-    code = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), kill_at=8, path=path)
+    code = CHILD.format(repo=str(REPO), kill_at=8, path=path)
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
     assert p.returncode == -signal.SIGKILL, p.stderr
     with pytest.raises(CacheError, match="incomplete"):

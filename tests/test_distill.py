@@ -1,7 +1,7 @@
-"""Stage 2: collator alignment, the 4-bit + LoRA student trains, resume, and the refusals (tokenizer, missing
-cache, NaN loss) through the real `python -m stages.distill_student`."""
-import copy
-import csv
+"""Stage 2: the batch contract (row j at position j), the fused step against the plain full-logits reference,
+the 4-bit + LoRA student trains, P is checkpointed, restored and read back, resume, TensorBoard logs, Sinkhorn
+diagnostics, and the refusals (tokenizer, missing cache, NaN loss) through the real
+`python -m stages.distill_student`."""
 import shutil
 from pathlib import Path
 
@@ -14,45 +14,19 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from cache.reader import open_cache
-from pipeline.distill import train as distill
-from pipeline.teacher import cache_teacher as teacher_cache
+from cache.reader import CacheBlocks, open_cache
 from pipeline.config import save_config
 from pipeline.data.records import ALPACA_TEMPLATE, IGNORE, load_splits, read_records
-from pipeline.distill.train import DistillCollator, cache_fields, curves_path
+from pipeline.data.tiny import build_model, build_tokenizer
+from pipeline.distill import train as distill
+from pipeline.distill.batches import BlockCollator, cache_fields, collate, curves_path
+from pipeline.distill.model import PROJECTION_FILE, DistillModel
+from pipeline.distill.student import load_student, load_trained
 from pipeline.losses.ot import init_projection
 from pipeline.models import load_tokenizer
-from pipeline.distill.student import PROJECTION_FILE, load_student, load_trained
-from pipeline.data.tiny import build_model, build_tokenizer
-from tests.test_stage1 import stage
+from tests.conftest import distill_cfg, make_cache, read_tsv, reference_loss, stage
 
 STAGE1 = "python -m stages.cache_teacher"
-
-
-def make_cache(tiny, out: Path, teacher: str | None = None):
-    """Stage 1 (in process) into `out` with the tiny random teacher, or another `teacher`."""
-    cfg = copy.deepcopy(tiny)
-    cfg.cache.out = str(out)
-    cfg.cache.teacher = teacher or tiny.cache.teacher
-    teacher_cache.run(cfg)
-    return cfg
-
-
-def distill_cfg(cfg, out: Path, **kw):
-    """A copy of cfg whose Stage 2 trains the tiny student briefly into `out` (curves next to it)."""
-    cfg = copy.deepcopy(cfg)
-    d = cfg.distill
-    d.student = str(Path(cfg.prepare.out_models) / "student")
-    d.cache, d.out, d.plots = cfg.cache.out, str(out), str(out.parent / "plots")
-    d.batch_size, d.num_workers, d.logging_steps, d.max_steps, d.lr, d.warmup_ratio = 16, 0, 1, 8, 1e-2, 0.0
-    for k, v in kw.items():
-        setattr(d, k, v)
-    return cfg
-
-
-def read_tsv(path: Path) -> list[dict]:
-    with path.open() as f:
-        return list(csv.DictReader(f, delimiter="\t"))
 
 
 def one_error_line(p) -> str:
@@ -68,13 +42,13 @@ def cached(tiny, tmp_path_factory):
 
 
 def test_collator_puts_row_j_at_position_j(cached):
-    """Row j sits at student position j and is the teacher's distribution over token j+1 (checked against the
-    data's labels and a fresh teacher forward on the padded batch)."""
+    """Row r sits at student position p_r (row_pos) and is the teacher's distribution over token p_r + 1
+    (checked against the data's labels and a fresh teacher forward on the padded batch)."""
     cfg = cached
     tok = load_tokenizer(cfg.cache.teacher)
     c = open_cache(Path(cfg.cache.out) / "train.zarr")
     items = c.read_many(range(0, len(c), len(c) // 6))  # mixed lengths -> real padding
-    b = DistillCollator(tok.pad_token_id)(items)
+    b = collate(items, tok.pad_token_id)
     by_id = {r["sample_id"]: r for r in load_splits(cfg.data, tok, log=lambda *_: None)["train"]}
     teacher = AutoModelForCausalLM.from_pretrained(cfg.cache.teacher, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -87,31 +61,44 @@ def test_collator_puts_row_j_at_position_j(cached):
         assert b["input_ids"][i, :n].tolist() == ex["input_ids"] and b["attention_mask"][i].sum() == n
         assert b["labels"][i, 1:n].tolist() == ex["labels"][1:]  # labels rebuilt from the rows = the data's
         assert (b["labels"][i, n:] == IGNORE).all()
-        j = b["row_mask"][i].nonzero()[:, 0]
+        r = int(b["row_mask"][i].sum())
+        j = b["row_pos"][i, :r]
         assert j.tolist() == [p for p in range(n - 1) if ex["labels"][p + 1] != IGNORE]
         lp = out.logits[i, j, :V].log_softmax(-1)  # teacher at position j: predicts token j+1
-        assert (b["teacher_ids"][i, j, 0] == lp.argmax(-1)).float().mean() > 0.95
-        torch.testing.assert_close(b["teacher_logprobs"][i, j], lp.gather(-1, b["teacher_ids"][i, j]),
+        assert (b["teacher_ids"][i, :r, 0] == lp.argmax(-1)).float().mean() > 0.95
+        torch.testing.assert_close(b["teacher_logprobs"][i, :r], lp.gather(-1, b["teacher_ids"][i, :r]),
                                    atol=3e-2, rtol=1e-2)  # bf16 storage
-        r = len(j)
-        assert b["row_pos"][i, :r].tolist() == j.tolist() and b["row_pos_mask"][i].sum() == r
         torch.testing.assert_close(b["teacher_hidden"][i, :r], out.hidden_states[-1][i, j], atol=5e-2, rtol=2e-2)
-        assert not b["row_pos_mask"][i, r:].any()
+        assert not b["row_mask"][i, r:].any() and b["row_mask"][i, :r].all()
+
+
+def test_blocks_are_batches_of_neighbours(cached):
+    """CacheBlocks + BlockCollator: one batch = one block of consecutive entries, every entry exactly once."""
+    c = open_cache(Path(cached.cache.out) / "train.zarr")
+    ds = CacheBlocks(c, 16, ["input_ids", "supervised"])
+    assert len(ds) == -(-len(c) // 16)
+    seen = [x["index"] for i in range(len(ds)) for x in ds[i]]
+    assert seen == list(range(len(c)))
+    b = BlockCollator(0)([ds[1]])
+    assert b["input_ids"].shape[0] == 16 and len(ds[len(ds) - 1]) == len(c) - 16 * (len(ds) - 1)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
 
 
 def test_ce_only_reads_no_teacher_rows(cached):
     d = distill_cfg(cached, Path("unused"), w_kl=0.0, w_ot=0.0, w_ot_logits=0.0).distill
     assert cache_fields(d) == ["input_ids", "supervised"]
-    b = DistillCollator(0)(open_cache(Path(cached.cache.out) / "train.zarr").read_many([0, 1], cache_fields(d)))
+    b = collate(open_cache(Path(cached.cache.out) / "train.zarr").read_many([0, 1], cache_fields(d)), 0)
     assert "teacher_ids" not in b and "teacher_hidden" not in b and b["labels"].ne(IGNORE).any()
 
 
 def test_qlora_student_trains_and_loss_decreases(cached, tmp_path):
     """Real bitsandbytes NF4 base + LoRA on CPU: the loss goes down, only adapters and P train, P is saved."""
-    cfg = distill_cfg(cached, tmp_path / "student", mode="lora", load_in_bits=4, lora_r=8, lora_dropout=0.0,
-                      lr=2e-2, max_steps=10, logging_steps=1)
+    cfg = distill_cfg(cached, tmp_path / "student", mode="lora", load_in_bits=4, lr=2e-2, max_steps=10,
+                      logging_steps=1)
+    cfg.distill.lora.r, cfg.distill.lora.dropout = 8, 0.0
     model = load_student(cfg.distill)
-    for name in cfg.distill.target_modules:
+    for name in cfg.distill.lora.target_modules:
         layers = [m for n, m in model.named_modules() if n.endswith(name)]
         assert layers and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in layers), name
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -160,6 +147,72 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(cached, tmp_path):
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == ["1", "2", "4", "6", "8"]
     assert not any(torch.equal(w[k], v) for k, v in load_file(
         Path(cfg.distill.student) / "model.safetensors").items() if "layers" in k)  # it did train
+
+    ckpt = load_file(out / "checkpoints/checkpoint-8/model.safetensors")  # what trains, P included
+    torch.testing.assert_close(ckpt["projection"], p)
+    assert {k.removeprefix("student.") for k in ckpt} - {"projection"} <= w.keys()
+    cfg.distill.student = str(out)  # continuing from a Stage-2 output reads its P back as the start
+    again = distill.build_model(cfg.distill, ckpt["projection"].shape[0], 400, seed=123)
+    torch.testing.assert_close(again.projection.detach(), p)
+
+
+def test_gradient_accumulation_adds_up_to_the_whole_batch(cached, tmp_path):
+    """Two micro-batches (each term normalised by the step's counts) give the loss and gradients of one batch."""
+    cfg = distill_cfg(cached, tmp_path / "s", w_ot=0.5, w_ot_logits=0.5)
+    c = open_cache(Path(cfg.cache.out) / "train.zarr")
+    tok = load_tokenizer(cfg.distill.student)
+    reads = c.read_many(range(3, 11), cache_fields(cfg.distill))
+    D, d = c.provenance["hidden_size"], AutoConfig.from_pretrained(cfg.distill.student).hidden_size
+    model = DistillModel(load_student(cfg.distill), cfg.distill, len(tok),
+                         init_projection(D, d, torch.Generator().manual_seed(0)))
+    whole = collate(reads, tok.pad_token_id)
+    n = whole["row_mask"].sum()
+    got = []
+    for parts in ([reads], [reads[:4], reads[4:]]):
+        model.zero_grad()
+        loss = sum(model(**collate(r, tok.pad_token_id), num_items_in_batch=n, n_micro=len(parts))[0]
+                   for r in parts)
+        loss.backward()
+        got.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(got[0][1], got[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_tensorboard_logs_every_loss_component_offline(cached, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = distill_cfg(cached, tmp_path / "student", max_steps=2, report_to="tensorboard")
+    distill.run(cfg)
+    events = list((tmp_path / "student/checkpoints/runs").rglob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/ce", "train/kl", "train/ot_hidden", "train/ot_logits",
+            "train/sinkhorn_capped_hidden"} <= tags, tags
+    assert len(acc.Scalars("train/kl")) == 2 and all(np.isfinite(e.value) for e in acc.Scalars("train/kl"))
+
+
+def test_unconverged_sinkhorn_is_logged_and_warned_once(cached, tmp_path):
+    cfg = distill_cfg(cached, tmp_path / "student", max_steps=3, ot_max_iter=2)
+    with pytest.warns(UserWarning, match="Sinkhorn stopped at distill.ot_max_iter=2") as caught:
+        distill.run(cfg)
+    assert sum("Sinkhorn stopped" in str(w.message) for w in caught) == 1
+    rows = read_tsv(curves_path(cfg.distill))
+    assert all(float(r["sinkhorn_capped_hidden"]) == 1.0 and float(r["sinkhorn_err_hidden"]) > 1e-4 for r in rows)
+    assert all(float(r["sinkhorn_iters_logits"]) == 2.0 for r in rows)
+
+
+def test_a_non_finite_gradient_stops_before_the_optimizer_step():
+    layer = torch.nn.Linear(3, 2)
+    layer.weight.grad = torch.zeros(2, 3)
+    layer.bias.grad = torch.tensor([0.0, float("nan")])
+    state = type("State", (), {"global_step": 6})()
+    with pytest.raises(distill.NonFiniteLossError, match="non-finite gradient at training step 7"):
+        distill.FiniteGradients().on_pre_optimizer_step(None, state, None, model=layer)
+    layer.bias.grad = torch.zeros(2)
+    distill.FiniteGradients().on_pre_optimizer_step(None, state, None, model=layer)  # finite: no error
 
 
 def params(cfg, path: Path) -> str:
@@ -210,34 +263,38 @@ def test_help(name, option):
 
 @pytest.mark.parametrize("weights", [dict(w_ce=1.0, w_kl=1.0, w_ot=0.5, w_ot_logits=0.5),
                                      dict(w_ce=1.0, w_kl=0.0, w_ot=0.0, w_ot_logits=0.0)])
-def test_fused_and_full_logits_paths_agree(cached, tmp_path, weights):
-    """Stage 2's default fused path (no [tokens x vocab] logits) equals the plain full-logits path: loss and
-    gradients, with every term on, and for the CE baseline that reads no teacher rows."""
-    from pipeline.distill.train import student_losses
-
+def test_fused_step_equals_the_full_logits_reference(cached, tmp_path, weights):
+    """DistillModel's step (no [tokens x vocab] logits) equals the plain full-logits losses (tests/conftest.py
+    reference_loss): loss, parts and gradients of the student and of P, with every term on, and for the CE
+    baseline that reads no teacher rows."""
     cfg = distill_cfg(cached, tmp_path / "s", **weights)
     c = open_cache(Path(cfg.cache.out) / "train.zarr")
-    batch = DistillCollator(load_tokenizer(cfg.distill.student).pad_token_id)(
-        c.read_many(range(0, len(c), len(c) // 5), cache_fields(cfg.distill)))
-    model = load_student(cfg.distill)
-    V = len(load_tokenizer(cfg.distill.student))
+    tok = load_tokenizer(cfg.distill.student)
+    batch = collate(c.read_many(range(0, len(c), len(c) // 5), cache_fields(cfg.distill)), tok.pad_token_id)
     D, d = c.provenance["hidden_size"], AutoConfig.from_pretrained(cfg.distill.student).hidden_size
+    P = init_projection(D, d, torch.Generator().manual_seed(0)) if weights["w_ot"] else None
+    model = DistillModel(load_student(cfg.distill), cfg.distill, len(tok), P)
     got = {}
-    for fused in (True, False):
-        cfg.distill.fused_loss = fused
+    for name, step in (("fused", lambda: model(**batch)), ("reference", lambda: reference_loss(model, batch))):
         model.zero_grad()
-        P = init_projection(D, d, torch.Generator().manual_seed(0)).requires_grad_()
-        loss, logs = student_losses(model, batch, cfg.distill, V, P, batch["row_mask"].sum())
+        loss, logs = step()
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        got[fused] = (loss.detach(), logs, grads, None if P.grad is None else P.grad.clone())
-    (l1, logs1, g1, p1), (l0, logs0, g0, p0) = got[True], got[False]
+        got[name] = (loss.detach(), {k: v for k, v in logs.items() if not k.startswith("sinkhorn_")}, grads)
+    (l1, logs1, g1), (l0, logs0, g0) = got["fused"], got["reference"]
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
     assert logs1.keys() == logs0.keys()
     for k in logs0:
         torch.testing.assert_close(logs1[k], logs0[k], rtol=1e-4, atol=1e-5)
-    assert g1.keys() == g0.keys() and len(g0) > 0
+    assert g1.keys() == g0.keys() and len(g0) > 0 and ("projection" in g0) == bool(weights["w_ot"])
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6)
-    if weights["w_ot"]:
-        torch.testing.assert_close(p1, p0, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype, bf16, fp16", [("bf16", True, False), ("fp32", False, False),
+                                               ("auto", torch.cuda.is_available(), False)])
+def test_mixed_precision_follows_distill_dtype(tiny, tmp_path, dtype, bf16, fp16):
+    cfg = distill_cfg(tiny, tmp_path / "s", dtype=dtype)
+    args = distill.training_args(cfg.distill, seed=0)
+    assert (args.bf16, args.fp16) == (bf16, fp16)
+    assert args.report_to == [] and args.per_device_train_batch_size == 1  # one sample = one block

@@ -4,10 +4,9 @@ from pathlib import Path
 
 from pipeline.distill import train as distill
 from pipeline.config import save_config
-from pipeline.distill.train import curves_path
+from pipeline.distill.batches import curves_path
 from pipeline.evaluation.evaluate import KEYS, made_by_stage2
-from tests.test_distill import distill_cfg, make_cache, read_tsv
-from tests.test_stage1 import stage
+from tests.conftest import distill_cfg, make_cache, read_tsv, stage
 
 
 def test_evaluate_writes_metrics_table_and_curves(tiny, tmp_path):

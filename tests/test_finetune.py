@@ -14,7 +14,7 @@ def test_lora_sft_merges_into_a_plain_checkpoint(tiny, tmp_path):
     cfg.finetune.out = str(tmp_path / "teacher")
     cfg.finetune.metrics = str(tmp_path / "metrics.json")
     cfg.finetune.mode = "lora"
-    cfg.finetune.lora_r = 4
+    cfg.finetune.lora.r = 4
     cfg.finetune.lr = 1e-2
     cfg.finetune.eval_examples = 8
     base = AutoModelForCausalLM.from_pretrained(cfg.finetune.base)

@@ -198,3 +198,34 @@ def test_tied_embedding_gradients():
         assert rel_err(p.grad, p64.grad) < 1e-5, name
     # the tied weight's grad has both parts: the lm-head's and the embedding lookup's rows
     assert (model.embed.weight.grad[inp] != 0).any() and (model.embed.weight.grad[V:] == 0).all()
+
+
+@pytest.mark.parametrize("tail", ["bucket", "none"])
+def test_reverse_kl_with_minus_inf_logit(tail):
+    # a -inf bias (a banned token) at columns that are teacher top-k ids: the student bucket has probability
+    # 0 and adds 0 log 0 = 0 to KL(student || teacher); the reference is the float64 naive path with -1e4
+    # instead of -inf (exp(-1e4 - lse) = 0 exactly in float64), so it needs no 0 log 0 convention
+    h, W, targets, ids, t_lp, tail_lp, mask = make(2)
+    banned = ids[mask][:3, 0].unique()  # the teacher's top token of some counted rows
+    targets[torch.isin(targets, banned)] = -100  # CE of a banned target would be +inf, rightly
+    b = torch.zeros(VL, dtype=torch.float64)
+    b[banned] = -math.inf
+    kw = dict(BASE, tail=tail, reverse=True, temperature=2.0)
+    loss, parts, gh, gw, gb = run(fused_ce_kl, h, W, targets, ids, t_lp, tail_lp, mask, bias=b.float(), **kw)
+    assert all(torch.isfinite(x).all() for x in (loss, gh, gw, gb))
+    kw.pop("chunk_rows")
+    ref, rparts, rh, rw, rb = run(naive_ce_kl, h.double(), W.double(), targets, ids, t_lp, tail_lp, mask,
+                                  bias=b.clamp_min(-1e4), **kw)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts["kl"].double(), rparts["kl"], rtol=1e-5, atol=1e-7)
+    assert rel_err(gh, rh) < 1e-5 and rel_err(gw, rw) < 1e-5 and rel_err(gb, rb) < 1e-5
+    assert (gb[banned] == 0).all()
+
+
+def test_refuses_integer_mask_and_nonpositive_temperature():
+    h, W, targets, ids, t_lp, tail, mask = make()
+    with pytest.raises(TypeError, match="kl_mask must be a bool tensor"):
+        fused_ce_kl(h, W, targets, ids, t_lp, tail, mask.long(), **BASE)
+    for tau in (0.0, -2.0, math.nan):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            fused_ce_kl(h, W, targets, ids, t_lp, tail, mask, **dict(BASE, temperature=tau))

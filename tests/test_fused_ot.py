@@ -102,3 +102,47 @@ def test_all_masked_is_zero():
                                          vocab_size=V)
     loss.backward()
     assert loss.item() == 0 and (h.grad == 0).all()
+
+
+def test_plain_and_fused_sanitise_padding_alike():
+    # padding may hold anything on both sides: hidden states NaN, ids -1 or beyond the vocabulary (even
+    # beyond the logits), log-probs NaN. The plain loss on full float64 logits and the fused one agree, with
+    # no hand-cleaning of the inputs, and their gradients are finite and 0 on padding
+    h64, W64, t_ids, t_lp, x_mask, y_mask = make(1)
+    h64[~x_mask] = math.nan
+    t_ids[1, 20:, :3] = V + 3  # a padding column of the logits
+    t_ids[1, 20:, 3] = VL + 5  # not a column at all
+    t_lp[2, -3:] = math.nan
+    h64.requires_grad_()
+    ref, _ = ot_logits_loss(h64 @ W64.T, t_ids, t_lp, x_mask, y_mask, eps=EPS, vocab_size=V, tol=1e-12,
+                            max_iter=20000)
+    (2 * ref).backward()
+    h = h64.detach().float().requires_grad_()
+    loss, _ = ot_logits_loss_from_hidden(h, W64.float(), t_ids, t_lp.float(), x_mask, y_mask, eps=EPS,
+                                         vocab_size=V, block=5, chunk_rows=16)
+    (2 * loss).backward()
+    assert torch.isfinite(ref) and torch.isfinite(h64.grad).all() and torch.isfinite(h.grad).all()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
+    assert rel_err(h.grad, h64.grad) < 1e-4
+    assert (h.grad[~x_mask] == 0).all() and (h64.grad[~x_mask] == 0).all()
+
+
+@pytest.mark.parametrize("bad", [-1, V])
+def test_out_of_vocabulary_teacher_id_on_a_real_row_is_refused(bad):
+    # on an unmasked row an id outside [0, V) is no token of the student: both refuse it alike, rather than
+    # one reading token 0 in its place and the other failing inside a gather
+    h, W, t_ids, t_lp, x_mask, y_mask = (t.float() if t.is_floating_point() else t for t in make())
+    t_ids[0, 3, 2] = bad
+    with pytest.raises(ValueError, match=rf"teacher_ids .* \[0, {V}\).* got {bad}"):
+        ot_logits_loss(h @ W.T, t_ids, t_lp, x_mask, y_mask, eps=EPS, vocab_size=V)
+    with pytest.raises(ValueError, match=rf"teacher_ids .* \[0, {V}\).* got {bad}"):
+        ot_logits_loss_from_hidden(h, W, t_ids, t_lp, x_mask, y_mask, eps=EPS, vocab_size=V)
+
+
+def test_refuses_integer_masks_and_nonpositive_eps():
+    h, W, t_ids, t_lp, x_mask, y_mask = (t.float() if t.is_floating_point() else t for t in make())
+    with pytest.raises(TypeError, match="y_mask must be a bool tensor"):
+        ot_logits_loss_from_hidden(h, W, t_ids, t_lp, x_mask, y_mask.long(), eps=EPS, vocab_size=V)
+    for eps in (0.0, -0.1, math.nan):
+        with pytest.raises(ValueError, match="eps must be > 0"):
+            ot_logits_loss_from_hidden(h, W, t_ids, t_lp, x_mask, y_mask, eps=eps, vocab_size=V)

@@ -303,3 +303,93 @@ def test_ot_logits_all_masked_is_zero():
     loss, _ = ot_logits_loss(s, t_ids, t_lp.float(), x_mask, torch.zeros_like(y_mask))
     loss.backward()
     assert loss.item() == 0 and torch.isfinite(s.grad).all() and (s.grad == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the losses refuse or survive
+# ---------------------------------------------------------------------------------------------------------
+
+def test_integer_masks_are_refused():
+    # a 0/1 integer mask would index rows 0 and 1 (x[mask]) instead of selecting: a silently wrong value
+    t_logits, s_logits, ids, t_lp, t_tail, mask = make_kl()
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        topk_kl_loss(s_logits.float(), ids, t_lp, t_tail, mask.long())
+    x_mask, y_mask = masks()
+    x, y, proj = (t.float() for t in make_hidden())
+    with pytest.raises(TypeError, match="x_mask must be a bool tensor"):
+        ot_hidden_loss(x, x_mask.int(), y, y_mask, proj)
+    with pytest.raises(TypeError, match="y_mask must be a bool tensor"):
+        ot_hidden_loss(x, x_mask, y, y_mask.float(), proj)
+    s64, t_ids, t_lp = make_logits()
+    with pytest.raises(TypeError, match="x_mask must be a bool tensor"):
+        ot_logits_loss(s64.float(), t_ids, t_lp.float(), x_mask.long(), y_mask)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, math.nan])
+def test_nonpositive_temperature_and_eps_are_refused(value):
+    t_logits, s_logits, ids, t_lp, t_tail, mask = make_kl()
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        topk_kl_loss(s_logits.float(), ids, t_lp, t_tail, mask, temperature=value)
+    x_mask, y_mask = masks()
+    x, y, proj = (t.float() for t in make_hidden())
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        ot_hidden_loss(x, x_mask, y, y_mask, proj, eps=value)
+    s64, t_ids, t_lp = make_logits()
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        ot_logits_loss(s64.float(), t_ids, t_lp.float(), x_mask, y_mask, eps=value)
+
+
+def ref_reverse_kl_logspace(s_logits, t_logits, ids, mask, *, tail="bucket"):
+    """Dense float64 KL(student || teacher) of the (k+1)-bucket distributions, in log space: a student
+    bucket of probability exactly 0 has a finite log-prob here (its logit is very negative, not -inf), so
+    the reference needs no 0 log 0 convention of its own."""
+    def buckets(logits):
+        lp = logits.log_softmax(-1)  # (R, V)
+        b = lp.gather(-1, ids)  # (R, k)
+        if tail == "bucket":
+            rest = lp.masked_fill(torch.zeros_like(lp, dtype=torch.bool).scatter(-1, ids, True), -math.inf)
+            return torch.cat([b, rest.logsumexp(-1, keepdim=True)], -1)
+        return b.log_softmax(-1)
+    s, t = buckets(s_logits), buckets(t_logits)
+    kl = (s.exp() * (s - t)).sum(-1)  # (R,)
+    return kl[mask].sum() / max(mask.sum().item(), 1)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "none"])
+def test_reverse_kl_with_minus_inf_student_logit(tail):
+    # a -inf student logit at a teacher id (e.g. a banned token): the student bucket has probability 0 and
+    # contributes 0 log 0 = 0 to KL(student || teacher), in value and gradient
+    t_logits, s_logits, ids, t_lp, t_tail, mask = make_kl()
+    rows = mask.nonzero()[:, 0][::3]  # a third of the counted rows
+    s_logits[rows, ids[rows, 0]] = -math.inf  # the teacher's most likely token
+    s_logits[rows[:3], ids[rows[:3], 4]] = -math.inf  # two zero buckets in some rows
+    x = s_logits.float().requires_grad_()
+    x64 = s_logits.masked_fill(torch.isinf(s_logits), -1e4).requires_grad_()  # exp(-1e4 - lse) = 0 in float64
+    loss = topk_kl_loss(x, ids, t_lp, t_tail, mask, tail=tail, reverse=True)
+    ref = ref_reverse_kl_logspace(x64, t_logits, ids, mask, tail=tail)
+    (3 * loss).backward()
+    (3 * ref).backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+    assert rel_err(x.grad, x64.grad) < 1e-5
+    assert (x.grad[torch.isinf(s_logits)] == 0).all()
+
+
+def test_ot_hidden_nan_in_padding_stays_out():
+    # padding rows of the hidden states may hold anything (uninitialised memory, a NaN from a masked
+    # position): value and every gradient equal those with clean padding, and stay finite
+    x_mask, y_mask = masks()
+    clean = make_hidden()
+    dirty = [t.clone() for t in clean]
+    dirty[0][~x_mask] = math.nan
+    dirty[1][~y_mask] = math.nan
+    out = []
+    for x, y, proj in (clean, dirty):
+        x, y, proj = (t.clone().requires_grad_() for t in (x, y, proj))
+        loss, _ = ot_hidden_loss(x, x_mask, y, y_mask, proj, eps=0.05, tol=1e-9)
+        (2 * loss).backward()
+        out.append((loss, x.grad, y.grad, proj.grad))
+    for got, want in zip(out[1], out[0]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert (out[1][1][~x_mask] == 0).all() and (out[1][2][~y_mask] == 0).all()

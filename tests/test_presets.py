@@ -28,14 +28,15 @@ from pipeline.teacher import finetune
 from pipeline.teacher import cache_teacher as teacher_cache
 from pipeline.config import load_config
 from pipeline.data.records import ALPACA_TEMPLATE
-from pipeline.distill.train import DistillCollator, cache_fields, curves_path, student_losses
+from pipeline.distill.batches import cache_fields, collate, curves_path
+from pipeline.distill.model import DistillModel
 from pipeline.losses.ot import init_projection
 from pipeline.models import ModelLoadError, check_vocab, load_tokenizer
 from pipeline.planning.plan import MODELS_DIR
 from pipeline.distill.student import load_student
 from pipeline.data.task import generate_examples
 from pipeline.data.tiny import CHAT_TEMPLATE, build_tokenizer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, reference_loss
 
 # Qwen2.5's 22 added tokens (ids 151,643-151,664); Qwen3 appends 4 more (151,665-151,668).
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -189,22 +190,21 @@ def test_student_losses_ignore_padded_columns(world):
         teacher_cache.run(copy.deepcopy(cfg))
     tok, d = toks[False], cfg.distill
     c = open_cache(cache)
-    batch = DistillCollator(tok.pad_token_id)(c.read_many(range(0, len(c), max(1, len(c) // 4)), cache_fields(d)))
-    model = load_student(d)
-    emb = model.get_output_embeddings().weight  # tied: the embedding matrix, fp32 after k-bit preparation
+    batch = collate(c.read_many(range(0, len(c), max(1, len(c) // 4)), cache_fields(d)), tok.pad_token_id)
+    P0 = init_projection(c.provenance["hidden_size"], AutoConfig.from_pretrained(d.student).hidden_size,
+                         torch.Generator().manual_seed(0))
+    model = DistillModel(load_student(d), d, len(tok), P0)
+    emb = model.student.get_output_embeddings().weight  # tied: the embedding matrix, fp32 after k-bit preparation
     assert emb.shape[0] == 151936 and not emb.requires_grad
-    P0 = init_projection(c.provenance["hidden_size"], model.config.hidden_size, torch.Generator().manual_seed(0))
     got = {}
     for fused in (True, False):
         for sign in (1, -1):
             with torch.no_grad():
                 emb[len(tok):] = sign * emb[len(tok):].abs()  # +: padded columns would take all the mass
-            d.fused_loss = fused
             model.zero_grad()
-            P = P0.clone().requires_grad_()
-            loss, logs = student_losses(model, batch, d, len(tok), P, batch["row_mask"].sum())
+            loss, logs = model(**batch) if fused else reference_loss(model, batch)
             loss.backward()
-            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None] + [P.grad]
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
             got[fused, sign] = (loss.detach(), logs, grads)
     assert set(got[True, 1][1]) >= {"ce", "kl", "ot_hidden", "ot_logits"}
     for fused in (True, False):

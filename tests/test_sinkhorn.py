@@ -271,3 +271,16 @@ def test_autocast_does_not_reach_the_solver():
     assert res.plan.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+
+
+def test_refuses_integer_masks_and_nonpositive_eps():
+    # an integer mask would make ~mask -1 / -2 and & a bitwise and: garbage marginals, no error
+    C, a_mask, b_mask = make_problem(torch.float64)
+    for fn in (sinkhorn, ot_loss):
+        with pytest.raises(TypeError, match="a_mask must be a bool tensor"):
+            fn(C, a_mask.long(), b_mask, 0.1)
+        with pytest.raises(TypeError, match="b_mask must be a bool tensor"):
+            fn(C, a_mask, b_mask.to(torch.uint8), 0.1)
+        for eps in (0.0, -0.1, float("nan")):  # C / eps: inf or NaN plans, or a maximised objective
+            with pytest.raises(ValueError, match="eps must be > 0"):
+                fn(C, a_mask, b_mask, eps)

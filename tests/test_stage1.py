@@ -16,20 +16,10 @@ from transformers import AutoModelForCausalLM
 from cache.reader import open_cache
 from pipeline.config import save_config
 from pipeline.data.records import IGNORE
-from tests.conftest import ROOT
+from tests.conftest import ROOT, stage
 
 ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "hidden", "input_ids", "supervised", "sample_ids",
           "token_offsets", "row_offsets")
-
-
-def stage(name: str, *args: str, check=True, **kw) -> subprocess.CompletedProcess:
-    """Run `python -m stages.<name>` from the repo root, as DVC and users do."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=ROOT, env=env, text=True,
-                       capture_output=True, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"stages.{name} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return p
 
 
 def params_file(cfg, path: Path, **cache) -> str:
@@ -123,10 +113,10 @@ def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path):
     stage("cache_teacher", "--params", clean)
 
     killed = params_file(cfg, tmp_path / "killed.yaml", out=str(tmp_path / "killed"), **common)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "OTKD_TEST_BATCH_DELAY": "0.05"}  # a pause per batch so the kill lands mid-run
-    proc = subprocess.Popen([sys.executable, "-m", "stages.cache_teacher", "--params", killed], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # the stage with a 0.05 s pause per batch (tests/slow_stage1.py), so the kill lands mid-run
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/slow_stage1.py"), "0.05", "--params", killed],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = tmp_path / "killed/train.zarr/shard_done"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

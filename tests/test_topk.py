@@ -1,7 +1,8 @@
 """Teacher top-k log-probs and tail mass against a float64 dense reference."""
 import torch
 
-from pipeline.teacher.topk import TAIL_FLOOR, topk_from_hidden, topk_logprobs
+from pipeline.losses.kl import LOG_FLOOR
+from pipeline.teacher.topk import topk_from_hidden, topk_logprobs
 
 
 def reference(logits: torch.Tensor, k: int, vocab_size: int):
@@ -44,7 +45,7 @@ def test_tail_when_topk_hold_almost_all_mass():
     assert torch.isinf(naive).all()  # what log(1 - sum p) would have stored
     assert torch.isfinite(tail).all() and not torch.isnan(lp).any()
     assert abs(tail[0].item() - exact[0].item()) < 1e-4  # about -39.4
-    assert tail[1].item() == TAIL_FLOOR  # exact is about -195: floored, finite
+    assert tail[1].item() == LOG_FLOOR  # exact is about -195: floored, finite
 
 
 def test_chunking_changes_nothing():

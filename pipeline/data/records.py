@@ -10,6 +10,7 @@ from pathlib import Path
 
 import datasets
 
+from cache.errors import OtkdError
 from pipeline.config import DataConfig
 
 ALPACA_TEMPLATE = (
@@ -21,7 +22,7 @@ REQUIRED = ("instruction", "output")
 IGNORE = -100  # label of positions that are not supervised (prompt, padding)
 
 
-class DataError(ValueError):
+class DataError(OtkdError, ValueError):
     """Bad user data: the message names the file (and line) and what is wrong."""
 
 
@@ -125,7 +126,8 @@ def load_splits(cfg: DataConfig, tokenizer, log=print) -> Splits:
     records = read_records(cfg.path)
     if cfg.limit < 0:
         raise DataError(f"data.limit must be >= 0 (0 = all records), got {cfg.limit}")
-    records = records[:cfg.limit] if cfg.limit else records  # the seeds' train[:N] slice of a public dataset
+    # like the train[:N] slice of a public dataset in the user's original design notes
+    records = records[:cfg.limit] if cfg.limit else records
     rows = {name: [] for name in ("train", "validation", "test")}
     seen, n_trunc, n_drop = set(), 0, 0
     for rec in records:

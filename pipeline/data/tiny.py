@@ -10,6 +10,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from pipeline.models import ModelLoadError
+
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -50,7 +52,8 @@ def build_tokenizer(texts: list[str], out_dir, vocab_size: int) -> PreTrainedTok
     short. Deterministic for the same texts (the tokenizers BPE trainer breaks ties by content).
     """
     if vocab_size <= 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size={vocab_size} must exceed the 256 byte symbols + {len(SPECIAL_TOKENS)} specials")
+        raise ModelLoadError(f"prepare.tokenizer_vocab={vocab_size} must exceed the 256 byte symbols + "
+                             f"{len(SPECIAL_TOKENS)} specials")
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                                fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
@@ -105,7 +108,9 @@ def build_model(tokenizer, out_dir, *, hidden_size: int, num_layers: int, num_he
     large share of the parameters and tying halves it. Weights are float32 (CPU training).
     """
     if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads (GQA groups)")
+        raise ModelLoadError(f"model shape hidden_size={hidden_size}, num_heads={num_heads}, "
+                             f"num_kv_heads={num_kv_heads}: hidden_size must divide by num_heads and num_heads by "
+                             "num_kv_heads (GQA groups)")
     n_tok = len(tokenizer)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     config = Qwen2Config(

@@ -5,14 +5,11 @@ The teacher is never loaded here: Stage 2 sees the teacher only through its cach
 import json
 from pathlib import Path
 
-import torch
 import yaml
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from pipeline.config import DistillConfig
-from pipeline.models import load_causal_lm
-
-PROJECTION_FILE = "projection.pt"  # the learned teacher -> student projection P, saved next to the weights
+from pipeline.models import ModelLoadError, load_causal_lm
 
 
 def load_student(d: DistillConfig):
@@ -22,13 +19,13 @@ def load_student(d: DistillConfig):
     `prepare_model_for_kbit_training` (norms and embeddings in fp32, input grads for checkpointing).
     """
     if d.mode not in ("full", "lora"):
-        raise ValueError(f"distill.mode must be 'full' or 'lora', got {d.mode!r}")
+        raise ModelLoadError(f"distill.mode must be 'full' or 'lora', got {d.mode!r}")
     if d.mode == "full" and d.load_in_bits != 16:
-        raise ValueError(f"distill.mode=full cannot train {d.load_in_bits}-bit quantised weights; "
+        raise ModelLoadError(f"distill.mode=full cannot train {d.load_in_bits}-bit quantised weights; "
                          "use distill.mode=lora (QLoRA) or distill.load_in_bits=16")
     model = cpu_4bit_guard(load_causal_lm(d.student, d.dtype, d.load_in_bits))
     if getattr(model, "is_loaded_in_4bit", False) and d.load_in_bits != 4:  # e.g. unsloth/Qwen2.5-1.5B-bnb-4bit
-        raise ValueError(f"{d.student} is a pre-quantised 4-bit checkpoint: set distill.load_in_bits=4 (and "
+        raise ModelLoadError(f"{d.student} is a pre-quantised 4-bit checkpoint: set distill.load_in_bits=4 (and "
                          "distill.mode=lora) so that it is prepared for k-bit training")
     model.config.use_cache = False  # the KV cache is useless in training and warns with checkpointing
     # Non-reentrant checkpointing needs no input that requires grad, so it also works with frozen embeddings.
@@ -39,8 +36,8 @@ def load_student(d: DistillConfig):
     elif d.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if d.mode == "lora":
-        model = get_peft_model(model, LoraConfig(r=d.lora_r, lora_alpha=d.lora_alpha, lora_dropout=d.lora_dropout,
-                                                 target_modules=list(d.target_modules), task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=d.lora.r, lora_alpha=d.lora.alpha, lora_dropout=d.lora.dropout,
+                                                 target_modules=list(d.lora.target_modules), task_type="CAUSAL_LM"))
     return model
 
 
@@ -78,9 +75,3 @@ def load_trained(path: str | Path, dtype: str = "auto", load_in_bits: int = 16):
     base = saved.get("student") or json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = cpu_4bit_guard(load_causal_lm(base, saved.get("dtype", dtype), saved.get("load_in_bits", 16)))
     return PeftModel.from_pretrained(model, str(path)).eval()
-
-
-def load_projection(path: str | Path) -> torch.Tensor | None:
-    """The (D, d) projection saved with a student, or None if it was trained without hidden-state OT."""
-    f = Path(path) / PROJECTION_FILE
-    return torch.load(f, map_location="cpu", weights_only=True) if f.exists() else None

@@ -20,15 +20,20 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from cache.errors import OtkdError  # noqa: E402
 from pipeline.config import Config, save_config  # noqa: E402
 from pipeline.data.records import load_splits, pad_collate  # noqa: E402
-from pipeline.distill.train import COMPONENTS, DistillCollator, open_checked  # noqa: E402
+from pipeline.distill.batches import COMPONENTS, collate, gather_rows, open_checked  # noqa: E402
 from pipeline.evaluation.generate import checker, task_accuracy  # noqa: E402
 from pipeline.losses.kl import ce_loss, topk_kl_loss  # noqa: E402
 from pipeline.models import load_tokenizer  # noqa: E402
 from pipeline.distill.student import load_trained  # noqa: E402
 
 KEYS = ("perplexity", "accuracy", "top1_agreement", "kl_teacher")
+
+
+class EvaluationError(OtkdError, ValueError):
+    """The evaluate.* settings name nothing that can be evaluated."""
 
 
 def _device(model) -> torch.device:
@@ -53,15 +58,15 @@ def perplexity(model, records: list[dict], pad_id: int, vocab_size: int, batch_s
 @torch.inference_mode()
 def cache_agreement(model, cache, pad_id: int, vocab_size: int, batch_size: int) -> tuple[float, float, int]:
     """(top-1 agreement, mean KL(teacher || model), rows) over every row of a teacher cache."""
-    collate = DistillCollator(pad_id)
     fields = ["input_ids", "supervised", "topk_ids", "topk_logprobs", "tail_logmass"]
     agree, kl, rows = 0, 0.0, 0
     for i in range(0, len(cache), batch_size):
-        b = {k: v.to(_device(model)) for k, v in collate(cache.read_many(range(i, min(i + batch_size, len(cache))),
-                                                                          fields)).items()}
+        reads = cache.read_many(range(i, min(i + batch_size, len(cache))), fields)
+        b = {k: v.to(_device(model)) for k, v in collate(reads, pad_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                        use_cache=False).logits  # (B, L, V)
-        mask = b["row_mask"]  # (B, L): rows sit at the position whose logits predict the same token
+        logits = gather_rows(logits, b["row_pos"])  # (B, M, V): the positions that predict the rows' tokens
+        mask = b["row_mask"]  # (B, M)
         agree += int((logits[..., :vocab_size].argmax(-1) == b["teacher_ids"][..., 0])[mask].sum())
         kl += topk_kl_loss(logits, b["teacher_ids"], b["teacher_logprobs"], b["teacher_tail"], mask,
                            vocab_size=vocab_size, num_items=1).item()  # sum over rows
@@ -123,7 +128,7 @@ def run(cfg: Config) -> dict:
     e = cfg.evaluate
     out = Path(e.out)
     if not e.models:
-        raise ValueError("evaluate.models is empty")
+        raise EvaluationError("evaluate.models is empty: name at least one model folder to evaluate")
     names = list(e.models)
     tokenizer = load_tokenizer(e.models[names[0]])
     splits = load_splits(cfg.data, tokenizer, log=lambda *_: None)
@@ -156,7 +161,7 @@ def run(cfg: Config) -> dict:
     save_config(cfg, out / "evaluate_config.yaml")  # the resolved config next to the output
     curves = {}
     for name in names:
-        f = Path(e.plots) / f"train_{Path(e.models[name]).name}.tsv"  # as pipeline.distill.train.curves_path names it
+        f = Path(e.plots) / f"train_{Path(e.models[name]).name}.tsv"  # as batches.curves_path names it
         if made_by_stage2(e.models[name]) and f.exists():
             curves[name] = read_curves(f)
     plot_curves(curves, out / "curves.png")

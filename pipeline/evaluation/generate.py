@@ -1,10 +1,11 @@
-"""Greedy generation on held-out prompts and the task accuracy it gives (the seeds' metric)."""
+"""Greedy generation on held-out prompts and the task accuracy it gives (the metric the user's original design notes
+ask for)."""
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from pipeline.data.records import render
+from pipeline.data.records import DataError, render
 
 
 def exact_match(rec: dict, generated: str) -> bool:
@@ -19,7 +20,7 @@ def checker(metric: str) -> Callable[[dict, str], bool]:
     if metric == "embedded_task":
         from pipeline.data.task import is_correct
         return is_correct
-    raise ValueError(f"data.metric must be 'exact' or 'embedded_task', got {metric!r}")
+    raise DataError(f"data.metric must be 'exact' or 'embedded_task', got {metric!r}")
 
 
 @torch.inference_mode()

@@ -21,6 +21,7 @@ ids, only those columns get gradient, and the same formulas hold with Q the reno
 """
 import torch
 
+from pipeline.losses.checks import check_mask, check_positive
 from pipeline.losses.kl import LOG_FLOOR, ce_loss, topk_kl_loss
 
 
@@ -38,7 +39,7 @@ def default_chunk_rows(vocab: int) -> int:
     return max(SLICE, CHUNK_ELEMS // vocab)
 
 
-def _lse(x: torch.Tensor) -> torch.Tensor:
+def chunked_logsumexp(x: torch.Tensor) -> torch.Tensor:
     """(C, V) -> (C, 1) logsumexp, SLICE rows at a time (torch.logsumexp allocates a full (C, V) temporary)."""
     return torch.cat([torch.logsumexp(xs, -1, keepdim=True) for xs in x.split(SLICE)])
 
@@ -90,7 +91,7 @@ class _FusedCEKL(torch.autograd.Function):
                 tgt = targets[r0:r0 + chunk_rows]  # (C,)
                 valid = tgt != -100
                 tg = torch.where(valid, tgt, 0)[:, None]  # (C, 1)
-                lse = _lse(x)  # (C, 1)
+                lse = chunked_logsumexp(x)  # (C, 1)
                 ce_sum += ((lse - x.gather(-1, tg))[:, 0] * valid).sum()
                 if need_grad:
                     coef = (valid.float() * c_ce)[:, None]  # (C, 1)
@@ -102,7 +103,7 @@ class _FusedCEKL(torch.autograd.Function):
                 # Rows that do not count may hold anything (ids -1, log-probs -inf): make them harmless.
                 idc = torch.where(m[:, None], ids[r0:r0 + chunk_rows], torch.arange(k, device=dev))  # (C, k)
                 z = x.div_(tau) if tau != 1.0 else x  # (C, V) in place: CE is done with the raw logits
-                lse = _lse(z)  # (C, 1)
+                lse = chunked_logsumexp(z)  # (C, 1)
                 zk = z.gather(-1, idc)  # (C, k)
                 s = zk - lse  # (C, k) student log-probs at the teacher's top-k
                 t = torch.where(m[:, None], t_lp[r0:r0 + chunk_rows].float(), 0.0)  # (C, k)
@@ -116,8 +117,10 @@ class _FusedCEKL(torch.autograd.Function):
                     # Student tail = logsumexp over the non-top-k logits, exact even when the top-k hold ~all
                     # the mass: fill the top-k with a finite minimum (exp -> 0, no inf - inf), in place.
                     z.scatter_(-1, idc, torch.finfo(z.dtype).min)
-                    lse_rest = _lse(z)  # (C, 1)
+                    lse_rest = chunked_logsumexp(z)  # (C, 1)
                     s = torch.cat([s, lse_rest - lse], -1)  # (C, k+1)
+                    if reverse:  # 0 log 0 = 0 for a -inf student logit, as in topk_kl_loss
+                        s = s.clamp_min(torch.finfo(s.dtype).min)
                     Q = s.exp()
                     kl = ((Q * (s - t)) if reverse else (P * (t - s))).sum(-1)  # (C,)
                     if need_grad:  # tail tokens; the top-k columns hold exp(min) = 0 here, filled below
@@ -129,6 +132,8 @@ class _FusedCEKL(torch.autograd.Function):
                             dx.sub_(z.sub_(lse_rest - t[:, k:]).exp_().mul_(coef))
                 else:
                     s = s.log_softmax(-1)  # renormalise over the k ids
+                    if reverse:  # 0 log 0 = 0 for a -inf student logit, as in topk_kl_loss
+                        s = s.clamp_min(torch.finfo(s.dtype).min)
                     Q = s.exp()
                     kl = ((Q * (s - t)) if reverse else (P * (t - s))).sum(-1)  # (C,)
                 kl_sum += (kl * m).sum()
@@ -189,6 +194,7 @@ def fused_ce_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | N
     """
     if tail not in ("bucket", "none"):
         raise ValueError(f"tail must be 'bucket' or 'none', got {tail!r}")
+    check_positive(temperature, "temperature")
     d = h.shape[-1]
     h = h.reshape(-1, d)
     R, V = h.shape[0], vocab_size or weight.shape[0]
@@ -199,7 +205,7 @@ def fused_ce_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | N
             raise ValueError("tail='bucket' needs teacher_tail")
         ids = teacher_ids.reshape(R, -1).long()
         t_lp = teacher_logprobs.reshape(R, -1)
-        kl_mask = kl_mask.reshape(R).bool()
+        kl_mask = check_mask(kl_mask, "kl_mask").reshape(R)
         t_tail = teacher_tail.reshape(R) if teacher_tail is not None else torch.zeros(R, device=h.device)
     else:
         ids = torch.zeros(R, 1, dtype=torch.long, device=h.device)
@@ -244,7 +250,7 @@ def naive_ce_kl(h, weight, targets=None, teacher_ids=None, teacher_logprobs=None
     if w_kl:
         parts["kl"] = topk_kl_loss(logits, teacher_ids.reshape(R, -1), teacher_logprobs.reshape(R, -1),
                                    None if teacher_tail is None else teacher_tail.reshape(R),
-                                   kl_mask.reshape(R).bool(), temperature=temperature, tail=tail,
+                                   kl_mask.reshape(R), temperature=temperature, tail=tail,
                                    reverse=reverse, vocab_size=vocab_size, num_items=num_items)
         loss = loss + w_kl * parts["kl"]
     return loss, {k: v.detach() for k, v in parts.items()}

@@ -20,8 +20,8 @@ Imports only torch.
 """
 import torch
 
-from pipeline.losses.fused_ce_kl import _lse, default_chunk_rows
-from pipeline.losses.ot import OT_EPS, cost_from_similarity, reduce_sequences
+from pipeline.losses.fused_ce_kl import chunked_logsumexp, default_chunk_rows
+from pipeline.losses.ot import OT_EPS, check_ot_args, cost_from_similarity, reduce_sequences, teacher_topk
 from pipeline.losses.sinkhorn import SinkhornResult, ot_loss
 
 
@@ -43,7 +43,7 @@ class _HiddenTopkSimilarity(torch.autograd.Function):
         m = torch.empty(B * N, d, device=h.device) if need_h else None  # (B*N, d) expected embedding
         for r0 in range(0, B * N, chunk_rows):
             z = _logits(rows[r0:r0 + chunk_rows], W, b, mm)  # (C, V)
-            lse[r0:r0 + chunk_rows] = _lse(z)
+            lse[r0:r0 + chunk_rows] = chunked_logsumexp(z)
             if need_h:
                 q = z.sub_(lse[r0:r0 + chunk_rows]).exp_()  # (C, V) in place: softmax
                 m[r0:r0 + chunk_rows] = (q.to(mm) @ W).float()
@@ -122,10 +122,10 @@ def ot_logits_loss_from_hidden(h: torch.Tensor, weight: torch.Tensor, teacher_id
     N x block x k). chunk_rows: rows per chunk of the vocabulary pass (default `default_chunk_rows(V)`).
     Same value and gradients as `ot_logits_loss(h @ weight.T + bias, ...)` up to float32 rounding.
     """
+    check_ot_args(x_mask, y_mask, eps)
     V = vocab_size or weight.shape[0]
-    ids = teacher_ids.long()
-    ids = torch.where((ids >= 0) & (ids < V) & y_mask[..., None], ids, 0)  # padding rows may hold anything
-    p = torch.where(y_mask[..., None], teacher_logprobs.float().exp(), 0.0)  # (B, M, k)
+    h = torch.where(x_mask[..., None], h, 0.0)  # padding rows zeroed (where, not *: 0 * NaN = NaN)
+    ids, p = teacher_topk(teacher_ids, teacher_logprobs, y_mask, V)  # (B, M, k) each, as ot_logits_loss
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (h, weight, bias)]
     S = _HiddenTopkSimilarity.apply(h, weight, bias, ids, p, V, block, chunk_rows or default_chunk_rows(V),

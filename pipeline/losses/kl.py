@@ -1,16 +1,20 @@
 """Hard-label cross-entropy and KL on the teacher's cached top-k (+ one tail bucket), on full logits.
 
-Pure functions of tensors; masks are explicit bool tensors (True = counts). Every loss returns 0 with zero
-gradients when nothing is supervised, never NaN. Stage 2 computes the same values without full logits in
-`pipeline/losses/fused_ce_kl.py`; these plain versions are its reference (tests) and serve evaluation.
+Pure functions of tensors; masks are explicit bool tensors (True = counts; other dtypes are refused). Every
+loss returns 0 with zero gradients when nothing is supervised, never NaN. Stage 2 computes the same values
+without full logits in `pipeline/losses/fused_ce_kl.py`; these plain versions are its reference (tests) and
+serve evaluation.
 Imports only torch.
 """
 import torch
 import torch.nn.functional as F
 
+from pipeline.losses.checks import check_mask, check_positive
+
 # Teacher log-probs are floored here before use; Stage 1 floors the tail mass it stores at the same value
-# (pipeline/teacher/topk.py imports it). exp(-80) ~ 1.8e-35 is "no mass" at float32 precision, and a finite
-# floor keeps p (log p - log q) at 0 instead of 0 * (-inf) = NaN when the cache holds -inf.
+# (pipeline/teacher/topk.py imports this constant: the two must be equal, or a stored tail would be read back
+# as another value). exp(-80) ~ 1.8e-35 is "no mass" at float32 precision, and a finite floor keeps
+# p (log p - log q) at 0 instead of 0 * (-inf) = NaN when the cache holds -inf.
 LOG_FLOOR = -80.0
 
 
@@ -76,6 +80,8 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teache
         raise ValueError(f"tail must be 'bucket' or 'none', got {tail!r}")
     if tail == "bucket" and teacher_tail is None:
         raise ValueError("tail='bucket' needs teacher_tail")
+    check_mask(mask, "mask")
+    check_positive(temperature, "temperature")
     # Only the supervised rows are computed; the others get exactly zero gradient from the indexing.
     z = upcast(student_logits[..., :vocab_size][mask]) / temperature  # (R', V)
     ids = teacher_ids[mask].long()  # (R', k)
@@ -95,6 +101,10 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teache
     t = (t.clamp_min(LOG_FLOOR) / temperature).log_softmax(-1)  # (R', k+1) or (R', k)
 
     if reverse:
+        # 0 log 0 = 0: a -inf student logit at a teacher id gives s = -inf, and Q (s - t) would be 0 * -inf =
+        # NaN in value and gradient. The most negative finite s has exp(s) = 0 exactly, so the term is 0 and
+        # its gradient Q (s - t + 1) too.
+        s = s.clamp_min(torch.finfo(s.dtype).min)
         kl = (s.exp() * (s - t)).sum(-1)  # (R',) KL(student || teacher)
     else:
         kl = (t.exp() * (t - s)).sum(-1)  # (R',) KL(teacher || student)

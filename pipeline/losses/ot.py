@@ -2,16 +2,19 @@
 student and teacher next-token distributions (plain full-logits version; Stage 2 uses
 `pipeline/losses/fused_ot.py`, which never builds the logits).
 
-Pure functions of tensors; masks are explicit bool tensors (True = counts). Imports only torch.
+Pure functions of tensors; masks are explicit bool tensors (True = counts; other dtypes are refused).
+Imports only torch.
 """
 import math
 
 import torch
 
+from pipeline.losses.checks import check_mask, check_positive
 from pipeline.losses.kl import upcast
 from pipeline.losses.sinkhorn import SinkhornResult, ot_loss
 
-# Default entropic regularisation for the OT losses; see `ot_hidden_loss` for why not the seeds' lambda.
+# Default entropic regularisation for the OT losses; see `ot_hidden_loss` for why not the lambda of
+# the user's original design notes.
 OT_EPS = 0.05
 
 
@@ -31,6 +34,31 @@ def reduce_sequences(per_seq: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.
         n = (x_mask.any(-1) & y_mask.any(-1)).sum().clamp_min(1)
         return per_seq.sum() / n
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def check_ot_args(x_mask: torch.Tensor, y_mask: torch.Tensor, eps: float) -> None:
+    """The arguments every OT loss would otherwise turn into a wrong value or NaN (see pipeline/losses/checks.py)."""
+    check_mask(x_mask, "x_mask")
+    check_mask(y_mask, "y_mask")
+    check_positive(eps, "eps")
+
+
+def teacher_topk(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, y_mask: torch.Tensor, V: int,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher ids (B, M, k) long and probabilities (B, M, k) in `dtype` made safe to gather with, the same in the
+    plain and the fused logits OT: padding rows may hold anything (ids -1 or >= V, log-probs -inf or NaN), so
+    they get id 0 and probability 0 (a padding column is masked out of C anyway). On a real row an id outside
+    [0, V) cannot be a token of the student's vocabulary: refused, not silently read as another token.
+    """
+    ids = teacher_ids.long()
+    inside = (ids >= 0) & (ids < V)  # (B, M, k)
+    if not inside[y_mask].all():
+        bad = ids[y_mask][~inside[y_mask]]
+        raise ValueError(f"teacher_ids on unmasked rows must lie in [0, {V}) (the student's vocabulary), "
+                         f"got {bad[0].item()}")
+    ids = torch.where(y_mask[..., None], ids, 0)
+    p = torch.where(y_mask[..., None], teacher_logprobs.to(dtype).exp(), 0.0)
+    return ids, p
 
 
 def init_projection(D: int, d: int, generator: torch.Generator | None = None,
@@ -59,14 +87,19 @@ def ot_hidden_loss(x: torch.Tensor, x_mask: torch.Tensor, y: torch.Tensor, y_mas
     step supplies the exact implicit dL/dC (objective="linear") or T* (objective="regularized", which
     optimises <T*, C> - eps H(T*) instead; see pipeline/losses/sinkhorn.py).
 
-    eps: the seeds write <T, C> - (1/lambda) H(T), so eps = 1/lambda. Their "lambda = 0.1" would be eps = 10:
-        with C in [0, 1] the plan would be ~exp(-C/10) ~ uniform, so the loss would only see mean(C) and no
-        alignment at all. Default 0.05 (OTT-JAX's relative default is 0.05 * std(C)); note that C's spread
-        shrinks like 1/M for soft similarities, so a fixed eps is relatively looser on long sequences.
+    eps: the user's original design notes write <T, C> - (1/lambda) H(T), so eps = 1/lambda. Their "lambda = 0.1"
+        would be eps = 10: with C in [0, 1] the plan would be ~exp(-C/10) ~ uniform, so the loss would only see
+        mean(C) and no alignment at all. Default 0.05 (OTT-JAX's relative default is 0.05 * std(C)); note that
+        C's spread shrinks like 1/M for soft similarities, so a fixed eps is relatively looser on long sequences.
     reduction: "mean" over sequences with at least one valid token on each side, or "sum". Sequences with
         none contribute 0.
     Returns (loss scalar, SinkhornResult) - the result's n_iters / err are for logging.
     """
+    check_ot_args(x_mask, y_mask, eps)
+    # Padding rows are zeroed with where, not a multiplication: 0 * NaN = NaN, and a NaN row of S would reach
+    # proj's gradient through the softmax backward (its upstream gradient is 0, but 0 * NaN is NaN again).
+    x = torch.where(x_mask[..., None], x, 0.0)
+    y = torch.where(y_mask[..., None], y, 0.0)
     S = x @ (y @ proj).transpose(1, 2) / math.sqrt(x.shape[-1])  # (B, N, M)
     C = cost_from_similarity(S, y_mask)
     per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, tol=tol, max_iter=max_iter)  # (B,)
@@ -127,9 +160,12 @@ def ot_logits_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teac
     block: teacher tokens per block of the gather (memory: B x block x N x k, see _TopkSimilarity).
     Returns (loss scalar, SinkhornResult).
     """
-    q = upcast(student_logits[..., :vocab_size]).softmax(-1)  # (B, N, V)
-    p = teacher_logprobs.to(q.dtype).exp()  # (B, M, k)
-    S = _TopkSimilarity.apply(q, teacher_ids.long(), p, block)  # (B, N, M)
+    check_ot_args(x_mask, y_mask, eps)
+    z = upcast(student_logits[..., :vocab_size])  # (B, N, V)
+    # padding rows zeroed (where, not *: 0 * NaN = NaN), as ot_hidden_loss does with its hidden states
+    q = torch.where(x_mask[..., None], z, 0.0).softmax(-1)  # (B, N, V)
+    ids, p = teacher_topk(teacher_ids, teacher_logprobs, y_mask, z.shape[-1], q.dtype)  # (B, M, k) each
+    S = _TopkSimilarity.apply(q, ids, p, block)  # (B, N, M)
     C = cost_from_similarity(S, y_mask)
     per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, tol=tol, max_iter=max_iter)  # (B,)
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res

@@ -8,8 +8,9 @@ Problem, per sequence b (tokens i < N on one side, j < M on the other, padding m
 so T*_ij = exp((f_i + g_j - C_ij) / eps) with dual potentials f, g found by Sinkhorn.
 
 Two objectives can be differentiated (`ot_loss`):
-- "linear":      <T*, C>, the seeds' loss. T* depends on C, so dL/dC != T*; the gradient comes from implicit
-                 differentiation of the Sinkhorn fixed point (derivation at `_linear_grad`).
+- "linear":      <T*, C>, the loss of the user's original design notes. T* depends on C, so dL/dC != T*; the
+                 gradient comes from implicit differentiation of the Sinkhorn fixed point (derivation at
+                 `_linear_grad`).
 - "regularized": <T*, C> - eps * H(T*) = <T*, C> + eps * sum T* log T*. By the envelope theorem its
                  gradient is exactly T* (the plan is optimal, so moving it changes the value only to second
                  order).
@@ -22,6 +23,8 @@ import math
 from typing import NamedTuple
 
 import torch
+
+from pipeline.losses.checks import check_mask, check_positive
 
 
 class SinkhornResult(NamedTuple):
@@ -98,8 +101,9 @@ def sinkhorn(C: torch.Tensor, a_mask: torch.Tensor, b_mask: torch.Tensor, eps: f
     """Entropic OT between uniform marginals over the valid tokens, batched.
 
     C: (B, N, M) cost (any finite values; entries on padding are ignored, they may be garbage).
-    a_mask: (B, N) bool, b_mask: (B, M) bool, True on real tokens. N != M and N_valid != M_valid are fine.
-    eps: entropic regularisation (the seeds' 1/lambda).
+    a_mask: (B, N) bool, b_mask: (B, M) bool, True on real tokens (other dtypes: TypeError). N != M and
+         N_valid != M_valid are fine.
+    eps: entropic regularisation (1/lambda in the user's original design notes), > 0 (else ValueError).
     tol: a sequence stops once the L1 marginal error (rows + columns) of its plan is <= tol; default
          `default_tol(C.dtype)`. Converged sequences leave the working batch (no more work is spent on them),
          so a sequence's result does not depend on its batch mates (for a fixed domain).
@@ -118,6 +122,9 @@ def sinkhorn(C: torch.Tensor, a_mask: torch.Tensor, b_mask: torch.Tensor, eps: f
          adaptive.
     """
     B, N, M = C.shape
+    check_mask(a_mask, "a_mask")  # an integer mask would turn ~ into -1/-2 and & into bitwise garbage
+    check_mask(b_mask, "b_mask")
+    check_positive(eps, "eps")
     tol = default_tol(C.dtype) if tol is None else tol
     if domain not in ("auto", "kernel", "log"):
         raise ValueError(f"domain must be 'auto', 'kernel' or 'log', got {domain!r}")

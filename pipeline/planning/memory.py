@@ -3,12 +3,29 @@
 Each formula counts the tensors that this repository's code (named at the formula) and the libraries it calls
 keep alive, and tests/test_plan.py checks them against memory measured on the CPU. Units are bytes; `a` is the
 byte width of the compute dtype: 2 (bf16) on a GPU, 4 (fp32) on the CPU where the tests measure. Only the
-standard library is imported, so planning a 7B model needs neither torch nor a GPU.
+standard library is imported (and cache.errors, which imports nothing), so planning a 7B model needs neither
+torch nor a GPU.
 """
 import math
 from dataclasses import dataclass
 
-SUPPORTED = ("qwen2", "qwen3")
+from cache.errors import OtkdError
+
+SUPPORTED = ("qwen2", "qwen3", "llama")
+"""HF decoders with one layer structure (pre-RMSNorm, GQA attention with rotary embeddings, SwiGLU MLP): Qwen2,
+Qwen3 (+ per-head q/k RMSNorm) and Llama (Llama 2/3.x, SmolLM/SmolLM2). What differs is only which projections have
+a bias, read from config.json in Arch.from_config; Llama 3's rope_scaling changes no tensor size."""
+
+
+class PlanError(OtkdError, ValueError):
+    """The params file asks for something the planner cannot budget (an unknown architecture or optimizer,
+    models that cannot share a tokenizer, a model whose config.json it cannot find)."""
+
+
+class ModelConfigNotFoundError(PlanError, FileNotFoundError):
+    """No config.json for a model name: neither a local checkpoint folder nor a shipped copy."""
+
+
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 """bitsandbytes NF4 with double quantisation (blocksize 64): 4-bit codes + one uint8 absmax per 64 weights + one
 fp32 second-level absmax per 256 blocks = 4.127 bits per weight (QLoRA, Dettmers et al. 2023, section 3)."""
@@ -19,7 +36,7 @@ FUSED_SLICE, FUSED_CHUNK_ELEMS = 128, 2 ** 26  # pipeline/losses/fused_ce_kl.py 
 
 @dataclass(frozen=True)
 class Arch:
-    """The numbers of a Qwen2 / Qwen3 decoder that its memory depends on."""
+    """The numbers of a Qwen2 / Qwen3 / Llama decoder that its memory depends on."""
 
     name: str
     model_type: str
@@ -31,8 +48,9 @@ class Arch:
     intermediate: int  # I: width of the SwiGLU MLP
     vocab: int  # logits width (config vocab_size), padded beyond the tokenizer's size
     tied: bool  # lm_head shares the embedding matrix
-    qkv_bias: bool  # Qwen2: always; Qwen3: attention_bias
-    o_bias: bool  # Qwen3 only, with attention_bias
+    qkv_bias: bool  # Qwen2: always; Qwen3 and Llama: attention_bias
+    o_bias: bool  # Qwen3 and Llama with attention_bias (never Qwen2)
+    mlp_bias: bool  # Llama's mlp_bias: gate/up/down_proj biases (never Qwen2/Qwen3)
     qk_norm: bool  # Qwen3's per-head RMSNorm on q and k
     max_positions: int
     prequantized: int  # 4 / 8 for a bitsandbytes checkpoint (its config has a quantization_config), else 16
@@ -41,22 +59,24 @@ class Arch:
     def from_config(cls, cfg: dict, name: str) -> "Arch":
         mt = cfg.get("model_type")
         if mt not in SUPPORTED:
-            raise ValueError(f"{name}: the planner knows {' and '.join(SUPPORTED)} decoders, not model_type {mt!r}")
+            raise PlanError(f"{name}: the planner knows {' and '.join(SUPPORTED)} decoders, not model_type {mt!r}")
         h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
         q = cfg.get("quantization_config") or {}
-        qwen3_bias = mt == "qwen3" and bool(cfg.get("attention_bias", False))
+        # Qwen2 ignores attention_bias (q/k/v always biased, o_proj never); Qwen3 / Llama bias all four with it
+        attn_bias = mt != "qwen2" and bool(cfg.get("attention_bias", False))
         return cls(name, mt, h, cfg["num_hidden_layers"], heads, cfg.get("num_key_value_heads") or heads,
                    cfg.get("head_dim") or h // heads, cfg["intermediate_size"], cfg["vocab_size"],
-                   bool(cfg.get("tie_word_embeddings", False)), mt == "qwen2" or qwen3_bias, qwen3_bias,
-                   mt == "qwen3", cfg.get("max_position_embeddings", 32768),
+                   bool(cfg.get("tie_word_embeddings", False)), mt == "qwen2" or attn_bias, attn_bias,
+                   mt == "llama" and bool(cfg.get("mlp_bias", False)), mt == "qwen3",
+                   cfg.get("max_position_embeddings", 32768),
                    4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else 16)
 
     def linears(self) -> dict[str, tuple[int, int, bool]]:
-        """Per decoder layer: projection -> (in_features, out_features, has bias), as HF's modeling_qwen2/3."""
+        """Per decoder layer: projection -> (in_features, out_features, has bias), as HF's modeling_qwen2/3/llama."""
         h, hq, hkv, inter = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
         return {"q_proj": (h, hq, self.qkv_bias), "k_proj": (h, hkv, self.qkv_bias), "v_proj": (h, hkv, self.qkv_bias),
-                "o_proj": (hq, h, self.o_bias), "gate_proj": (h, inter, False), "up_proj": (h, inter, False),
-                "down_proj": (inter, h, False)}
+                "o_proj": (hq, h, self.o_bias), "gate_proj": (h, inter, self.mlp_bias),
+                "up_proj": (h, inter, self.mlp_bias), "down_proj": (inter, h, self.mlp_bias)}
 
     @property
     def linear_weights(self) -> int:
@@ -118,7 +138,7 @@ def optimizer_bytes(sizes: list[int], param_bytes: int, optim: str) -> float:
         return 2 * param_bytes * sum(sizes)
     if optim in ("adamw_8bit", "paged_adamw_8bit"):
         return sum(2 * n + 8 * math.ceil(n / BNB_BLOCK) + 2 * 256 * 4 if n >= BNB_MIN_8BIT else 8 * n for n in sizes)
-    raise ValueError(f"distill.optim must be one of {', '.join(OPTIMIZERS)}, got {optim!r}")
+    raise PlanError(f"distill.optim must be one of {', '.join(OPTIMIZERS)}, got {optim!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -126,13 +146,13 @@ def optimizer_bytes(sizes: list[int], param_bytes: int, optim: str) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # The method of Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models" (sec. 4:
 # 34 s b h bytes per layer for a 16-bit GPT layer, + 5 a s^2 b for attention scores), redone for what HF's
-# Qwen2/Qwen3 layers save: RMSNorm upcasts its input to fp32, SwiGLU keeps three I-wide tensors, GQA, rotary
+# Qwen2/Qwen3/Llama layers save: RMSNorm upcasts its input to fp32, SwiGLU keeps three I-wide tensors, GQA, rotary
 # embeddings, and SDPA's fused attention (memory-efficient / flash kernels keep q, k, v, the output and a
 # logsumexp, no s x s scores) - so the s^2 term is only the padding mask's additive bias (below).
 
 def train_layer_bytes(arch: Arch, a: int, kbit: bool, lora: tuple | None, r: int, dropout: float,
                       padded: bool, seq: int) -> float:
-    """Bytes one decoder layer saves for the backward, per token (HF Qwen2/Qwen3 layer, peft LoRA, SDPA).
+    """Bytes one decoder layer saves for the backward, per token (HF Qwen2/Qwen3/Llama layer, peft LoRA, SDPA).
 
     lora: the targeted projection names (peft LoRA), None = full fine-tuning (every weight trains).
     kbit: the QLoRA path under bf16 autocast: prepare_model_for_kbit_training made the embeddings fp32, and

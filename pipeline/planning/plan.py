@@ -1,8 +1,9 @@
 """VRAM planner: the GPU memory budget of Stage 1 and Stage 2 for a params file, before any GPU is rented.
 
-Pure arithmetic on the models' config.json (a local checkpoint folder, or the copies shipped in params/models
-for hub names) and the otkd Config: pipeline/planning/memory.py has the per-component formulas, this file adds them up
-per stage, gives the verdict on a GPU of `gpu_gb` GiB and the longest sequence that still fits.
+Pure arithmetic on the models' config.json (a local checkpoint folder, or for hub names the copies shipped
+as package data in pipeline/planning/models) and the otkd Config: pipeline/planning/memory.py has the
+per-component formulas, this file adds them up per stage, gives the verdict on a GPU of `gpu_gb` GiB and the
+longest sequence that still fits.
 
 Every assumption is listed in ASSUMPTIONS below, printed under the table and written into the JSON, so that
 the metric says what it assumed (the README's "Will it fit?" explains them).
@@ -10,13 +11,15 @@ the metric says what it assumed (the README's "Will it fit?" explains them).
 import json
 import textwrap
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from pipeline.planning import memory as mm
 from pipeline.config import Config
 
 GIB = 2 ** 30
-MODELS_DIR = Path(__file__).resolve().parents[2] / "params" / "models"
+# Hub models' config.json, <org>--<name>/config.json: package data (pyproject.toml), so a `pip install .` has them.
+MODELS_DIR = resources.files(__package__) / "models"
 CUDA_CONTEXT_GIB = 0.5
 MARGIN = 0.10
 ASSUMPTIONS = [
@@ -32,8 +35,8 @@ ASSUMPTIONS = [
     ("Stage 2 batches are padded to the longest sequence (= the sequence length); batch_size > 1 means padding, "
      "so SDPA gets a mask: K/V repeated to all heads and an additive mask of L^2 per sequence per layer"),
     "attention is SDPA's fused kernel (flash / memory-efficient): no L x L scores are stored",
-    ("activations: HF Qwen2/Qwen3 decoder layers, counted tensor by tensor (Korthikanti et al. 2022's method); "
-     "with gradient checkpointing each layer keeps its input, and one layer is recomputed at a time"),
+    ("activations: HF Qwen2/Qwen3/Llama decoder layers, counted tensor by tensor (Korthikanti et al. 2022's "
+     "method); with gradient checkpointing each layer keeps its input, and one layer is recomputed at a time"),
     "backward working set of a layer = its saved activations again (their gradients)",
     ("OT: Sinkhorn converges within ot_max_iter (else +1 B x N x M fp32), the implicit gradient's float32 CG "
      "converges (a float64 re-solve is not counted), a block's teacher top-k ids are all distinct"),
@@ -70,16 +73,17 @@ class Budget:
 
 
 def find_config(name: str) -> dict:
-    """config.json of a local checkpoint folder, or of a hub name from the copies in params/models."""
+    """config.json of a local checkpoint folder, or of a hub name from the copies shipped in MODELS_DIR."""
     local = Path(name) / "config.json"
     shipped = MODELS_DIR / name.replace("/", "--") / "config.json"
     for f in (local, shipped):
         if f.is_file():
             return json.loads(f.read_text())
-    known = sorted(p.parent.name.replace("--", "/") for p in MODELS_DIR.glob("*/config.json"))
-    raise FileNotFoundError(f"no config.json for model {name!r}: not a local checkpoint folder, and not one of the "
-                            f"shipped configs ({', '.join(known)}); copy its config.json to {MODELS_DIR}/"
-                            f"{name.replace('/', '--')}/config.json")
+    known = sorted(d.name.replace("--", "/") for d in MODELS_DIR.iterdir() if (d / "config.json").is_file())
+    raise mm.ModelConfigNotFoundError(
+        f"no config.json for model {name!r}: not a local checkpoint folder, and not one of the shipped configs "
+        f"({', '.join(known)}); name a local folder holding its config.json, or copy it to "
+        f"{MODELS_DIR}/{name.replace('/', '--')}/config.json")
 
 
 def teacher_name(cfg: Config) -> str:
@@ -121,14 +125,14 @@ def stage2(cfg: Config, s: mm.Arch, t: mm.Arch, seq: int) -> Budget:
     d = cfg.distill
     a, bits = dtype_bytes(d.dtype), s.prequantized if s.prequantized != 16 else d.load_in_bits
     kbit, B, k = bits != 16, d.batch_size, cfg.cache.k
-    lora = tuple(x for x in d.target_modules if x in s.linears()) if d.mode == "lora" else None
+    lora = tuple(x for x in d.lora.target_modules if x in s.linears()) if d.mode == "lora" else None
     tokens, res, rows = B * seq, 4 if kbit else a, B * (seq - 1)  # worst case: every position has a row
     proj = [t.hidden * s.hidden] if d.w_ot else []  # P (D x d), fp32
     items = [Item("weights", f"weights ({s.params / 1e9:.2f} B parameters, {_kind(bits, a)})",
                   mm.weight_bytes(s, bits, a, kbit) + mm.dequant_bytes(s, bits, a))]
     if lora is not None:
-        sizes = mm.lora_sizes(s, d.lora_r, lora)
-        items += [Item("trainable", f"LoRA r={d.lora_r} on {len(lora)} projections ({sum(sizes) / 1e6:.1f} M)"
+        sizes = mm.lora_sizes(s, d.lora.r, lora)
+        items += [Item("trainable", f"LoRA r={d.lora.r} on {len(lora)} projections ({sum(sizes) / 1e6:.1f} M)"
                        + (f" + P ({proj[0] / 1e6:.1f} M), fp32" if proj else ", fp32"), 4 * sum(sizes + proj)),
                   Item("gradients", "gradients", 4 * sum(sizes + proj)),
                   Item("optimizer", f"optimizer states ({d.optim})", mm.optimizer_bytes(sizes + proj, 4, d.optim))]
@@ -138,7 +142,7 @@ def stage2(cfg: Config, s: mm.Arch, t: mm.Arch, seq: int) -> Budget:
         items += [Item("gradients", "gradients", a * sum(sizes) + 4 * sum(proj)),
                   Item("optimizer", f"optimizer states ({d.optim})",
                        mm.optimizer_bytes(sizes, a, d.optim) + mm.optimizer_bytes(proj, 4, d.optim))]
-    layer = tokens * mm.train_layer_bytes(s, a, kbit, lora, d.lora_r, d.lora_dropout, B > 1, seq)
+    layer = tokens * mm.train_layer_bytes(s, a, kbit, lora, d.lora.r, d.lora.dropout, B > 1, seq)
     out = tokens * (4 + res) * s.hidden  # the final norm's fp32 input and the decoder's output
     if d.gradient_checkpointing:
         items += [Item("activations", f"activations: the inputs of {s.layers} checkpointed layers",
@@ -152,12 +156,10 @@ def stage2(cfg: Config, s: mm.Arch, t: mm.Arch, seq: int) -> Budget:
     items.append(Item("batch", "batch on the GPU (ids, labels" + (", top-k targets" if targets else "")
                       + (", teacher hidden)" if d.w_ot else ")"),
                       tokens * (34 + 2 * (12 * k + 4) * targets + 4 * t.hidden * bool(d.w_ot))))
-    if d.fused_loss:
-        items.append(Item("loss", f"fused CE+KL ({min(mm.fused_chunk_rows(s.vocab), rows):,} rows x {s.vocab:,} "
-                          "per chunk)", mm.fused_loss_bytes(rows, s.vocab, s.vocab, s.hidden, a, d.w_ce, d.w_kl,
-                                                             d.mode == "full"), True))
-    else:  # (B, L, V) logits, their fp32 copy, log-softmax (saved) and its gradient: roughly a + 12 B each
-        items.append(Item("loss", f"full logits CE+KL ({tokens:,} x {s.vocab:,})", tokens * s.vocab * (a + 12), True))
+    # Stage 2 has one loss path: CE + KL straight from hidden states in row chunks, never (B, L, V) logits
+    items.append(Item("loss", f"fused CE+KL ({min(mm.fused_chunk_rows(s.vocab), rows):,} rows x {s.vocab:,} "
+                      "per chunk)", mm.fused_loss_bytes(rows, s.vocab, s.vocab, s.hidden, a, d.w_ce, d.w_kl,
+                                                         d.mode == "full"), True))
     if d.w_ot or d.w_ot_logits:
         items.append(Item("ot", f"OT: Sinkhorn on {B} x {seq:,} x {seq:,}" + (" + top-k probabilities by block"
                           if d.w_ot_logits else ""), mm.ot_bytes(B, seq, seq, s.vocab, k, bool(d.w_ot),
@@ -181,7 +183,8 @@ def plan(cfg: Config, gpu_gb: float = 24.0) -> dict:
     t = mm.Arch.from_config(find_config(teacher_name(cfg)), teacher_name(cfg))
     s = mm.Arch.from_config(find_config(cfg.distill.student), cfg.distill.student)
     if t.vocab < s.vocab - 512 or s.vocab < t.vocab - 512:
-        raise ValueError(f"teacher {t.name} ({t.vocab} logits) and student {s.name} ({s.vocab}) cannot share a tokenizer")
+        raise mm.PlanError(f"teacher {t.name} ({t.vocab} logits) and student {s.name} ({s.vocab}) cannot share a "
+                           "tokenizer")
     gpu, seq = gpu_gb * GIB, cfg.data.max_length
     out = {"gpu_gib": gpu_gb, "seq_len": seq, "assumptions": ASSUMPTIONS}
     for name, at, arch in (("stage1", lambda n: stage1(cfg, t, n), t), ("stage2", lambda n: stage2(cfg, s, t, n), s)):

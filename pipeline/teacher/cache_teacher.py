@@ -6,7 +6,6 @@ config, so a rerun after a crash recomputes exactly the same batches and the res
 to an uninterrupted one.
 """
 import functools
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -17,14 +16,11 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from cache import CacheMismatchError, CacheWriter
+from cache import CacheError, CacheMismatchError, CacheWriter
 from pipeline.config import Config, save_config
 from pipeline.data.records import IGNORE, fingerprint, load_splits, pad_collate, tokenizer_hash
 from pipeline.models import check_vocab, load_causal_lm, load_tokenizer, model_hash
 from pipeline.teacher.topk import topk_from_hidden
-
-# Test-only: seconds to pause after each batch, so the crash-resume test can SIGKILL a run mid-way.
-DELAY = float(os.environ.get("OTKD_TEST_BATCH_DELAY", "0"))
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -109,8 +105,6 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
                                 tokenizer.pad_token_id)
             out = teacher_rows(get_model(), batch, c.k, len(tokenizer), c.chunk_rows, c.hidden_dtype != "none")
             writer.write_rows(int(row_start[b[0]]), *out)
-            if DELAY:
-                time.sleep(DELAY)
             bar.update(sum(len(input_ids[i]) for i in b))
     print(f"cache {path}: done in {time.perf_counter() - t0:.1f}s")
     return path
@@ -122,11 +116,11 @@ def run(cfg: Config, replace_mismatched: bool = False) -> None:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(c.teacher)
     if c.k > len(tokenizer):
-        raise ValueError(f"cache.k={c.k} is larger than the tokenizer's vocabulary ({len(tokenizer)} tokens)")
+        raise CacheError(f"cache.k={c.k} is larger than the tokenizer's vocabulary ({len(tokenizer)} tokens)")
     splits = load_splits(cfg.data, tokenizer)
     missing = [s for s in c.splits if s not in splits.splits]
     if missing:
-        raise ValueError(f"cache.splits: unknown split {missing[0]!r} (use train, validation, test)")
+        raise CacheError(f"cache.splits: unknown split {missing[0]!r} (use train, validation, test)")
     teacher_cfg = AutoConfig.from_pretrained(c.teacher)
     check_vocab(teacher_cfg.vocab_size, len(tokenizer), c.teacher)  # padded logits are sliced to the tokenizer
     provenance = {

@@ -1,4 +1,4 @@
-"""Teacher SFT on the task (the seeds' step 1): LoRA then merge_and_unload, or full fine-tuning.
+"""Teacher SFT on the task (step 1 of the user's original design notes): LoRA then merge_and_unload, or full fine-tuning.
 
 The result is a plain checkpoint (no adapter) so Stage 1 loads it exactly like Qwen/Qwen2.5-7B.
 """
@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 from pipeline.config import Config, save_config
 from pipeline.data.records import load_splits, pad_collate
 from pipeline.evaluation.generate import checker, task_accuracy
-from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.models import ModelLoadError, load_causal_lm, load_tokenizer
 
 
 def training_args(out: Path, seed: int, epochs: float, lr: float, batch_size: int, warmup_ratio: float,
@@ -34,10 +34,10 @@ def run(cfg: Config) -> dict:
     splits = load_splits(cfg.data, tokenizer)
     model = load_causal_lm(f.base, "auto")
     if f.mode == "lora":
-        model = get_peft_model(model, LoraConfig(r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout,
-                                                 target_modules=f.target_modules, task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=f.lora.r, lora_alpha=f.lora.alpha, lora_dropout=f.lora.dropout,
+                                                 target_modules=f.lora.target_modules, task_type="CAUSAL_LM"))
     elif f.mode != "full":
-        raise ValueError(f"finetune.mode must be 'lora' or 'full', got {f.mode!r}")
+        raise ModelLoadError(f"finetune.mode must be 'lora' or 'full', got {f.mode!r}")
     train = splits["train"].select_columns(["input_ids", "labels"])
     args = training_args(out / "trainer", cfg.seed, f.epochs, f.lr, f.batch_size, f.warmup_ratio)
     trainer = Trainer(model=model, args=args, train_dataset=train,

@@ -2,15 +2,16 @@
 
 The cache stores, per supervised position, the top-k of the teacher's log-softmax over the FULL real
 vocabulary (not top-k of raw logits renormalised, which Axolotl's maintainers call "mostly incorrect for KD")
-plus the log of the probability mass outside the top-k. Imports only torch.
+plus the log of the probability mass outside the top-k. Imports only torch (and the losses' LOG_FLOOR).
 """
 from typing import Callable
 
 import torch
 
-# exp(-80) ~ 1.8e-35: the tail floor when the top-k hold all the mass to float32 precision. A finite floor
-# keeps p·log p style terms at 0 instead of 0·(-inf) = NaN in the losses that read the cache.
-TAIL_FLOOR = -80.0
+# The stored tail is floored at the losses' LOG_FLOOR (exp(-80) ~ 1.8e-35, "no mass" in float32), one constant
+# on purpose: the losses clamp every teacher log-prob to it, so a tail stored below it would be read back as a
+# different value than Stage 1 computed, and a floor above it would give mass the teacher never had.
+from pipeline.losses.kl import LOG_FLOOR
 
 
 def topk_logprobs(logits: torch.Tensor, k: int, vocab_size: int | None = None):
@@ -31,12 +32,12 @@ def topk_logprobs(logits: torch.Tensor, k: int, vocab_size: int | None = None):
     top_vals, ids = torch.topk(x, k, dim=-1)  # (R, k)
     logprobs = top_vals - lse  # (R, k)
     if k == V:
-        tail = torch.full_like(lse[:, 0], TAIL_FLOOR)
+        tail = torch.full_like(lse[:, 0], LOG_FLOOR)
     else:
         # The tail from the excluded logits themselves, not log1p(-sum p): the subtraction cancels
         # catastrophically (and goes NaN) when the top-k hold ~all the mass.
         x.scatter_(-1, ids, float("-inf"))  # (R, V) in place: no second R×V buffer
-        tail = (torch.logsumexp(x, dim=-1) - lse[:, 0]).clamp_min(TAIL_FLOOR)  # (R,)
+        tail = (torch.logsumexp(x, dim=-1) - lse[:, 0]).clamp_min(LOG_FLOOR)  # (R,)
     return ids, logprobs, tail
 
 

@@ -1,0 +1,121 @@
+"""The Stage-2 batch contract: which cache fields a run reads, how reads become padded tensors, and the cache
+opening with its provenance check. Shared by training and evaluation; imports no loss code.
+
+Row contract (cache/schema.py): row r of a sequence is the teacher's distribution over the token after the
+r-th supervised position p_r, so it sits at student position p_r, whose logits predict that same token.
+Batches keep the teacher rows compact, in row order, with their positions:
+
+    row_pos (B, M) = p_r (0 on padding rows),  row_mask (B, M) = row exists,  teacher_* (B, M, ...)
+
+The per-token losses read rows flattened to (R, ...) = x[row_mask], the sequence-level OT losses read them
+per sequence (B, M, ...); neither needs them scattered over all L positions.
+"""
+from pathlib import Path
+from typing import TypedDict
+
+import numpy as np
+import torch
+
+from cache.errors import CacheMismatchError
+from cache.reader import TeacherCache, describe, open_cache
+from pipeline.config import DistillConfig
+from pipeline.data.records import IGNORE, tokenizer_hash
+from pipeline.losses.kl import LOG_FLOOR
+
+# The loss terms Stage 2 logs and plots, in table order; each has a weight distill.w_<name>.
+COMPONENTS = ("ce", "kl", "ot_hidden", "ot_logits")
+
+
+class Batch(TypedDict, total=False):
+    """One Stage-2 batch (a plain dict at run time, so Trainer / accelerate move it between devices)."""
+
+    input_ids: torch.Tensor         # (B, L) long, right-padded with the tokenizer's pad id
+    attention_mask: torch.Tensor    # (B, L) long
+    labels: torch.Tensor            # (B, L) long: input_ids at p_r + 1 for every row r, else IGNORE
+    row_pos: torch.Tensor           # (B, M) long: the student position of each teacher row
+    row_mask: torch.Tensor          # (B, M) bool
+    teacher_ids: torch.Tensor       # (B, M, k) long        only when KL or OT on logits is on
+    teacher_logprobs: torch.Tensor  # (B, M, k) float32     (log-softmax over the full vocabulary)
+    teacher_tail: torch.Tensor      # (B, M) float32        log of the mass outside the top-k
+    teacher_hidden: torch.Tensor    # (B, M, D) float32     only when OT on hidden states is on
+
+
+def cache_fields(d: DistillConfig) -> list[str]:
+    """Only what the enabled losses need is read from disk (the CE baseline reads no teacher rows at all)."""
+    fields = ["input_ids", "supervised"]
+    if d.w_kl or d.w_ot_logits:
+        fields += ["topk_ids", "topk_logprobs", "tail_logmass"]
+    if d.w_ot:
+        fields += ["hidden"]
+    return fields
+
+
+def collate(reads: list[dict], pad_id: int) -> Batch:
+    """`TeacherCache.read` dicts -> a right-padded `Batch` (padding to the longest sequence and most rows)."""
+    B = len(reads)
+    L = max(len(x["input_ids"]) for x in reads)
+    pos = [np.flatnonzero(x["supervised"]) for x in reads]
+    M = max(len(p) for p in pos)
+    out = Batch(input_ids=torch.full((B, L), pad_id, dtype=torch.long),
+                attention_mask=torch.zeros(B, L, dtype=torch.long),
+                labels=torch.full((B, L), IGNORE, dtype=torch.long),
+                row_pos=torch.zeros(B, M, dtype=torch.long),
+                row_mask=torch.zeros(B, M, dtype=torch.bool))
+    has_topk, has_hidden = "topk_ids" in reads[0], "hidden" in reads[0]
+    if has_topk:
+        k = reads[0]["topk_ids"].shape[1]
+        # Fillers on padding rows are never read by the losses (masked); finite values keep it so.
+        out["teacher_ids"] = torch.zeros(B, M, k, dtype=torch.long)
+        out["teacher_logprobs"] = torch.full((B, M, k), LOG_FLOOR)
+        out["teacher_tail"] = torch.full((B, M), LOG_FLOOR)
+    if has_hidden:
+        out["teacher_hidden"] = torch.zeros(B, M, reads[0]["hidden"].shape[1])
+    for b, (x, p) in enumerate(zip(reads, pos)):
+        n, r = len(x["input_ids"]), len(p)
+        ids = torch.as_tensor(x["input_ids"], dtype=torch.long)
+        tp = torch.as_tensor(p, dtype=torch.long)
+        out["input_ids"][b, :n] = ids
+        out["attention_mask"][b, :n] = 1
+        out["labels"][b, tp + 1] = ids[tp + 1]  # the row at p predicts token p+1 (never p = n-1)
+        out["row_pos"][b, :r] = tp
+        out["row_mask"][b, :r] = True
+        if has_topk:
+            out["teacher_ids"][b, :r] = torch.as_tensor(x["topk_ids"])
+            out["teacher_logprobs"][b, :r] = torch.as_tensor(x["topk_logprobs"])
+            out["teacher_tail"][b, :r] = torch.as_tensor(x["tail_logmass"])
+        if has_hidden:
+            out["teacher_hidden"][b, :r] = torch.as_tensor(x["hidden"])
+    return out
+
+
+class BlockCollator:
+    """DataLoader collate_fn over `cache.CacheBlocks` items (each a list of reads): blocks -> one `Batch`."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, blocks: list[list[dict]]) -> Batch:
+        return collate([x for block in blocks for x in block], self.pad_id)
+
+
+def gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x (B, L, ...) at positions pos (B, M) -> (B, M, ...)."""
+    idx = pos.view(*pos.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def open_checked(path: Path, tokenizer, student: str) -> TeacherCache:
+    """open_cache + provenance check against the student's tokenizer (by hash: see data.records.tokenizer_hash)."""
+    want = tokenizer_hash(tokenizer)
+    try:
+        return open_cache(path, expect={"tokenizer_hash": want})
+    except CacheMismatchError:
+        got = describe(path)["provenance"].get("tokenizer_hash")
+        raise CacheMismatchError(
+            f"teacher cache at {path} was made with another tokenizer (hash {got}) than the student {student} "
+            f"uses (hash {want}); the teacher and the student must share one tokenizer") from None
+
+
+def curves_path(d: DistillConfig) -> Path:
+    """`<plots>/train_<name of out>.tsv`: the distilled and the CE-only students get distinct files."""
+    return Path(d.plots) / f"train_{Path(d.out).name}.tsv"

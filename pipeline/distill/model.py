@@ -1,0 +1,129 @@
+"""What Stage 2 trains, as one module: the student and the teacher -> student projection P.
+
+`DistillModel.forward(**batch)` is the whole training step's loss,
+
+    L = w_ce * CE + w_kl * KL + w_ot * OT_hidden + w_ot_logits * OT_logits
+
+computed by the pure functions of pipeline/losses/ from the student's final hidden states: CE + KL chunked
+over rows (`fused_ce_kl`) and OT on logits built only at the teacher's top-k ids (`ot_logits_loss_from_hidden`),
+so no (tokens x vocab) tensor ever exists. Because P is a parameter of this module, Trainer (or DDP) optimises,
+clips, checkpoints and all-reduces it with the student; nothing about it is special-cased.
+
+Adding a loss term: a pure function in pipeline/losses/, one line in `forward`, one weight in DistillConfig.
+"""
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import DistillConfig
+from pipeline.distill.batches import gather_rows
+from pipeline.losses.fused_ce_kl import fused_ce_kl
+from pipeline.losses.fused_ot import ot_logits_loss_from_hidden
+from pipeline.losses.ot import ot_hidden_loss
+
+PROJECTION_FILE = "projection.pt"  # the learned teacher -> student projection P, saved next to the student
+
+
+class DistillModel(nn.Module):
+    """The student (a transformers model, or a peft model around one) and P (D, d), trained together.
+
+    Its state (`state_dict`) is what trains: the LoRA adapters (or every student weight) and P. A checkpoint
+    therefore holds no copy of a frozen, possibly 4-bit base; resuming rebuilds the base from distill.student
+    and loads the state on top. `save_pretrained` writes the student in its own format (plain checkpoint or
+    peft adapter, loadable with from_pretrained) and P beside it.
+    """
+
+    accepts_loss_kwargs = True  # Trainer passes num_items_in_batch: the optimizer step's supervised tokens
+
+    def __init__(self, student: nn.Module, d: DistillConfig, vocab_size: int, projection: torch.Tensor | None):
+        super().__init__()
+        self.student, self.d, self.vocab_size = student, d, vocab_size
+        self.projection = None if projection is None else nn.Parameter(projection)
+
+    def forward(self, input_ids, attention_mask, row_pos, row_mask, labels=None, teacher_ids=None,
+                teacher_logprobs=None, teacher_tail=None, teacher_hidden=None, num_items_in_batch=None,
+                n_micro: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A `Batch` (pipeline/distill/batches.py) -> (loss, parts): the weighted loss, and every unweighted
+        term plus Sinkhorn diagnostics, detached, for logging.
+
+        Every term is a mean over the whole optimizer step, so micro-batch losses simply add up: CE and KL
+        divide their sums over rows by num_items_in_batch (the step's row count, from Trainer; default this
+        batch's), the per-sequence OT means divide by n_micro (micro-batches in the step, over all ranks).
+        """
+        d, V = self.d, self.vocab_size
+        n_items = row_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        decoder, head = self.student.get_decoder(), self.student.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, d)
+        rows = gather_rows(hidden, row_pos)  # (B, M, d) final (post-norm) state at each teacher row
+        loss, parts = hidden.new_zeros((), dtype=torch.float32), {}
+
+        if d.w_ce or d.w_kl:
+            targets = gather_rows(input_ids, row_pos + 1)[row_mask]  # (R,) the token each row predicts
+            if teacher_ids is not None:  # (R, k), (R, k), (R,)
+                t_ids, t_lp, t_tail = teacher_ids[row_mask], teacher_logprobs[row_mask], teacher_tail[row_mask]
+            else:  # the CE baseline reads no teacher rows; KL is off, these are never used
+                t_ids = t_lp = t_tail = None
+            ce_kl, terms = fused_ce_kl(rows[row_mask], head.weight, targets, t_ids, t_lp, t_tail,
+                                       row_mask[row_mask], w_ce=d.w_ce, w_kl=d.w_kl, temperature=d.temperature,
+                                       tail=d.kl_tail, reverse=d.kl_reverse, vocab_size=V, num_items=n_items,
+                                       bias=bias)
+            loss = loss + ce_kl
+            # A micro-batch's share of the step's token mean; x n_micro reads as the step's mean in the logs.
+            parts.update({k: v * n_micro for k, v in terms.items()})
+        if d.w_ot:
+            parts["ot_hidden"], res = ot_hidden_loss(rows.float(), row_mask, teacher_hidden, row_mask,
+                                                     self.projection, eps=d.ot_eps, objective=d.ot_objective,
+                                                     max_iter=d.ot_max_iter)
+            loss = loss + d.w_ot * parts["ot_hidden"] / n_micro
+            parts.update(sinkhorn_report(res, row_mask, d.ot_max_iter, "hidden"))
+        if d.w_ot_logits:
+            parts["ot_logits"], res = ot_logits_loss_from_hidden(
+                rows, head.weight, teacher_ids, teacher_logprobs, row_mask, row_mask, bias=bias, eps=d.ot_eps,
+                vocab_size=V, objective=d.ot_objective, max_iter=d.ot_max_iter)
+            loss = loss + d.w_ot_logits * parts["ot_logits"] / n_micro
+            parts.update(sinkhorn_report(res, row_mask, d.ot_max_iter, "logits"))
+        return loss, {k: v.detach().float() for k, v in parts.items()}
+
+    # -- state = what trains ---------------------------------------------------------------------------
+    def state_dict(self, *, prefix: str = "", keep_vars: bool = False, **_) -> dict[str, torch.Tensor]:
+        """The trainable tensors only (adapters or all student weights, and P), by parameter name.
+
+        Tied weights (embedding = lm_head) appear once, which is also what safetensors requires.
+        """
+        return {prefix + n: p if keep_vars else p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads a `state_dict()`; only trainable tensors count as missing (the frozen base is already loaded)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        result = result._replace(missing_keys=[k for k in result.missing_keys if k in trainable])
+        if strict and (result.missing_keys or result.unexpected_keys):
+            raise RuntimeError(f"DistillModel state: missing {result.missing_keys}, "
+                               f"unexpected {result.unexpected_keys}")
+        return result
+
+    def save_pretrained(self, out: str | Path, tokenizer=None) -> None:
+        """The student as from_pretrained / peft load it, P as `projection.pt` beside it, and the tokenizer."""
+        out = Path(out)
+        self.student.save_pretrained(str(out))
+        if self.projection is not None:
+            torch.save(self.projection.detach().cpu(), out / PROJECTION_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+
+
+def sinkhorn_report(res, row_mask: torch.Tensor, max_iter: int, name: str) -> dict[str, torch.Tensor]:
+    """Share of this batch's OT problems that stopped at max_iter, and the worst L1 marginal error."""
+    live = row_mask.any(-1)  # (B,) sequences with rows: the others are empty problems, never iterated
+    n = live.sum().clamp_min(1)
+    return {f"sinkhorn_iters_{name}": (res.n_iters * live).sum() / n,
+            f"sinkhorn_capped_{name}": ((res.n_iters >= max_iter) & live).sum() / n,
+            f"sinkhorn_err_{name}": torch.where(live, res.err, 0.0).max()}
+
+
+def load_projection(path: str | Path) -> torch.Tensor | None:
+    """The (D, d) projection saved with a Stage-2 student, or None if it was trained without hidden-state OT."""
+    f = Path(path) / PROJECTION_FILE
+    return torch.load(f, map_location="cpu", weights_only=True) if f.exists() else None

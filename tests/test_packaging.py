@@ -1,0 +1,64 @@
+"""A non-editable install works without the source tree: the wheel carries the planner's model configs.
+
+The wheel is built from a copy of the packaging inputs (so nothing is written into the checkout), installed with
+`pip install --target` into an empty folder, and `python -m stages.plan` runs from a folder outside the repository
+with only that install on PYTHONPATH: the shipped config.json files must come from the installed package.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+from pipeline.config import load_config
+from pipeline.planning import plan
+from tests.conftest import ROOT
+
+PACKAGES = ("pipeline", "stages", "cache")
+PRESET = "qwen3-4b_to_0.6b.yaml"
+
+
+def pip(*args, cwd):
+    p = subprocess.run([sys.executable, "-m", "pip", *args, "--no-deps", "--no-build-isolation",
+                        "--disable-pip-version-check", "--no-input"], cwd=cwd, capture_output=True, text=True,
+                       check=False, env={**os.environ, "PIP_NO_INDEX": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+def test_wheel_ships_the_model_configs_and_the_installed_planner_uses_them(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / f, src / f)
+    for pkg in PACKAGES:
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pip("wheel", "-w", str(tmp_path / "dist"), str(src), cwd=tmp_path)
+    wheel, = (tmp_path / "dist").glob("otkd-*.whl")
+
+    shipped = sorted(f"pipeline/planning/models/{d.name}/config.json" for d in plan.MODELS_DIR.iterdir()
+                     if (d / "config.json").is_file())
+    assert len(shipped) >= 9  # 7 Qwen + 2 Llama-family configs
+    names = zipfile.ZipFile(wheel).namelist()
+    assert sorted(n for n in names if n.startswith("pipeline/planning/models/")) == shipped
+    assert "stages/plan.py" in names and "cache/schema.py" in names
+
+    target, run = tmp_path / "site", tmp_path / "elsewhere"
+    run.mkdir()
+    pip("install", "--target", str(target), "--no-compile", str(wheel), cwd=tmp_path)
+    shutil.copy2(ROOT / "params" / PRESET, run / PRESET)
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+
+    def python(*args):
+        p = subprocess.run([sys.executable, *args], cwd=run, env=env, capture_output=True, text=True, check=False)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout
+
+    where = python("-c", "import pipeline.planning.plan as p, stages.plan as s; print(p.__file__, s.__file__, "
+                         "p.MODELS_DIR)").split()
+    assert all(w.startswith(str(target)) for w in where), where  # the install, not the checkout
+    out = python("-m", "stages.plan", "--params", PRESET, "--out", "plan.json")
+    assert "Stage 1 - teacher Qwen/Qwen3-4B" in out and "Stage 2 - student Qwen/Qwen3-0.6B" in out
+    m = json.loads((run / "plan.json").read_text())
+    assert m["stage1"]["fits"] and m["stage2"]["fits"] and m["seq_len"] == 1024
+    assert m == plan.plan(load_config(ROOT / "params" / PRESET), 24.0)  # the same numbers as the checkout's
