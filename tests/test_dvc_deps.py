@@ -53,3 +53,11 @@ def test_every_stage_depends_on_the_code_it_imports(dvc_file):
         assert need - have == set(), f"{dvc_file} stage {name}: deps lack {sorted(need - have)}"
         code = {d for d in have if d.split("/")[0] in PACKAGES and d.endswith((".py", "cache"))}
         assert code - need == set(), f"{dvc_file} stage {name}: deps list unused code {sorted(code - need)}"
+
+
+def test_evaluation_does_not_import_training_code():
+    """Editing the Sinkhorn or the training step must not rerun the evaluation (its deps are its imports)."""
+    need = {p.relative_to(ROOT).as_posix() for p in imported_files("stages.evaluate") if not isinstance(p, str)}
+    assert "pipeline/distill/batches.py" in need
+    assert not need & {"pipeline/distill/train.py", "pipeline/distill/model.py", "pipeline/losses/sinkhorn.py",
+                       "pipeline/losses/ot.py", "pipeline/losses/fused_ot.py", "pipeline/losses/fused_ce_kl.py"}
