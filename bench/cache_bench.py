@@ -37,6 +37,13 @@ vocabulary 389, hidden D = 128) its bytes per row per array (directory sizes), r
 read throughput (random batches of 64 whole sequences, no hidden) are reported too. It is opened read-only.
 It is not comparable with the k = 64 target (16 ids over 389 tokens), but its statistics are real ones.
 
+INTEGRITY (cache/manifest.py, cache/verify.py). Read throughput with the schema's integrity features on (a
+crc32c after every compressed chunk, the reader's per-read value checks: ids in range, no fill values) against a
+store written without the crc32c codec and read without the checks: same rows, same random batches, 9 rounds
+interleaved, median of the per-round ratios (target: on/off >= 0.95). The manifest's share of Stage 1's write
+time (reading each written shard file back and taking its CRC-32), and `verify_cache`'s time per GB (full: every
+file's CRC-32, every chunk decoded, the row contract) and --quick's (stat only).
+
 What "overhead" means here. Stage 1 does, per supervised row: the teacher forward (GPU), top-k of the full
 log-softmax (GPU, inside `topk_from_hidden`), then encoding + Zarr write (CPU). Only the last two are cache
 work. This machine has no GPU, so the bench measures on the CPU: top-k extraction, encoding + write, and the
@@ -58,10 +65,13 @@ import numpy as np
 import torch
 import zarr
 
+import cache.schema as cache_schema
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cache import CacheWriter, open_cache  # noqa: E402
+from cache import CacheError, CacheWriter, open_cache  # noqa: E402
 from cache.schema import decode_float  # noqa: E402
+from cache.verify import verify  # noqa: E402
 from pipeline.teacher.topk import topk_logprobs  # noqa: E402
 
 V, K, D = 151_936, 64, 3584
@@ -208,8 +218,9 @@ def write_store(path, rows, lp_dtype, hidden=None, shard_rows=65536, background=
     return t1 - t0, time.perf_counter() - t1, w, t_loop
 
 
-def read_bench(path, fields, batch, seconds, rng) -> dict:
+def read_bench(path, fields, batch, seconds, rng, checks=True) -> dict:
     c = open_cache(path)
+    c.check_values = checks
     n_seq, rows, toks, calls = len(c), 0, 0, 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -228,7 +239,10 @@ def embedded_measure(path, read_s, rng, fields) -> dict:
     path = Path(path)
     if not path.exists():
         return {"present": False, "path": str(path)}
-    c = open_cache(path)
+    try:
+        c = open_cache(path)
+    except CacheError as e:  # e.g. a store of an older cache schema: rerun Stage 1
+        return {"present": False, "path": str(path), "error": str(e)}
     g = zarr.open_group(path, mode="r")
     n_rows, n_tok = int(c.row_offsets[-1]), int(c.token_offsets[-1])
     b = {n: dir_bytes(path / n) / n_rows for n in ("topk_ids", "topk_logprobs", "tail_logmass", "hidden")
@@ -246,6 +260,54 @@ def embedded_measure(path, read_s, rng, fields) -> dict:
             "token_arrays_bytes_per_token": (dir_bytes(path / "input_ids") + dir_bytes(path / "supervised")) / n_tok,
             "teacher_stats": teacher_stats(lp, tail), "id_stats": id_stats(ids),
             "read": read_bench(path, fields, 64, read_s, rng)}
+
+
+def integrity_bench(tmp: Path, rows, hidden, read_s: float, no_hidden: list) -> dict:
+    """Checks on (schema default: chunk crc32c + reader value checks) vs off (no crc32c codec, no value checks)."""
+    out = {"read": {}, "verify": {}}
+    stores = {}
+    for on in (True, False):
+        cache_schema.CHUNK_CHECKSUMS = on
+        try:
+            for name, h in (("no_hidden", None), ("with_hidden", hidden)):
+                p = tmp / f"integrity_{name}_{'on' if on else 'off'}.zarr"
+                write_store(p, rows, "bf16", hidden=h, shard_rows=len(rows[0]) // 4)
+                stores[name, on] = p
+        finally:
+            cache_schema.CHUNK_CHECKSUMS = True
+    for name, fields in (("no_hidden", no_hidden), ("with_hidden", None)):
+        on, off, rounds = [], [], 9
+        for r in range(rounds):
+            for flag, acc in ((True, on), (False, off)) if r % 2 == 0 else ((False, off), (True, on)):
+                acc.append(read_bench(stores[name, flag], fields, 8, read_s / rounds, np.random.default_rng(r),
+                                      checks=flag)["rows_per_s"])
+        ratios = [a / b for a, b in zip(on, off)]
+        # whole-array decode, CPU seconds of the process (all threads), best of 7 interleaved: the work itself,
+        # less sensitive than wall time to other load on a shared machine
+        best = {True: np.inf, False: np.inf}
+        for r in range(7):
+            for flag in (True, False) if r % 2 == 0 else (False, True):
+                g = zarr.open_group(stores[name, flag], mode="r")
+                t0 = time.process_time()
+                for _ in range(3):
+                    for f in fields or [n for n in g.array_keys() if g[n].ndim and n != "shard_done"]:
+                        g[f][:]
+                best[flag] = min(best[flag], time.process_time() - t0)
+        out["read"][name] = {"on_rows_per_s": float(np.median(on)), "off_rows_per_s": float(np.median(off)),
+                             "ratio": float(np.median(ratios)), "best_ratio": max(on) / max(off), "rounds": rounds,
+                             "ratios": ratios, "decode_on_s": best[True], "decode_off_s": best[False],
+                             "decode_ratio": best[False] / best[True]}
+        p = stores[name, True]
+        t0 = time.perf_counter()
+        rep = verify(p, progress=False)
+        full = time.perf_counter() - t0
+        assert rep.ok, rep.text()
+        t0 = time.perf_counter()
+        verify(p, quick=True, progress=False)
+        quick = time.perf_counter() - t0
+        gb = rep.bytes_checked / 1e9
+        out["verify"][name] = {"gb": gb, "full_s": full, "full_s_per_gb": full / gb, "quick_s": quick}
+    return out
 
 
 def main():
@@ -302,6 +364,7 @@ def main():
                     "token_arrays_bytes_per_token": (dir_bytes(path / "input_ids") + dir_bytes(path / "supervised"))
                     / int(w._group.attrs["n_tokens"]),
                     "create_s": t_create, "write_us_per_row": 1e6 * t_write / w.n_rows,
+                    "write_s": t_write, "manifest_s": w.manifest_seconds,
                     "topk_us_per_row": 1e6 * m_topk / n_logit}
         res["logits"] = res["id_models"]["pessimistic"]["logits"]  # legacy key: pessimistic model
 
@@ -335,6 +398,7 @@ def main():
         _, t_write_h, w, _ = write_store(path, (rep(ids), rep(lp), rep(tail)), "bf16", hidden=hid)
         logit_us = res["logits"]["bf16"]["write_us_per_row"]
         res["hidden"] = {"bytes_per_row": dir_bytes(path / "hidden") / w.n_rows, "raw_bytes_per_row": 2 * D,
+                         "write_s": t_write_h, "manifest_s": w.manifest_seconds,
                          "write_us_per_row_total": 1e6 * t_write_h / w.n_rows,
                          "write_us_per_row_hidden_only": 1e6 * t_write_h / w.n_rows - logit_us}
 
@@ -376,6 +440,14 @@ def main():
             "no_hidden": read_bench(tmp / "logits_pessimistic_bf16.zarr", no_hidden, 8, read_s, rng),
             "with_hidden": read_bench(path, None, 8, read_s, rng)}
 
+        # 5b. integrity: read throughput with chunk crc32c + per-read value checks vs neither (same data, same
+        # random batches, rounds interleaved so that machine noise hits both), the manifest's share of the write
+        # time, and verify_cache's time per GB (full: CRC-32 of every file, decode, row contract; and --quick)
+        res["integrity"] = integrity_bench(tmp, (ids, lp, tail), hid[:n_logit], read_s, no_hidden)
+        res["integrity"]["manifest_write_share"] = {
+            "logits_bf16": res["logits"]["bf16"]["manifest_s"] / res["logits"]["bf16"]["write_s"],
+            "with_hidden": res["hidden"]["manifest_s"] / res["hidden"]["write_s"]}
+
         # 6. the real embedded-teacher cache written by Stage 1 (read-only), if present
         res["embedded"] = embedded_measure(args.embedded, min(read_s, 3.0), rng, no_hidden)
     finally:
@@ -407,6 +479,18 @@ def main():
         print(f"read {name:<12}: {r['rows_per_s']:>9.0f} rows/s {r['tokens_per_s']:>9.0f} tokens/s "
               f"{r['ms_per_batch']:.1f} ms per batch of 8 sequences")
 
+    ig = res["integrity"]
+    for name, r in ig["read"].items():
+        print(f"integrity read {name:<11}: checks on {r['on_rows_per_s']:>8.0f} rows/s, off {r['off_rows_per_s']:>8.0f}"
+              f" rows/s -> on/off {r['ratio']:.3f} (median of {r['rounds']} interleaved rounds; best-round ratio "
+              f"{r['best_ratio']:.3f}); whole-array decode CPU, best of 7: on/off speed {r['decode_ratio']:.3f} "
+              f"({100 * (1 - r['decode_ratio']):+.1f}% cost; target <= 5%)")
+    ms = ig["manifest_write_share"]
+    print(f"integrity write: manifest (read back + CRC-32 of each shard file) = {100 * ms['logits_bf16']:.1f}% of the "
+          f"logits-only write time, {100 * ms['with_hidden']:.1f}% with hidden")
+    for name, r in ig["verify"].items():
+        print(f"integrity verify {name:<11}: {r['gb']*1e3:.0f} MB, full {r['full_s']:.2f} s = {r['full_s_per_gb']:.1f} "
+              f"s/GB, --quick {1e3 * r['quick_s']:.1f} ms")
     print(f"\nrealistic id model, sensitivity to the context noise sigma (ids of {n_sweep} rows each; logit part "
           f"= these ids + the realistic bf16 log-prob and tail bytes above):")
     print(f"{'sigma':>6}{'Jaccard':>9}{'shared/64':>10}{'H bits/id':>10}{'H bound B':>10}{'ids B/row':>10}"

@@ -75,7 +75,7 @@ def worker(fused: bool, steps: int):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss), {k: float(v) for k, v in logs.items()}
+        return float(loss.detach()), {k: float(v) for k, v in logs.items()}
 
     step()  # warm-up: AdamW state, thread pools
     reset_peak()

@@ -8,15 +8,16 @@ The reader and writer (zarr, numpy, torch) are imported on first use of their na
 """
 import importlib
 
-from cache.errors import CacheError, CacheMismatchError, OtkdError
+from cache.errors import CacheError, CacheLockedError, CacheMismatchError, OtkdError
 
 _LAZY = {"CacheBlocks": "cache.reader", "CacheDataset": "cache.reader", "TeacherCache": "cache.reader",
          "describe": "cache.reader",
          "open_cache": "cache.reader", "SCHEMA_VERSION": "cache.schema", "canonical_meta": "cache.schema",
-         "CacheWriter": "cache.writer"}
+         "CacheWriter": "cache.writer", "store_lease": "cache.lock"}
 
 __all__ = ["CacheWriter", "open_cache", "TeacherCache", "CacheDataset", "CacheBlocks", "CacheError",
-           "CacheMismatchError", "OtkdError", "canonical_meta", "describe", "SCHEMA_VERSION"]
+           "CacheLockedError", "CacheMismatchError", "OtkdError", "canonical_meta", "describe", "store_lease",
+           "SCHEMA_VERSION"]
 
 
 def __getattr__(name: str):

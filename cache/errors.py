@@ -15,5 +15,15 @@ class CacheError(OtkdError, ValueError):
     requested cache.* settings."""
 
 
+class CacheLockedError(CacheError):
+    """A cache store is being written by another Stage-1 run (cache/lock.py), or a rank of a multi-rank run
+    finds no lease of its own job on it."""
+
+
 class CacheMismatchError(CacheError):
     """A teacher cache exists but was made from other inputs (teacher, data, parameters) than expected."""
+
+
+class CacheCorruptError(CacheError):
+    """Bytes of a teacher cache changed after they were written (checksum, decoding or row-contract failure);
+    the message names the store, array, shard and file and how to repair it (stages.verify_cache --repair)."""

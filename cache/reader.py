@@ -4,6 +4,11 @@ Reads are per-sequence slices only (integer-array indexing, `oindex`, on sharded
 slower than slices with zarr-python 3.1), and the slices of one sequence or of a whole minibatch are issued
 together on zarr's event loop so their shard/chunk fetches overlap. Only the small per-sequence arrays (ids, offsets)
 are held in memory; token and row data stay on disk until asked for.
+
+Integrity: `open_cache` stats every file of every finished shard against its manifest (cache/manifest.py), so a
+deleted or truncated file makes the store "incomplete" instead of reading as fill values. On read, a chunk
+that fails its crc32c or does not decode, and ids outside [0, tokenizer_size) or other fill values, raise a
+one-line `CacheCorruptError` naming the array, shard and file and the repair command.
 """
 import asyncio
 import os
@@ -14,11 +19,45 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
-from cache.errors import CacheError, CacheMismatchError
-from cache.schema import (FIELDS, canonical, canonical_meta, decode_float, read_root_attrs, short_repr, sid_to_u64,
-                          u64_to_sid)
+from cache import manifest
+from cache.errors import CacheCorruptError, CacheError, CacheMismatchError
+from cache.schema import (FIELDS, canonical, canonical_meta, decode_float, read_root_attrs, shard_key, short_repr,
+                          sid_to_u64, u64_to_sid)
 
 STAGE1 = "python -m stages.cache_teacher"
+VERIFY = "python -m stages.verify_cache"
+
+
+def corrupt_error(path, array: str, shard: int, file: str, what: str) -> CacheCorruptError:
+    return CacheCorruptError(f"corrupt teacher cache at {path}: {array} shard {shard} (file {file}) {what} — run "
+                             f"`{VERIFY} {path} --repair`, then rerun `{STAGE1}` to rewrite the bad shards")
+
+
+def decode_failure(e: Exception) -> str:
+    msg = (str(e).strip().splitlines() or [""])[0]
+    if "checksum" in msg.lower():
+        return "fails its crc32c checksum (bytes changed on disk)"
+    return f"cannot be decoded ({type(e).__name__}: {msg[:80]})"
+
+
+def read_checked(path, arr, name: str, lo: int | None = None, hi: int | None = None):
+    """arr[lo:hi]; a failure that one of its shards reproduces on its own becomes a CacheCorruptError."""
+    lo, hi = (0, arr.shape[0]) if lo is None else (lo, hi)
+    try:
+        return arr[lo:hi]
+    except Exception as e:
+        raise locate_failure(path, arr, name, lo, hi) or e
+
+
+def locate_failure(path, arr, name: str, lo: int, hi: int) -> CacheCorruptError | None:
+    """After a failed read of rows [lo, hi): re-read shard by shard and name the first one that fails."""
+    span = arr.shards[0] if arr.shards else arr.chunks[0]
+    for s in range(lo // span, (max(hi, lo + 1) - 1) // span + 1):
+        try:
+            arr[max(lo, s * span):min(hi, (s + 1) * span)]
+        except Exception as e:
+            return corrupt_error(path, name, s, shard_key(name, s, arr.ndim), decode_failure(e))
+    return None
 
 
 def open_cache(path, expect: dict | None = None) -> "TeacherCache":
@@ -32,10 +71,14 @@ def open_cache(path, expect: dict | None = None) -> "TeacherCache":
         raise CacheError(f"no teacher cache at {path} — run `{STAGE1}` first")
     attrs = read_root_attrs(path)
     group = zarr.open_group(path, mode="r")
-    done = group["shard_done"][:]
+    done, unreadable = manifest.read_done(group)
     if not (attrs.get("complete") and done.all()):
         raise CacheError(f"incomplete teacher cache at {path} ({int(done.sum())}/{len(done)} shards written) — "
                          f"rerun `{STAGE1}` to resume it")
+    problems = manifest.check_store(path, attrs, done)  # stat only: ~1 us per file
+    if problems:
+        raise CacheError(f"incomplete teacher cache at {path}: {manifest.summary(problems)} — rerun `{STAGE1}`, "
+                         "which rewrites exactly the shards that fail this check")
     for key, value in (expect or {}).items():
         prov = attrs.get("provenance", {})
         if key in prov:
@@ -79,10 +122,18 @@ class TeacherCache:
         self.path, self.attrs = Path(path), attrs
         self.k, self.provenance = attrs["k"], attrs["provenance"]
         g = zarr.open_group(self.path, mode="r")
-        self._sids = g["sample_ids"][:]
-        self.token_offsets = g["token_offsets"][:]
-        self.row_offsets = g["row_offsets"][:]
+        self._sids = read_checked(self.path, g["sample_ids"], "sample_ids")
+        self.token_offsets = read_checked(self.path, g["token_offsets"], "token_offsets")
+        self.row_offsets = read_checked(self.path, g["row_offsets"], "row_offsets")
         self.has_hidden = "hidden" in g
+        self.shard_rows = attrs["shard_rows"]
+        self.vocab = attrs.get("provenance", {}).get("tokenizer_size")  # ids must lie in [0, vocab)
+        self.check_values = True  # the per-read range checks below (bench: off to measure their cost)
+        for name, off, n in (("token_offsets", self.token_offsets, attrs["n_tokens"]),
+                             ("row_offsets", self.row_offsets, attrs["n_rows"])):
+            if len(off) == 0 or off[0] != 0 or off[-1] != n or (np.diff(off) < 0).any():
+                raise corrupt_error(self.path, name, 0, shard_key(name, 0, 1),
+                                    f"is not a monotone offset table from 0 to {n}")
         self._index = None
         self._arrays, self._pid = None, None
 
@@ -162,13 +213,48 @@ class TeacherCache:
                 off = self.token_offsets if f in ("input_ids", "supervised") else self.row_offsets
                 coros.append(arrs[f].async_array.getitem(slice(int(off[first]), int(off[last + 1]))))
                 keys.append((first, last, f, off))
-        got = sync(_gather(coros)) if coros else []
+        try:
+            got = sync(_gather(coros)) if coros else []
+        except Exception as e:  # name the shard that fails on its own (a checksum, blosc or shard-index error)
+            for first, last, f, off in keys:
+                err = locate_failure(self.path, arrs[f], f, int(off[first]), int(off[last + 1]))
+                if err is not None:
+                    raise err from None
+            raise e
         out = {i: {"index": i, "sample_id": u64_to_sid(self._sids[i])} for i in indices}
         for (first, last, f, off), a in zip(keys, got):
+            if self.check_values:
+                self._check(f, a, int(off[first]))
             a = self._decode(f, a)
             for i in range(first, last + 1):
                 out[i][f] = a[off[i] - off[first]:off[i + 1] - off[first]]
         return [out[i] for i in indices]
+
+    def _check(self, field: str, a: np.ndarray, start: int) -> None:
+        """Values no writer stores (fill values of missing chunks, ids beyond the vocabulary) -> CacheCorruptError."""
+        if field in ("input_ids", "topk_ids"):
+            if a.size == 0:
+                return
+            lo, hi = a.min(), a.max()
+            if lo >= 0 and (self.vocab is None or hi < self.vocab):
+                return
+            bad = (a < 0) | (a >= self.vocab) if self.vocab is not None else a < 0
+            what = f"holds id {int(a[bad].flat[0])} outside [0, {self.vocab or 'int32 max'})"
+        elif field == "supervised":
+            if a.size == 0 or a.max() <= 1:
+                return
+            bad, what = a > 1, "holds supervised flags other than 0/1"
+        elif field == "tail_logmass":
+            if not np.isnan(a).any():
+                return
+            bad, what = np.isnan(a), "holds NaN tail mass (a missing chunk's fill value)"
+        else:
+            return
+        first = start + int(np.flatnonzero(bad.reshape(len(a), -1).any(1))[0])
+        arr = self._arrs()[field]
+        span = arr.shards[0]
+        raise corrupt_error(self.path, field, first // span, shard_key(field, first // span, arr.ndim),
+                            f"{what} at index {first}")
 
     def _decode(self, field: str, a: np.ndarray) -> np.ndarray:
         if field in ("input_ids", "topk_ids"):

@@ -17,10 +17,19 @@ LAYOUT (one Zarr v3 group, flat token-major arrays, no padding; S sequences, T t
   tail_logmass   (R,)    float32  log(1 - sum of the top-k probabilities)
   hidden         (R,D)   uint16 (bf16 bits) | float16, optional: the final hidden state (lm_head input) at j
   shard_done     (n_shards,) uint8, one object per shard: 1 once all row-axis data of that shard is on disk
+  manifest/      Zarr groups whose attributes list files, byte sizes and CRC-32 (cache/manifest.py): `base`
+                 for what creation wrote, `<s>` for shard s (written after its data, before its shard_done)
 Row-axis arrays are sharded by `shard_rows` rows (the unit of writing and of resume). Only spec codecs
 (sharding_indexed, bytes, blosc, crc32c) are used so any Zarr v3 reader can open the store; bfloat16 has no
 Zarr dtype, hence the uint16 bit pattern plus the `logical_dtype` attribute.
 The root attribute `complete` becomes true only after every shard_done record exists.
+
+INTEGRITY (schema 2). Every inner chunk ends with a crc32c of its compressed bytes (bytes -> blosc -> crc32c;
+the sharding codec's own crc32c covers only the shard index), so flipped bits fail on read instead of decoding
+into other values. Fill values are never data: a chunk that is missing reads as -1 ids/offsets, NaN
+log-probs/tail/hidden, 2 for `supervised` and 2**64-1 for sample ids (Zarr reads absent chunks as the fill
+value, no error), and every chunk is written even when it equals the fill value. Shard files are listed in
+the manifest; `open_cache` stats them, `stages.verify_cache` hashes and decodes them.
 """
 import hashlib
 import json
@@ -29,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from cache.errors import CacheError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: chunk crc32c, manifests, fill values that are never data
 FORMAT = "otkd-teacher-cache"
 ROW_CONTRACT = "row j = teacher distribution over token j+1; stored iff token j+1 is supervised"
 
@@ -51,6 +60,11 @@ HIDDEN_DTYPES = {
 }
 LOGICAL = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ZSTD5 = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+CHUNK_CHECKSUMS = True  # False only in bench/cache_bench.py, to measure what the per-chunk crc32c costs
+# What a missing chunk reads as: values no writer stores (write_rows rejects NaN log-probs/tail and ids < 0).
+FILL = {"sample_ids": np.iinfo(np.uint64).max, "token_offsets": -1, "row_offsets": -1, "input_ids": -1,
+        "supervised": 2, "topk_ids": -1, "tail_logmass": float("nan"), "shard_done": 0}
+NAN_FILL = {"bf16": 0x7FC0, "fp16": float("nan"), "fp32": float("nan")}  # bf16 NaN as its uint16 bit pattern
 
 ROW_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "hidden")
 FIELDS = ("input_ids", "supervised") + ROW_ARRAYS
@@ -200,8 +214,10 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 def array_specs(n_seq: int, n_tok: int, n_rows: int, *, k: int, logprob_dtype: str, hidden_dtype,
                 hidden_size, shard_rows: int) -> dict:
     """name -> keyword arguments of zarr.create_array (minus store/name) for every array of the layout."""
+    crc = [Crc32cCodec()] if CHUNK_CHECKSUMS else []
+
     def seq(n, dtype):
-        return dict(shape=(n,), dtype=dtype, chunks=(SEQ_CHUNK,), shards=(SEQ_SHARD,), compressors=[ZSTD5])
+        return dict(shape=(n,), dtype=dtype, chunks=(SEQ_CHUNK,), shards=(SEQ_SHARD,), compressors=[ZSTD5, *crc])
 
     def rows(width, dtype, codec, target_bytes, logical=None):
         row_bytes = np.dtype(dtype).itemsize * (width or 1)
@@ -209,7 +225,7 @@ def array_specs(n_seq: int, n_tok: int, n_rows: int, *, k: int, logprob_dtype: s
         tail = (width,) if width else ()
         attrs = {"logical_dtype": logical} if logical else {}
         return dict(shape=(n_rows,) + tail, dtype=dtype, chunks=(inner,) + tail, shards=(shard_rows,) + tail,
-                    compressors=[codec], attributes={"axis": "row", **attrs})
+                    compressors=[codec, *crc], attributes={"axis": "row", **attrs})
 
     lp_dtype, lp_codec = LOGPROB_DTYPES[logprob_dtype]
     specs = {
@@ -220,13 +236,22 @@ def array_specs(n_seq: int, n_tok: int, n_rows: int, *, k: int, logprob_dtype: s
         "topk_logprobs": rows(k, lp_dtype, lp_codec, ROW_CHUNK_BYTES, LOGICAL[logprob_dtype]),
         "tail_logmass": rows(None, np.float32, ZSTD5, ROW_CHUNK_BYTES // 16, "float32"),
         # one small object per shard: writing it is the atomic "this shard is complete" record
-        "shard_done": dict(shape=(n_shards(n_rows, shard_rows),), dtype=np.uint8, chunks=(1,), compressors=None),
+        "shard_done": dict(shape=(n_shards(n_rows, shard_rows),), dtype=np.uint8, chunks=(1,), compressors=crc),
     }
     if hidden_dtype is not None:
         h_dtype, h_codec = HIDDEN_DTYPES[hidden_dtype]
         specs["hidden"] = rows(hidden_size, h_dtype, h_codec, HIDDEN_CHUNK_BYTES, LOGICAL[hidden_dtype])
+        specs["hidden"]["fill_value"] = NAN_FILL[hidden_dtype]
+    specs["topk_logprobs"]["fill_value"] = NAN_FILL[logprob_dtype]
+    for name, fill in FILL.items():
+        specs[name]["fill_value"] = fill
     return specs
 
 
 def n_shards(n_rows: int, shard_rows: int) -> int:
     return -(-n_rows // shard_rows)
+
+
+def shard_key(name: str, s: int, ndim: int) -> str:
+    """Store key (path inside the store) of shard s of array `name` (default chunk-key encoding, "/")."""
+    return f"{name}/c/{s}" + "/0" * (ndim - 1)

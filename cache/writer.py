@@ -9,6 +9,12 @@ every object on disk is either old or new; a rerun rewrites every shard without 
 ends bit-identical to an uninterrupted run. The store is created in a sibling `<name>.creating` directory
 and renamed into place, so a half-created store is never mistaken for a cache.
 
+Integrity (cache/manifest.py): creation records every file it wrote in `manifest/base`; each shard's files
+are recorded (path, size, CRC-32) in `manifest/<s>` after its data and before its `shard_done` record. On
+resume a shard whose record exists but whose files fail the stat check against its manifest (deleted,
+truncated) is not done: its record is dropped and it is rewritten; damaged per-sequence data is rewritten
+from the inputs. Every chunk is written even when it equals the fill value, so every listed file exists.
+
 With background=True (the default) a full shard is compressed and written by one helper thread while the
 caller goes on (in Stage 1: while the GPU runs the next forward); at most one shard is in flight, so memory
 is two shard buffers. Blosc and file I/O release the GIL, so the write overlaps the teacher almost fully.
@@ -16,6 +22,8 @@ is two shard buffers. Blosc and file I/O release the GIL, so the write overlaps 
 import os
 import re
 import shutil
+import tempfile
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +32,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from cache import manifest
 from cache.errors import CacheMismatchError
 from cache.schema import (FORMAT, HIDDEN_DTYPES, LOGPROB_DTYPES, ROW_ARRAYS, ROW_CONTRACT, SCHEMA_VERSION, array_specs,
                           canonical, canonical_meta, encode_float, first_difference, make_plan, n_shards,
@@ -46,7 +55,10 @@ class CacheWriter:
         self.k, self.n_rows, self.shard_rows = a["k"], a["n_rows"], a["shard_rows"]
         self.logprob_dtype, self.hidden_dtype = a["logprob_dtype"], a["hidden_dtype"]
         self.hidden_size = a["hidden_size"]
-        self._arrays = {n: group[n] for n in ROW_ARRAYS if n in group}
+        self._attrs = a
+        # every chunk written, even one equal to the fill value: the manifest lists every shard file
+        self._arrays = {n: group[n].with_config({"write_empty_chunks": True}) for n in ROW_ARRAYS if n in group}
+        self.manifest_seconds = 0.0  # time spent reading back and hashing written shards (bench)
         self._done_arr = group["shard_done"]
         self._done = self._done_arr[:].astype(bool)
         self.complete = bool(a.get("complete")) and bool(self._done.all())
@@ -116,6 +128,8 @@ class CacheWriter:
                         f"output path {path} holds a cache from {what} ({section}.{field}: stored {short_repr(old)} "
                         f"!= requested {short_repr(new)}); delete it or choose another path")
             _remove_stale_temp_files(path)
+            _repair_on_resume(path, {"sample_ids": sids, "token_offsets": token_offsets, "row_offsets": row_offsets,
+                                     "input_ids": input_ids, "supervised": supervised})
             return cls(path, zarr.open_group(path, mode="r+"), resumed=True, background=background)
 
         tmp = path.with_name(path.name + ".creating")
@@ -132,10 +146,10 @@ class CacheWriter:
         specs = array_specs(n, plan["n_tokens"], plan["n_rows"], k=k, logprob_dtype=logprob_dtype,
                             hidden_dtype=hidden_dtype, hidden_size=hidden_size, shard_rows=shard_rows)
         for name, spec in specs.items():
-            group.create_array(name, fill_value=0, **spec)
-        for name, data in (("sample_ids", sids), ("token_offsets", token_offsets), ("row_offsets", row_offsets),
-                           ("input_ids", input_ids), ("supervised", supervised)):
-            group[name][:] = data
+            group.create_array(name, **spec)
+        group.create_group(manifest.MANIFEST)
+        _write_base(tmp, group, attrs, {"sample_ids": sids, "token_offsets": token_offsets,
+                                        "row_offsets": row_offsets, "input_ids": input_ids, "supervised": supervised})
         path.parent.mkdir(parents=True, exist_ok=True)
         os.rename(tmp, path)
         return cls(path, zarr.open_group(path, mode="r+"), resumed=False, background=background)
@@ -245,6 +259,9 @@ class CacheWriter:
             key = arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))
             sync(arr.store_path.store.delete(f"{arr.store_path.path}/{key}"))
             arr[s0:s1] = buf[name][:s1 - s0]
+        t0 = time.perf_counter()
+        manifest.write_manifest(self.path, s, manifest.make_shard_manifest(self.path, self._attrs, s))
+        self.manifest_seconds += time.perf_counter() - t0
         self._done_arr[s] = 1  # only now is the shard complete on disk
         self._done[s] = True
 
@@ -294,3 +311,57 @@ def _remove_stale_temp_files(path: Path) -> None:
         for f in files:
             if _TMP_FILE.search(f):
                 os.remove(os.path.join(root, f))
+
+
+def _write_base(root: Path, group, attrs: dict, data: dict) -> None:
+    """Write the per-sequence and token arrays, then record every file creation made in manifest/base."""
+    for name, values in data.items():
+        # zarr reads an existing shard even when a write covers it: a damaged one must not be merged in
+        shutil.rmtree(Path(root) / name / "c", ignore_errors=True)
+        group[name].with_config({"write_empty_chunks": True})[:] = values
+    manifest.write_manifest(root, manifest.BASE, manifest.make_base_manifest(root, attrs))
+
+
+def _repair_on_resume(path: Path, data: dict) -> None:
+    """Undo what fails the stat check against the manifests, so that this run rewrites exactly that.
+
+    A shard whose record exists but whose manifest or files are missing or of the wrong size loses its record
+    (and manifest) and the store its `complete` flag; damaged per-sequence data (or array metadata) is
+    rewritten here from the inputs, which match the store's plan. Nothing is written when all is well.
+    """
+    group = zarr.open_group(path, mode="r+")
+    attrs = group.attrs.asdict()
+    problems = manifest.check_base(path, attrs)
+    if problems:
+        _restore_metadata(path, attrs)
+        _write_base(path, group, attrs, data)
+    done, unreadable = manifest.read_done(group)
+    done_bad = sorted(set(unreadable) | {p.shard for p in manifest.check_store(path, attrs, done)
+                                         if p.shard is not None})
+    if not done_bad:
+        return
+    for s in done_bad:
+        sync(group.store.delete(f"shard_done/c/{s}"))  # reads as the fill value 0: not done
+        manifest.delete_manifest(path, s)
+    if attrs.get("complete"):
+        group.attrs["complete"] = False
+
+
+def _restore_metadata(path: Path, attrs: dict) -> None:
+    """Rewrite any array's zarr.json that differs from what creation writes (deleted or altered metadata)."""
+    specs = array_specs(attrs["n_sequences"], attrs["n_tokens"], attrs["n_rows"], k=attrs["k"],
+                        logprob_dtype=attrs["logprob_dtype"], hidden_dtype=attrs["hidden_dtype"],
+                        hidden_size=attrs["hidden_size"], shard_rows=attrs["shard_rows"])
+    with tempfile.TemporaryDirectory() as tmp:
+        g = zarr.open_group(Path(tmp) / "m.zarr", mode="w")
+        g.create_group(manifest.MANIFEST)
+        for name, spec in (*specs.items(), (manifest.MANIFEST, None)):
+            if spec is not None:
+                g.create_array(name, **spec)
+            want = (Path(tmp) / "m.zarr" / name / "zarr.json").read_bytes()
+            have = path / name / "zarr.json"
+            if not have.exists() or have.read_bytes() != want:
+                have.parent.mkdir(parents=True, exist_ok=True)
+                part = have.with_name(f"zarr.json.{os.urandom(16).hex()}.partial")
+                part.write_bytes(want)
+                os.replace(part, have)

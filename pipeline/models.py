@@ -1,6 +1,8 @@
 """Loading models and tokenizers: one code path for a local tiny checkpoint and for Qwen/Qwen2.5-7B on a GPU."""
+import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -29,16 +31,64 @@ def compute_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+HUB_PROBE_TIMEOUT = 5.0
+"""Seconds the one reachability probe of the hub may take (HF_HUB_ETAG_TIMEOUT, when set, takes precedence)."""
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+@functools.cache
+def _hub_unreachable() -> str | None:
+    """Why the model hub cannot be contacted (None if it answers), asked once per process.
+
+    huggingface_hub retries a file it has no local copy of with backoff for about 25 s (transformers asks for
+    several files), so a hub name on a machine without network would take most of a minute to fail.
+    """
+    from huggingface_hub import constants, get_session
+
+    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_PROBE_TIMEOUT)
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any HTTP answer, even an error status, will do
+    except Exception as e:  # noqa: BLE001 - whatever stops one request stops the downloads too
+        return f"{constants.ENDPOINT}: {_first_line(e)}"
+    return None
+
+
 def _from_pretrained(loader, path: str, **kwargs):
-    """loader.from_pretrained(path), with a one-line error instead of a hub traceback when `path` is wrong."""
+    """loader.from_pretrained(path), with a one-line error instead of a hub traceback when `path` is wrong.
+
+    A name that is not a local path is a hub name: with HF_HUB_OFFLINE=1, or when the hub does not answer,
+    only the local hub cache is used (at once, instead of after a minute of retries).
+    """
+    from huggingface_hub import is_offline_mode
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    local = Path(path).exists()
+    if not local:
+        try:
+            validate_repo_id(path)
+        except HFValidationError:
+            raise ModelLoadError(f"model path {path} does not exist (and is not a hub name either)") from None
+    offline = not local and is_offline_mode()
+    unreachable = None if local or offline or kwargs.get("local_files_only") else _hub_unreachable()
+    if unreachable:
+        kwargs["local_files_only"] = True
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        if Path(path).exists():
+        if local:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"model path {path} does not exist locally and could not be loaded as a hub name "
-                             f"({first})") from None
+        if offline:
+            why = ("nor in the local hub cache (HF_HUB_OFFLINE is set: the hub is not asked); give a local folder, "
+                   "or unset HF_HUB_OFFLINE to download it")
+        elif unreachable:
+            why = (f"nor in the local hub cache, and the hub is unreachable ({unreachable}); give a local folder, "
+                   "or check the network (HF_ENDPOINT, proxy, HF_HUB_ETAG_TIMEOUT)")
+        else:
+            why = f"and could not be loaded as a hub name ({_first_line(e)})"
+        raise ModelLoadError(f"model path {path} does not exist locally {why}") from None
 
 
 def load_tokenizer(path: str):
@@ -54,6 +104,22 @@ def check_vocab(logits_size: int, tokenizer_size: int, model: str) -> None:
     if logits_size < tokenizer_size:
         raise ModelLoadError(f"{model} has {logits_size} logit columns but its tokenizer has {tokenizer_size} tokens: "
                              "the model does not belong to this tokenizer")
+
+
+def check_max_length(config_or_path, max_length: int, model: str, where: str = "") -> None:
+    """Refuse sequences longer than the model's positions (`max_position_embeddings` of its config, read before
+    any weight loads): a RoPE model would silently degrade beyond them, one with learned positions fail.
+    `where` says where max_length comes from when it is not the current data.max_length (e.g. a cache)."""
+    config = config_or_path
+    if isinstance(config, (str, Path)):
+        config = _from_pretrained(AutoConfig, str(config))
+    if hasattr(config, "get_text_config"):  # multimodal configs keep the language model's in a sub-config
+        config = config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and max_length > limit:
+        fix = f"recreate {where} with data.max_length <= {limit}" if where else f"set data.max_length <= {limit}"
+        raise ModelLoadError(f"data.max_length={max_length}{' of ' + where if where else ''} is longer than {model} "
+                             f"supports (max_position_embeddings={limit}): {fix}")
 
 
 def quantization(load_in_bits: int, dtype: torch.dtype) -> BitsAndBytesConfig | None:

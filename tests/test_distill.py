@@ -14,7 +14,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from cache.manifest import make_shard_manifest, write_manifest
 from cache.reader import CacheBlocks, open_cache
+from cache.schema import n_shards, read_root_attrs
 from pipeline.config import save_config
 from pipeline.data.records import ALPACA_TEMPLATE, IGNORE, load_splits, read_records
 from pipeline.data.tiny import build_model, build_tokenizer
@@ -182,7 +184,7 @@ def test_gradient_accumulation_adds_up_to_the_whole_batch(cached, tmp_path):
 def test_tensorboard_logs_every_loss_component_offline(cached, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = distill_cfg(cached, tmp_path / "student", max_steps=2, report_to="tensorboard")
+    cfg = distill_cfg(cached, tmp_path / "student", max_steps=2, report_to="tensorboard", eval_steps=2)
     distill.run(cfg)
     events = list((tmp_path / "student/checkpoints/runs").rglob("events.out.tfevents.*"))
     assert len(events) == 1
@@ -192,6 +194,7 @@ def test_tensorboard_logs_every_loss_component_offline(cached, tmp_path):
     assert {"train/loss", "train/ce", "train/kl", "train/ot_hidden", "train/ot_logits",
             "train/sinkhorn_capped_hidden"} <= tags, tags
     assert len(acc.Scalars("train/kl")) == 2 and all(np.isfinite(e.value) for e in acc.Scalars("train/kl"))
+    assert {"eval/loss", "eval/ce", "eval/kl", "eval/ot_hidden"} <= tags, tags  # eval_steps: the validation cache
 
 
 def test_unconverged_sinkhorn_is_logged_and_warned_once(cached, tmp_path):
@@ -247,8 +250,13 @@ def test_nan_loss_stops_training_naming_the_step(cached, tmp_path):
     shutil.copytree(cached.cache.out, cache)
     cfg = distill_cfg(cached, tmp_path / "student", cache=str(cache), max_steps=2, save_steps=2, w_ot=0.0)
     distill.run(cfg)
-    arr = zarr.open_group(str(cache / "train.zarr"), mode="r+")["topk_logprobs"]
+    store = cache / "train.zarr"
+    # NaN is also the fill value: write the chunks anyway, as Stage 1's writer does
+    arr = zarr.open_group(str(store), mode="r+")["topk_logprobs"].with_config({"write_empty_chunks": True})
     arr[...] = np.full(arr.shape, 0x7FC0, dtype=np.uint16)  # bf16 NaN bits
+    attrs = read_root_attrs(store)  # as if the teacher had emitted NaN: Stage 1 would have recorded these files
+    for s in range(n_shards(int(arr.shape[0]), attrs["shard_rows"])):
+        write_manifest(store, s, make_shard_manifest(store, attrs, s))
     p = stage("distill_student", "--params", params(cfg, tmp_path / "p.yaml"), "--resume", "--max-steps", "8",
               check=False)
     msg = one_error_line(p)

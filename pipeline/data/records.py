@@ -36,23 +36,88 @@ def read_records(path: str | Path) -> list[dict]:
         raise DataError(f"data file {path} does not exist")
     if path.suffix == ".jsonl":
         records = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:  # bytes, so that a bad byte is reported with its line
+            for lineno, raw in enumerate(f, 1):
+                line = _utf8(raw, f"{path}:{lineno}")
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
                 records.append(_check(rec, f"{path}:{lineno}"))
     elif path.suffix in (".json", ".parquet"):
-        ds = datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
+        if path.suffix == ".json":
+            _check_json(path)  # `datasets` reports bad JSON or bytes without file, line or position
+        try:
+            ds = datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
+        except Exception as e:
+            arrow = _arrow_error(e) if path.suffix == ".parquet" else None
+            if arrow is None:
+                raise
+            raise DataError(f"{path}: not a readable Parquet file ({arrow})") from None
         records = [_check(dict(r), f"{path}: row {i}") for i, r in enumerate(ds)]
     else:
         raise DataError(f"{path}: unsupported data format {path.suffix!r} (use .jsonl, .json or .parquet)")
     if not records:
         raise DataError(f"{path}: the dataset is empty")
     return records
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    """`raw` decoded as UTF-8, or a DataError naming the first bad byte and its column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "save the file as UTF-8") from None
+
+
+def _check_json(path: Path) -> None:
+    """A DataError naming line, column and position when `path` is not UTF-8, empty, or neither one JSON document
+    nor JSON Lines (both of which `datasets` reads from a .json file)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # offsets of utf-8-sig skip the BOM
+        lineno, line_start = data.count(b"\n", 0, start) + 1, data.rfind(b"\n", 0, start) + 1
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{data[start]:02x} at "
+                        f"column {start - line_start + 1}, byte position {start}); save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: the dataset is empty")
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError as e:
+        doc_error = e
+    lines = text.split("\n")
+    first = next(i for i, x in enumerate(lines) if x.strip())
+    try:
+        json.loads(lines[first])
+    except json.JSONDecodeError:  # not JSON Lines either: report the error in the one document
+        e = doc_error
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}, position {e.pos})") from None
+    offset = 0
+    for lineno, line in enumerate(lines, 1):  # JSON Lines: the first line that does not parse
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}, position "
+                                f"{offset + e.pos})") from None
+        offset += len(line) + 1
+
+
+def _arrow_error(e: BaseException) -> str | None:
+    """The first line of the pyarrow error behind `e` (a corrupt or non-Parquet file), if there is one."""
+    import pyarrow
+
+    while e is not None:
+        if isinstance(e, pyarrow.ArrowException):
+            return (str(e).strip().splitlines() or [type(e).__name__])[0]
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _check(rec, where: str) -> dict:

@@ -23,7 +23,7 @@ from pipeline.distill.batches import COMPONENTS, BlockCollator, cache_fields, cu
 from pipeline.distill.model import DistillModel, load_projection
 from pipeline.distill.student import load_student
 from pipeline.losses.ot import init_projection
-from pipeline.models import check_vocab, compute_dtype, load_tokenizer
+from pipeline.models import check_max_length, check_vocab, compute_dtype, load_tokenizer
 
 # Warn (once per run) when more than this share of a logging window's OT problems stopped at ot_max_iter.
 SINKHORN_CAPPED_WARN = 0.05
@@ -54,7 +54,7 @@ class DistillTrainer(Trainer):
         mode = "train" if model.training else "eval"
         for k, v in parts.items():
             self._parts[mode][k].append(v.item())
-        return (loss, None) if return_outputs else loss
+        return (loss, {"loss": loss}) if return_outputs else loss  # evaluation reads outputs as a mapping
 
     def log(self, logs: dict, start_time=None) -> None:
         """Add the mean of every loss part since the last log (train) or over the eval set (eval_*)."""
@@ -155,6 +155,8 @@ def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(d.student)
     train_cache = open_checked(Path(d.cache) / "train.zarr", tokenizer, d.student)
+    if "max_length" in train_cache.provenance:  # the cached sequences are at most this long
+        check_max_length(d.student, train_cache.provenance["max_length"], d.student, f"the cache {d.cache}")
     if d.w_ot and not train_cache.has_hidden:
         raise CacheMismatchError(f"distill.w_ot={d.w_ot} needs teacher hidden states, but the cache at "
                                  f"{train_cache.path} has none (cache.hidden_dtype=none); recache with hidden "

@@ -6,6 +6,7 @@ config, so a rerun after a crash recomputes exactly the same batches and the res
 to an uninterrupted one.
 """
 import functools
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -17,9 +18,10 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from cache import CacheError, CacheMismatchError, CacheWriter
+from cache.lock import store_lease
 from pipeline.config import Config, save_config
 from pipeline.data.records import IGNORE, fingerprint, load_splits, pad_collate, tokenizer_hash
-from pipeline.models import check_vocab, load_causal_lm, load_tokenizer, model_hash
+from pipeline.models import check_max_length, check_vocab, load_causal_lm, load_tokenizer, model_hash
 from pipeline.teacher.topk import topk_from_hidden
 
 
@@ -81,38 +83,56 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
         hidden_dtype=None if c.hidden_dtype == "none" else c.hidden_dtype,
         provenance={**provenance, "split": name, "dataset_fingerprint": fingerprint(ds, cfg.data.template)},
         shard_rows=c.shard_rows)
-    try:
-        writer = create()
-    except CacheMismatchError as e:
-        if not replace_mismatched:
-            raise
-        print(f"cache {path}: replacing a store made with other inputs ({e})")
-        shutil.rmtree(path)
-        writer = create()
-    if writer.complete:
-        print(f"cache {path}: complete and up to date, nothing to do")
+    # One run per store (cache/lock.py): the lease is taken before create_or_resume reads the shard records
+    # and released only after the writer is closed, so a second run can neither snapshot shard_done while this
+    # one is writing nor rewrite the shards it finishes. A crashed run's lease goes with its process.
+    with store_lease(path):
+        try:
+            writer = create()
+        except CacheMismatchError as e:
+            if not replace_mismatched:
+                raise
+            print(f"cache {path}: replacing a store made with other inputs ({e})")
+            shutil.rmtree(path)
+            writer = create()
+        if writer.complete:
+            print(f"cache {path}: complete and up to date, nothing to do")
+            return path
+        rows_per_seq = np.array([s.sum() for s in supervised])
+        row_start = np.r_[0, np.cumsum(rows_per_seq)]
+        batches = length_batches([len(x) for x in input_ids], c.batch_tokens)
+        todo = [b for b in batches if not writer.is_row_range_done(row_start[b[0]], row_start[b[-1] + 1])]
+        n_tok = sum(len(input_ids[i]) for b in todo for i in b)
+        print(f"cache {path}: {len(ds)} sequences, {row_start[-1]} rows, {len(todo)}/{len(batches)} batches to run")
+        t0 = time.perf_counter()
+        with writer, tqdm(total=n_tok, unit="tok", unit_scale=True, desc=f"teacher {name}") as bar:
+            for b in todo:
+                batch = pad_collate([{"input_ids": input_ids[i], "labels": labels[i]} for i in b],
+                                    tokenizer.pad_token_id)
+                out = teacher_rows(get_model(), batch, c.k, len(tokenizer), c.chunk_rows, c.hidden_dtype != "none")
+                writer.write_rows(int(row_start[b[0]]), *out)
+                bar.update(sum(len(input_ids[i]) for i in b))
+        print(f"cache {path}: done in {time.perf_counter() - t0:.1f}s")
         return path
-    rows_per_seq = np.array([s.sum() for s in supervised])
-    row_start = np.r_[0, np.cumsum(rows_per_seq)]
-    batches = length_batches([len(x) for x in input_ids], c.batch_tokens)
-    todo = [b for b in batches if not writer.is_row_range_done(row_start[b[0]], row_start[b[-1] + 1])]
-    n_tok = sum(len(input_ids[i]) for b in todo for i in b)
-    print(f"cache {path}: {len(ds)} sequences, {row_start[-1]} rows, {len(todo)}/{len(batches)} batches to run")
-    t0 = time.perf_counter()
-    with writer, tqdm(total=n_tok, unit="tok", unit_scale=True, desc=f"teacher {name}") as bar:
-        for b in todo:
-            batch = pad_collate([{"input_ids": input_ids[i], "labels": labels[i]} for i in b],
-                                tokenizer.pad_token_id)
-            out = teacher_rows(get_model(), batch, c.k, len(tokenizer), c.chunk_rows, c.hidden_dtype != "none")
-            writer.write_rows(int(row_start[b[0]]), *out)
-            bar.update(sum(len(input_ids[i]) for i in b))
-    print(f"cache {path}: done in {time.perf_counter() - t0:.1f}s")
-    return path
 
 
 def run(cfg: Config, replace_mismatched: bool = False) -> None:
     """Stage 1 entry: load only the teacher, cache each configured split, save the resolved config."""
     c = cfg.cache
+    # Checked before anything is loaded or created: a file or a read-only folder on the way to cache.out would
+    # otherwise fail deep in the Zarr writer, after the data and the teacher have been loaded.
+    out = Path(c.out)
+    first = out  # the nearest existing entry on the way to cache.out; everything below it gets created
+    while not os.path.lexists(first) and first != first.parent:
+        first = first.parent
+    if not first.is_dir():
+        where = "is an existing file" if first == out else f"is below {first}, which is a file"
+        raise CacheError(f"cache.out={out} {where}, not a folder: move the file away or set cache.out to a "
+                         "folder path")
+    if not os.access(first, os.W_OK | os.X_OK):
+        raise CacheError(f"cache.out={out}: cannot write in {first} (read-only or no permission): make it "
+                         "writable or set cache.out to a writable folder")
+    check_max_length(c.teacher, cfg.data.max_length, c.teacher)  # from its config: before data or weights load
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(c.teacher)
     if c.k > len(tokenizer):

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 from pipeline.config import Config, save_config
 from pipeline.data.records import load_splits, pad_collate
 from pipeline.evaluation.generate import checker, task_accuracy
-from pipeline.models import ModelLoadError, load_causal_lm, load_tokenizer
+from pipeline.models import ModelLoadError, check_max_length, load_causal_lm, load_tokenizer
 
 
 def training_args(out: Path, seed: int, epochs: float, lr: float, batch_size: int, warmup_ratio: float,
@@ -30,6 +30,7 @@ def training_args(out: Path, seed: int, epochs: float, lr: float, batch_size: in
 def run(cfg: Config) -> dict:
     f = cfg.finetune
     out = Path(f.out)
+    check_max_length(f.base, cfg.data.max_length, f.base)  # from its config: before data or weights load
     tokenizer = load_tokenizer(f.base)
     splits = load_splits(cfg.data, tokenizer)
     model = load_causal_lm(f.base, "auto")

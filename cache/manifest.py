@@ -1,0 +1,202 @@
+"""Manifests of a teacher cache: the files a finished shard (or the store's creation) wrote, with their byte
+sizes and CRC-32, and the checks against them: stat only at open and on resume, hashes in stages.verify_cache.
+
+FORMAT (schema 2). Each manifest is the attributes of a Zarr group inside the store, so plain Zarr lists and
+reads it (`zarr.open_group(store)["manifest/3"].attrs`) and every object stays a Zarr node:
+  manifest/base  {"kind": "base", "files": [...]}: every chunk file of the per-sequence and token arrays and
+                 every array's zarr.json, written at creation (before the store is renamed into place)
+  manifest/<s>   {"kind": "shard", "shard": s, "rows": [s0, s1], "files": [...]}: shard s's file of every row
+                 array, written after those files and before shard s's `shard_done` record
+  files          [{"array": "topk_ids", "file": "topk_ids/c/3/0", "bytes": 81234, "crc32": "9f0c1a2b"}, ...]
+                 file: path relative to the store; crc32: zlib's CRC-32 (IEEE) of the whole file, 8 hex digits.
+                 Not crc32c: a shard file is a sequence of blocks each followed by its own crc32c, and the
+                 crc32c of such a file is a constant (CRC residue; measured: every shard file gives 7059f117),
+                 so it would detect nothing. zlib.crc32 runs at ~3.8 GB/s here (blake2b ~0.85 GB/s).
+A shard counts as done only if its record, its manifest and its files with the manifest's sizes all exist.
+Each manifest is one file replaced atomically (temp file + rename, like LocalStore's writes).
+"""
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import zlib
+
+import numpy as np
+
+from cache.schema import ROW_ARRAYS, SEQ_SHARD, shard_key
+
+MANIFEST = "manifest"
+BASE = "base"
+SEQ_ARRAYS = ("sample_ids", "token_offsets", "row_offsets", "input_ids", "supervised")
+ROW_NDIM = {"topk_ids": 2, "topk_logprobs": 2, "tail_logmass": 1, "hidden": 2}
+_BLOCK = 8 << 20
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One integrity problem. shard None: the per-sequence data written at creation (Stage 1 rewrites it)."""
+    array: str
+    shard: int | None
+    file: str  # relative to the store
+    what: str
+    check: str = "files"  # which check found it: files (stat/CRC-32 vs manifest), records, chunks, contract
+
+    def line(self) -> str:
+        where = "per-sequence data" if self.shard is None else f"shard {self.shard}"
+        return f"{self.array} {where} (file {self.file}): {self.what}"
+
+
+def crc32_file(path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def row_arrays(attrs: dict) -> list[str]:
+    return [n for n in ROW_ARRAYS if n != "hidden" or attrs.get("hidden_dtype")]
+
+
+def shard_rows(attrs: dict, s: int) -> tuple[int, int]:
+    r = attrs["shard_rows"]
+    return s * r, min((s + 1) * r, attrs["n_rows"])
+
+
+def shard_files(attrs: dict, s: int) -> list[tuple[str, str]]:
+    """(array, file) of shard s of every row array."""
+    return [(n, shard_key(n, s, ROW_NDIM[n])) for n in row_arrays(attrs)]
+
+
+def base_files(attrs: dict) -> list[tuple[str, str]]:
+    """(array, file) of everything creation writes: per-sequence/token chunk files and every array's zarr.json."""
+    n_seq, n_tok = attrs["n_sequences"], attrs["n_tokens"]
+    length = {"sample_ids": n_seq, "token_offsets": n_seq + 1, "row_offsets": n_seq + 1, "input_ids": n_tok,
+              "supervised": n_tok}
+    out = [(n, f"{n}/zarr.json") for n in (*SEQ_ARRAYS, *row_arrays(attrs), "shard_done")]
+    for n in SEQ_ARRAYS:
+        out += [(n, shard_key(n, j, 1)) for j in range(-(-length[n] // SEQ_SHARD))]
+    return out
+
+
+def _entry(root: Path, array: str, rel: str) -> dict:
+    p = root / rel
+    return {"array": array, "file": rel, "bytes": p.stat().st_size, "crc32": crc32_file(p)}
+
+
+def make_shard_manifest(root, attrs: dict, s: int) -> dict:
+    return {"kind": "shard", "shard": s, "rows": list(shard_rows(attrs, s)),
+            "files": [_entry(Path(root), a, f) for a, f in shard_files(attrs, s)]}
+
+
+def make_base_manifest(root, attrs: dict) -> dict:
+    return {"kind": "base", "files": [_entry(Path(root), a, f) for a, f in base_files(attrs)]}
+
+
+def manifest_file(key) -> str:
+    return f"{MANIFEST}/{key}/zarr.json"
+
+
+def write_manifest(root, key, doc: dict) -> None:
+    d = Path(root) / MANIFEST / str(key)
+    d.mkdir(parents=True, exist_ok=True)
+    data = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": doc}, indent=1, sort_keys=True)
+    tmp = d / f"zarr.json.{uuid.uuid4().hex}.partial"  # the name the writer's stale-temp-file sweep knows
+    tmp.write_text(data)
+    os.replace(tmp, d / "zarr.json")
+
+
+def read_manifest(root, key) -> dict | None:
+    """The manifest's document, or None if it is missing or unreadable."""
+    try:
+        doc = json.loads((Path(root) / manifest_file(key)).read_text())["attributes"]
+        return doc if isinstance(doc.get("files"), list) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def delete_manifest(root, key) -> None:
+    try:
+        os.remove(Path(root) / manifest_file(key))
+    except FileNotFoundError:
+        pass
+
+
+def _check_files(root: Path, doc: dict, expected, shard, hashes: bool) -> list[Problem]:
+    by_file = {e.get("file"): e for e in doc["files"] if isinstance(e, dict)}
+    out = []
+    for array, rel in expected:
+        e = by_file.get(rel)
+        if e is None:
+            out.append(Problem(array, shard, rel, "not listed in its manifest"))
+            continue
+        try:
+            size = (root / rel).stat().st_size
+        except FileNotFoundError:
+            out.append(Problem(array, shard, rel, f"file missing (manifest: {e.get('bytes')} bytes)"))
+            continue
+        if size != e.get("bytes"):
+            out.append(Problem(array, shard, rel, f"{size} bytes, manifest says {e.get('bytes')} (truncated or "
+                                                  "rewritten)"))
+        elif hashes and (got := crc32_file(root / rel)) != e.get("crc32"):
+            out.append(Problem(array, shard, rel, f"crc32 {got} != manifest {e.get('crc32')} (bytes changed "
+                                                  "on disk)"))
+    return out
+
+
+def check_base(root, attrs: dict, hashes: bool = False) -> list[Problem]:
+    root = Path(root)
+    doc = read_manifest(root, BASE)
+    if doc is None:
+        return [Problem("manifest", None, manifest_file(BASE), "manifest missing or unreadable")]
+    return _check_files(root, doc, base_files(attrs), None, hashes)
+
+
+def check_shard(root, attrs: dict, s: int, hashes: bool = False) -> list[Problem]:
+    root = Path(root)
+    doc = read_manifest(root, s)
+    if doc is None:
+        return [Problem("manifest", s, manifest_file(s), "completion record without a manifest (missing or "
+                                                         "unreadable)")]
+    return _check_files(root, doc, shard_files(attrs, s), s, hashes)
+
+
+def check_store(root, attrs: dict, done, hashes: bool = False) -> list[Problem]:
+    """Problems of the base files and of every shard marked done (stat only unless hashes=True)."""
+    out = check_base(root, attrs, hashes)
+    for s in np.flatnonzero(np.asarray(done)):
+        out += check_shard(root, attrs, int(s), hashes)
+    return out
+
+
+def summary(problems: list[Problem], n: int = 1) -> str:
+    """The first n problems in one line, plus how many more (and which shards) there are."""
+    head = "; ".join(p.line() for p in problems[:n])
+    more = len(problems) - n
+    if more > 0:
+        shards = sorted({p.shard for p in problems if p.shard is not None})
+        head += f" (and {more} more problem{'s' if more > 1 else ''}"
+        head += f"; shards {short_list(shards)})" if shards else ")"
+    return head
+
+
+def short_list(xs, n: int = 8) -> str:
+    xs = list(xs)
+    return ", ".join(map(str, xs[:n])) + (f", ... ({len(xs)} in all)" if len(xs) > n else "")
+
+
+def read_done(group) -> tuple[np.ndarray, list[int]]:
+    """(done flags, shards whose shard_done record cannot be decoded); an unreadable record counts as not done."""
+    arr = group["shard_done"]
+    try:
+        return arr[:].astype(bool), []
+    except Exception:  # a damaged record object: find which, one by one (error path only)
+        done, bad = np.zeros(arr.shape[0], bool), []
+        for s in range(arr.shape[0]):
+            try:
+                done[s] = bool(arr[s])
+            except Exception:
+                bad.append(s)
+        return done, bad
