@@ -348,8 +348,17 @@ class DistillConfig:
     ot_objective: Literal["linear", "regularized"] = "linear"
     """"linear" (<T*, C>, the original design's loss, exact implicit gradient) or "regularized"
     (<T*, C> - eps H(T*))."""
+    ot_eps_scale: Literal["absolute", "std"] = "absolute"
+    """"absolute" (ot_eps as is) or "std" (ot_eps x the standard deviation of each sequence's cost, OTT-JAX's
+    relative epsilon: the same sharpness at every sequence length, since C = 1 - rowsoftmax has a spread that
+    shrinks like 1/M). Default absolute: the embedded default's results were measured with it; std(C) there is
+    ~0.005-0.03, so ot_eps ~ 2-10 under "std" is comparable to 0.05 absolute."""
+    ot_tol: float = 1e-5
+    """L1 marginal error (rows + columns, total mass 1) at which Sinkhorn stops, > 0. float32 reaches ~1e-6 at
+    best; the gradient error follows it (bench/sinkhorn_bench.py: ~1e-4 at 1e-5, ~1e-5 at 1e-6)."""
     ot_max_iter: int = 300
-    """Cap on Sinkhorn iterations per step (the logged iteration count shows whether it is reached)."""
+    """Cap on Sinkhorn iterations + Newton steps per sequence and OT loss (logged: sinkhorn_capped_* is the share
+    of sequences that did not reach ot_tol)."""
     epochs: float = 1.0
     """Passes over the cached training split."""
     max_steps: int = -1
@@ -393,7 +402,7 @@ class DistillConfig:
             _require(w >= 0, n, ">= 0", w)
         if not any(self.weights.values()):
             raise ConfigError(f"{', '.join(self.weights)} are all 0: nothing would train (set one > 0)")
-        _positive(self, "temperature", "ot_eps", "epochs", "lr")
+        _positive(self, "temperature", "ot_eps", "ot_tol", "epochs", "lr")
         _at_least(self, 1, "ot_max_iter", "batch_size", "grad_accum", "logging_steps")
         _at_least(self, 0, "num_workers", "save_steps", "eval_steps")
         _require(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "-1 (all epochs) or >= 1",

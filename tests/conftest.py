@@ -171,7 +171,8 @@ def reference_loss(model, batch: dict, num_items=None) -> tuple[torch.Tensor, di
     out = model.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=True)
     rows = gather_rows(out.logits, pos)  # (B, M, V_logits) the logits at the teacher's rows
-    ot_kw = dict(eps=d.ot_eps, objective=d.ot_objective, max_iter=d.ot_max_iter)
+    ot_kw = dict(eps=d.ot_eps, objective=d.ot_objective, max_iter=d.ot_max_iter, eps_scale=d.ot_eps_scale,
+                 tol=d.ot_tol)
     parts, weights = {}, {}
     if d.w_ce:
         parts["ce"], weights["ce"] = ce_loss(out.logits, batch["labels"], n, vocab_size=V), d.w_ce

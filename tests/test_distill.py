@@ -199,12 +199,12 @@ def test_tensorboard_logs_every_loss_component_offline(cached, tmp_path):
 
 def test_unconverged_sinkhorn_is_logged_and_warned_once(cached, tmp_path):
     cfg = distill_cfg(cached, tmp_path / "student", max_steps=3, ot_max_iter=2)
-    with pytest.warns(UserWarning, match="Sinkhorn stopped at distill.ot_max_iter=2") as caught:
+    with pytest.warns(UserWarning, match="Sinkhorn did not reach distill.ot_tol=1e-05 within distill.ot_max_iter=2") as caught:
         distill.run(cfg)
-    assert sum("Sinkhorn stopped" in str(w.message) for w in caught) == 1
+    assert sum("Sinkhorn did not reach" in str(w.message) for w in caught) == 1
     rows = read_tsv(curves_path(cfg.distill))
     assert all(float(r["sinkhorn_capped_hidden"]) == 1.0 and float(r["sinkhorn_err_hidden"]) > 1e-4 for r in rows)
-    assert all(float(r["sinkhorn_iters_logits"]) == 2.0 for r in rows)
+    assert all(0 < float(r["sinkhorn_iters_logits"]) <= 2.0 for r in rows)  # the cap counts every iteration
 
 
 def test_a_non_finite_gradient_stops_before_the_optimizer_step():

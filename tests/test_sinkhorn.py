@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.losses.sinkhorn import ot_loss, sinkhorn
+from pipeline.losses.implicit import ot_loss
+from pipeline.losses.sinkhorn import sinkhorn
 from tests.conftest import padded_masks, rel_err, unrolled_log_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,9 +92,9 @@ def test_matches_pot():
         np.testing.assert_allclose(res.plan[i][a_mask[i]][:, b_mask[i]].numpy(), T_pot, rtol=1e-7, atol=1e-12)
 
 
-@pytest.mark.parametrize("eps", [0.01, 1.0])
+@pytest.mark.parametrize("eps", [0.005, 0.01, 1.0])
 def test_float32_extreme_eps_finite_and_close(eps):
-    # (max C - min C) / eps = 100 at eps = 0.01: exp(-C/eps) would underflow in float32 kernel-domain Sinkhorn
+    # (max C - min C) / eps = 200 at eps = 0.005: exp(-C/eps) would underflow in textbook float32 kernel Sinkhorn
     C, a_mask, b_mask = make_problem(torch.float64, seed=1)
     res32 = sinkhorn(C.float(), a_mask, b_mask, eps, max_iter=2000)
     res64 = sinkhorn(C, a_mask, b_mask, eps, tol=1e-10, max_iter=5000)
@@ -106,13 +107,16 @@ def test_float32_extreme_eps_finite_and_close(eps):
 
 @pytest.mark.parametrize("domain", ["log", "kernel"])
 def test_batch_mates_do_not_matter(domain):
-    # converged sequences are frozen: solving one alone gives the same answer as solving it in a batch
-    # (bit for bit in the log domain; batched bmm may round differently from a batch of one)
+    # finished sequences leave the working batch: solving one alone gives the same answer as solving it in a
+    # batch (bit for bit in the log domain; batched bmm may round differently from a batch of one). One eps
+    # per sequence, so they need different numbers of stages and iterations.
     C, a_mask, b_mask = make_problem(torch.float32)
-    res = sinkhorn(C, a_mask, b_mask, 0.05, domain=domain)
-    assert len(set(res.n_iters.tolist())) > 1  # the sequences really did stop at different iterations
+    eps = torch.tensor([0.01, 0.05, 0.2])
+    res = sinkhorn(C, a_mask, b_mask, eps, domain=domain)
+    assert len(set(res.n_iters.tolist())) == B  # the sequences really did stop at different iterations
+    assert res.converged.all()
     for i in range(B):
-        alone = sinkhorn(C[i:i + 1], a_mask[i:i + 1], b_mask[i:i + 1], 0.05, domain=domain)
+        alone = sinkhorn(C[i:i + 1], a_mask[i:i + 1], b_mask[i:i + 1], eps[i].item(), domain=domain)
         assert alone.n_iters.item() == res.n_iters[i].item()
         atol = 0 if domain == "log" else 1e-7
         torch.testing.assert_close(alone.plan[0], res.plan[i], rtol=0, atol=atol)
@@ -205,25 +209,107 @@ def test_kernel_and_log_domains_agree(dtype, atol, overrelax):
     l1 = (res["kernel"].plan.double() - res["log"].plan.double()).abs().sum((1, 2))
     assert (l1 <= atol * 10).all(), l1
     torch.testing.assert_close(res["kernel"].f, res["log"].f, rtol=0, atol=atol * 1e3)
-
-
-def test_automatic_domain_choice(monkeypatch):
-    import pipeline.losses.sinkhorn as sk
-    C, a_mask, b_mask = make_problem(torch.float32)  # costs in [0, 1]: shifted spread / eps ~ 1 / eps
-    chosen = []
-    real = sk.choose_domain
-    monkeypatch.setattr(sk, "choose_domain", lambda spread, dt: chosen.append((spread, real(spread, dt))) or chosen[-1][1])
-    for eps in (0.1, 0.05, 0.005):
-        sinkhorn(C, a_mask, b_mask, eps)
-    assert [c[1] for c in chosen] == ["kernel", "kernel", "log"], chosen
-    assert chosen[-1][0] > sk.KERNEL_MAX[torch.float32]
-    # in float64 the kernel domain stays safe much further
-    assert real(chosen[-1][0], torch.float64) == "kernel"
-    # tiny eps in the log domain still converges to a finite plan (the kernel domain would underflow to 0)
-    res = sinkhorn(C, a_mask, b_mask, 0.005, max_iter=5000)
-    assert torch.isfinite(res.plan).all() and (res.err <= 2e-5).all()
     with pytest.raises(ValueError, match="domain"):
         sinkhorn(C, a_mask, b_mask, 0.1, domain="exp")
+
+
+def plain(C, a_mask, b_mask, eps, **kw):
+    """Textbook Sinkhorn at eps from a cold start: no eps-scaling, no Newton (the reference the fast paths
+    must agree with)."""
+    return sinkhorn(C, a_mask, b_mask, eps, eps_scaling=False, newton=False, **kw)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1])
+def test_scaling_and_newton_reach_the_plain_plan_and_gradient_float64(eps):
+    # masked, N != M: eps-scaling + Newton must land on the same fixed point as plain Sinkhorn, and the
+    # implicit gradient computed from either plan must agree. (Smaller eps: plain Sinkhorn needs > 200,000
+    # iterations to reach 1e-13 on these peaked costs, measured at 0.01.)
+    C, a_mask, b_mask = make_problem(torch.float64, peaked=True)
+    fast = sinkhorn(C, a_mask, b_mask, eps, tol=1e-13, max_iter=20000)
+    ref = plain(C, a_mask, b_mask, eps, tol=1e-13, max_iter=200000)
+    assert fast.converged.all() and ref.converged.all()
+    assert (fast.plan - ref.plan).abs().sum((1, 2)).max() <= 1e-10
+    assert (fast.n_iters < ref.n_iters).all(), (fast.n_iters, ref.n_iters)  # and it is the faster path
+    grads = []
+    for kw in ({}, {"eps_scaling": False, "newton": False, "max_iter": 200000}):
+        Cg = C.clone().requires_grad_()
+        loss, _ = ot_loss(Cg, a_mask, b_mask, eps, tol=1e-13, **({"max_iter": 20000} | kw))
+        (loss * W).sum().backward()
+        grads.append(Cg.grad)
+    assert rel_err(grads[0], grads[1]) <= 1e-10
+
+
+def test_newton_alone_matches_sinkhorn_alone():
+    # each accelerator on its own: Newton without eps-scaling, eps-scaling without Newton
+    C, a_mask, b_mask = make_problem(torch.float64, peaked=True)
+    ref = plain(C, a_mask, b_mask, 0.05, tol=1e-12, max_iter=100000)
+    for kw in ({"eps_scaling": False}, {"newton": False}):
+        res = sinkhorn(C, a_mask, b_mask, 0.05, tol=1e-12, max_iter=20000, **kw)
+        assert res.converged.all() and (res.plan - ref.plan).abs().sum((1, 2)).max() <= 1e-9, kw
+
+
+def test_huge_cost_spread_is_solved_safely():
+    # (max C - min C) / eps = 2e5: textbook kernel Sinkhorn underflows to 0 / NaN; the absorbed kernel (every
+    # row and column maximum shifted to 1) and eps-scaling stay finite and agree with the log domain
+    g = torch.Generator().manual_seed(5)
+    C = torch.rand(2, 23, 19, generator=g) * 1e4
+    m_a, m_b = torch.ones(2, 23, dtype=torch.bool), torch.ones(2, 19, dtype=torch.bool)
+    res = sinkhorn(C, m_a, m_b, 0.05)
+    ref = sinkhorn(C.double(), m_a, m_b, 0.05, tol=1e-12, domain="log")
+    assert res.converged.all() and torch.isfinite(res.plan).all() and (res.err <= 2e-5).all()
+    assert (res.plan.double() - ref.plan).abs().sum((1, 2)).max() <= 1e-4
+
+
+def test_broken_kernel_stage_is_redone_in_the_log_domain(monkeypatch):
+    # a kernel whose products go non-finite (simulated: NaN in sequence 1's kernel) must not leak: that
+    # sequence redoes the stage in the log domain and ends at the same plan as a clean solve
+    import pipeline.losses.sinkhorn as sk
+    C, a_mask, b_mask = make_problem(torch.float64, peaked=True)
+    clean = sinkhorn(C, a_mask, b_mask, 0.05, tol=1e-10)
+    real = sk._Kernel.build
+    calls = []
+
+    def poisoned(Z, log):
+        kern = real(Z, log)
+        if not log and not calls and len(kern.K) == B:
+            kern.K[1, 0, 0] = kern.Kt[1, 0, 0] = float("nan")
+        calls.append(log)
+        return kern
+
+    monkeypatch.setattr(sk._Kernel, "build", staticmethod(poisoned))
+    res = sinkhorn(C, a_mask, b_mask, 0.05, tol=1e-10)
+    assert True in calls  # the log domain really ran
+    assert res.converged.all() and torch.isfinite(res.plan).all()
+    assert (res.plan - clean.plan).abs().sum((1, 2)).max() <= 1e-8
+
+
+def test_warm_start_converges_at_once_to_the_same_plan():
+    C, a_mask, b_mask = make_problem(torch.float64, peaked=True)
+    cold = sinkhorn(C, a_mask, b_mask, 0.02, tol=1e-12)
+    warm = sinkhorn(C, a_mask, b_mask, 0.02, tol=1e-12, init=(cold.f, cold.g))
+    assert (warm.n_iters <= 1).all(), warm.n_iters
+    assert (warm.plan - cold.plan).abs().sum((1, 2)).max() <= 1e-11
+    # a nearby problem (the cost after a small training step) starts from the old potentials
+    C2 = C + 1e-3 * torch.randn(C.shape, generator=torch.Generator().manual_seed(1), dtype=C.dtype)
+    ref = sinkhorn(C2, a_mask, b_mask, 0.02, tol=1e-12)
+    near = sinkhorn(C2, a_mask, b_mask, 0.02, tol=1e-12, init=(cold.f, cold.g))
+    assert near.converged.all() and (near.plan - ref.plan).abs().sum((1, 2)).max() <= 1e-10
+
+
+def test_relative_eps_is_invariant_to_the_scale_of_the_cost():
+    # eps_scale="std": eps x std(C) per sequence, so an affine change of C (scale and shift) leaves the plan
+    # unchanged, as it would not with an absolute eps
+    C, a_mask, b_mask = make_problem(torch.float64, peaked=True)
+    _, r1 = ot_loss(C, a_mask, b_mask, 0.5, eps_scale="std", tol=1e-12)
+    _, r2 = ot_loss(7 * C + 3, a_mask, b_mask, 0.5, eps_scale="std", tol=1e-12)
+    _, r3 = ot_loss(7 * C + 3, a_mask, b_mask, 0.5, tol=1e-12)
+    assert (r1.plan - r2.plan).abs().sum((1, 2)).max() <= 1e-9
+    assert (r1.plan - r3.plan).abs().sum((1, 2)).max() > 1e-2
+    from pipeline.losses.implicit import relative_eps
+    std = torch.stack([C[i][a_mask[i]][:, b_mask[i]].std() for i in range(B)])
+    torch.testing.assert_close(relative_eps(C, a_mask, b_mask, 0.5, "std"), 0.5 * std)
+    with pytest.raises(ValueError, match="eps_scale"):
+        ot_loss(C, a_mask, b_mask, 0.5, eps_scale="mean")
 
 
 def test_overrelaxation_saves_iterations_and_finds_the_same_plan():
@@ -232,11 +318,11 @@ def test_overrelaxation_saves_iterations_and_finds_the_same_plan():
     x, y = torch.randn(2, 2, 96, 16, generator=g, dtype=torch.float64)
     C = 1 - (x @ y.transpose(1, 2) / 2).softmax(-1)  # (2, 96, 96)
     m = torch.ones(2, 96, dtype=torch.bool)
-    plain = sinkhorn(C, m, m, 0.05, tol=1e-9, max_iter=20000, overrelax=False)  # 400 and 860 iterations
-    fast = sinkhorn(C, m, m, 0.05, tol=1e-9, max_iter=20000, overrelax=True)
-    assert (fast.err <= 1e-9).all() and (plain.err <= 1e-9).all()
-    assert (fast.n_iters * 3 <= plain.n_iters).all(), (fast.n_iters, plain.n_iters)
-    assert (fast.plan - plain.plan).abs().sum((1, 2)).max() <= 1e-8
+    slow = plain(C, m, m, 0.05, tol=1e-9, max_iter=20000, overrelax=False)  # 400 and 860 iterations
+    fast = plain(C, m, m, 0.05, tol=1e-9, max_iter=20000, overrelax=True)
+    assert (fast.err <= 1e-9).all() and (slow.err <= 1e-9).all()
+    assert (fast.n_iters * 3 <= slow.n_iters).all(), (fast.n_iters, slow.n_iters)
+    assert (fast.plan - slow.plan).abs().sum((1, 2)).max() <= 1e-8
 
 
 def test_overrelaxation_backs_off_when_it_diverges(monkeypatch):
@@ -246,8 +332,8 @@ def test_overrelaxation_backs_off_when_it_diverges(monkeypatch):
     monkeypatch.setattr(sk, "OMEGA_MAX", 10.0)
     monkeypatch.setattr(sk, "_young_omega", lambda mu2: torch.full_like(mu2, 3.0))
     C, a_mask, b_mask = make_problem(torch.float64, peaked=True)
-    res = sinkhorn(C, a_mask, b_mask, 0.05, tol=1e-10, max_iter=5000)
-    ref = sinkhorn(C, a_mask, b_mask, 0.05, tol=1e-10, max_iter=5000, overrelax=False)
+    res = plain(C, a_mask, b_mask, 0.05, tol=1e-10, max_iter=5000)
+    ref = plain(C, a_mask, b_mask, 0.05, tol=1e-10, max_iter=5000, overrelax=False)
     assert torch.isfinite(res.plan).all() and (res.err <= 1e-10).all()
     assert (res.plan - ref.plan).abs().sum((1, 2)).max() <= 1e-8
 
@@ -255,7 +341,7 @@ def test_overrelaxation_backs_off_when_it_diverges(monkeypatch):
 def test_check_every_only_changes_where_sequences_stop():
     C, a_mask, b_mask = make_problem(torch.float64, peaked=True)
     for k in (1, 7):
-        res = sinkhorn(C, a_mask, b_mask, 0.1, tol=1e-10, check_every=k, overrelax=False)
+        res = plain(C, a_mask, b_mask, 0.1, tol=1e-10, check_every=k, overrelax=False)
         assert (res.n_iters % k == 0).all() and (res.err <= 1e-10).all()
 
 

@@ -25,7 +25,7 @@ from pipeline.distill.student import load_student
 from pipeline.losses.ot import init_projection
 from pipeline.models import check_max_length, check_vocab, compute_dtype, load_tokenizer
 
-# Warn (once per run) when more than this share of a logging window's OT problems stopped at ot_max_iter.
+# Warn (once per run) when more than this share of a logging window's OT problems did not converge.
 SINKHORN_CAPPED_WARN = 0.05
 
 
@@ -71,10 +71,10 @@ class DistillTrainer(Trainer):
         if capped and not self._warned_capped:
             self._warned_capped = True
             d = self.model.d
-            warnings.warn(f"Sinkhorn stopped at distill.ot_max_iter={d.ot_max_iter} before converging for "
+            warnings.warn(f"Sinkhorn did not reach distill.ot_tol={d.ot_tol} within distill.ot_max_iter={d.ot_max_iter} for "
                           + ", ".join(f"{v:.0%} of the {k.rsplit('_', 1)[1]} OT problems" for k, v in capped.items())
-                          + f" (ot_eps={d.ot_eps}); their gradients are approximate. Raise distill.ot_max_iter "
-                          "or distill.ot_eps; the sinkhorn_capped_* / sinkhorn_err_* columns of the loss curves "
+                          + f" (ot_eps={d.ot_eps}); their gradients are approximate. Raise distill.ot_max_iter, "
+                          "distill.ot_eps or distill.ot_tol; the sinkhorn_capped_* / sinkhorn_err_* columns of the loss curves "
                           "show how often and how far", stacklevel=2)
 
 

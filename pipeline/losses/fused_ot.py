@@ -22,7 +22,8 @@ import torch
 
 from pipeline.losses.fused_ce_kl import chunked_logsumexp, default_chunk_rows
 from pipeline.losses.ot import OT_EPS, check_ot_args, cost_from_similarity, reduce_sequences, teacher_topk
-from pipeline.losses.sinkhorn import SinkhornResult, ot_loss
+from pipeline.losses.implicit import ot_loss
+from pipeline.losses.sinkhorn import SinkhornResult
 
 
 def _logits(h, W, b, mm_dtype):
@@ -113,7 +114,8 @@ def ot_logits_loss_from_hidden(h: torch.Tensor, weight: torch.Tensor, teacher_id
                                eps: float = OT_EPS, block: int = 64, vocab_size: int | None = None,
                                bias: torch.Tensor | None = None, objective: str = "linear",
                                reduction: str = "mean", tol: float | None = None, max_iter: int = 1000,
-                               chunk_rows: int | None = None) -> tuple[torch.Tensor, SinkhornResult]:
+                               chunk_rows: int | None = None,
+                               eps_scale: str = "absolute") -> tuple[torch.Tensor, SinkhornResult]:
     """`ot_logits_loss` of the logits h W^T (+ bias), without ever building them over the vocabulary.
 
     h: (B, N, d) student final hidden states; weight: (V_logits, d) lm_head (tied embedding fine; its grad is
@@ -131,5 +133,6 @@ def ot_logits_loss_from_hidden(h: torch.Tensor, weight: torch.Tensor, teacher_id
     S = _HiddenTopkSimilarity.apply(h, weight, bias, ids, p, V, block, chunk_rows or default_chunk_rows(V),
                                     *need)  # (B, N, M)
     C = cost_from_similarity(S, y_mask)
-    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, tol=tol, max_iter=max_iter)  # (B,)
+    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol,
+                           max_iter=max_iter)  # (B,)
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res

@@ -11,7 +11,8 @@ import torch
 
 from pipeline.losses.checks import check_mask, check_positive
 from pipeline.losses.kl import upcast
-from pipeline.losses.sinkhorn import SinkhornResult, ot_loss
+from pipeline.losses.implicit import ot_loss
+from pipeline.losses.sinkhorn import SinkhornResult
 
 # Default entropic regularisation for the OT losses; see `ot_hidden_loss` for why not the lambda of
 # the user's original design notes.
@@ -74,8 +75,8 @@ def init_projection(D: int, d: int, generator: torch.Generator | None = None,
 
 def ot_hidden_loss(x: torch.Tensor, x_mask: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor,
                    proj: torch.Tensor, *, eps: float = OT_EPS, objective: str = "linear",
-                   reduction: str = "mean", tol: float | None = None,
-                   max_iter: int = 1000) -> tuple[torch.Tensor, SinkhornResult]:
+                   reduction: str = "mean", tol: float | None = None, max_iter: int = 1000,
+                   eps_scale: str = "absolute") -> tuple[torch.Tensor, SinkhornResult]:
     """Entropic OT between student and (projected) teacher hidden states of one sequence, batched.
 
     x: (B, N, d) student hidden states, x_mask (B, N); y: (B, M, D) teacher hidden states, y_mask (B, M);
@@ -91,6 +92,7 @@ def ot_hidden_loss(x: torch.Tensor, x_mask: torch.Tensor, y: torch.Tensor, y_mas
         would be eps = 10: with C in [0, 1] the plan would be ~exp(-C/10) ~ uniform, so the loss would only see
         mean(C) and no alignment at all. Default 0.05 (OTT-JAX's relative default is 0.05 * std(C)); note that
         C's spread shrinks like 1/M for soft similarities, so a fixed eps is relatively looser on long sequences.
+        eps_scale="std" makes eps relative to each sequence's std(C) instead (see `relative_eps`).
     reduction: "mean" over sequences with at least one valid token on each side, or "sum". Sequences with
         none contribute 0.
     Returns (loss scalar, SinkhornResult) - the result's n_iters / err are for logging.
@@ -102,7 +104,8 @@ def ot_hidden_loss(x: torch.Tensor, x_mask: torch.Tensor, y: torch.Tensor, y_mas
     y = torch.where(y_mask[..., None], y, 0.0)
     S = x @ (y @ proj).transpose(1, 2) / math.sqrt(x.shape[-1])  # (B, N, M)
     C = cost_from_similarity(S, y_mask)
-    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, tol=tol, max_iter=max_iter)  # (B,)
+    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol,
+                           max_iter=max_iter)  # (B,)
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res
 
 
@@ -143,7 +146,8 @@ class _TopkSimilarity(torch.autograd.Function):
 def ot_logits_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
                    x_mask: torch.Tensor, y_mask: torch.Tensor, *, eps: float = OT_EPS, block: int = 64,
                    vocab_size: int | None = None, objective: str = "linear", reduction: str = "mean",
-                   tol: float | None = None, max_iter: int = 1000) -> tuple[torch.Tensor, SinkhornResult]:
+                   tol: float | None = None, max_iter: int = 1000,
+                   eps_scale: str = "absolute") -> tuple[torch.Tensor, SinkhornResult]:
     """Entropic OT between student and teacher next-token distributions of one sequence, batched.
 
     student_logits: (B, N, V) raw logits (first vocab_size columns real); teacher_ids (B, M, k) long and
@@ -167,5 +171,6 @@ def ot_logits_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teac
     ids, p = teacher_topk(teacher_ids, teacher_logprobs, y_mask, z.shape[-1], q.dtype)  # (B, M, k) each
     S = _TopkSimilarity.apply(q, ids, p, block)  # (B, N, M)
     C = cost_from_similarity(S, y_mask)
-    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, tol=tol, max_iter=max_iter)  # (B,)
+    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol,
+                           max_iter=max_iter)  # (B,)
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res

@@ -242,10 +242,10 @@ def ot_bytes(B: int, N: int, M: int, vocab: int, k: int, hidden: bool, logits: b
     ot_logits_loss_from_hidden), forward and backward. E = the bytes of one (B, N, M) fp32 tensor.
 
     Forward of each term: the similarity S, the softmax P and the cost C = 1 - P (3E), then pipeline/losses/sinkhorn.py:
-    the padding mask (E/4), C with inf on padding, the shifted C/eps, the kernel exp(-C/eps) and its copy for
-    the working batch (4.25E; sequences that hit ot_max_iter keep the kernel to the end, +1E). P, C with padding
-    zeroed and the plan stay saved for the backward (3E), whose implicit gradient (sinkhorn._grad_from_duals)
-    needs T*C and two temporaries (3E). OT on logits first runs one vocabulary pass for the log-normaliser
+    the padding mask (E/4), the shifted cost, the plan, a stage's kernel and its transpose, their copies for
+    the working batch when sequences finish (transient) and Newton's squared kernel (6.75E in all, measured
+    by tests/test_plan.py). P, C - f - g and the plan stay saved for the backward (3E), whose implicit gradient
+    (implicit._grad_from_duals) needs T*C and two temporaries (3E). OT on logits first runs one vocabulary pass for the log-normaliser
     ((rows, V) fp32 as fused_loss chunks it, plus a 128-row temporary; freed before the blocks), then per block of teacher tokens builds the student's logits at the block's distinct ids U
     (|U| <= block x k; two N x |U| fp32 tensors: the matmul and its shift, then the probabilities, their
     gather by teacher token and the product with the teacher's: three N x block x k). Its backward holds dS
@@ -254,13 +254,13 @@ def ot_bytes(B: int, N: int, M: int, vocab: int, k: int, hidden: bool, logits: b
     """
     E = 4 * B * N * M
     saved = 3 * E if hidden else 0.0  # the hidden-state term's saved tensors live until the backward
-    phases = [7.25 * E, 6 * E] if hidden else []  # its forward; its backward
+    phases = [9.75 * E, 6 * E] if hidden else []  # its forward; its backward
     if logits:
         c = min(fused_chunk_rows(vocab), B * N)
         vocab_pass = 4 * c * vocab
         blocks = 4 * N * min(block, M) * k  # one N x block x k fp32 tensor, at most |U| wide
         phases += [saved + vocab_pass + 4 * min(FUSED_SLICE, c) * vocab,  # the log-normaliser pass
                    saved + E + 3 * blocks,  # S filled block by block
-                   saved + 7.25 * E, saved + 6 * E,  # its Sinkhorn; its implicit gradient
+                   saved + 9.75 * E, saved + 6 * E,  # its Sinkhorn; its implicit gradient
                    saved + E + 3 * blocks]  # dS back through the blocks
     return max(phases, default=0.0)
