@@ -306,3 +306,22 @@ def test_mixed_precision_follows_distill_dtype(tiny, tmp_path, dtype, bf16, fp16
     args = distill.training_args(cfg.distill, seed=0)
     assert (args.bf16, args.fp16) == (bf16, fp16)
     assert args.report_to == [] and args.per_device_train_batch_size == 1  # one sample = one block
+
+
+@pytest.mark.parametrize("eps_scale, eps", [("absolute", 0.005), ("std", 0.05)])
+def test_sharp_ot_on_the_embedded_data_is_finite_and_converges(cached, tmp_path, eps_scale, eps):
+    """Issue 11: a sharp plan (eps = 0.005, and a relative eps) in float32 on the embedded task's cache: both OT
+    terms finite, every sequence converged, finite gradients for the student and P."""
+    cfg = distill_cfg(cached, tmp_path / "s", w_ot=0.5, w_ot_logits=0.5, ot_eps=eps, ot_eps_scale=eps_scale)
+    c = open_cache(Path(cfg.cache.out) / "train.zarr")
+    tok = load_tokenizer(cfg.distill.student)
+    batch = collate(c.read_many(range(0, len(c), len(c) // 16), cache_fields(cfg.distill)), tok.pad_token_id)
+    D, d = c.provenance["hidden_size"], AutoConfig.from_pretrained(cfg.distill.student).hidden_size
+    model = DistillModel(load_student(cfg.distill), cfg.distill, len(tok),
+                         init_projection(D, d, torch.Generator().manual_seed(0)))
+    loss, logs = model(**batch)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logs["ot_hidden"]) and torch.isfinite(logs["ot_logits"])
+    assert logs["sinkhorn_capped_hidden"] == 0 and logs["sinkhorn_capped_logits"] == 0, logs
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.projection.grad.abs().sum() > 0

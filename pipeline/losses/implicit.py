@@ -104,10 +104,11 @@ class _OTValue(torch.autograd.Function):
         return grad * grad_value[:, None, None], None, None, None, None, None, None, None, None, None
 
 
-def relative_eps(C: torch.Tensor, a_ok: torch.Tensor, b_ok: torch.Tensor, eps: float,
+def relative_eps(C: torch.Tensor, a_ok: torch.Tensor, b_ok: torch.Tensor, eps,
                  scale: EpsScale) -> torch.Tensor:
     """(B,) eps per sequence: eps itself ("absolute"), or eps x the standard deviation of the sequence's valid
-    costs ("std", OTT-JAX's relative epsilon). Computed from C without gradient (the solver's setting).
+    costs ("std", OTT-JAX's relative epsilon). eps: a float or (B,). Computed from C without gradient (the
+    solver's setting).
 
     Why std: C = 1 - rowsoftmax(S) over M tokens has mean exactly 1 - 1/M whatever S is, so "mean" would be
     absolute eps in disguise, while its spread shrinks like 1/M: the same absolute eps is a sharper plan at
@@ -147,10 +148,9 @@ def ot_loss(C: torch.Tensor, a_mask: torch.Tensor, b_mask: torch.Tensor, eps: fl
     if objective not in ("linear", "regularized"):
         raise ValueError(f"objective must be 'linear' or 'regularized', got {objective!r}")
     a_ok, b_ok = valid_masks(a_mask, b_mask)
-    if not isinstance(eps, torch.Tensor):
-        eps_vector(eps, 1, C)  # refuse eps <= 0 before anything else
-    e = relative_eps(C.detach(), a_ok, b_ok, eps, eps_scale) if not isinstance(eps, torch.Tensor) else \
-        eps_vector(eps, C.shape[0], C.detach())
+    e = eps_vector(eps, C.shape[0], C.detach())  # (B,), refuses eps <= 0
+    if eps_scale != "absolute":
+        e = relative_eps(C.detach(), a_ok, b_ok, e, eps_scale)
     # Under mixed precision (Trainer's bf16 autocast on a GPU) bmm would silently run in bf16: the solver's
     # products and the CG solve need the dtype of C, so autocast is switched off for them.
     with torch.autocast(C.device.type, enabled=False):

@@ -8,8 +8,8 @@ Problem, per sequence b (tokens i < N on one side, j < M on the other, padding m
 so T*_ij = exp((f_i + g_j - C_ij) / eps) with dual potentials f, g.
 
 How it is solved (measurements: bench/sinkhorn_bench.py, README "Sinkhorn"):
-- ε-scaling: a sequence starts at eps_0 = spread(C) / 4 (a near-uniform plan, solved in ~10 iterations) and
-  halves eps stage by stage down to its target, each stage starting from the previous stage's potentials.
+- ε-scaling: a sequence whose eps is small against its cost spread starts at eps_0 = spread(C) / 64 and
+  shrinks eps by 0.3 per stage down to its target, each stage starting from the previous stage's potentials.
   Plain Sinkhorn's contraction rate degrades as eps shrinks; a warm start from a coarser eps keeps every stage
   short.
 - Absorption: each stage iterates scalings (u, v) against the kernel K = exp((f_i + g_j - C_ij) / eps_stage)
@@ -86,10 +86,12 @@ def _uniform(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype) / mask.sum(-1, keepdim=True).clamp_min(1).to(dtype)
 
 
-# ε-scaling: the first stage's eps is spread(C) / EPS_START_DIVISOR (C shifted per row and column; a plan
-# that soft is solved in ~10 iterations), then eps shrinks by EPS_DECAY per stage (bench: 0.3 needs fewer
-# stages than 0.5 for the same final work).
-EPS_START_DIVISOR = 4.0
+# ε-scaling: when eps < spread(C) / EPS_START_DIVISOR (C shifted per row and column), a sequence starts at that
+# eps and shrinks it by EPS_DECAY per stage. Measured (bench problem, N = 128 and 1024): with the Newton finish a
+# cold start converges in 10-60 iterations down to spread / eps ~ 200, and each stage costs a kernel rebuild, so
+# starting at spread / 4 was slower at eps >= 0.01; at N = 128, eps = 0.005 starting at spread / 64 took 75
+# iterations against 125 cold; a cost spread of 1e4 (tests) needs the stages.
+EPS_START_DIVISOR = 64.0
 EPS_DECAY = 0.3
 # Intermediate stages only have to hand a good start to the next one.
 STAGE_TOL = 1e-2
@@ -101,6 +103,7 @@ NEWTON_CG_TOL = 1e-2  # inexact Newton: relative CG residual per step
 NEWTON_CG_MAX_ITER = 200
 LINE_SEARCH_STEPS = 10  # step halvings before a Newton step counts as failed
 NEWTON_ROUNDS = 4  # Newton runs, separated by a few Sinkhorn iterations when a step stalls
+NEWTON_MAX_STEP = 2.0  # largest change of a log-scaling in one Newton step
 # Scalings beyond this are folded into a rebuilt kernel (exp stays far from float32's e^88).
 ABSORB = 30.0
 # Over-relaxation: 1.9 diverged on the benchmark's N = 1024, eps = 0.05 problem, 1.7 did not.
@@ -249,7 +252,7 @@ def _iterate(kern, u, v, la, lb, ao, bo, stop, limit, check_every, overrelax, ab
     return out_u, out_v, out_it, out_err
 
 
-def _newton(kern, v, la, lb, ao, bo, tol, limit):
+def _newton(kern, v, la, lb, ao, bo, tol, limit, absorb):
     """Newton steps on the dual of one stage's batch, each sequence until its error <= tol, its step limit
     (b,), or a step the line search cannot accept.
 
@@ -280,7 +283,9 @@ def _newton(kern, v, la, lb, ao, bo, tol, limit):
         _, dv, _, _ = solve_dual_system(k_act.operator(ua, va), torch.zeros_like(ua), grad, ao[act], bo[act],
                                         NEWTON_CG_TOL, NEWTON_CG_MAX_ITER)
         slope = (grad * dv).sum(-1)  # (n,) predicted ascent of F per unit step, > 0
-        t = torch.ones_like(slope)
+        # a column with far too little mass asks for a log-step of (b - c) / c, far beyond the log(b / c) it
+        # needs: cap every step at NEWTON_MAX_STEP in the scalings (a trust region; damped Newton still converges)
+        t = (NEWTON_MAX_STEP / dv.abs().amax(-1).clamp_min(1e-30)).clamp(max=1.0)  # (n,)
         accepted = torch.zeros_like(slope, dtype=torch.bool)
         u_n, v_n, col_n, err_n = ua, va, col[act], err[act]
         for _ in range(LINE_SEARCH_STEPS):
@@ -288,7 +293,8 @@ def _newton(kern, v, la, lb, ao, bo, tol, limit):
             u_t, col_t, err_t = state(k_act, v_t, la[act], lb[act], ao[act], bo[act])
             dF = ((b[act] * (v_t - va)).sum(-1, dtype=torch.float64)
                   + (a[act] * (u_t - ua)).sum(-1, dtype=torch.float64))  # (n,)
-            ok = ~accepted & torch.isfinite(err_t) & ((dF >= 1e-4 * t * slope) | (err_t < err[act]))
+            inside = torch.maximum(u_t.abs().amax(-1), v_t.abs().amax(-1)) <= absorb  # else: absorb, rebuild K
+            ok = ~accepted & torch.isfinite(err_t) & inside & ((dF >= 1e-4 * t * slope) | (err_t < err[act]))
             u_n, v_n = torch.where(ok[:, None], u_t, u_n), torch.where(ok[:, None], v_t, v_n)
             col_n, err_n = torch.where(ok[:, None], col_t, col_n), torch.where(ok, err_t, err_n)
             accepted |= ok
@@ -301,35 +307,38 @@ def _newton(kern, v, la, lb, ao, bo, tol, limit):
     return u, v, steps, err, stalled
 
 
-def _finish(kern, u, v, err, la, lb, ao, bo, tol, limit, check_every, overrelax):
+def _finish(kern, u, v, err, la, lb, ao, bo, tol, limit, check_every, overrelax, absorb):
     """A stage after Sinkhorn reached NEWTON_START, to tol (b,): Newton; a sequence whose Newton step stalls runs
-    check_every Sinkhorn iterations and Newton tries again, NEWTON_ROUNDS times at most. A sequence still within
-    10 x tol then has hit its dtype's floor (float32 sums of M terms carry ~1e-7 sqrt(M) relative error) and
-    stops unconverged instead of spinning to max_iter; one further away goes on with Sinkhorn. Returns u, v, err, iterations + steps spent (b,)."""
+    check_every Sinkhorn iterations and Newton tries again, NEWTON_ROUNDS times at most, then Sinkhorn (which
+    converges from anywhere, slowly) up to its limit. A sequence whose scalings leave [-absorb, absorb] returns
+    early so that its stage folds them into a rebuilt kernel. Returns u, v, err, iterations + steps spent (b,)."""
     spent = torch.zeros_like(limit)
-    todo = ((err > tol) & torch.isfinite(err)).nonzero()[:, 0]  # tol (b,)
+
+    def pending(todo):
+        big = torch.maximum(u[todo].abs().amax(-1), v[todo].abs().amax(-1)) > absorb
+        return todo[(err[todo] > tol[todo]) & torch.isfinite(err[todo]) & ~big & (spent[todo] < limit[todo])]
+
+    everyone = torch.arange(len(err), device=err.device)
     for _ in range(NEWTON_ROUNDS):
-        todo = todo[(err[todo] > tol[todo]) & (spent[todo] < limit[todo])]
+        todo = pending(everyone)
         if not len(todo):
-            break
+            return u, v, err, spent
         args = la[todo], lb[todo], ao[todo], bo[todo]
         u[todo], v[todo], steps, err[todo], stalled = _newton(kern.narrow(todo), v[todo], *args, tol[todo],
-                                                              limit[todo] - spent[todo])
+                                                              limit[todo] - spent[todo], absorb)
         spent[todo] += steps
-        todo = todo[stalled & (err[todo] > tol[todo]) & (spent[todo] < limit[todo])]
+        todo = pending(todo[stalled])
         if len(todo):
-            args = la[todo], lb[todo], ao[todo], bo[todo]
             n_more = torch.minimum(limit[todo] - spent[todo], torch.full_like(todo, check_every))
-            u[todo], v[todo], it, err[todo] = _iterate(kern.narrow(todo), u[todo], v[todo], *args, tol[todo],
-                                                       n_more, check_every,
-                                                       overrelax, math.inf)
+            u[todo], v[todo], it, err[todo] = _iterate(kern.narrow(todo), u[todo], v[todo], la[todo], lb[todo],
+                                                       ao[todo], bo[todo], tol[todo], n_more, check_every,
+                                                       overrelax, absorb)
             spent[todo] += it
-    # far above tol is not a rounding floor: plain Sinkhorn converges, slowly, from anywhere
-    todo = ((err > 10 * tol) & torch.isfinite(err) & (spent < limit)).nonzero()[:, 0]
+    todo = pending(everyone)
     if len(todo):
         u[todo], v[todo], it, err[todo] = _iterate(kern.narrow(todo), u[todo], v[todo], la[todo], lb[todo], ao[todo],
                                                    bo[todo], tol[todo], limit[todo] - spent[todo], check_every,
-                                                   overrelax, math.inf)
+                                                   overrelax, absorb)
         spent[todo] += it
     return u, v, err, spent
 
@@ -398,7 +407,6 @@ def sinkhorn(C: torch.Tensor, a_mask: torch.Tensor, b_mask: torch.Tensor, eps,
             if len(idx):
                 _stage(Cs, f, g, eps, eps0, stage, idx, a_ok[idx], b_ok[idx], log_a[idx], log_b[idx], tol, max_iter,
                        n_iters, converged, finished, log_domain, plan, log, newton, check_every, overrelax)
-    plan = torch.where(pair, plan, 0.0)
     a, b = log_a.exp(), log_b.exp()
     err = (plan.sum(2) - a).abs().sum(-1) + (plan.sum(1) - b).abs().sum(-1)  # (B,)
     return SinkhornResult(plan, torch.where(a_ok, f + c_row, 0.0), torch.where(b_ok, g + c_col, 0.0), n_iters,
@@ -432,18 +440,33 @@ def _stage(Cs, f, g, eps, eps0, stage, idx, ao, bo, la, lb, tol, max_iter, n_ite
         if len(fin):
             u[fin], v[fin], err[fin], spent = _finish(kern.narrow(fin), u[fin], v[fin], err[fin], la[fin], lb[fin],
                                                       ao[fin], bo[fin], stage_tol[fin], limit[fin] - it[fin],
-                                                      check_every, overrelax)
+                                                      check_every, overrelax, absorb)
             n_iters[idx[fin]] += spent
+    big = torch.maximum(u.abs().amax(-1), v.abs().amax(-1)) > absorb  # these fold u, v in and redo their eps
     bad = ~torch.isfinite(err)
-    if bad.any() and not log:  # kernel iteration broke down: this stage again, in the log domain
-        log_domain[idx[bad]] = True
-    ok = final & (err <= tol) & ~bad
     capped = n_iters[idx] >= max_iter
-    out = ok | (final & ~big | capped) & ~bad | bad & torch.tensor(log)
-    good = ~bad[:, None]
+    out = final & ~big & ~bad | capped & ~bad | bad & torch.tensor(log)
+    ok = out & final & (err <= tol) & ~bad
     if out.any():  # the plan from the stage's own kernel: consistent with the scalings it converged for
         o = out.nonzero()[:, 0]
-        plan[idx[o]] = torch.nan_to_num(kern.narrow(o).plan(u[o], v[o]), nan=0.0, posinf=0.0)
+        p = kern.narrow(o).plan(u[o], v[o])  # (o, N, M)
+        # The returned plan is the truth: one that overflowed (non-finite) is redone in the log domain, and
+        # "converged" needs the plan's own marginal error within 2 x tol (rebuilding it from the scalings
+        # rounds a little differently from the solver's own check).
+        finite = torch.isfinite(p).flatten(1).all(1)
+        if not finite.all():
+            p = torch.where(finite[:, None, None], p, 0.0)
+        p_err = ((p.sum(2) - la[o].exp().masked_fill(~ao[o], 0.0)).abs().sum(-1)
+                 + (p.sum(1) - lb[o].exp().masked_fill(~bo[o], 0.0)).abs().sum(-1))  # (o,)
+        ok[o] &= finite & (p_err <= 2 * tol)
+        if not log:
+            redo = ~finite & ~capped[o]
+            bad[o] |= redo
+            out[o] &= ~redo
+        plan[idx[o]] = p
+    if bad.any() and not log:  # the kernel iteration broke down: this stage again, in the log domain
+        log_domain[idx[bad & ~out]] = True
+    good = ~bad[:, None]
     f[idx] = torch.where(ao & good, f[idx] + e[:, None] * u, f[idx])
     g[idx] = torch.where(bo & good, g[idx] + e[:, None] * v, g[idx])
     # an intermediate stage only hands over a start, reached or not; absorbed-only sequences redo their eps
