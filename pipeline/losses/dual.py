@@ -14,17 +14,18 @@ def vecmat(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 class PlanOperator:
     """T = diag(p) K diag(q) without building it: K (b, N, M) and its contiguous transpose Kt (b, M, N);
-    p (b, N), q (b, M) or None for ones. `K2` (b, N, M) = K * K, made on first use (the preconditioner)."""
+    p (b, N), q (b, M) or None for ones. `K2` (b, N, M) = K * K for the preconditioner, made on first use
+    unless given (K2t: that of the transpose)."""
 
-    def __init__(self, K, Kt, p=None, q=None):
-        self.K, self.Kt, self.p, self.q, self._K2 = K, Kt, p, q, None
+    def __init__(self, K, Kt, p=None, q=None, K2=None, K2t=None):
+        self.K, self.Kt, self.p, self.q, self._K2, self._K2t = K, Kt, p, q, K2, K2t
 
     @classmethod
     def of(cls, T: torch.Tensor) -> "PlanOperator":
         return cls(T, T.transpose(1, 2).contiguous())
 
     def transpose(self) -> "PlanOperator":
-        return PlanOperator(self.Kt, self.K, self.q, self.p)
+        return PlanOperator(self.Kt, self.K, self.q, self.p, self._K2t, self._K2)
 
     def mv(self, y):  # (b, M) -> (b, N): T y
         y = y if self.q is None else self.q * y

@@ -47,7 +47,7 @@ def _grad_from_duals(plan, C0, eps, a_ok, b_ok, cg_tol, cg_max_iter):
     alpha, beta, iters, conv = solve_dual_system(PlanOperator.of(plan), r, s, a_ok, b_ok, cg_tol,
                                                  cg_max_iter)
     grad = plan * (1.0 - C0 / e[:, :, None] + alpha[:, :, None] + beta[:, None, :])  # (B, N, M)
-    return grad, conv & torch.isfinite(grad).all(2).all(1), iters
+    return grad, conv & torch.isfinite(grad.sum((1, 2))), iters  # a non-finite entry makes its sum non-finite
 
 
 def _linear_grad(plan, C0, eps, a_ok, b_ok, cg_tol, cg_max_iter):
@@ -70,8 +70,8 @@ def _linear_grad(plan, C0, eps, a_ok, b_ok, cg_tol, cg_max_iter):
         g64, _, it64 = _grad_from_duals(plan[redo].double(), C0[redo].double(), eps[redo].double(), a_ok[redo],
                                         b_ok[redo], cg_tol, cg_max_iter)
         grad[redo], iters[redo] = g64.to(grad.dtype), it64
-    ok = torch.isfinite(grad).all(2).all(1)  # (B,)
-    return torch.where(ok[:, None, None], grad, 0.0), iters
+    ok = torch.isfinite(grad.sum((1, 2)))  # (B,)
+    return (grad if bool(ok.all()) else torch.where(ok[:, None, None], grad, 0.0)), iters
 
 
 class _OTValue(torch.autograd.Function):

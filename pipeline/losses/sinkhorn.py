@@ -13,17 +13,18 @@ How it is solved (measurements: bench/sinkhorn_bench.py, README "Sinkhorn"):
   Plain Sinkhorn's contraction rate degrades as eps shrinks; a warm start from a coarser eps keeps every stage
   short.
 - Absorption: each stage iterates scalings (u, v) against the kernel K = exp((f_i + g_j - C_ij) / eps_stage)
-  with the potentials so far folded in and every row and column maximum shifted to exactly 1, so K is safe in
-  float32 at any eps: matrix-vector products instead of a logsumexp per element, without the underflow that
+  with the potentials so far folded in, every row maximum (and any column maximum that would underflow) shifted
+  to exactly 1, so K is safe in float32 at any eps: matrix-vector products instead of a logsumexp per element, without the underflow that
   limits textbook kernel Sinkhorn to eps >~ spread / 50. Scalings that drift far from 0 are folded into a
   rebuilt kernel; a sequence whose kernel iteration still goes non-finite redoes its stage in the log domain.
-- Newton finish: in the last stage, once Sinkhorn reaches NEWTON_START, Newton steps on the dual
-  (Hessian = the system the implicit backward solves, by the same CG) finish the job; a sequence whose Newton
-  step cannot improve the dual (line search fails) runs a few Sinkhorn iterations before trying again.
+- Newton finish: in each stage, once Sinkhorn reaches NEWTON_START (or after NEWTON_AFTER iterations), damped
+  Newton steps on the dual (Hessian = the system the implicit backward solves, by the same CG) finish the job;
+  a sequence whose Newton step cannot improve the dual (line search fails) runs a few Sinkhorn iterations
+  before trying again.
 - K and K^T are both kept contiguous: x^T A as a (1, N) x (N, M) product runs ~6x faster on CPU BLAS than
   A x as (N, M) x (M, 1), so every matrix-vector product here is written as a vector-matrix one.
-Converged sequences leave the working batch, so a sequence's result does not depend on its batch mates (up to
-the rounding of batched products, and for a fixed domain).
+Converged sequences stop changing (and leave the working batch once half of it is done), so a sequence's result
+does not depend on its batch mates (up to the rounding of batched products, and for a fixed domain).
 
 Two objectives can be differentiated (`ot_loss`):
 - "linear":      <T*, C>, the loss of the user's original design notes. T* depends on C, so dL/dC != T*; the
@@ -51,7 +52,7 @@ class SinkhornResult(NamedTuple):
     g: torch.Tensor          # (B, M) dual potential of the columns, 0 on padding
     n_iters: torch.Tensor    # (B,) long, Sinkhorn iterations + Newton steps over all eps stages (0 if empty)
     err: torch.Tensor        # (B,) L1 marginal error of the returned plan, rows + columns
-    converged: torch.Tensor  # (B,) bool, the solver reached tol (empty problems count as converged)
+    converged: torch.Tensor  # (B,) bool: reached tol, and the returned plan is finite with err <= 2 tol (empty: True)
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -128,7 +129,7 @@ class _Kernel:
     the plan exp(u_i + Z_ij + v_j)."""
 
     def __init__(self, log: bool, Z=None, K=None, Kt=None):
-        self.log, self.Z, self.K, self.Kt = log, Z, K, Kt
+        self.log, self.Z, self.K, self.Kt, self.K2 = log, Z, K, Kt, None
 
     @classmethod
     def build(cls, Z: torch.Tensor, log: bool) -> "_Kernel":
@@ -169,10 +170,15 @@ class _Kernel:
         return u.exp()[:, :, None] * self.K * v.exp()[:, None, :]
 
     def operator(self, u, v) -> PlanOperator:
-        """The plan as an operator for the dual system (the kernel domain never builds it)."""
+        """The plan as an operator for the dual system (the kernel domain never builds it). The squared kernel
+        its preconditioner needs is made once per kernel, not once per Newton step."""
         if self.log:
             return PlanOperator.of(self.plan(u, v))
-        return PlanOperator(self.K, self.Kt, u.exp(), v.exp())
+        if self.K2 is None:
+            self.K2 = self.K.square() if self.K.shape[1] >= self.K.shape[2] else self.Kt.square()
+        big_rows = self.K.shape[1] >= self.K.shape[2]
+        return PlanOperator(self.K, self.Kt, u.exp(), v.exp(), K2=self.K2 if big_rows else None,
+                            K2t=None if big_rows else self.K2)
 
 
 def _stage_kernel(Cs, f, g, e, a_ok, b_ok, log: bool):
@@ -186,7 +192,9 @@ def _stage_kernel(Cs, f, g, e, a_ok, b_ok, log: bool):
     r = torch.where(a_ok, Z.amax(2), 0.0)  # (b, N); in place below: these are the largest tensors here
     c = Z.sub_(r[:, :, None]).amax(1)  # (b, M)
     c = torch.where(b_ok & (c < -ABSORB), c, 0.0)
-    return _Kernel.build(Z.sub_(c[:, None, :]), log), -r * e[:, None], -c * e[:, None]
+    if bool((c != 0).any()):  # rare: skip a pass over Z otherwise
+        Z.sub_(c[:, None, :])
+    return _Kernel.build(Z, log), -r * e[:, None], -c * e[:, None]
 
 
 def _iterate(kern, u, v, la, lb, ao, bo, stop, limit, check_every, overrelax, absorb):
@@ -211,6 +219,7 @@ def _iterate(kern, u, v, la, lb, ao, bo, stop, limit, check_every, overrelax, ab
     cap = u.new_full((nb,), OMEGA_MAX)
     err_prev = u.new_full((nb,), math.inf)
     u_snap, v_snap = u, v
+    live = torch.ones(nb, dtype=torch.bool, device=u.device)  # False: finished, frozen until the next compaction
     stops = set(limit.tolist())  # a sequence's iteration limit is also a check
     it, last_check = 0, 0
     while len(idx):
@@ -234,18 +243,22 @@ def _iterate(kern, u, v, la, lb, ao, bo, stop, limit, check_every, overrelax, ab
                 omega = torch.where(raise_, target, omega)
             u_snap, v_snap, err_prev, last_check = u, v, err, it
             big = torch.maximum(u.abs().amax(-1), v.abs().amax(-1)) > absorb
-            done = (err <= stop[idx]) | (it >= limit[idx]) | big | ~torch.isfinite(err)
-            if done.any():  # write the finished ones back and drop them from the working batch
+            done = live & ((err <= stop[idx]) | (it >= limit[idx]) | big | ~torch.isfinite(err))
+            if done.any():  # write the finished ones back; they stop changing
                 d = idx[done]
                 out_u[d], out_v[d], out_it[d], out_err[d] = u[done], v[done], it, err[done]
-                keep = (~done).nonzero()[:, 0]
-                if not len(keep):
+                live &= ~done
+                if not live.any():
                     break
-                idx, ao, bo, la, lb, a, b = idx[keep], ao[keep], bo[keep], la[keep], lb[keep], a[keep], b[keep]
-                u, v, u_new, omega, cap = u[keep], v[keep], u_new[keep], omega[keep], cap[keep]
-                u_snap, v_snap, err_prev = u_snap[keep], v_snap[keep], err_prev[keep]
-                kern = kern.narrow(keep)
-        w = omega[:, None]
+                # Dropping them from the working batch copies the kernel (2 x b x N x M): worth it only once at
+                # least half the batch is done; until then the finished ones are computed and discarded.
+                if 2 * int(live.sum()) <= len(live):
+                    keep = live.nonzero()[:, 0]
+                    idx, ao, bo, la, lb, a, b = idx[keep], ao[keep], bo[keep], la[keep], lb[keep], a[keep], b[keep]
+                    u, v, u_new, omega, cap = u[keep], v[keep], u_new[keep], omega[keep], cap[keep]
+                    u_snap, v_snap, err_prev = u_snap[keep], v_snap[keep], err_prev[keep]
+                    kern, live = kern.narrow(keep), live[keep]
+        w = torch.where(live, omega, 0.0)[:, None]  # a frozen sequence keeps its returned u, v
         u = u + w * (u_new - u)
         v = v + w * (kern.col_update(u, lb, bo) - v)
         it += 1
@@ -274,36 +287,36 @@ def _newton(kern, v, la, lb, ao, bo, tol, limit, absorb):
     u, col, err = state(kern, v, la, lb, ao, bo)
     steps = torch.zeros_like(limit)
     stalled = torch.zeros_like(ao[:, 0])
+    # The whole batch takes part in every step (a sequence that is done gets a zero right-hand side, which CG
+    # leaves alone): narrowing the kernel to the active sequences would copy it, which costs more than the
+    # products it saves.
     for _ in range(NEWTON_MAX_STEPS):
-        act = ((err > tol) & ~stalled & (steps < limit) & torch.isfinite(err)).nonzero()[:, 0]
-        if not len(act):
+        act = (err > tol) & ~stalled & (steps < limit) & torch.isfinite(err)  # (b,)
+        if not act.any():
             break
-        k_act = kern.narrow(act)
-        ua, va, grad = u[act], v[act], b[act] - col[act]  # grad (n, M) of F
-        _, dv, _, _ = solve_dual_system(k_act.operator(ua, va), torch.zeros_like(ua), grad, ao[act], bo[act],
-                                        NEWTON_CG_TOL, NEWTON_CG_MAX_ITER)
-        slope = (grad * dv).sum(-1)  # (n,) predicted ascent of F per unit step, > 0
+        grad = torch.where(act[:, None] & bo, b - col, 0.0)  # (b, M) gradient of F, 0 for the inactive
+        _, dv, _, _ = solve_dual_system(kern.operator(u, v), torch.zeros_like(u), grad, ao, bo, NEWTON_CG_TOL,
+                                        NEWTON_CG_MAX_ITER)
+        dv = torch.where(act[:, None], dv, 0.0)
+        slope = (grad * dv).sum(-1)  # (b,) predicted ascent of F per unit step, > 0
         # a column with far too little mass asks for a log-step of (b - c) / c, far beyond the log(b / c) it
         # needs: cap every step at NEWTON_MAX_STEP in the scalings (a trust region; damped Newton still converges)
-        t = (NEWTON_MAX_STEP / dv.abs().amax(-1).clamp_min(1e-30)).clamp(max=1.0)  # (n,)
-        accepted = torch.zeros_like(slope, dtype=torch.bool)
-        u_n, v_n, col_n, err_n = ua, va, col[act], err[act]
+        t = (NEWTON_MAX_STEP / dv.abs().amax(-1).clamp_min(1e-30)).clamp(max=1.0)  # (b,)
+        accepted = torch.zeros_like(act)
         for _ in range(LINE_SEARCH_STEPS):
-            v_t = torch.where(bo[act], va + t[:, None] * dv, 0.0)
-            u_t, col_t, err_t = state(k_act, v_t, la[act], lb[act], ao[act], bo[act])
-            dF = ((b[act] * (v_t - va)).sum(-1, dtype=torch.float64)
-                  + (a[act] * (u_t - ua)).sum(-1, dtype=torch.float64))  # (n,)
+            v_t = torch.where(bo, v + t[:, None] * dv, 0.0)
+            u_t, col_t, err_t = state(kern, v_t, la, lb, ao, bo)
+            dF = (b * (v_t - v)).sum(-1, dtype=torch.float64) + (a * (u_t - u)).sum(-1, dtype=torch.float64)  # (b,)
             inside = torch.maximum(u_t.abs().amax(-1), v_t.abs().amax(-1)) <= absorb  # else: absorb, rebuild K
-            ok = ~accepted & torch.isfinite(err_t) & inside & ((dF >= 1e-4 * t * slope) | (err_t < err[act]))
-            u_n, v_n = torch.where(ok[:, None], u_t, u_n), torch.where(ok[:, None], v_t, v_n)
-            col_n, err_n = torch.where(ok[:, None], col_t, col_n), torch.where(ok, err_t, err_n)
+            ok = act & ~accepted & torch.isfinite(err_t) & inside & ((dF >= 1e-4 * t * slope) | (err_t < err))
+            u, v = torch.where(ok[:, None], u_t, u), torch.where(ok[:, None], v_t, v)
+            col, err = torch.where(ok[:, None], col_t, col), torch.where(ok, err_t, err)
             accepted |= ok
-            if accepted.all():
+            if (accepted | ~act).all():
                 break
             t = torch.where(accepted, t, t / 2)
-        u[act], v[act], col[act], err[act] = u_n, v_n, col_n, err_n
-        stalled[act] = ~accepted
-        steps[act] += 1
+        stalled |= act & ~accepted
+        steps += act.long()
     return u, v, steps, err, stalled
 
 
@@ -388,13 +401,15 @@ def sinkhorn(C: torch.Tensor, a_mask: torch.Tensor, b_mask: torch.Tensor, eps,
     c_row = torch.where(a_ok, Cs.amin(2), 0.0)  # (B, N)
     c_col = torch.where(b_ok, Cs.sub_(c_row[:, :, None]).amin(1), 0.0)  # (B, M)
     Cs.sub_(c_col[:, None, :])  # (B, N, M) >= 0 on valid pairs, inf on padding
-    spread = torch.where(pair, Cs, 0.0).amax((1, 2))  # (B,)
 
     f, g = C.new_zeros(B, N), C.new_zeros(B, M)  # potentials so far, in units of C (shifted)
     if init is not None:
         f = torch.where(a_ok, init[0].to(C.dtype) - c_row, 0.0)
         g = torch.where(b_ok, init[1].to(C.dtype) - c_col, 0.0)
-    eps0 = torch.maximum(eps, spread / EPS_START_DIVISOR) if eps_scaling and init is None else eps  # (B,)
+    eps0 = eps  # (B,) the first stage's eps
+    if eps_scaling and init is None:
+        spread = torch.where(pair, Cs, 0.0).amax((1, 2))  # (B,)
+        eps0 = torch.maximum(eps, spread / EPS_START_DIVISOR)
     stage = torch.zeros(B, dtype=torch.long, device=C.device)  # eps stage per sequence
     n_iters = torch.zeros(B, dtype=torch.long, device=C.device)
     converged = ~a_ok.any(-1)  # empty problems are done before they start
@@ -445,7 +460,7 @@ def _stage(Cs, f, g, eps, eps0, stage, idx, ao, bo, la, lb, tol, max_iter, n_ite
     big = torch.maximum(u.abs().amax(-1), v.abs().amax(-1)) > absorb  # these fold u, v in and redo their eps
     bad = ~torch.isfinite(err)
     capped = n_iters[idx] >= max_iter
-    out = final & ~big & ~bad | capped & ~bad | bad & torch.tensor(log)
+    out = final & ~big & ~bad | capped & ~bad | bad & log  # in the log domain a breakdown is final
     ok = out & final & (err <= tol) & ~bad
     if out.any():  # the plan from the stage's own kernel: consistent with the scalings it converged for
         o = out.nonzero()[:, 0]
@@ -453,7 +468,7 @@ def _stage(Cs, f, g, eps, eps0, stage, idx, ao, bo, la, lb, tol, max_iter, n_ite
         # The returned plan is the truth: one that overflowed (non-finite) is redone in the log domain, and
         # "converged" needs the plan's own marginal error within 2 x tol (rebuilding it from the scalings
         # rounds a little differently from the solver's own check).
-        finite = torch.isfinite(p).flatten(1).all(1)
+        finite = torch.isfinite(p.sum((1, 2)))  # (o,) any inf/NaN entry makes the sum non-finite; one pass
         if not finite.all():
             p = torch.where(finite[:, None, None], p, 0.0)
         p_err = ((p.sum(2) - la[o].exp().masked_fill(~ao[o], 0.0)).abs().sum(-1)
