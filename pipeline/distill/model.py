@@ -117,8 +117,8 @@ class DistillModel(nn.Module):
 
 
 def sinkhorn_report(res, row_mask: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
-    """Mean iterations, share of this batch's OT problems that did not reach the tolerance (ot_max_iter or
-    the float32 floor), and the worst L1 marginal error."""
+    """Mean iterations, share of this batch's OT problems that did not reach ot_tol within ot_max_iter, and the
+    worst L1 marginal error."""
     live = row_mask.any(-1)  # (B,) sequences with rows: the others are empty problems, never iterated
     n = live.sum().clamp_min(1)
     return {f"sinkhorn_iters_{name}": (res.n_iters * live).sum() / n,

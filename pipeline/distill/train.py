@@ -71,11 +71,12 @@ class DistillTrainer(Trainer):
         if capped and not self._warned_capped:
             self._warned_capped = True
             d = self.model.d
-            warnings.warn(f"Sinkhorn did not reach distill.ot_tol={d.ot_tol} within distill.ot_max_iter={d.ot_max_iter} for "
+            warnings.warn(f"Sinkhorn did not reach distill.ot_tol={d.ot_tol} within "
+                          f"distill.ot_max_iter={d.ot_max_iter} for "
                           + ", ".join(f"{v:.0%} of the {k.rsplit('_', 1)[1]} OT problems" for k, v in capped.items())
                           + f" (ot_eps={d.ot_eps}); their gradients are approximate. Raise distill.ot_max_iter, "
-                          "distill.ot_eps or distill.ot_tol; the sinkhorn_capped_* / sinkhorn_err_* columns of the loss curves "
-                          "show how often and how far", stacklevel=2)
+                          "distill.ot_eps or distill.ot_tol; the sinkhorn_capped_* / sinkhorn_err_* columns of the "
+                          "loss curves show how often and how far", stacklevel=2)
 
 
 class FiniteGradients(TrainerCallback):

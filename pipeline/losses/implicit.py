@@ -104,21 +104,14 @@ class _OTValue(torch.autograd.Function):
         return grad * grad_value[:, None, None], None, None, None, None, None, None, None, None, None
 
 
-def relative_eps(C: torch.Tensor, a_ok: torch.Tensor, b_ok: torch.Tensor, eps,
-                 scale: EpsScale) -> torch.Tensor:
-    """(B,) eps per sequence: eps itself ("absolute"), or eps x the standard deviation of the sequence's valid
-    costs ("std", OTT-JAX's relative epsilon). eps: a float or (B,). Computed from C without gradient (the
-    solver's setting).
+def relative_eps(C: torch.Tensor, a_ok: torch.Tensor, b_ok: torch.Tensor, eps) -> torch.Tensor:
+    """(B,) eps x the standard deviation of each sequence's valid costs (OTT-JAX's relative epsilon); eps: a
+    float or (B,). Computed from C without gradient (the solver's setting).
 
     Why std: C = 1 - rowsoftmax(S) over M tokens has mean exactly 1 - 1/M whatever S is, so "mean" would be
     absolute eps in disguise, while its spread shrinks like 1/M: the same absolute eps is a sharper plan at
     64 tokens than at 2,048. eps x std(C) means the same sharpness at every length.
     """
-    B = C.shape[0]
-    if scale == "absolute":
-        return eps_vector(eps, B, C)
-    if scale != "std":
-        raise ValueError(f"eps_scale must be 'absolute' or 'std', got {scale!r}")
     with torch.no_grad():
         pair = a_ok[:, :, None] & b_ok[:, None, :]
         n = pair.sum((1, 2)).clamp_min(2).to(C.dtype)
@@ -148,9 +141,11 @@ def ot_loss(C: torch.Tensor, a_mask: torch.Tensor, b_mask: torch.Tensor, eps: fl
     if objective not in ("linear", "regularized"):
         raise ValueError(f"objective must be 'linear' or 'regularized', got {objective!r}")
     a_ok, b_ok = valid_masks(a_mask, b_mask)
+    if eps_scale not in ("absolute", "std"):
+        raise ValueError(f"eps_scale must be 'absolute' or 'std', got {eps_scale!r}")
     e = eps_vector(eps, C.shape[0], C.detach())  # (B,), refuses eps <= 0
-    if eps_scale != "absolute":
-        e = relative_eps(C.detach(), a_ok, b_ok, e, eps_scale)
+    if eps_scale == "std":
+        e = relative_eps(C.detach(), a_ok, b_ok, e)
     # Under mixed precision (Trainer's bf16 autocast on a GPU) bmm would silently run in bf16: the solver's
     # products and the CG solve need the dtype of C, so autocast is switched off for them.
     with torch.autocast(C.device.type, enabled=False):

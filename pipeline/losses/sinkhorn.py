@@ -265,7 +265,7 @@ def _iterate(kern, u, v, la, lb, ao, bo, stop, limit, check_every, overrelax, ab
     return out_u, out_v, out_it, out_err
 
 
-def _newton(kern, v, la, lb, ao, bo, tol, limit, absorb):
+def _newton(kern, u, v, err, la, lb, ao, bo, tol, limit, absorb):
     """Newton steps on the dual of one stage's batch, each sequence until its error <= tol, its step limit
     (b,), or a step the line search cannot accept.
 
@@ -275,16 +275,18 @@ def _newton(kern, v, la, lb, ao, bo, tol, limit, absorb):
     t in {1, 1/2, ...} is accepted when it raises F by a fraction of the predicted ascent (F's change summed
     in float64 from the changes of u and v, which float32 resolves far below F's own rounding) or lowers the
     error.
-    Returns u, v, steps (b,), err (b,), stalled (b,) bool.
+    Sequences with limit 0 or err <= tol are returned as given. Returns u, v, steps (b,), err (b,), stalled (b,).
     """
     a, b = la.exp(), lb.exp()
 
-    def state(kern, v, la, lb, ao, bo):  # rows exact: u, T^T 1, error
+    def state(v):  # rows exact: u, T^T 1, error
         u = kern.row_update(v, la, ao)
-        col = torch.where(bo, lb.exp() * torch.exp(v - kern.col_update(u, lb, bo)), 0.0)  # (b, M)
-        return u, col, (col - lb.exp()).abs().sum(-1)
+        col = torch.where(bo, b * torch.exp(v - kern.col_update(u, lb, bo)), 0.0)  # (b, M)
+        return u, col, (col - b).abs().sum(-1)
 
-    u, col, err = state(kern, v, la, lb, ao, bo)
+    mine = ((limit > 0) & (err > tol))[:, None]  # (b, 1) the sequences this call works on
+    u_in, v_in, err_in = u, v, err
+    u, col, err = state(v)
     steps = torch.zeros_like(limit)
     stalled = torch.zeros_like(ao[:, 0])
     # The whole batch takes part in every step (a sequence that is done gets a zero right-hand side, which CG
@@ -305,7 +307,7 @@ def _newton(kern, v, la, lb, ao, bo, tol, limit, absorb):
         accepted = torch.zeros_like(act)
         for _ in range(LINE_SEARCH_STEPS):
             v_t = torch.where(bo, v + t[:, None] * dv, 0.0)
-            u_t, col_t, err_t = state(kern, v_t, la, lb, ao, bo)
+            u_t, col_t, err_t = state(v_t)
             dF = (b * (v_t - v)).sum(-1, dtype=torch.float64) + (a * (u_t - u)).sum(-1, dtype=torch.float64)  # (b,)
             inside = torch.maximum(u_t.abs().amax(-1), v_t.abs().amax(-1)) <= absorb  # else: absorb, rebuild K
             ok = act & ~accepted & torch.isfinite(err_t) & inside & ((dF >= 1e-4 * t * slope) | (err_t < err))
@@ -317,42 +319,44 @@ def _newton(kern, v, la, lb, ao, bo, tol, limit, absorb):
             t = torch.where(accepted, t, t / 2)
         stalled |= act & ~accepted
         steps += act.long()
-    return u, v, steps, err, stalled
+    return (torch.where(mine, u, u_in), torch.where(mine, v, v_in), steps, torch.where(mine[:, 0], err, err_in),
+            stalled)
 
 
 def _finish(kern, u, v, err, la, lb, ao, bo, tol, limit, check_every, overrelax, absorb):
     """A stage after Sinkhorn reached NEWTON_START, to tol (b,): Newton; a sequence whose Newton step stalls runs
     check_every Sinkhorn iterations and Newton tries again, NEWTON_ROUNDS times at most, then Sinkhorn (which
-    converges from anywhere, slowly) up to its limit. A sequence whose scalings leave [-absorb, absorb] returns
-    early so that its stage folds them into a rebuilt kernel. Returns u, v, err, iterations + steps spent (b,)."""
+    converges from anywhere, slowly) up to its limit (b,; 0 = leave this sequence alone). A sequence whose
+    scalings leave [-absorb, absorb] returns early so that its stage folds them into a rebuilt kernel. The whole
+    batch's kernel is used throughout: narrowing it to the pending sequences would copy it.
+    Returns u, v, err, iterations + steps spent (b,)."""
     spent = torch.zeros_like(limit)
 
-    def pending(todo):
-        big = torch.maximum(u[todo].abs().amax(-1), v[todo].abs().amax(-1)) > absorb
-        return todo[(err[todo] > tol[todo]) & torch.isfinite(err[todo]) & ~big & (spent[todo] < limit[todo])]
+    def pending():  # (b,) bool
+        big = torch.maximum(u.abs().amax(-1), v.abs().amax(-1)) > absorb
+        return (err > tol) & torch.isfinite(err) & ~big & (spent < limit)
 
-    everyone = torch.arange(len(err), device=err.device)
+    def sinkhorn_for(todo, n):  # plain iterations for the sequences todo, at most n each; the others untouched
+        nonlocal u, v, err
+        u_i, v_i, it, err_i = _iterate(kern, u, v, la, lb, ao, bo, tol, torch.where(todo, n, 0), check_every,
+                                       overrelax, absorb)
+        u, v = torch.where(todo[:, None], u_i, u), torch.where(todo[:, None], v_i, v)
+        err = torch.where(todo, err_i, err)
+        return it
+
     for _ in range(NEWTON_ROUNDS):
-        todo = pending(everyone)
-        if not len(todo):
+        todo = pending()
+        if not todo.any():
             return u, v, err, spent
-        args = la[todo], lb[todo], ao[todo], bo[todo]
-        u[todo], v[todo], steps, err[todo], stalled = _newton(kern.narrow(todo), v[todo], *args, tol[todo],
-                                                              limit[todo] - spent[todo], absorb)
-        spent[todo] += steps
-        todo = pending(todo[stalled])
-        if len(todo):
-            n_more = torch.minimum(limit[todo] - spent[todo], torch.full_like(todo, check_every))
-            u[todo], v[todo], it, err[todo] = _iterate(kern.narrow(todo), u[todo], v[todo], la[todo], lb[todo],
-                                                       ao[todo], bo[todo], tol[todo], n_more, check_every,
-                                                       overrelax, absorb)
-            spent[todo] += it
-    todo = pending(everyone)
-    if len(todo):
-        u[todo], v[todo], it, err[todo] = _iterate(kern.narrow(todo), u[todo], v[todo], la[todo], lb[todo], ao[todo],
-                                                   bo[todo], tol[todo], limit[todo] - spent[todo], check_every,
-                                                   overrelax, absorb)
-        spent[todo] += it
+        u, v, steps, err, stalled = _newton(kern, u, v, err, la, lb, ao, bo, tol,
+                                            torch.where(todo, limit - spent, 0), absorb)
+        spent += steps
+        todo = pending() & stalled
+        if todo.any():
+            spent += sinkhorn_for(todo, (limit - spent).clamp(max=check_every))
+    todo = pending()
+    if todo.any():
+        spent += sinkhorn_for(todo, limit - spent)
     return u, v, err, spent
 
 
@@ -416,20 +420,19 @@ def sinkhorn(C: torch.Tensor, a_mask: torch.Tensor, b_mask: torch.Tensor, eps,
     finished = converged.clone()
     log_domain = torch.full((B,), domain == "log", device=C.device)  # per sequence: kernel went non-finite
     plan = torch.zeros_like(Cs)
+    err = C.new_zeros(B)  # (B,) L1 marginal error of each returned plan, filled as sequences finish
     while not finished.all():
         for log in (False, True):  # the kernel-domain sequences, then any that need the log domain
             idx = (~finished & (log_domain == log)).nonzero()[:, 0]  # (b,)
             if len(idx):
                 _stage(Cs, f, g, eps, eps0, stage, idx, a_ok[idx], b_ok[idx], log_a[idx], log_b[idx], tol, max_iter,
-                       n_iters, converged, finished, log_domain, plan, log, newton, check_every, overrelax)
-    a, b = log_a.exp(), log_b.exp()
-    err = (plan.sum(2) - a).abs().sum(-1) + (plan.sum(1) - b).abs().sum(-1)  # (B,)
+                       n_iters, converged, finished, log_domain, plan, err, log, newton, check_every, overrelax)
     return SinkhornResult(plan, torch.where(a_ok, f + c_row, 0.0), torch.where(b_ok, g + c_col, 0.0), n_iters,
                           err, converged)
 
 
 def _stage(Cs, f, g, eps, eps0, stage, idx, ao, bo, la, lb, tol, max_iter, n_iters, converged, finished,
-           log_domain, plan, log, newton, check_every, overrelax):
+           log_domain, plan, plan_err, log, newton, check_every, overrelax):
     """One eps stage for the sequences idx (b,), updating the solver's per-sequence state in place: Sinkhorn
     until NEWTON_START (or NEWTON_AFTER iterations), then Newton to the stage's tolerance (tol in the last
     stage, STAGE_TOL before it); without Newton, Sinkhorn to the stage's tolerance."""
@@ -451,12 +454,11 @@ def _stage(Cs, f, g, eps, eps0, stage, idx, ao, bo, la, lb, tol, max_iter, n_ite
     n_iters[idx] += it
     big = torch.maximum(u.abs().amax(-1), v.abs().amax(-1)) > absorb
     if newton:
-        fin = (~big & torch.isfinite(err) & (err > stage_tol)).nonzero()[:, 0]
-        if len(fin):
-            u[fin], v[fin], err[fin], spent = _finish(kern.narrow(fin), u[fin], v[fin], err[fin], la[fin], lb[fin],
-                                                      ao[fin], bo[fin], stage_tol[fin], limit[fin] - it[fin],
-                                                      check_every, overrelax, absorb)
-            n_iters[idx[fin]] += spent
+        fin = ~big & torch.isfinite(err) & (err > stage_tol)  # (b,)
+        if fin.any():
+            u, v, err, spent = _finish(kern, u, v, err, la, lb, ao, bo, stage_tol, torch.where(fin, limit - it, 0),
+                                       check_every, overrelax, absorb)
+            n_iters[idx] += spent
     big = torch.maximum(u.abs().amax(-1), v.abs().amax(-1)) > absorb  # these fold u, v in and redo their eps
     bad = ~torch.isfinite(err)
     capped = n_iters[idx] >= max_iter
@@ -468,17 +470,19 @@ def _stage(Cs, f, g, eps, eps0, stage, idx, ao, bo, la, lb, tol, max_iter, n_ite
         # The returned plan is the truth: one that overflowed (non-finite) is redone in the log domain, and
         # "converged" needs the plan's own marginal error within 2 x tol (rebuilding it from the scalings
         # rounds a little differently from the solver's own check).
-        finite = torch.isfinite(p.sum((1, 2)))  # (o,) any inf/NaN entry makes the sum non-finite; one pass
+        rows, cols = p.sum(2), p.sum(1)  # (o, N), (o, M)
+        finite = torch.isfinite(rows.sum(-1))  # (o,) any inf/NaN entry makes its row sum non-finite
         if not finite.all():
             p = torch.where(finite[:, None, None], p, 0.0)
-        p_err = ((p.sum(2) - la[o].exp().masked_fill(~ao[o], 0.0)).abs().sum(-1)
-                 + (p.sum(1) - lb[o].exp().masked_fill(~bo[o], 0.0)).abs().sum(-1))  # (o,)
+            rows, cols = p.sum(2), p.sum(1)
+        p_err = ((rows - la[o].exp().masked_fill(~ao[o], 0.0)).abs().sum(-1)
+                 + (cols - lb[o].exp().masked_fill(~bo[o], 0.0)).abs().sum(-1))  # (o,)
         ok[o] &= finite & (p_err <= 2 * tol)
         if not log:
             redo = ~finite & ~capped[o]
             bad[o] |= redo
             out[o] &= ~redo
-        plan[idx[o]] = p
+        plan[idx[o]], plan_err[idx[o]] = p, p_err
     if bad.any() and not log:  # the kernel iteration broke down: this stage again, in the log domain
         log_domain[idx[bad & ~out]] = True
     good = ~bad[:, None]
