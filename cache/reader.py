@@ -272,21 +272,30 @@ class CacheBlocks(torch.utils.data.Dataset):
     faster than the same number of scattered sequences, and a length bucket for free (Stage 1 stores sequences
     sorted by length, so neighbours have similar lengths and little padding). Shuffling and sharding act on
     blocks, with any standard sampler. The last block may be short.
+
+    `fraction` < 1 keeps a share of the blocks, chosen by a hash of each block's first sample id: the same blocks
+    in any run, nested across fractions (a block kept at 0.1 is kept at 0.3), and each still one contiguous read.
     """
 
-    def __init__(self, cache: "TeacherCache", block: int, fields=None):
+    def __init__(self, cache: "TeacherCache", block: int, fields=None, fraction: float = 1.0):
         if block < 1:
             raise ValueError(f"block must be >= 1, got {block}")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.cache, self.block = cache, block
         self.fields = cache._fields(fields)
+        starts = range(0, len(cache), block)
+        # bits 0-32 of the sample id (the data split hashes the prompt, not the sample id: independent of it)
+        self.starts = [s for s in starts
+                       if fraction == 1 or int(u64_to_sid(cache._sids[s])[:8], 16) / 2**32 < fraction]
 
     def __len__(self) -> int:
-        return -(-len(self.cache) // self.block)
+        return len(self.starts)
 
     def __getitem__(self, i: int) -> list[dict]:
         if not 0 <= i < len(self):
             raise IndexError(f"block {i} out of range for {len(self)} blocks")
-        start = i * self.block
+        start = self.starts[i]
         return self.cache.read_many(range(start, min(start + self.block, len(self.cache))), self.fields)
 
 

@@ -26,7 +26,7 @@ def small_config(tmp: Path) -> Config:
     cfg = Config()
     cfg.prepare.out_data = str(tmp / "data/task.jsonl")
     cfg.prepare.out_models = str(tmp / "base")
-    cfg.prepare.n_examples = 300
+    cfg.prepare.task, cfg.prepare.n_digits, cfg.prepare.n_examples = "digit_sum", 6, 300
     # explicit test sizes for every default the tests run with: a params.yaml change must not slow them down
     # (or change them: 384 is below the ~389 tokens BPE reaches, so a smaller vocab is a genuinely other one)
     cfg.prepare.tokenizer_vocab = 384
@@ -231,3 +231,37 @@ def write_all(w, rows, step=None):
     bounds = [0, n] if step is None else sorted(set([0, n] + list(step)))
     for a, b in zip(bounds[:-1], bounds[1:]):
         w.write_rows(a, ids[a:b], lp[a:b], tail[a:b], None if hid is None else hid[a:b])
+
+
+def sh(*cmd: str, cwd: Path) -> str:
+    # `python` in dvc.yaml must be this interpreter (the one with otkd installed)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "2", "PYTHONPATH": str(cwd)}
+    p = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p.stdout + p.stderr
+
+
+def copy_project(dst: Path, keep=lambda f: f != "dvc.lock") -> Path:
+    """The project's files (tracked or not, minus .gitignore'd ones) that `keep` accepts, copied to `dst`."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, text=True,
+                           capture_output=True, check=True).stdout.split()
+    for f in files:
+        if keep(f) and (ROOT / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            (dst / f).write_bytes((ROOT / f).read_bytes())
+    return dst
+
+
+def commit_all(repo: Path) -> None:
+    """`repo` as a fresh git repository with everything in it committed (dvc exp and plots need git)."""
+    sh("git", "init", "-q", cwd=repo)
+    if not (repo / ".dvc").is_dir():
+        sh("dvc", "init", "-q", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy", cwd=repo)
+
+
+def ran(log: str) -> set[str]:
+    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")}

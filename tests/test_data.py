@@ -4,7 +4,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.config import Config, apply_overrides, load_config, save_config
+from pipeline.config import Config, DataConfig, apply_overrides, load_config, save_config
 from pipeline.data.records import (IGNORE, DataError, load_splits, read_records, render, sample_id, split_of,
                            tokenize, tokenizer_hash)
 
@@ -62,6 +62,20 @@ def test_sample_id_is_content_hash_and_split_is_order_free():
     splits = [split_of(s, 0.1, 0.2) for s in ids]
     assert abs(splits.count("test") / 2000 - 0.2) < 0.04 and abs(splits.count("validation") / 2000 - 0.1) < 0.03
     assert [split_of(s, 0.1, 0.2) for s in reversed(ids)] == splits[::-1]
+
+
+def test_records_sharing_a_prompt_share_a_split(tmp_path, tok):
+    """Several answers to one prompt (the split task's random splits) never straddle train and test."""
+    recs = [{"instruction": str(n), "input": "", "output": f"{a} + {n - a}"} for n in range(100, 160)
+            for a in (1, 2, 3, 4)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    splits = load_splits(DataConfig(path=str(tmp_path / "d.jsonl"), val_fraction=0.2, test_fraction=0.3), tok,
+                         log=lambda _: None)
+    where = {name: {r["instruction"] for r in splits[name]} for name in ("train", "validation", "test")}
+    assert all(where[name] for name in where)  # every split got prompts...
+    assert not (where["train"] & where["test"] or where["train"] & where["validation"]  # ...and none is shared
+                or where["validation"] & where["test"])
+    assert sum(len(splits[name]) for name in where) == len(recs)
 
 
 def test_labels_mask_the_prompt(tok):

@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline.distill import train as distill
 from pipeline.config import save_config
 from pipeline.distill.batches import curves_path
@@ -43,3 +45,31 @@ def test_evaluate_writes_metrics_table_and_curves(tiny, tmp_path):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # curve files are named after the output folder: base/student must not borrow student's curves
     assert made_by_stage2(kd.distill.out) and not made_by_stage2(base)
+
+
+def test_perplexity_and_entropy_match_a_float64_reference(tiny):
+    """Both over the supervised tokens only, from padded batches (the tiny model has no padded logit columns)."""
+    import math
+
+    import torch
+
+    from pipeline.data.records import load_splits
+    from pipeline.evaluation.evaluate import perplexity
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    path = str(Path(tiny.prepare.out_models) / "student")
+    tok, model = load_tokenizer(path), load_causal_lm(path, "fp32")
+    records = load_splits(tiny.data, tok, log=lambda *_: None)["test"].to_list()[:7]
+    V = len(tok)
+    nll, ent, n = 0.0, 0.0, 0
+    for r in records:  # one unpadded sequence at a time, float64
+        ids = torch.tensor([r["input_ids"]])
+        logp = model(input_ids=ids).logits[0, :-1, :V].double().log_softmax(-1)  # (T-1, V)
+        for t, y in enumerate(r["labels"][1:]):
+            if y != -100:
+                nll -= float(logp[t, y])
+                ent -= float((logp[t].exp() * logp[t]).sum())
+                n += 1
+    ppl, entropy = perplexity(model, records, tok.pad_token_id, V, batch_size=3)  # padded batches
+    assert n > 7 and ppl == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert entropy == pytest.approx(ent / n, rel=1e-4) and 0 < entropy < math.log(V)

@@ -15,7 +15,7 @@ from pipeline.data.tiny import build_model, build_tokenizer
 
 def run(cfg: Config) -> None:
     p = cfg.prepare
-    records = generate_examples(p.n_examples, cfg.seed, p.n_digits)
+    records = generate_examples(p.n_examples, cfg.seed, p.n_digits, p.task)
     data = Path(p.out_data)
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

@@ -139,9 +139,16 @@ def sample_id(rec: dict) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def split_of(sid: str, val_fraction: float, test_fraction: float) -> str:
-    """Deterministic split from the sample id alone: the same example lands in the same split in any order."""
-    u = int(sid[8:16], 16) / 2**32  # bits not used by anything else that hashes the id
+def prompt_id(rec: dict) -> str:
+    """16 hex chars of SHA-256 over the prompt alone (instruction + input): what the data split is chosen by."""
+    key = json.dumps([rec["instruction"], rec["input"]], ensure_ascii=False)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def split_of(pid: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split from the prompt id alone: the same example lands in the same split in any order, and
+    examples that share a prompt (several answers to one question) share a split, so no test prompt is trained on."""
+    u = int(pid[8:16], 16) / 2**32  # bits not used by anything else that hashes the id
     return "test" if u < test_fraction else "validation" if u < test_fraction + val_fraction else "train"
 
 
@@ -205,7 +212,7 @@ def load_splits(cfg: DataConfig, tokenizer, log=print) -> Splits:
         if all(x == IGNORE for x in ex["labels"][1:]):  # nothing left to supervise
             n_drop += 1
             continue
-        rows[split_of(sid, cfg.val_fraction, cfg.test_fraction)].append({"sample_id": sid, **ex, **rec})
+        rows[split_of(prompt_id(rec), cfg.val_fraction, cfg.test_fraction)].append({"sample_id": sid, **ex, **rec})
     n_dup = len(records) - len(seen)
     log(f"data: {len(records)} records from {cfg.path}: " + ", ".join(f"{k} {len(v)}" for k, v in rows.items())
         + f"; truncated to {cfg.max_length} tokens: {n_trunc}; dropped (no response left): {n_drop}"

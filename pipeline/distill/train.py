@@ -163,7 +163,7 @@ def run(cfg: Config) -> dict:
                                  f"{train_cache.path} has none (cache.hidden_dtype=none); recache with hidden "
                                  "states or set distill.w_ot=0")
     fields = cache_fields(d)
-    train_ds = CacheBlocks(train_cache, d.batch_size, fields)
+    train_ds = CacheBlocks(train_cache, d.batch_size, fields, d.train_fraction)
     eval_ds = None
     if d.eval_steps:
         eval_ds = CacheBlocks(open_checked(Path(d.cache) / "validation.zarr", tokenizer, d.student),
@@ -178,8 +178,9 @@ def run(cfg: Config) -> dict:
 
     ckpt_dir = out / "checkpoints"
     resume = get_last_checkpoint(str(ckpt_dir)) if d.resume and ckpt_dir.is_dir() else None
-    print(f"distill: {len(train_cache)} cached sequences in {len(train_ds)} batches, mode={d.mode}, "
-          f"{d.load_in_bits}-bit, " + ", ".join(f"{k}={v:g}" for k, v in d.weights.items())
+    used = f" (train_fraction={d.train_fraction:g})" if d.train_fraction < 1 else ""
+    print(f"distill: {len(train_cache)} cached sequences, {len(train_ds)} batches of {d.batch_size}{used}, "
+          f"mode={d.mode}, {d.load_in_bits}-bit, " + ", ".join(f"{k}={v:g}" for k, v in d.weights.items())
           + (f"; resuming from {resume}" if resume else ""))
     try:
         result = trainer.train(resume_from_checkpoint=resume)

@@ -2,6 +2,8 @@
 
 For every model in `evaluate.models`:
   perplexity      exp(token-mean CE) over the supervised (response) tokens of the test split
+  entropy         the model's mean next-token entropy (nats) over the same tokens: how spread its soft targets
+                  are (the teacher's explains what distilling from it can add beyond the labels)
   accuracy        fraction of test examples whose greedy answer passes the task's rule (`data.metric`)
   top1_agreement  share of validation-cache rows where the model's argmax is the teacher's top-1 token
   kl_teacher      KL(teacher || model) per row over the cached top-k + tail buckets (pipeline/losses/kl.py)
@@ -29,7 +31,7 @@ from pipeline.losses.kl import ce_loss, topk_kl_loss  # noqa: E402
 from pipeline.models import load_tokenizer  # noqa: E402
 from pipeline.distill.student import load_trained  # noqa: E402
 
-KEYS = ("perplexity", "accuracy", "top1_agreement", "kl_teacher")
+KEYS = ("perplexity", "accuracy", "top1_agreement", "kl_teacher", "entropy")
 
 
 class EvaluationError(OtkdError, ValueError):
@@ -41,9 +43,10 @@ def _device(model) -> torch.device:
 
 
 @torch.inference_mode()
-def perplexity(model, records: list[dict], pad_id: int, vocab_size: int, batch_size: int) -> float:
-    """exp(sum of NLL / number of supervised tokens) over tokenised records (input_ids, labels)."""
-    nll, n = 0.0, 0
+def perplexity(model, records: list[dict], pad_id: int, vocab_size: int, batch_size: int) -> tuple[float, float]:
+    """(exp(sum of NLL / supervised tokens), mean entropy in nats of the model's next-token distribution over the
+    same tokens) over tokenised records (input_ids, labels)."""
+    nll, ent, n = 0.0, 0.0, 0
     for i in range(0, len(records), batch_size):
         batch = pad_collate(records[i:i + batch_size], pad_id)
         # use_cache=False: nothing is generated here, a KV cache of every layer would only take memory
@@ -51,8 +54,11 @@ def perplexity(model, records: list[dict], pad_id: int, vocab_size: int, batch_s
                        attention_mask=batch["attention_mask"].to(_device(model)), use_cache=False).logits
         labels = batch["labels"].to(logits.device)
         nll += ce_loss(logits, labels, num_items_in_batch=1, vocab_size=vocab_size).item()  # a sum, not a mean
-        n += int((labels[:, 1:] != -100).sum())
-    return math.exp(nll / max(n, 1))
+        rows = labels[:, 1:] != -100  # (B, T-1): positions whose next token is supervised
+        logp = logits[:, :-1][rows][:, :vocab_size].float().log_softmax(-1)  # (rows, V) without padded columns
+        ent += float(-(logp.exp() * logp).sum())
+        n += int(rows.sum())
+    return math.exp(nll / max(n, 1)), ent / max(n, 1)
 
 
 @torch.inference_mode()
@@ -117,10 +123,26 @@ def plot_curves(curves: dict[str, dict], path: Path) -> None:
 
 
 def markdown_table(metrics: dict[str, dict]) -> str:
-    head = ("| model | perplexity ↓ | accuracy ↑ | top-1 agreement ↑ | KL(teacher‖model) ↓ |\n"
-            "|---|---:|---:|---:|---:|\n")
+    head = ("| model | perplexity ↓ | accuracy ↑ | top-1 agreement ↑ | KL(teacher‖model) ↓ | entropy (nats/token) |\n"
+            "|---|---:|---:|---:|---:|---:|\n")
     return head + "".join(f"| {name} | {m['perplexity']:.3f} | {m['accuracy']:.1%} | {m['top1_agreement']:.1%} | "
-                          f"{m['kl_teacher']:.4f} |\n" for name, m in metrics.items())
+                          f"{m['kl_teacher']:.4f} | {m['entropy']:.3f} |\n" for name, m in metrics.items())
+
+
+def evaluate_model(cfg: Config, path: str, test: list[dict], gen_records: list[dict], val_path: Path,
+                   name: str = "model") -> tuple[dict, int]:
+    """({perplexity, accuracy, top1_agreement, kl_teacher, entropy}, validation rows) of the model in `path`:
+    perplexity and entropy on `test`, accuracy on `gen_records`, agreement and KL on the validation cache."""
+    e = cfg.evaluate
+    tok = load_tokenizer(path)
+    cache = open_checked(val_path, tok, path)  # also proves every model shares the data's tokenizer
+    model = load_trained(path, e.dtype, e.load_in_bits)
+    V = len(tok)
+    ppl, entropy = perplexity(model, test, tok.pad_token_id, V, e.batch_size)
+    acc = task_accuracy(model, tok, gen_records, cfg.data.template, check=checker(cfg.data.metric),
+                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, desc=f"{name} accuracy")
+    top1, kl, n_rows = cache_agreement(model, cache, tok.pad_token_id, V, e.batch_size)
+    return {"perplexity": ppl, "accuracy": acc, "top1_agreement": top1, "kl_teacher": kl, "entropy": entropy}, n_rows
 
 
 def run(cfg: Config) -> dict:
@@ -134,24 +156,13 @@ def run(cfg: Config) -> dict:
     splits = load_splits(cfg.data, tokenizer, log=lambda *_: None)
     test = splits["test"].to_list()
     gen_records = test[:e.eval_examples] if e.eval_examples else test
-    check = checker(cfg.data.metric)
     val_path = Path(e.cache) / "validation.zarr"
 
     results = {}
     n_rows = 0
     for name in names:
-        path = e.models[name]
-        tok = load_tokenizer(path)
-        cache = open_checked(val_path, tok, path)  # also proves every model shares the data's tokenizer
-        model = load_trained(path, e.dtype, e.load_in_bits)
-        V = len(tok)
-        ppl = perplexity(model, test, tok.pad_token_id, V, e.batch_size)
-        acc = task_accuracy(model, tok, gen_records, cfg.data.template, check=check,
-                            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, desc=f"{name} accuracy")
-        top1, kl, n_rows = cache_agreement(model, cache, tok.pad_token_id, V, e.batch_size)
-        results[name] = {"perplexity": ppl, "accuracy": acc, "top1_agreement": top1, "kl_teacher": kl}
+        results[name], n_rows = evaluate_model(cfg, e.models[name], test, gen_records, val_path, name)
         tqdm.write(f"evaluate {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()))
-        del model
 
     out.mkdir(parents=True, exist_ok=True)
     metrics = {**results, "n": {"test_sequences": len(test), "accuracy_examples": len(gen_records),

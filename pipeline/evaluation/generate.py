@@ -17,10 +17,12 @@ def checker(metric: str) -> Callable[[dict, str], bool]:
     """The answer rule named by `data.metric`."""
     if metric == "exact":
         return exact_match
+    from pipeline.data.task import is_correct, is_valid_split
+    if metric == "split":
+        return lambda rec, generated: is_valid_split(rec["instruction"], generated)
     if metric == "embedded_task":
-        from pipeline.data.task import is_correct
         return is_correct
-    raise DataError(f"data.metric must be 'exact' or 'embedded_task', got {metric!r}")
+    raise DataError(f"data.metric must be 'exact', 'split' or 'embedded_task', got {metric!r}")
 
 
 @torch.inference_mode()

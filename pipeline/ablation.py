@@ -1,0 +1,216 @@
+"""The ablation's config and runs: every task x loss variant x seed trained and evaluated alike (report.py sums up).
+
+One run = one student: the task's params file, the variant's `distill.*` overrides and the seed (which fixes the
+student's initial weights, P's, and the batch order, so that variants with the same seed differ only in their
+losses).
+"""
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cache.errors import OtkdError
+from pipeline.config import (Config, ConfigError, PathStr, _build, _check_fields, _require, apply_overrides,
+                             load_config, save_config)
+
+METRICS = ("accuracy", "perplexity", "kl_teacher", "top1_agreement", "entropy", "train_seconds")
+
+
+class AblationError(OtkdError, ValueError):
+    """The ablation's parameters name a task, variant or seed that does not exist, or results are missing."""
+
+
+@dataclass(slots=True)
+class DataEfficiencyConfig:
+    """Students trained on a share of the training cache, at the SAME number of steps as on all of it."""
+
+    task: str = "split"
+    """The task (a key of `tasks`) whose students are trained on fewer examples."""
+    variants: list[str] = field(default_factory=lambda: ["ce", "kl_ot"])
+    """Variants compared (keys of `variants`): the baseline and the distilled student."""
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.3])
+    """Shares of the training cache (distill.train_fraction); 1.0 is the main grid's run."""
+
+    def __post_init__(self):
+        _check_fields(self)
+        for f in self.fractions:
+            _require(0 < f < 1, "fractions", "in (0, 1) (1.0 is the main grid's run)", f)
+
+
+@dataclass(slots=True)
+class SweepConfig:
+    """Settings tried on one task against a reference variant, paired by seed (to tune defaults with evidence)."""
+
+    task: str = "split"
+    """The task (a key of `tasks`) the sweep runs on."""
+    reference: str = "kl_ot"
+    """The variant (a key of `variants`) each setting is compared with, seed by seed."""
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Setting name -> `distill.*` overrides (on top of the task's params, like `variants`)."""
+
+    def __post_init__(self):
+        _check_fields(self)
+
+
+@dataclass(slots=True)
+class AblationConfig:
+    """params/ablation/params.yaml: which students the ablation trains and how the report compares them."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seeds: each fixes the student's initial weights, P's and the batch order, shared by all variants."""
+    tasks: dict[str, PathStr] = field(default_factory=lambda: {
+        "split": "params/ablation/split.yaml", "digit_sum": "params/ablation/digit_sum.yaml"})
+    """Task name -> the otkd params file of its pipeline (data, teacher cache, student, distill defaults)."""
+    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0},
+        "kl": {"w_ot": 0.0, "w_ot_logits": 0.0},
+        "ot_hidden": {"w_kl": 0.0, "w_ot_logits": 0.0},
+        "ot_logits": {"w_kl": 0.0, "w_ot": 0.0},
+        "kl_ot": {},
+    })
+    """Variant name -> `distill.*` overrides on the task's params (an empty mapping = the task's defaults)."""
+    baseline: str = "ce"
+    """The variant every other is compared with (paired by seed) and whose gap to the teacher is measured."""
+    data_efficiency: DataEfficiencyConfig = field(default_factory=DataEfficiencyConfig)
+    """The data-efficiency curves (accuracy vs. share of the training data)."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """Extra settings on one task (ε, weights, temperature), compared with a reference variant."""
+    eval_examples: int = 300
+    """Test examples whose greedy answer is checked per student (0 = all)."""
+    out: PathStr = "artifacts/ablation"
+    """Folder of the runs: <out>/<task>/<variant>/s<seed>[_f<fraction>]/."""
+    report: PathStr = "bench/results"
+    """Folder of the report: ablation.{json,md,png} and ablation_data.png."""
+
+    def __post_init__(self):
+        _check_fields(self)
+        _require(len(self.seeds) >= 1, "seeds", "non-empty", self.seeds)
+        _require(self.eval_examples >= 0, "eval_examples", ">= 0", self.eval_examples)
+        clash = sorted(set(self.variants) & set(self.sweep.variants))
+        _require(not clash, "sweep.variants", "names other than the variants'", clash)
+        for name, over in {**self.variants, **self.sweep.variants}.items():
+            if not isinstance(over, dict):
+                raise ConfigError(f"variants.{name} must be a mapping of distill fields, got {over!r}")
+            try:  # a typo in a variant fails here, not after the teachers are trained
+                apply_overrides(Config(), [f"distill.{k}={v}" for k, v in over.items()])
+            except ConfigError as e:
+                raise ConfigError(f"variants.{name}: {e}") from None
+        _require(self.baseline in self.variants, "baseline", f"one of {sorted(self.variants)}", self.baseline)
+        de = self.data_efficiency
+        _require(de.task in self.tasks, "data_efficiency.task", f"one of {sorted(self.tasks)}", de.task)
+        for v in de.variants:
+            _require(v in self.variants, "data_efficiency.variants", f"keys of variants {sorted(self.variants)}", v)
+        sw = self.sweep
+        _require(sw.task in self.tasks, "sweep.task", f"one of {sorted(self.tasks)}", sw.task)
+        _require(sw.reference in self.variants, "sweep.reference", f"one of {sorted(self.variants)}", sw.reference)
+
+    def overrides(self, variant: str) -> dict[str, Any]:
+        """The `distill.*` overrides of a variant or a sweep setting."""
+        every = {**self.variants, **self.sweep.variants}
+        if variant not in every:
+            raise AblationError(f"unknown variant {variant!r} (variants: {', '.join(every)})")
+        return every[variant]
+
+
+def load_ablation(path: str | Path) -> AblationConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ablation params file {path} does not exist")
+    try:
+        return _build(AblationConfig, yaml.safe_load(path.read_text()) or {}, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def run_dir(abl: AblationConfig, task: str, variant: str, seed: int, fraction: float = 1.0) -> Path:
+    return Path(abl.out) / task / variant / (f"s{seed}" + (f"_f{fraction:g}" if fraction < 1 else ""))
+
+
+def task_config(abl: AblationConfig, task: str, overrides: list[str] = ()) -> Config:
+    if task not in abl.tasks:
+        raise AblationError(f"unknown task {task!r} (tasks: {', '.join(abl.tasks)})")
+    return load_config(abl.tasks[task], overrides)
+
+
+def student_config(abl: AblationConfig, task: str, variant: str, seed: int, fraction: float = 1.0) -> Config:
+    """The task's Config with the variant's overrides, the seed and this run's paths."""
+    over = abl.overrides(variant)
+    cfg = task_config(abl, task, [f"seed={seed}", *(f"distill.{k}={v}" for k, v in over.items())])
+    run = run_dir(abl, task, variant, seed, fraction)
+    cfg.distill.out, cfg.distill.plots = str(run / "student"), str(run)
+    cfg.distill.train_fraction = fraction
+    cfg.evaluate.eval_examples = abl.eval_examples
+    return cfg
+
+
+def full_steps(cfg) -> int:
+    """Optimizer steps of this Stage-2 config on ALL of its training cache (what Trainer would run)."""
+    from cache.reader import open_cache
+    d = cfg.distill
+    if d.max_steps > 0:
+        return d.max_steps
+    n_blocks = -(-len(open_cache(Path(d.cache) / "train.zarr")) // d.batch_size)
+    return math.ceil(d.epochs * max(n_blocks // d.grad_accum, 1))
+
+
+def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fraction: float = 1.0) -> dict:
+    """Train one student (Stage 2) and evaluate it; writes <run>/metrics.json and returns it."""
+    from pipeline.data.records import load_splits
+    from pipeline.data.tiny import build_model
+    from pipeline.distill import train
+    from pipeline.evaluation.evaluate import evaluate_model
+    from pipeline.models import load_tokenizer
+
+    cfg = student_config(abl, task, variant, seed, fraction)
+    run = run_dir(abl, task, variant, seed, fraction)
+    d = cfg.distill
+    if fraction < 1:
+        d.max_steps = full_steps(cfg)  # equal steps: fewer examples are seen more often, not trained less
+    # the embedded default's student is a random init: draw it from the seed (as `prepare` does for seed 0), so
+    # seeds also vary the initial weights; a pretrained student (a user's task) is used as it is
+    embedded = Path(d.student) == Path(cfg.prepare.out_models) / "student"
+    if embedded:
+        tokenizer = load_tokenizer(d.student)
+        build_model(tokenizer, run / "base_student", **asdict(cfg.prepare.student),
+                    vocab_multiple=cfg.prepare.vocab_multiple, seed=seed + 1)
+        d.student = str(run / "base_student")
+    start = time.perf_counter()
+    train.run(cfg)
+    train_seconds = time.perf_counter() - start
+
+    tokenizer = load_tokenizer(d.out)
+    test = load_splits(cfg.data, tokenizer, log=lambda *_: None)["test"].to_list()
+    gen = test[:abl.eval_examples] if abl.eval_examples else test
+    metrics, _ = evaluate_model(cfg, d.out, test, gen, Path(d.cache) / "validation.zarr", f"{task}/{variant}/s{seed}")
+    out = {"task": task, "variant": variant, "seed": seed, "fraction": fraction, **metrics,
+           "train_seconds": train_seconds, "steps": d.max_steps if d.max_steps > 0 else full_steps(cfg),
+           "reinitialised_student": embedded}
+    (run / "metrics.json").write_text(json.dumps(out, indent=2))
+    save_config(cfg, run / "config.yaml")
+    print(f"ablation {task}/{variant}/s{seed} (fraction {fraction:g}): " +
+          ", ".join(f"{k} {out[k]:.4g}" for k in METRICS))
+    return out
+
+
+def run_teacher(abl: AblationConfig, task: str) -> dict:
+    """Evaluate the task's teacher once (the top of every gap); writes <out>/<task>/teacher.json."""
+    from pipeline.data.records import load_splits
+    from pipeline.evaluation.evaluate import evaluate_model
+    from pipeline.models import load_tokenizer
+
+    cfg = task_config(abl, task)
+    cfg.evaluate.eval_examples = abl.eval_examples
+    path = cfg.cache.teacher
+    test = load_splits(cfg.data, load_tokenizer(path), log=lambda *_: None)["test"].to_list()
+    gen = test[:abl.eval_examples] if abl.eval_examples else test
+    metrics, _ = evaluate_model(cfg, path, test, gen, Path(cfg.distill.cache) / "validation.zarr", f"{task}/teacher")
+    out = {"task": task, **metrics}
+    dest = Path(abl.out) / task / "teacher.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2))
+    print(f"ablation {task}/teacher: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return out

@@ -1,0 +1,236 @@
+"""The ablation: its params, the report's statistics, and the DVC pipeline end to end on a 1-seed toy grid."""
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cache.reader import CacheBlocks, open_cache
+from pipeline.ablation import AblationConfig, DataEfficiencyConfig, SweepConfig, load_ablation, run_dir
+from pipeline.report import markdown, summarise
+from pipeline.config import ConfigError, load_config, save_config
+from tests.conftest import ROOT, commit_all, copy_project, sh, small_config
+from tests.conftest import ran as ran_stages
+
+PATH_FIELDS = {"prepare": ["out_data", "out_models"], "data": ["path"],
+               "finetune": ["base", "out", "metrics"], "cache": ["teacher", "out"],
+               "distill": ["student", "cache", "out", "plots"], "evaluate": ["models", "cache", "plots", "out"]}
+
+
+def without_paths(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+    for section, names in PATH_FIELDS.items():
+        for n in names:
+            d[section].pop(n)
+    return d
+
+
+def test_params_file_is_the_dataclass_default_plus_the_sweep_that_was_run():
+    loaded = load_ablation(ROOT / "params/ablation/params.yaml")
+    assert loaded.sweep.variants  # the committed report's sweep; the class default sweeps nothing
+    assert dataclasses.replace(loaded, sweep=SweepConfig()) == AblationConfig()
+
+
+def test_the_split_task_is_the_embedded_default_with_its_own_paths():
+    split = load_config(ROOT / "params/ablation/split.yaml")
+    assert without_paths(split) == without_paths(load_config(ROOT / "params.yaml"))
+    for section, names in PATH_FIELDS.items():  # every output lies under the task's folder (dvc.yaml assumes it)
+        for n in names:
+            value = getattr(getattr(split, section), n)
+            for p in value.values() if isinstance(value, dict) else [value]:
+                assert p.startswith("artifacts/ablation/split/"), (section, n, p)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"variants": {"ce": {"w_kl": 0.0}, "bad": {"w_kll": 1.0}}}, "variants.bad: unknown parameter distill.w_kll"),
+    ({"variants": {"ce": {"ot_eps_scale": "mean"}}}, "variants.ce"),
+    ({"baseline": "nope"}, "baseline must be one of"),
+    ({"data_efficiency": {"variants": ["ce", "typo"]}}, "data_efficiency.variants"),
+    ({"data_efficiency": {"fractions": [0.1, 1.0]}}, "fractions must be in (0, 1)"),
+    ({"seeds": []}, "seeds must be non-empty"),
+    ({"sweep": {"variants": {"ce": {}}}}, "sweep.variants must be names other than"),
+    ({"sweep": {"variants": {"t9": {"temperature": -1.0}}}}, "variants.t9"),
+    ({"sweep": {"reference": "best"}}, "sweep.reference must be one of"),
+])
+def test_a_typo_fails_before_anything_runs(tmp_path, values, message):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_ablation(tmp_path / "a.yaml")
+
+
+def test_cache_blocks_fraction_is_nested_and_contiguous(tiny, tmp_path):
+    from pipeline.teacher import cache_teacher
+    cfg = small_config(tmp_path)
+    cfg.prepare, cfg.data, cfg.cache.teacher = tiny.prepare, tiny.data, tiny.cache.teacher
+    cfg.cache.splits = ["train"]
+    cache_teacher.run(cfg)
+    cache = open_cache(Path(cfg.cache.out) / "train.zarr")
+    full = CacheBlocks(cache, 4)
+    half, tenth = CacheBlocks(cache, 4, fraction=0.5), CacheBlocks(cache, 4, fraction=0.1)
+    assert set(tenth.starts) <= set(half.starts) < set(full.starts)  # nested
+    assert abs(len(half) / len(full) - 0.5) < 0.2
+    ids = [r["index"] for r in half[1]]
+    assert ids == list(range(half.starts[1], half.starts[1] + 4))  # a block is still neighbours in the cache
+    assert CacheBlocks(cache, 4, fraction=0.5).starts == half.starts  # deterministic
+    with pytest.raises(ValueError, match="fraction"):
+        CacheBlocks(cache, 4, fraction=0.0)
+
+
+def fake_results(abl: AblationConfig, acc: dict) -> None:
+    """metrics.json files as the student stage writes them; acc[(task, variant, seed, fraction)] = accuracy."""
+    for (task, variant, seed, fraction), a in acc.items():
+        d = run_dir(abl, task, variant, seed, fraction)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "metrics.json").write_text(json.dumps({
+            "accuracy": a, "perplexity": 2 - a, "kl_teacher": 1 - a, "top1_agreement": a / 2, "entropy": 0.5,
+            "train_seconds": 10.0 + seed}))
+    for task in abl.tasks:
+        (Path(abl.out) / task / "teacher.json").write_text(json.dumps({"accuracy": 0.9, "perplexity": 1.1,
+                                                                         "entropy": 0.7}))
+
+
+def test_report_pairs_by_seed_and_measures_the_gap(tmp_path):
+    abl = AblationConfig(seeds=[0, 1, 2], tasks={"t": "x.yaml"},
+                         variants={"ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}, "kl": {}},
+                         data_efficiency=DataEfficiencyConfig(task="t", variants=["ce", "kl"], fractions=[0.5]),
+                         sweep=SweepConfig(task="t", reference="kl", variants={"kl_t2": {"temperature": 2.0}}),
+                         out=str(tmp_path))
+    # seeds differ a lot, the paired gain is steady: what the report must make visible
+    ce, kl = [0.2, 0.5, 0.3], [0.3, 0.62, 0.39]
+    acc = {("t", "ce", s, 1.0): a for s, a in enumerate(ce)} | {("t", "kl", s, 1.0): a for s, a in enumerate(kl)}
+    acc |= {("t", v, s, 0.5): a / 2 for (_, v, s, _), a in list(acc.items())}
+    t2 = [0.25, 0.7, 0.35]
+    acc |= {("t", "kl_t2", s, 1.0): a for s, a in enumerate(t2)}
+    fake_results(abl, acc)
+    summary = summarise(abl)
+    v = summary["tasks"]["t"]["variants"]["kl"]
+    diffs = [b - a for a, b in zip(ce, kl)]
+    assert v["accuracy"]["per_seed"] == kl
+    assert v["accuracy"]["mean"] == pytest.approx(statistics.fmean(kl))
+    assert v["accuracy"]["std"] == pytest.approx(statistics.stdev(kl))
+    assert v["paired_vs_baseline"]["accuracy"]["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert v["paired_vs_baseline"]["accuracy"]["std"] == pytest.approx(statistics.stdev(diffs))
+    assert v["paired_vs_baseline"]["accuracy"]["std"] < v["accuracy"]["std"] / 2
+    gap = 0.9 - statistics.fmean(ce)
+    assert v["gap_closed"] == pytest.approx((statistics.fmean(kl) - statistics.fmean(ce)) / gap)
+    assert summary["tasks"]["t"]["variants"]["ce"]["gap_closed"] == 0
+    curve = summary["data_efficiency"]["curves"]["kl"]
+    assert [p["fraction"] for p in curve] == [0.5, 1.0]
+    assert curve[0]["mean"] == pytest.approx(statistics.fmean(kl) / 2)
+    setting = summary["sweep"]["settings"]["kl_t2"]
+    assert setting["paired_vs_reference"]["accuracy"]["mean"] == pytest.approx(
+        statistics.fmean(b - a for a, b in zip(kl, t2)))
+    assert setting["accuracy"]["per_seed"] == t2 and setting["overrides"] == {"temperature": 2.0}
+    text = markdown(summary)
+    assert "| kl_t2 | temperature=2.0 |" in text
+    assert "| kl | " in text and f"{100 * statistics.fmean(diffs):+.1f} ± {100 * statistics.stdev(diffs):.1f}" in text
+
+
+def test_report_names_a_missing_run(tmp_path):
+    abl = AblationConfig(seeds=[0], tasks={"t": "x.yaml"}, out=str(tmp_path),
+                         data_efficiency=DataEfficiencyConfig(task="t"), sweep=SweepConfig(task="t"))
+    fake_results(abl, {("t", v, 0, 1.0): 0.5 for v in abl.variants if v != "kl"})
+    with pytest.raises(Exception, match=r"missing ablation result .*t/kl/s0/metrics.json"):
+        summarise(abl)
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------
+
+
+def toy_task(root: str):
+    """The tests' tiny pipeline with every path under `root` (as params/ablation/<task>.yaml must have)."""
+    cfg = small_config(Path("/unused"))
+    for section, names in PATH_FIELDS.items():
+        for n in names:
+            value = getattr(getattr(cfg, section), n)
+            if isinstance(value, dict):
+                setattr(getattr(cfg, section), n, {"teacher": f"{root}/teacher"})
+            else:
+                rel = Path(value).relative_to("/unused") if value.startswith("/unused") else Path(value).name
+                setattr(getattr(cfg, section), n, f"{root}/{rel}")
+    cfg.cache.teacher, cfg.distill.student = f"{root}/teacher", f"{root}/base/student"
+    cfg.finetune.metrics = f"{root}/teacher_sft.json"  # the names params/ablation/dvc.yaml declares
+    cfg.finetune.eval_examples, cfg.evaluate.eval_examples = 8, 8
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def toy_repo(tmp_path_factory) -> Path:
+    """The project's code in a fresh git repo with a 1-seed, 2-variant, 1-task ablation."""
+    dst = copy_project(tmp_path_factory.mktemp("ablation_repo"),
+                       lambda f: f.split("/")[0] in ("pipeline", "stages", "cache", "params"))
+    for f in (dst / "params/ablation").glob("*.yaml"):
+        if f.name != "dvc.yaml":
+            f.unlink()
+    save_config(toy_task("artifacts/ablation/toy"), dst / "params/ablation/toy.yaml")
+    (dst / "params/ablation/params.yaml").write_text(yaml.safe_dump({
+        "seeds": [0], "tasks": {"toy": "params/ablation/toy.yaml"},
+        "variants": {"ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}, "kl_ot": {}},
+        "data_efficiency": {"task": "toy", "variants": ["ce", "kl_ot"], "fractions": [0.5]},
+        "sweep": {"task": "toy", "reference": "kl_ot", "variants": {"t2": {"temperature": 2.0}}},
+        "eval_examples": 8, "out": "artifacts/ablation", "report": "bench/results"}))
+    commit_all(dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_ablation_pipeline_end_to_end(toy_repo):
+    def ran(log: str) -> set[str]:  # stage names without the "params/ablation/dvc.yaml:" prefix
+        return {name.split(":")[-1] for name in ran_stages(log)}
+
+    log = sh("dvc", "repro", "params/ablation/dvc.yaml", cwd=toy_repo)
+    students = {"student@toy-ce-0", "student@toy-kl_ot-0"}
+    data = {"student_data@0.5-ce-0", "student_data@0.5-kl_ot-0"}
+    assert ran(log) == {"prepare@toy", "finetune_teacher@toy", "cache_teacher@toy", "teacher@toy", "report",
+                        "student_sweep@t2-0"} | students | data
+    summary = json.loads((toy_repo / "bench/results/ablation.json").read_text())
+    assert set(summary["tasks"]["toy"]["variants"]) == {"ce", "kl_ot"}
+    assert summary["sweep"]["settings"]["t2"]["overrides"] == {"temperature": 2.0}
+    assert yaml.safe_load((toy_repo / "artifacts/ablation/toy/t2/s0/config.yaml").read_text())["distill"][
+        "temperature"] == 2.0
+    for v in ("ce", "kl_ot"):
+        m = json.loads((toy_repo / f"artifacts/ablation/toy/{v}/s0/metrics.json").read_text())
+        assert summary["tasks"]["toy"]["variants"][v]["accuracy"]["per_seed"] == [m["accuracy"]]
+        half = json.loads((toy_repo / f"artifacts/ablation/toy/{v}/s0_f0.5/metrics.json").read_text())
+        assert half["steps"] == m["steps"] > 0  # equal steps on half the data
+        assert half["fraction"] == 0.5 and m["reinitialised_student"]
+    # same seed = same initial student across variants; it is the embedded default's draw for seed 0
+    ce_init = (toy_repo / "artifacts/ablation/toy/ce/s0/base_student/model.safetensors").read_bytes()
+    assert ce_init == (toy_repo / "artifacts/ablation/toy/kl_ot/s0/base_student/model.safetensors").read_bytes()
+    assert ce_init == (toy_repo / "artifacts/ablation/toy/base/student/model.safetensors").read_bytes()
+    for f in ("ablation.md", "ablation.png", "ablation_data.png"):
+        assert (toy_repo / "bench/results" / f).stat().st_size > 0
+
+    assert ran(sh("dvc", "repro", "params/ablation/dvc.yaml", cwd=toy_repo)) == set()  # nothing changed
+    p = toy_repo / "params/ablation/params.yaml"
+    values = yaml.safe_load(p.read_text())
+    values["variants"]["kl_ot"] = {"temperature": 2.0}  # one variant changes: only its students rerun
+    p.write_text(yaml.safe_dump(values))
+    assert ran(sh("dvc", "repro", "params/ablation/dvc.yaml", cwd=toy_repo)) == {
+        "student@toy-kl_ot-0", "student_data@0.5-kl_ot-0", "report"}
+
+
+def test_cli_arguments_reach_the_run(monkeypatch):
+    """stages.ablation's arguments land in run_student / run_teacher; a wrong name is a one-line error."""
+    from typer.testing import CliRunner
+
+    import pipeline.ablation
+    from stages.ablation import app
+
+    calls = []
+    monkeypatch.setattr(pipeline.ablation, "run_student", lambda abl, *a: calls.append(("student", abl, *a)))
+    monkeypatch.setattr(pipeline.ablation, "run_teacher", lambda abl, *a: calls.append(("teacher", abl, *a)))
+    params = str(ROOT / "params/ablation/params.yaml")
+    runner = CliRunner()
+    args = ["student", "split", "kl_ot", "2", "--fraction", "0.3", "--ablation", params]
+    assert runner.invoke(app, args).exit_code == 0
+    assert runner.invoke(app, ["teacher", "digit_sum", "--ablation", params]).exit_code == 0
+    assert [c[0] for c in calls] == ["student", "teacher"]
+    assert calls[0][2:] == ("split", "kl_ot", 2, 0.3) and calls[1][2:] == ("digit_sum",)
+    assert calls[0][1] == load_ablation(params)
+
+    monkeypatch.undo()
+    result = runner.invoke(app, ["student", "split", "kl_0t", "0", "--ablation", params])
+    assert result.exit_code == 1 and "unknown variant 'kl_0t'" in result.output
