@@ -66,6 +66,12 @@ FILL = {"sample_ids": np.iinfo(np.uint64).max, "token_offsets": -1, "row_offsets
         "supervised": 2, "topk_ids": -1, "tail_logmass": float("nan"), "shard_done": 0}
 NAN_FILL = {"bf16": 0x7FC0, "fp16": float("nan"), "fp32": float("nan")}  # bf16 NaN as its uint16 bit pattern
 
+# Beside the split stores, in the cache folder (Stage 1 writes them; a cross-tokenizer Stage 2 reads them): the
+# teacher's tokenizer (checked against each store's provenance tokenizer_hash) and its input-embedding rows of every
+# id in a cached top-k (safetensors: "ids" (n,) int64, "weight" (n, D) float32).
+TOKENIZER_DIR = "tokenizer"
+EMBEDDINGS_FILE = "teacher_embeddings.safetensors"
+
 ROW_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "hidden")
 FIELDS = ("input_ids", "supervised") + ROW_ARRAYS
 # Token-axis and per-sequence arrays are written once; 16k-element chunks keep a per-sequence read small.

@@ -4,7 +4,6 @@ One run = one student: the task's params file, the variant's `distill.*` overrid
 student's initial weights, P's, and the batch order, so that variants with the same seed differ only in their
 losses).
 """
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +16,7 @@ from cache.errors import OtkdError
 from pipeline.config import (Config, ConfigError, PathStr, _build, _check_fields, _require, apply_overrides,
                              load_config, save_config)
 
-METRICS = ("accuracy", "perplexity", "kl_teacher", "top1_agreement", "entropy", "train_seconds")
+METRICS = ("accuracy", "perplexity", "bits_per_char", "kl_teacher", "top1_agreement", "entropy", "train_seconds")
 
 
 class AblationError(OtkdError, ValueError):
@@ -57,6 +56,23 @@ class SweepConfig:
 
 
 @dataclass(slots=True)
+class CrossTokenizerConfig:
+    """Students with their own tokenizer (the task's `<prepare.out_models>/student_x`, digits in pairs) distilled from
+    the same teacher cache across tokenizers (distill.cross_tokenizer=true is implied), paired with `baseline`."""
+
+    task: str = "split"
+    """The task (a key of `tasks`) whose cache the cross-tokenizer students learn from."""
+    baseline: str = "x_ce"
+    """The cross-tokenizer variant the others are paired with (CE only on the student's own tokens)."""
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Variant name -> `distill.*` overrides on the task's params (names must differ from every other variant's;
+    an empty mapping trains no cross-tokenizer student)."""
+
+    def __post_init__(self):
+        _check_fields(self)
+
+
+@dataclass(slots=True)
 class AblationConfig:
     """params/ablation/params.yaml: which students the ablation trains and how the report compares them."""
 
@@ -79,6 +95,8 @@ class AblationConfig:
     """The data-efficiency curves (accuracy vs. share of the training data)."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """Extra settings on one task (ε, weights, temperature), compared with a reference variant."""
+    cross_tokenizer: CrossTokenizerConfig = field(default_factory=CrossTokenizerConfig)
+    """The cross-tokenizer students (another tokenizer than the teacher's) and their loss variants."""
     eval_examples: int = 300
     """Test examples whose greedy answer is checked per student (0 = all)."""
     out: PathStr = "artifacts/ablation"
@@ -90,9 +108,12 @@ class AblationConfig:
         _check_fields(self)
         _require(len(self.seeds) >= 1, "seeds", "non-empty", self.seeds)
         _require(self.eval_examples >= 0, "eval_examples", ">= 0", self.eval_examples)
+        xt = self.cross_tokenizer
         clash = sorted(set(self.variants) & set(self.sweep.variants))
         _require(not clash, "sweep.variants", "names other than the variants'", clash)
-        for name, over in {**self.variants, **self.sweep.variants}.items():
+        clash = sorted(set(xt.variants) & (set(self.variants) | set(self.sweep.variants)))
+        _require(not clash, "cross_tokenizer.variants", "names other than the variants' and the sweep's", clash)
+        for name, over in {**self.variants, **self.sweep.variants, **xt.variants}.items():
             if not isinstance(over, dict):
                 raise ConfigError(f"variants.{name} must be a mapping of distill fields, got {over!r}")
             try:  # a typo in a variant fails here, not after the teachers are trained
@@ -107,12 +128,20 @@ class AblationConfig:
         sw = self.sweep
         _require(sw.task in self.tasks, "sweep.task", f"one of {sorted(self.tasks)}", sw.task)
         _require(sw.reference in self.variants, "sweep.reference", f"one of {sorted(self.variants)}", sw.reference)
+        if xt.variants:
+            _require(xt.task in self.tasks, "cross_tokenizer.task", f"one of {sorted(self.tasks)}", xt.task)
+            _require(xt.baseline in xt.variants, "cross_tokenizer.baseline", f"one of {sorted(xt.variants)}",
+                     xt.baseline)
 
     def overrides(self, variant: str) -> dict[str, Any]:
-        """The `distill.*` overrides of a variant or a sweep setting."""
+        """The `distill.*` overrides of a variant, a sweep setting or a cross-tokenizer variant (which adds
+        cross_tokenizer=true)."""
+        if variant in self.cross_tokenizer.variants:
+            return {"cross_tokenizer": True, **self.cross_tokenizer.variants[variant]}
         every = {**self.variants, **self.sweep.variants}
         if variant not in every:
-            raise AblationError(f"unknown variant {variant!r} (variants: {', '.join(every)})")
+            raise AblationError(f"unknown variant {variant!r} (variants: "
+                                f"{', '.join([*every, *self.cross_tokenizer.variants])})")
         return every[variant]
 
 
@@ -144,6 +173,8 @@ def student_config(abl: AblationConfig, task: str, variant: str, seed: int, frac
     cfg.distill.out, cfg.distill.plots = str(run / "student"), str(run)
     cfg.distill.train_fraction = fraction
     cfg.evaluate.eval_examples = abl.eval_examples
+    if cfg.distill.cross_tokenizer and Path(cfg.distill.student) == Path(cfg.prepare.out_models) / "student":
+        cfg.distill.student = str(Path(cfg.prepare.out_models) / "student_x")  # the embedded student's twin
     return cfg
 
 
@@ -162,7 +193,7 @@ def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fractio
     from pipeline.data.records import load_splits
     from pipeline.data.tiny import build_model
     from pipeline.distill import train
-    from pipeline.evaluation.evaluate import evaluate_model
+    from pipeline.evaluation.evaluate import dump_metrics, evaluate_model
     from pipeline.models import load_tokenizer
 
     cfg = student_config(abl, task, variant, seed, fraction)
@@ -172,7 +203,7 @@ def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fractio
         d.max_steps = full_steps(cfg)  # equal steps: fewer examples are seen more often, not trained less
     # the embedded default's student is a random init: draw it from the seed (as `prepare` does for seed 0), so
     # seeds also vary the initial weights; a pretrained student (a user's task) is used as it is
-    embedded = Path(d.student) == Path(cfg.prepare.out_models) / "student"
+    embedded = Path(d.student) in (Path(cfg.prepare.out_models) / "student", Path(cfg.prepare.out_models) / "student_x")
     if embedded:
         tokenizer = load_tokenizer(d.student)
         build_model(tokenizer, run / "base_student", **asdict(cfg.prepare.student),
@@ -189,7 +220,7 @@ def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fractio
     out = {"task": task, "variant": variant, "seed": seed, "fraction": fraction, **metrics,
            "train_seconds": train_seconds, "steps": d.max_steps if d.max_steps > 0 else full_steps(cfg),
            "reinitialised_student": embedded}
-    (run / "metrics.json").write_text(json.dumps(out, indent=2))
+    (run / "metrics.json").write_text(dump_metrics(out))
     save_config(cfg, run / "config.yaml")
     print(f"ablation {task}/{variant}/s{seed} (fraction {fraction:g}): " +
           ", ".join(f"{k} {out[k]:.4g}" for k in METRICS))
@@ -199,7 +230,7 @@ def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fractio
 def run_teacher(abl: AblationConfig, task: str) -> dict:
     """Evaluate the task's teacher once (the top of every gap); writes <out>/<task>/teacher.json."""
     from pipeline.data.records import load_splits
-    from pipeline.evaluation.evaluate import evaluate_model
+    from pipeline.evaluation.evaluate import dump_metrics, evaluate_model
     from pipeline.models import load_tokenizer
 
     cfg = task_config(abl, task)
@@ -211,6 +242,6 @@ def run_teacher(abl: AblationConfig, task: str) -> dict:
     out = {"task": task, **metrics}
     dest = Path(abl.out) / task / "teacher.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=2))
+    dest.write_text(dump_metrics(out))
     print(f"ablation {task}/teacher: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return out

@@ -198,10 +198,14 @@ class PrepareConfig:
     """Shape of the tiny teacher."""
     student: ModelShape = field(default_factory=lambda: ModelShape(64, 2, 4, 2, 256))
     """Shape of the tiny student (clearly smaller than the teacher)."""
+    other_tokenizer_vocab: int = 448
+    """Vocabulary of the second byte-level BPE tokenizer (`<out_models>/tokenizer_x`) that the cross-tokenizer student
+    (`<out_models>/student_x`, shape `student`) uses: other merges and size than the teacher's, digits in pairs
+    ("2631" -> 26 31) instead of one per token, so most sequences have another length on each side."""
 
     def __post_init__(self):
         _check_fields(self)
-        _at_least(self, 1, "n_examples", "n_digits", "tokenizer_vocab", "vocab_multiple")
+        _at_least(self, 1, "n_examples", "n_digits", "tokenizer_vocab", "vocab_multiple", "other_tokenizer_vocab")
         _require(self.task != "split" or self.n_digits >= 2, "n_digits", ">= 2 for the split task (N >= 10)",
                  self.n_digits)
 
@@ -309,7 +313,15 @@ class DistillConfig:
 
     student: PathStr = "artifacts/base/student"
     """Student checkpoint: a local folder or a hub name (e.g. unsloth/Qwen2.5-1.5B-bnb-4bit's base). Must share
-    the teacher's tokenizer (checked against the cache by tokenizer hash)."""
+    the teacher's tokenizer (checked against the cache by tokenizer hash) unless cross_tokenizer is true."""
+    cross_tokenizer: bool = False
+    """Distil across tokenizers: the student tokenizes the records of data.path itself (its own template, joined to
+    the cache by sample_id) and the teacher's rows are aligned to its own by the text (pipeline/distill/crosstok.py).
+    Then w_kl is the KL at positions where both tokenizations start the predicted token at the same byte of the
+    answer, over teacher ids mapped to identical student strings (+ a tail bucket); w_ot_logits the OT over mapped
+    ids; w_ot the hidden-state OT between the two sequences (N != M). Needs a cache written with the teacher's
+    tokenizer beside it (Stage 1 does since this option exists). Off: a cache made with another tokenizer is
+    refused."""
     cache: PathStr = "artifacts/cache"
     """Folder holding Stage 1's `train.zarr` (and `validation.zarr`, used for the periodic eval if eval_steps > 0)."""
     out: PathStr = "artifacts/student"
@@ -342,6 +354,20 @@ class DistillConfig:
     > 0 needs a cache with hidden states)."""
     w_ot_logits: float = 0.1
     """Weight of the sequence-level OT between student and teacher next-token distributions (0 skips it)."""
+    w_uld: float = 0.0
+    """Weight of ULD (Boizard et al. 2024): the L1 distance between the student's and the teacher's sorted top-k
+    probabilities (+ the tail), position by position; tokenizer-agnostic, the cross-tokenizer baseline (0 skips it)."""
+    w_tok_ot: float = 0.0
+    """Weight of the token-level OT in embedding geometry (the original design's hybrid): per aligned position, OT
+    between the student's top tok_ot_k next-token distribution placed at its embedding rows and the teacher's
+    cached top-k at its embedding rows projected by a learned P_e; cost 1 - cosine. Needs no string map (0 skips it)."""
+    tok_ot_k: int = 8
+    """Student tokens (its own top-k) in the token-level OT."""
+    tok_ot_eps: float = 0.1
+    """Entropic regularisation of the token-level OT (cost in [0, 2]), > 0."""
+    tok_ot_adaptive_temp: bool = False
+    """Token-level OT on softmax(z / (temperature x std(z))) per row (the original design's adaptive temperature)
+    instead of softmax(z / temperature)."""
     temperature: float = 1.0
     """KL temperature, > 0 (student logits / tau, teacher bucket log-probs / tau, loss x tau^2)."""
     kl_tail: Literal["bucket", "none"] = "bucket"
@@ -415,12 +441,15 @@ class DistillConfig:
             _require(w >= 0, n, ">= 0", w)
         if not any(self.weights.values()):
             raise ConfigError(f"{', '.join(self.weights)} are all 0: nothing would train (set one > 0)")
-        _positive(self, "temperature", "ot_eps", "ot_tol", "epochs", "lr")
-        _at_least(self, 1, "ot_max_iter", "batch_size", "grad_accum", "logging_steps")
+        _positive(self, "temperature", "ot_eps", "ot_tol", "epochs", "lr", "tok_ot_eps")
+        _at_least(self, 1, "ot_max_iter", "tok_ot_k", "batch_size", "grad_accum", "logging_steps")
         _at_least(self, 0, "num_workers", "save_steps", "eval_steps")
         _require(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "-1 (all epochs) or >= 1",
                  self.max_steps)
         _require(0 < self.train_fraction <= 1, "train_fraction", "in (0, 1]", self.train_fraction)
+        if self.cross_tokenizer and (self.kl_reverse or self.kl_tail != "bucket"):
+            raise ConfigError("cross_tokenizer=true computes the forward KL over mapped buckets + a tail bucket: "
+                              f"kl_reverse must be false and kl_tail 'bucket' (got {self.kl_reverse}, {self.kl_tail!r})")
         _fraction(self, "warmup_ratio")
 
 
@@ -430,10 +459,10 @@ class EvalConfig:
 
     models: dict[str, PathStr] = field(default_factory=lambda: {
         "teacher": "artifacts/teacher", "student_base": "artifacts/base/student",
-        "student_ce": "artifacts/student_ce", "student_kl": "artifacts/student_kl",
-        "student_distilled": "artifacts/student"})
+        "student_ce": "artifacts/student_ce", "student_distilled": "artifacts/student",
+        "student_x_ce": "artifacts/student_x_ce", "student_x": "artifacts/student_x"})
     """Name -> checkpoint folder (plain model or a Stage 2 output with a LoRA adapter), in table order; the first
-    is the teacher (its tokenizer is used for all)."""
+    is the teacher. Each model is evaluated with its own tokenizer (a cross-tokenizer student in its own tokens)."""
     cache: PathStr = "artifacts/cache"
     """Folder with Stage 1's `validation.zarr`: top-1 agreement and KL(teacher || model) are measured on it."""
     plots: PathStr = "artifacts/plots"

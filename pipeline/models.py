@@ -92,7 +92,22 @@ def _from_pretrained(loader, path: str, **kwargs):
 
 
 def load_tokenizer(path: str):
+    """AutoTokenizer, unless the class it picks does not split text as the folder's tokenizer.json says.
+
+    transformers 5 loads every folder whose config.json says model_type "qwen2" with Qwen2Tokenizer, which rebuilds
+    Qwen's own pre-tokenizer (one digit per token) over the saved one: an extended or retrained tokenizer (here the
+    embedded cross-tokenizer student's, digits in pairs) would silently tokenize like Qwen's. tokenizer.json is
+    then loaded as it is (TokenizersBackend).
+    """
     tok = _from_pretrained(AutoTokenizer, path)
+    saved = Path(path) / "tokenizer.json"
+    if saved.is_file() and hasattr(tok, "backend_tokenizer"):
+        want = json.loads(saved.read_text(encoding="utf-8"))
+        have = json.loads(tok.backend_tokenizer.to_str())
+        if any(want.get(k) != have.get(k) for k in ("normalizer", "pre_tokenizer")):
+            from transformers import TokenizersBackend
+
+            tok = TokenizersBackend.from_pretrained(path)
     if tok.pad_token is None:  # Llama-style tokenizers ship without one; padding is always masked anyway
         tok.pad_token = tok.eos_token
     return tok

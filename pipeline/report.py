@@ -3,6 +3,10 @@
 Paired differences compare each variant with the baseline at the SAME seed (same initial weights and batch
 order), which removes most of the seed-to-seed spread; the gap closed is the share of the baseline -> teacher
 accuracy gap a variant's mean accuracy covers.
+
+Bits per character is the likelihood to compare across tokenizers (perplexity counts each model's own tokens).
+A missing value (null, or NaN in an older file: the cache metrics of a student with another tokenizer than the
+teacher's; a metric an older run did not record) is left out of means and differences and shown as "—".
 """
 import json
 import statistics
@@ -10,29 +14,38 @@ from pathlib import Path
 
 from pipeline.ablation import METRICS, AblationConfig, AblationError, run_dir
 
+STATS = METRICS
+PAIRED = ("accuracy", "kl_teacher", "perplexity", "bits_per_char")
+DASH = "—"
 
-def mean_std(xs: list[float]) -> dict:
-    """{"mean", "std"}: the sample standard deviation (0 for a single value)."""
-    xs = list(xs)
+
+def mean_std(xs) -> dict:
+    """{"mean", "std"} of the values present (None = missing): the sample standard deviation (0 for a single
+    value); both None when no value is."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {"mean": None, "std": None}
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
 
 
 def per_seed(runs: list[dict], metric: str) -> dict:
-    """{"per_seed", "mean", "std"} of one metric over runs (one per seed)."""
-    xs = [r[metric] for r in runs]
+    """{"per_seed", "mean", "std"} of one metric over runs (one per seed; None where a run has no value)."""
+    xs = [r.get(metric) for r in runs]
     return {"per_seed": xs, **mean_std(xs)}
 
 
 def paired(runs: list[dict], ref: list[dict], metric: str) -> dict:
-    """Mean and std over seeds of run - reference at the same seed."""
-    return mean_std(r[metric] - b[metric] for r, b in zip(runs, ref))
+    """Mean and std over seeds of run - reference at the same seed (seeds where either is missing left out)."""
+    pairs = [(r.get(metric), b.get(metric)) for r, b in zip(runs, ref)]
+    return mean_std(a - b for a, b in pairs if a is not None and b is not None)
 
 
 def _read(path: Path) -> dict:
+    """A run's metrics; NaN (written by json.dumps for a missing value) is read as None, like null."""
     if not path.is_file():
         raise AblationError(f"missing ablation result {path}: run its stage first (dvc repro "
                             "params/ablation/dvc.yaml)")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(), parse_constant=lambda _: None)  # NaN, Infinity, -Infinity
 
 
 def summarise(abl: AblationConfig) -> dict:
@@ -46,11 +59,11 @@ def summarise(abl: AblationConfig) -> dict:
         gap = teacher["accuracy"] - base_acc
         variants = {}
         for v, rs in runs.items():
-            stats = {m: per_seed(rs, m) for m in METRICS}
-            diffs = {m: paired(rs, base, m) for m in ("accuracy", "kl_teacher", "perplexity")}
+            stats = {m: per_seed(rs, m) for m in STATS}
+            diffs = {m: paired(rs, base, m) for m in PAIRED}
             acc = stats["accuracy"]["mean"]
             variants[v] = {**stats, "paired_vs_baseline": diffs,
-                           "gap_closed": (acc - base_acc) / gap if gap > 0 else float("nan")}
+                           "gap_closed": (acc - base_acc) / gap if gap > 0 else None}
         tasks[task] = {"teacher": teacher, "variants": variants}
     de = abl.data_efficiency
     curves = {}
@@ -65,15 +78,31 @@ def summarise(abl: AblationConfig) -> dict:
     sweep = {}
     for v, over in sw.variants.items():
         rs = [_read(run_dir(abl, sw.task, v, s) / "metrics.json") for s in abl.seeds]
-        sweep[v] = {"overrides": over, **{m: per_seed(rs, m) for m in ("accuracy", "kl_teacher")},
-                    "paired_vs_reference": {m: paired(rs, ref, m) for m in ("accuracy", "kl_teacher")}}
+        swept = ("accuracy", "bits_per_char", "kl_teacher")
+        sweep[v] = {"overrides": over, **{m: per_seed(rs, m) for m in swept},
+                    "paired_vs_reference": {m: paired(rs, ref, m) for m in swept}}
+    xt = abl.cross_tokenizer
+    cross = {}
+    if xt.variants:
+        runs = {v: [_read(run_dir(abl, xt.task, v, s) / "metrics.json") for s in abl.seeds] for v in xt.variants}
+        for v, rs in runs.items():
+            cross[v] = {"overrides": xt.variants[v], **{m: per_seed(rs, m) for m in STATS},
+                        "paired_vs_baseline": {m: paired(rs, runs[xt.baseline], m) for m in PAIRED}}
     return {"seeds": abl.seeds, "baseline": abl.baseline, "variants": abl.variants, "tasks": tasks,
             "data_efficiency": {"task": de.task, "curves": curves},
-            "sweep": {"task": sw.task, "reference": sw.reference, "settings": sweep}}
+            "sweep": {"task": sw.task, "reference": sw.reference, "settings": sweep},
+            "cross_tokenizer": {"task": xt.task, "baseline": xt.baseline, "variants": cross}}
 
 
-def _pm(stat: dict, fmt: str) -> str:
-    return f"{format(stat['mean'], fmt)} ± {format(stat['std'], fmt)}"
+def _num(x, fmt: str) -> str:
+    return DASH if x is None else format(x, fmt)
+
+
+def _pm(stat: dict, fmt: str, scale: float = 1.0, suffix: str = "", sign: str = "") -> str:
+    """"mean ± std" (both x scale, then suffix), "—" when no seed has a value; sign="+" signs the mean (a Δ)."""
+    if stat["mean"] is None:
+        return DASH
+    return f"{format(scale * stat['mean'], sign + fmt)} ± {format(scale * stat['std'], fmt)}{suffix}"
 
 
 def markdown(summary: dict) -> str:
@@ -82,20 +111,21 @@ def markdown(summary: dict) -> str:
              f"to `{summary['baseline']}` (same init and batch order), mean ± std.", ""]
     for task, t in summary["tasks"].items():
         te = t["teacher"]
-        lines += [f"### {task}: teacher accuracy {te['accuracy']:.1%}, perplexity {te['perplexity']:.3f}, "
+        bpc = "" if te.get("bits_per_char") is None else f", {te['bits_per_char']:.4f} bits per character"
+        lines += [f"### {task}: teacher accuracy {te['accuracy']:.1%}, perplexity {te['perplexity']:.3f}{bpc}, "
                   f"entropy {te['entropy']:.3f} nats per answer token", "",
-                  "| variant | accuracy | per seed | paired Δ accuracy | gap closed | perplexity "
-                  "| KL(teacher‖student) | paired Δ KL | top-1 agreement | train s |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| variant | accuracy | per seed | paired Δ accuracy | gap closed | perplexity | bits/char "
+                  "| paired Δ bits/char | KL(teacher‖student) | paired Δ KL | top-1 agreement | train s |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for v, s in t["variants"].items():
             p = s["paired_vs_baseline"]
-            per_seed = " / ".join(f"{x:.1%}" for x in s["accuracy"]["per_seed"])
+            per_seed = " / ".join(_num(x, ".1%") for x in s["accuracy"]["per_seed"])
             lines.append(
-                f"| {v} | {_pm({k: 100 * x for k, x in s['accuracy'].items() if k != 'per_seed'}, '.1f')}% | "
-                f"{per_seed} | {100 * p['accuracy']['mean']:+.1f} ± {100 * p['accuracy']['std']:.1f} | "
-                f"{s['gap_closed']:.0%} | {_pm(s['perplexity'], '.3f')} | {_pm(s['kl_teacher'], '.4f')} | "
-                f"{p['kl_teacher']['mean']:+.4f} ± {p['kl_teacher']['std']:.4f} | "
-                f"{_pm({k: 100 * x for k, x in s['top1_agreement'].items() if k != 'per_seed'}, '.1f')}% | "
+                f"| {v} | {_pm(s['accuracy'], '.1f', 100, '%')} | {per_seed} | "
+                f"{_pm(p['accuracy'], '.1f', 100, sign='+')} | {_num(s['gap_closed'], '.0%')} | "
+                f"{_pm(s['perplexity'], '.3f')} | {_pm(s['bits_per_char'], '.4f')} | "
+                f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['kl_teacher'], '.4f')} | "
+                f"{_pm(p['kl_teacher'], '.4f', sign='+')} | {_pm(s['top1_agreement'], '.1f', 100, '%')} | "
                 f"{_pm(s['train_seconds'], '.0f')} |")
         lines.append("")
     de = summary["data_efficiency"]
@@ -104,21 +134,45 @@ def markdown(summary: dict) -> str:
                                          next(iter(de["curves"].values()))) + " |",
               "|---|" + "---:|" * len(next(iter(de["curves"].values())))]
     for v, pts in de["curves"].items():
-        lines.append(f"| {v} | " + " | ".join(f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f}%" for p in pts) + " |")
+        lines.append(f"| {v} | " + " | ".join(_pm(p, ".1f", 100, "%") for p in pts) + " |")
     sw = summary["sweep"]
     if sw["settings"]:
         lines += ["", f"### sweep ({sw['task']}): each setting against `{sw['reference']}`, paired by seed", "",
-                  "| setting | overrides | accuracy | per seed | paired Δ accuracy | KL | paired Δ KL |",
-                  "|---|---|---:|---|---:|---:|---:|"]
+                  "| setting | overrides | accuracy | per seed | paired Δ accuracy | bits/char | paired Δ bits/char "
+                  "| KL | paired Δ KL |",
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|"]
         for v, s in sw["settings"].items():
             p = s["paired_vs_reference"]
             over = ", ".join(f"{k}={x}" for k, x in s["overrides"].items())
-            lines.append(f"| {v} | {over} | {100 * s['accuracy']['mean']:.1f} ± {100 * s['accuracy']['std']:.1f}% | "
-                         + " / ".join(f"{x:.1%}" for x in s["accuracy"]["per_seed"])
-                         + f" | {100 * p['accuracy']['mean']:+.1f} ± {100 * p['accuracy']['std']:.1f} | "
-                         f"{s['kl_teacher']['mean']:.4f} ± {s['kl_teacher']['std']:.4f} | "
-                         f"{p['kl_teacher']['mean']:+.4f} ± {p['kl_teacher']['std']:.4f} |")
+            lines.append(f"| {v} | {over} | {_pm(s['accuracy'], '.1f', 100, '%')} | "
+                         + " / ".join(_num(x, ".1%") for x in s["accuracy"]["per_seed"])
+                         + f" | {_pm(p['accuracy'], '.1f', 100, sign='+')} | {_pm(s['bits_per_char'], '.4f')} | "
+                         f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['kl_teacher'], '.4f')} | "
+                         f"{_pm(p['kl_teacher'], '.4f', sign='+')} |")
+    xt = summary.get("cross_tokenizer") or {}
+    if xt.get("variants"):
+        same = summary["tasks"][xt["task"]]["variants"][summary["baseline"]]
+        lines += ["", f"### cross-tokenizer students ({xt['task']}): their own tokenizer, the teacher's cache, paired "
+                  f"with `{xt['baseline']}`", "",
+                  f"The same-tokenizer `{summary['baseline']}` student: accuracy {_pm(same['accuracy'], '.1f', 100, '%')}"
+                  f", bits/char {_pm(same['bits_per_char'], '.4f')} (bits per character compare students across "
+                  "tokenizers; perplexity is per token of each student's own tokenizer).", "",
+                  "| variant | overrides | accuracy | per seed | paired Δ accuracy | bits/char | paired Δ bits/char "
+                  "| perplexity (own tokens) | train s |",
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+        for v, s in xt["variants"].items():
+            p = s["paired_vs_baseline"]
+            over = ", ".join(f"{k}={x}" for k, x in s["overrides"].items()) or "(the task's weights)"
+            lines.append(f"| {v} | {over} | {_pm(s['accuracy'], '.1f', 100, '%')} | "
+                         + " / ".join(_num(x, ".1%") for x in s["accuracy"]["per_seed"])
+                         + f" | {_pm(p['accuracy'], '.1f', 100, sign='+')} | {_pm(s['bits_per_char'], '.4f')} | "
+                         f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['perplexity'], '.3f')} | "
+                         f"{_pm(s['train_seconds'], '.0f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _nan(x) -> float:
+    return float("nan") if x is None else x
 
 
 def plot(summary: dict, out: Path) -> None:
@@ -134,12 +188,13 @@ def plot(summary: dict, out: Path) -> None:
         names = list(t["variants"])
         for i, (metric, label) in enumerate([("accuracy", "task accuracy"), ("kl_teacher", "KL(teacher‖student)")]):
             ax = axes[i][j]
-            means = [t["variants"][v][metric]["mean"] for v in names]
-            stds = [t["variants"][v][metric]["std"] for v in names]
+            means = [_nan(t["variants"][v][metric]["mean"]) for v in names]  # a missing bar is left out
+            stds = [_nan(t["variants"][v][metric]["std"]) for v in names]
             ax.bar(names, means, yerr=stds, capsize=4, color="#8fb3d9")
             for k, v in enumerate(names):  # the seeds themselves, so the spread is visible
-                ys = t["variants"][v][metric]["per_seed"]
-                ax.scatter([k] * len(ys), ys, color="k", s=10, zorder=3)
+                ys = [y for y in t["variants"][v][metric]["per_seed"] if y is not None]
+                if ys:  # no point at all: matplotlib cannot place an all-NaN scatter on the named axis
+                    ax.scatter([k] * len(ys), ys, color="k", s=10, zorder=3)
             if metric == "accuracy":
                 ax.axhline(t["teacher"]["accuracy"], color="tab:red", ls="--", label="teacher")
                 ax.legend(loc="lower right")
@@ -169,7 +224,7 @@ def report(abl: AblationConfig) -> dict:
     summary = summarise(abl)
     out = Path(abl.report)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(summary, indent=2))
+    (out / "ablation.json").write_text(json.dumps(summary, indent=2, allow_nan=False))  # DVC metrics: no NaN
     text = markdown(summary)
     (out / "ablation.md").write_text(text)
     plot(summary, out)

@@ -95,6 +95,28 @@ def ot(B, N, V, d, D, k, hidden, logits, max_iter=50, seed=0):
     return {"peak": peak_of(lambda: losses().backward())}
 
 
+def tok_ot(R, n, k, d, D, V, seed=0):
+    """The token-level OT as DistillModel._token_terms runs it: the student's n embedding rows and the teacher's k
+    rows gathered by id, token_ot_loss through the learned P_e. saved: what the forward leaves alive for the
+    backward; peak: forward + backward."""
+    import torch
+
+    from pipeline.losses.crosstok import token_ot_loss
+
+    g = torch.Generator().manual_seed(seed)
+    E_s, E_t = torch.randn(V, d, generator=g), torch.randn(V, D, generator=g)
+    P = (torch.randn(D, d, generator=g) / D ** 0.5).requires_grad_()
+    z = torch.randn(R, n, generator=g).requires_grad_()  # the student's logits at its own top n
+    own, ids = torch.randint(0, V, (R, n), generator=g), torch.randint(0, V, (R, k), generator=g)
+    lb, mask = torch.randn(R, k, generator=g), torch.ones(R, dtype=torch.bool)
+
+    def loss():
+        return token_ot_loss(z.log_softmax(-1), E_s[own], lb, E_t[ids], P, mask, max_iter=50)
+    out, saved = growth_of(loss)
+    del out
+    return {"saved": saved, "peak": peak_of(lambda: loss().backward())}
+
+
 def topk(R, D, V, V_logits, chunk_rows, seed=0):
     import torch
 
@@ -170,4 +192,5 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     case, args = sys.argv[1], json.loads(sys.argv[2])
-    print(json.dumps({"fused": fused, "ot": ot, "topk": topk, "forward": forward, "student": student}[case](**args)))
+    print(json.dumps({"fused": fused, "ot": ot, "tok_ot": tok_ot, "topk": topk, "forward": forward,
+                      "student": student}[case](**args)))

@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from cache.reader import CacheBlocks, open_cache
-from pipeline.ablation import AblationConfig, DataEfficiencyConfig, SweepConfig, load_ablation, run_dir
-from pipeline.report import markdown, summarise
+from pipeline.ablation import (AblationConfig, CrossTokenizerConfig, DataEfficiencyConfig, SweepConfig, load_ablation,
+                               run_dir)
+from pipeline.report import markdown, report, summarise
 from pipeline.config import ConfigError, load_config, save_config
 from tests.conftest import ROOT, commit_all, copy_project, sh, small_config
 from tests.conftest import ran as ran_stages
@@ -30,7 +31,7 @@ def without_paths(cfg) -> dict:
 def test_params_file_is_the_dataclass_default_plus_the_sweep_that_was_run():
     loaded = load_ablation(ROOT / "params/ablation/params.yaml")
     assert loaded.sweep.variants  # the committed report's sweep; the class default sweeps nothing
-    assert dataclasses.replace(loaded, sweep=SweepConfig()) == AblationConfig()
+    assert dataclasses.replace(loaded, sweep=SweepConfig(), cross_tokenizer=CrossTokenizerConfig()) == AblationConfig()
 
 
 def test_the_split_task_is_the_embedded_default_with_its_own_paths():
@@ -84,8 +85,8 @@ def fake_results(abl: AblationConfig, acc: dict) -> None:
         d = run_dir(abl, task, variant, seed, fraction)
         d.mkdir(parents=True, exist_ok=True)
         (d / "metrics.json").write_text(json.dumps({
-            "accuracy": a, "perplexity": 2 - a, "kl_teacher": 1 - a, "top1_agreement": a / 2, "entropy": 0.5,
-            "train_seconds": 10.0 + seed}))
+            "accuracy": a, "perplexity": 2 - a, "bits_per_char": 1.5 - a, "kl_teacher": 1 - a,
+            "top1_agreement": a / 2, "entropy": 0.5, "train_seconds": 10.0 + seed}))
     for task in abl.tasks:
         (Path(abl.out) / task / "teacher.json").write_text(json.dumps({"accuracy": 0.9, "perplexity": 1.1,
                                                                          "entropy": 0.7}))
@@ -113,6 +114,8 @@ def test_report_pairs_by_seed_and_measures_the_gap(tmp_path):
     assert v["paired_vs_baseline"]["accuracy"]["mean"] == pytest.approx(statistics.fmean(diffs))
     assert v["paired_vs_baseline"]["accuracy"]["std"] == pytest.approx(statistics.stdev(diffs))
     assert v["paired_vs_baseline"]["accuracy"]["std"] < v["accuracy"]["std"] / 2
+    assert v["bits_per_char"]["per_seed"] == pytest.approx([1.5 - a for a in kl])
+    assert v["paired_vs_baseline"]["bits_per_char"]["mean"] == pytest.approx(-statistics.fmean(diffs))
     gap = 0.9 - statistics.fmean(ce)
     assert v["gap_closed"] == pytest.approx((statistics.fmean(kl) - statistics.fmean(ce)) / gap)
     assert summary["tasks"]["t"]["variants"]["ce"]["gap_closed"] == 0
@@ -126,6 +129,40 @@ def test_report_pairs_by_seed_and_measures_the_gap(tmp_path):
     text = markdown(summary)
     assert "| kl_t2 | temperature=2.0 |" in text
     assert "| kl | " in text and f"{100 * statistics.fmean(diffs):+.1f} ± {100 * statistics.stdev(diffs):.1f}" in text
+
+
+def test_report_leaves_missing_values_out(tmp_path):
+    """A student with another tokenizer than the teacher's has no cache metrics (null, or NaN from an older
+    json.dumps): "—" in the tables, left out of means and paired differences; ablation.json stays strict JSON."""
+    abl = AblationConfig(seeds=[0, 1, 2], tasks={"t": "x.yaml"}, variants={"ce": {"w_kl": 0.0}, "x": {}},
+                         data_efficiency=DataEfficiencyConfig(task="t", variants=["ce"], fractions=[0.5]),
+                         sweep=SweepConfig(task="t", reference="ce"), out=str(tmp_path / "runs"),
+                         report=str(tmp_path / "report"))
+    fake_results(abl, {("t", v, s, f): 0.2 + 0.1 * s for v in ("ce", "x") for s in range(3) for f in (1.0, 0.5)})
+    for s in range(3):
+        f = run_dir(abl, "t", "x", s) / "metrics.json"
+        f.write_text(json.dumps(json.loads(f.read_text()) | {"kl_teacher": None, "top1_agreement": None}))
+    f = run_dir(abl, "t", "ce", 1) / "metrics.json"
+    f.write_text(json.dumps(json.loads(f.read_text()) | {"kl_teacher": float("nan")}))  # writes NaN
+
+    def no_nan(const):
+        raise ValueError(f"{const} is not JSON")
+
+    report(abl)
+    summary = json.loads((tmp_path / "report/ablation.json").read_text(), parse_constant=no_nan)
+    ce, x = summary["tasks"]["t"]["variants"]["ce"], summary["tasks"]["t"]["variants"]["x"]
+    assert ce["kl_teacher"]["per_seed"] == [0.8, None, 0.6]
+    assert ce["kl_teacher"]["mean"] == pytest.approx(0.7)
+    assert ce["kl_teacher"]["std"] == pytest.approx(statistics.stdev([0.8, 0.6]))
+    assert x["kl_teacher"] == {"per_seed": [None] * 3, "mean": None, "std": None}
+    assert x["paired_vs_baseline"]["kl_teacher"]["mean"] is None
+    assert x["bits_per_char"]["mean"] == pytest.approx(1.2) and x["paired_vs_baseline"]["bits_per_char"]["mean"] == 0
+    lines = (tmp_path / "report/ablation.md").read_text().splitlines()
+    head = next(line for line in lines if line.startswith("| variant |")).split(" | ")
+    row = next(line for line in lines if line.startswith("| x |")).split(" | ")
+    col = {name: row[head.index(name)] for name in ("KL(teacher‖student)", "paired Δ KL", "bits/char")}
+    assert col == {"KL(teacher‖student)": "—", "paired Δ KL": "—", "bits/char": "1.2000 ± 0.1000"}
+    assert row[head.index("top-1 agreement")] == "—" and "nan" not in "".join(lines)
 
 
 def test_report_names_a_missing_run(tmp_path):
@@ -160,7 +197,8 @@ def toy_task(root: str):
 def toy_repo(tmp_path_factory) -> Path:
     """The project's code in a fresh git repo with a 1-seed, 2-variant, 1-task ablation."""
     dst = copy_project(tmp_path_factory.mktemp("ablation_repo"),
-                       lambda f: f.split("/")[0] in ("pipeline", "stages", "cache", "params"))
+                       lambda f: f.split("/")[0] in ("pipeline", "stages", "cache", "params") and
+                       not f.endswith("dvc.lock"))
     for f in (dst / "params/ablation").glob("*.yaml"):
         if f.name != "dvc.yaml":
             f.unlink()
@@ -170,6 +208,8 @@ def toy_repo(tmp_path_factory) -> Path:
         "variants": {"ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}, "kl_ot": {}},
         "data_efficiency": {"task": "toy", "variants": ["ce", "kl_ot"], "fractions": [0.5]},
         "sweep": {"task": "toy", "reference": "kl_ot", "variants": {"t2": {"temperature": 2.0}}},
+        "cross_tokenizer": {"task": "toy", "baseline": "x_ce", "variants": {
+            "x_ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}}},  # its losses: tests/test_crosstok.py
         "eval_examples": 8, "out": "artifacts/ablation", "report": "bench/results"}))
     commit_all(dst)
     return dst
@@ -184,9 +224,18 @@ def test_ablation_pipeline_end_to_end(toy_repo):
     students = {"student@toy-ce-0", "student@toy-kl_ot-0"}
     data = {"student_data@0.5-ce-0", "student_data@0.5-kl_ot-0"}
     assert ran(log) == {"prepare@toy", "finetune_teacher@toy", "cache_teacher@toy", "teacher@toy", "report",
-                        "student_sweep@t2-0"} | students | data
+                        "student_sweep@t2-0", "student_x@x_ce-0"} | students | data
     summary = json.loads((toy_repo / "bench/results/ablation.json").read_text())
     assert set(summary["tasks"]["toy"]["variants"]) == {"ce", "kl_ot"}
+    # the cross-tokenizer students: their own tokenizer, no cache metrics (other vocabulary), bits per character
+    assert set(summary["cross_tokenizer"]["variants"]) == {"x_ce"}
+    for v in ("x_ce",):
+        m = json.loads((toy_repo / f"artifacts/ablation/toy/{v}/s0/metrics.json").read_text())
+        assert m["kl_teacher"] is None and m["bits_per_char"] > 0 and m["reinitialised_student"]
+        conf = yaml.safe_load((toy_repo / f"artifacts/ablation/toy/{v}/s0/config.yaml").read_text())["distill"]
+        assert conf["cross_tokenizer"] and conf["student"].endswith(f"{v}/s0/base_student")
+    x_init = (toy_repo / "artifacts/ablation/toy/x_ce/s0/base_student/model.safetensors").read_bytes()
+    assert x_init == (toy_repo / "artifacts/ablation/toy/base/student_x/model.safetensors").read_bytes()
     assert summary["sweep"]["settings"]["t2"]["overrides"] == {"temperature": 2.0}
     assert yaml.safe_load((toy_repo / "artifacts/ablation/toy/t2/s0/config.yaml").read_text())["distill"][
         "temperature"] == 2.0

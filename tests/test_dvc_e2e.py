@@ -7,7 +7,7 @@ import pytest
 from pipeline.config import ModelShape, load_config, save_config
 from tests.conftest import ROOT, commit_all, copy_project, ran, sh
 
-STAGE2 = {"distill_student", "distill_student_ce", "distill_student_kl", "evaluate"}
+STAGE2 = {"distill_student", "distill_student_ce", "distill_student_x", "distill_student_x_ce", "evaluate"}
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +35,14 @@ def test_repro_runs_everything_then_nothing_then_only_stage2(repo):
     base, distilled = m["student_base"], m["student_distilled"]
     assert distilled["accuracy"] > base["accuracy"]
     assert distilled["kl_teacher"] < base["kl_teacher"]
+    for name in ("student_x", "student_x_ce"):  # its own tokenizer: no cache metrics, bits per character
+        assert m[name]["kl_teacher"] is None and 0 < m[name]["bits_per_char"] < m["student_base"]["bits_per_char"]
     assert (repo / "artifacts/metrics/metrics.md").exists() and (repo / "artifacts/metrics/curves.png").exists()
     assert (repo / "dvc.lock").exists()
 
     assert ran(sh("dvc", "repro", cwd=repo)) == set()  # nothing changed, nothing runs
 
     cfg = load_config(repo / "params.yaml")
-    cfg.distill.lr *= 0.5  # a Stage-2 parameter only
+    cfg.distill.max_steps = 3  # a Stage-2 parameter only (and a short rerun of the five Stage-2 stages)
     save_config(cfg, repo / "params.yaml")
     assert ran(sh("dvc", "repro", cwd=repo)) == STAGE2

@@ -47,19 +47,27 @@ def test_evaluate_writes_metrics_table_and_curves(tiny, tmp_path):
     assert made_by_stage2(kd.distill.out) and not made_by_stage2(base)
 
 
-def test_perplexity_and_entropy_match_a_float64_reference(tiny):
-    """Both over the supervised tokens only, from padded batches (the tiny model has no padded logit columns)."""
+def test_perplexity_entropy_and_bits_per_char_match_a_float64_reference(tiny):
+    """All three over the supervised tokens only, from padded batches (the tiny model has no padded logit columns);
+    bits per character also over a record cut at max_length, whose lost end-of-sequence marker is not counted."""
     import math
 
     import torch
 
-    from pipeline.data.records import load_splits
-    from pipeline.evaluation.evaluate import perplexity
+    from pipeline.data.records import load_splits, tokenize
+    from pipeline.evaluation.evaluate import perplexity, supervised_chars
     from pipeline.models import load_causal_lm, load_tokenizer
 
     path = str(Path(tiny.prepare.out_models) / "student")
     tok, model = load_tokenizer(path), load_causal_lm(path, "fp32")
-    records = load_splits(tiny.data, tok, log=lambda *_: None)["test"].to_list()[:7]
+    whole = load_splits(tiny.data, tok, log=lambda *_: None)["test"].to_list()[:7]
+    long = {**whole[-1], "output": whole[-1]["output"] + "0123456789"}  # a longer answer than the others'
+    ids = tokenize(long, tok, tiny.data.template, max_length=10**6)[0]["input_ids"]
+    cut, truncated = tokenize(long, tok, tiny.data.template, max_length=len(ids) - 1)  # loses the marker only
+    max_length = len(cut["input_ids"])  # the cut record hits it, the others stay below: they are whole
+    records = whole[:-1] + [{**long, **cut}]
+    assert truncated and ids[-1] == tok.eos_token_id and all(len(r["input_ids"]) < max_length for r in whole)
+    chars = [len(r["output"]) + 1 for r in whole[:-1]] + [len(long["output"])]  # characters, not bytes
     V = len(tok)
     nll, ent, n = 0.0, 0.0, 0
     for r in records:  # one unpadded sequence at a time, float64
@@ -70,6 +78,60 @@ def test_perplexity_and_entropy_match_a_float64_reference(tiny):
                 nll -= float(logp[t, y])
                 ent -= float((logp[t].exp() * logp[t]).sum())
                 n += 1
-    ppl, entropy = perplexity(model, records, tok.pad_token_id, V, batch_size=3)  # padded batches
+    ppl, entropy, bpc = perplexity(model, records, tok, max_length, batch_size=3)  # padded batches
     assert n > 7 and ppl == pytest.approx(math.exp(nll / n), rel=1e-4)
     assert entropy == pytest.approx(ent / n, rel=1e-4) and 0 < entropy < math.log(V)
+    assert bpc == pytest.approx(nll / math.log(2) / sum(chars), rel=1e-4)
+    # a whole record exactly max_length long is decoded: its text and its marker, counted as one character
+    assert supervised_chars(whole[0], tok, len(whole[0]["input_ids"])) == len(whole[0]["output"]) + 1
+
+
+def test_a_model_with_another_tokenizer_is_scored_in_its_own_tokens(tiny, tmp_path):
+    """The test records are tokenised again for it (the same examples), its cache metrics are missing (null in
+    strict JSON, "—" in the table) and the rest is measured; the teacher sharing the cache's tokenizer keeps all."""
+    import copy
+    import math
+    from dataclasses import asdict
+
+    from pipeline.data.records import ALPACA_TEMPLATE, load_splits, read_records, tokenizer_hash
+    from pipeline.data.tiny import build_model, build_tokenizer
+    from pipeline.evaluation.evaluate import markdown_table, perplexity, retokenize, run
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.teacher import cache_teacher
+
+    texts = [ALPACA_TEMPLATE.format(**r) + r["output"] for r in read_records(tiny.data.path)]
+    tok_x = build_tokenizer(texts, tmp_path / "tokenizer_x", tiny.prepare.tokenizer_vocab - 64)
+    other = str(tmp_path / "student_x")
+    build_model(tok_x, other, **asdict(tiny.prepare.student), vocab_multiple=tiny.prepare.vocab_multiple)
+    tok = load_tokenizer(tiny.cache.teacher)
+    assert tokenizer_hash(tok_x) != tokenizer_hash(tok)
+
+    # the split is chosen by the prompt: the same records, in other ids (what retokenize relies on)
+    test = load_splits(tiny.data, tok, log=lambda *_: None)["test"].to_list()
+    test_x = load_splits(tiny.data, tok_x, log=lambda *_: None)["test"].to_list()
+    assert [r["sample_id"] for r in test] == [r["sample_id"] for r in test_x]
+    assert retokenize(test, tok_x, tiny.data) == test_x and test != test_x
+
+    cfg = copy.deepcopy(tiny)
+    cfg.cache.out, cfg.cache.splits = str(tmp_path / "cache"), ["validation"]
+    cache_teacher.run(cfg)
+    cfg.evaluate.models = {"teacher": cfg.cache.teacher, "student_x": other}  # test tokenised with the teacher's
+    cfg.evaluate.cache, cfg.evaluate.plots, cfg.evaluate.out = cfg.cache.out, str(tmp_path), str(tmp_path / "m")
+    cfg.evaluate.eval_examples, cfg.evaluate.max_new_tokens = 4, 4
+    run(cfg)
+
+    def no_nan(const):
+        raise ValueError(f"{const} is not JSON")
+
+    m = json.loads((tmp_path / "m/metrics.json").read_text(), parse_constant=no_nan)
+    x, teacher = m["student_x"], m["teacher"]
+    assert set(x) == set(KEYS) and x["top1_agreement"] is None and x["kl_teacher"] is None
+    assert all(math.isfinite(x[k]) for k in ("perplexity", "bits_per_char", "accuracy", "entropy"))
+    assert all(math.isfinite(teacher[k]) for k in KEYS) and m["n"]["validation_rows"] > 0
+    ppl, _, bpc = perplexity(load_causal_lm(other, "fp32"), test_x, tok_x, tiny.data.max_length, batch_size=8)
+    assert x["perplexity"] == pytest.approx(ppl, rel=1e-4) and x["bits_per_char"] == pytest.approx(bpc, rel=1e-4)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in
+            (tmp_path / "m/metrics.md").read_text().splitlines()[2:]}
+    assert rows["student_x"][4:6] == ["—", "—"] and "—" not in rows["teacher"] and "nan" not in str(rows)
+    assert "| — | — | 0.5" in markdown_table({"y": {**teacher, "top1_agreement": math.nan, "kl_teacher": None,
+                                                     "entropy": 0.5}})

@@ -26,14 +26,17 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 SHIPPED = sorted(p.parent for p in plan.MODELS_DIR.glob("*/config.json"))
 PRESETS = sorted(p for p in ROOT.glob("params/*.yaml") if p.name != "dvc.yaml")
 # Model cards: "Number of Parameters" and "(Non-Embedding)", in billions, as printed (they round 7.6156 to 7.61);
-# None where the card prints no non-embedding count. Llama 3.2's card: "1B (1.23B)"; SmolLM2's: "1.7B".
+# None where the card prints no non-embedding count. Llama 3.2's card: "1B (1.23B)"; SmolLM2's: "1.7B"; Llama 3.1's:
+# "8B".
 CARDS = {"Qwen/Qwen2.5-7B": ("7.61", "6.53"), "Qwen/Qwen2.5-1.5B": ("1.54", "1.31"),
+         "Qwen/Qwen2.5-1.5B-Instruct": ("1.54", "1.31"), "meta-llama/Llama-3.1-8B-Instruct": ("8", None),
          "unsloth/Qwen2.5-1.5B-bnb-4bit": ("1.54", "1.31"), "Qwen/Qwen2.5-3B-Instruct": ("3.09", "2.77"),
          "Qwen/Qwen2.5-0.5B-Instruct": ("0.49", "0.36"), "Qwen/Qwen3-4B": ("4.0", "3.6"), "Qwen/Qwen3-0.6B": ("0.6", "0.44"),
          "meta-llama/Llama-3.2-1B": ("1.23", None), "HuggingFaceTB/SmolLM2-1.7B": ("1.7", None)}
 # Exact totals of the shipped Llama-family configs (= the meta-device model's count, checked below): the planner's
 # Llama support must not drift from these published architectures.
-LLAMA_PARAMS = {"meta-llama/Llama-3.2-1B": 1_235_814_400, "HuggingFaceTB/SmolLM2-1.7B": 1_711_376_384}
+LLAMA_PARAMS = {"meta-llama/Llama-3.2-1B": 1_235_814_400, "HuggingFaceTB/SmolLM2-1.7B": 1_711_376_384,
+                "meta-llama/Llama-3.1-8B-Instruct": 8_030_261_248}
 
 
 def name_of(folder) -> str:
@@ -94,7 +97,7 @@ def test_shipped_configs_give_the_model_cards_counts(folder):
     for card, count in zip(CARDS[arch.name], (arch.params, arch.params - embeddings)):
         if card is None:
             continue
-        unit = 10.0 ** -len(card.split(".")[1])
+        unit = 10.0 ** -len((card.split(".") + [""])[1])  # "8" (B): to the unit
         assert abs(count / 1e9 - float(card)) <= unit, (card, count)  # to the card's last printed digit
 
 
@@ -155,6 +158,17 @@ def test_fused_loss_peak(R, V, w_ce, w_kl):
 def test_ot_peak(B, N, V, k, hidden, logits):
     measured = memprobe.run("ot", B=B, N=N, V=V, d=64, D=128, k=k, hidden=hidden, logits=logits)["peak"]
     near(mm.ot_bytes(B, N, N, V, k, hidden, logits), measured, "OT")
+
+
+@pytest.mark.parametrize("R, n, k, d, D", [
+    (256, 8, 64, 1536, 4096),  # the preset's widths: the teacher rows and their projection dominate
+    (2048, 16, 32, 128, 1024),  # many rows, a wider student top-n
+])
+def test_token_level_ot_saved_and_peak(R, n, k, d, D):
+    m = memprobe.run("tok_ot", R=R, n=n, k=k, d=d, D=D, V=4096)
+    saved, work = mm.tok_ot_bytes(R, n, k, d, D)
+    near(saved, m["saved"], "token-level OT saved for the backward")
+    near(saved + work, m["peak"], "token-level OT forward + backward")
 
 
 def test_stage1_topk_peak():
@@ -269,7 +283,7 @@ def test_main_case_numbers():
 
 def test_a_llama_pair_is_planned():
     """Llama-3.2-1B teaching itself (the same tokenizer) plans and fits; SmolLM2's 49,152-token vocabulary cannot
-    share Llama 3's 128,256-token tokenizer (the planner budgets same-tokenizer distillation only)."""
+    share Llama 3's 128,256-token tokenizer: refused unless distill.cross_tokenizer says they need not."""
     preset = ROOT / "params/qwen3-4b_to_0.6b.yaml"
     llama = ["cache.teacher=meta-llama/Llama-3.2-1B", "distill.student=meta-llama/Llama-3.2-1B"]
     p = plan.plan(load_config(preset, llama), 24.0)
@@ -277,6 +291,60 @@ def test_a_llama_pair_is_planned():
     assert p["stage1"]["gib"]["weights"] * plan.GIB == 2 * 1_235_814_400  # bf16, the tied embedding once
     with pytest.raises(ValueError, match="cannot share a tokenizer"):
         plan.plan(load_config(preset, llama[:1] + ["distill.student=HuggingFaceTB/SmolLM2-1.7B"]), 24.0)
+    cross = plan.plan(load_config(preset, llama[:1] + ["distill.student=HuggingFaceTB/SmolLM2-1.7B",
+                                                       "distill.cross_tokenizer=true"]), 24.0)
+    assert cross["cross_tokenizer"] and cross["vocab"] == {"teacher": 128256, "student": 49152}
+
+
+CROSS = ROOT / "params/llama3.1-8b-instruct_to_qwen2.5-1.5b-instruct.yaml"
+
+
+def test_cross_tokenizer_plan_uses_each_sides_vocabulary():
+    """Llama-3.1-8B-Instruct -> Qwen2.5-1.5B-Instruct: Stage 1 budgets the teacher's 128,256-wide head and 4,096-wide
+    hidden states, Stage 2 the student's 151,936-wide loss chunks; the table says so; the same pair without
+    cross_tokenizer is refused."""
+    p = plan.plan(load_config(CROSS), 24.0)
+    assert p["cross_tokenizer"] and p["vocab"] == {"teacher": 128256, "student": 151936}
+    assert p["stage1"]["gib"]["weights"] * plan.GIB == 2 * 8_030_261_248  # bf16, untied lm_head
+    tokens, chunk = 8192, 1024  # cache.batch_tokens, cache.chunk_rows
+    head = 2 * 2 * 4096 * tokens + chunk * (2 * 128256 + 8 * 128256) + tokens * (12 * 64 + 4)
+    assert p["stage1"]["gib"]["head"] * plan.GIB == head and "1,024 x 128,256" in p["stage1"]["labels"]["head"]
+    assert "441 rows x 151,936" in p["stage2"]["labels"]["loss"]  # 2^26 // 151,936 rows per fused chunk
+    assert "cross-tokenizer" in p["stage2"]["title"]
+    assert ("cross-tokenizer: Stage 1 on the teacher's vocabulary (128,256 logits), Stage 2 on the student's "
+            "(151,936)") in plan.table(p)
+    assert "cross-tokenizer:" not in plan.table(plan.plan(load_config(ROOT / "params/qwen2.5-7b_to_1.5b.yaml")))
+    with pytest.raises(ValueError, match="cannot share a tokenizer"):
+        plan.plan(load_config(CROSS, ["distill.cross_tokenizer=false"]), 24.0)
+
+
+def test_cross_tokenizer_stage2_terms():
+    """What cross-tokenizer distillation adds to Stage 2, counted by hand at sequence 2,048 (2,047 rows, k = 64,
+    student d = 1,536, teacher D = 4,096): the mapped top-k ids (as large as the cached ids, in the batch and
+    gathered: 2 x 8k B per token) and the alignment (10 B per token); with w_tok_ot, the learned P_e (D x d, fp32,
+    with its gradient), Stage 1's teacher embedding rows (at most 128,256 x D fp32, + an int64 index by id), and
+    the token-level OT: saved per row its 64 teacher rows (D), their projection (64 x d), 8 normalised student rows
+    and the 8 x 64 plan, and five 64 x d gradients in its backward."""
+    cfg, same = load_config(CROSS), load_config(CROSS, ["distill.cross_tokenizer=false"])
+    t, s = (mm.Arch.from_config(plan.find_config(n), n) for n in (cfg.cache.teacher, cfg.distill.student))
+    L, rows, k, d, D = 2048, 2047, 64, 1536, 4096
+    cross, one = ({i.key: i.nbytes for i in plan.stage2(c, s, t, L).items} for c in (cfg, same))
+    assert cross["batch"] - one["batch"] == L * (2 * 8 * k + 10)
+    assert set(cross) == set(one) and all(cross[x] == one[x] for x in cross if x != "batch")
+    items = plan.stage2(load_config(CROSS, ["distill.w_tok_ot=0.1"]), s, t, L).items
+    with_tok = {i.key: i.nbytes for i in items}
+    assert with_tok["teacher_emb"] == 4 * 128256 * D + 8 * 128256
+    assert with_tok["tok_ot"] == 4 * rows * (k * D + k * d + 8 * d + 8 * k)
+    assert with_tok["tok_ot_work"] == 5 * 4 * rows * k * d
+    transient = {i.key for i in items if i.transient}
+    assert "tok_ot_work" in transient and not {"tok_ot", "teacher_emb"} & transient  # saved: next to every other
+    assert with_tok["trainable"] - cross["trainable"] == with_tok["gradients"] - cross["gradients"] == 4 * D * d
+    assert "P_e (6.3 M)" in items[1].label
+    # ULD and the token-level OT read the cached top-k even with KL and OT on logits off
+    uld = load_config(CROSS, ["distill.w_kl=0", "distill.w_ot_logits=0", "distill.w_uld=0.5"])
+    bare = load_config(CROSS, ["distill.w_kl=0", "distill.w_ot_logits=0"])
+    sizes = [next(i.nbytes for i in plan.stage2(c, s, t, L).items if i.key == "batch") for c in (uld, bare)]
+    assert sizes[0] - sizes[1] == L * (2 * (12 * k + 4) + 2 * 8 * k)
 
 
 def test_model_configs_are_found_locally_or_shipped(tmp_path):

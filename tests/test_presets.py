@@ -1,7 +1,8 @@
 """Every preset in params/ through the real code: Stage 1 and a few Stage 2 steps (and the teacher SFT where the
 preset has one) with random-weight models built from the shipped config.json files - shrunk to 1 layer x 64
 wide, but with the real vocabularies (152,064 / 151,936 logit columns) and a tokenizer of the real size
-(151,665 tokens for Qwen2.5, 151,669 for Qwen3). Only paths and step counts are overridden.
+(151,665 tokens for Qwen2.5, 151,669 for Qwen3). Only paths and step counts are overridden. The cross-tokenizer
+preset runs its Stage 1 the same way, on the teacher's own tokenizer (Llama 3: 128,256 tokens).
 
 Padded vocabulary: the teachers' and students' padded lm_head rows are set so that they would win every
 softmax; Stage 1 must never store such an id and Stage 2 must put no probability on them.
@@ -50,25 +51,62 @@ PRESETS = {  # preset -> (teacher, student) as named in it (the teacher SFT pres
     "qwen3-4b_to_0.6b": ("Qwen/Qwen3-4B", "Qwen/Qwen3-0.6B"),
     "qwen2.5-3b-instruct_sft_to_0.5b-instruct": ("Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
 }
+CROSS_PRESETS = {  # distill.cross_tokenizer: the teacher and the student each have their own tokenizer
+    "llama3.1-8b-instruct_to_qwen2.5-1.5b-instruct": ("meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct"),
+}
+# Llama 3.1's tokenizer: 128,000 byte-level BPE entries, then 256 special tokens (128,000-128,255) = its 128,256 logits
+LLAMA_REGULAR = 128000
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+LLAMA_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(LLAMA_SPECIALS))]
+# Llama 3.1's chat template without its tool and date system block: the header tokens around each role
+LLAMA_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def padded_bpe(texts: list[str], out: Path, regular: int, filler: str = "zzfill") -> Tokenizer:
+    """A byte-level BPE learnt on `texts` (short sequences) without its special tokens, padded with unreachable
+    filler entries (`filler` + number) to `regular` entries."""
+    small = json.loads(build_tokenizer(texts, out / "small", 400).backend_tokenizer.to_str())
+    specials = {t["content"] for t in small["added_tokens"]}
+    vocab = {tok: i for i, (tok, _) in enumerate(sorted(((t, i) for t, i in small["model"]["vocab"].items()
+                                                         if t not in specials), key=lambda x: x[1]))}
+    vocab.update({f"{filler}{i}": i for i in range(len(vocab), regular)})  # no merge ever builds these
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in small["model"]["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    base = Tokenizer.from_str(json.dumps(small))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = base.normalizer, base.pre_tokenizer, base.decoder
+    return tok
 
 
 def qwen_sized_tokenizer(texts: list[str], out: Path, qwen3: bool) -> PreTrainedTokenizerFast:
     """A byte-level BPE learnt on `texts` (short sequences), padded with unreachable filler entries to Qwen's
     151,643 regular tokens, then Qwen's added tokens at their real ids: len() is 151,665 (Qwen3: 151,669)."""
-    small = json.loads(build_tokenizer(texts, out / "small", 400).backend_tokenizer.to_str())
-    specials = {t["content"] for t in small["added_tokens"]}
-    vocab = {tok: i for i, (tok, _) in enumerate(sorted(((t, i) for t, i in small["model"]["vocab"].items()
-                                                         if t not in specials), key=lambda x: x[1]))}
-    vocab.update({f"zzfill{i}": i for i in range(len(vocab), REGULAR)})  # no merge ever builds these
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in small["model"]["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    base = Tokenizer.from_str(json.dumps(small))
-    tok.normalizer, tok.pre_tokenizer, tok.decoder = base.normalizer, base.pre_tokenizer, base.decoder
+    tok = padded_bpe(texts, out, REGULAR)
     tok.add_special_tokens(QWEN_SPECIALS + (QWEN3_EXTRA if qwen3 else []))
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                  additional_special_tokens=QWEN_SPECIALS[1:3], clean_up_tokenization_spaces=False)
     hf.chat_template = CHAT_TEMPLATE
     assert len(hf) == REGULAR + len(QWEN_SPECIALS) + (4 if qwen3 else 0)
+    return hf
+
+
+def llama_sized_tokenizer(texts: list[str], out: Path) -> PreTrainedTokenizerFast:
+    """Like qwen_sized_tokenizer, with Llama 3.1's 128,000 regular entries, its 256 special tokens at their real
+    ids (len() = 128,256 = its logits: no padded columns), BOS and end-of-turn EOS, no pad token. Its fillers are
+    not Qwen's: only the learnt entries have an identical string in qwen_sized_tokenizer."""
+    tok = padded_bpe(texts, out, LLAMA_REGULAR, "yyllama")
+    tok.add_special_tokens(LLAMA_SPECIALS)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                 clean_up_tokenization_spaces=False)
+    hf.chat_template = LLAMA_CHAT_TEMPLATE
+    assert len(hf) == 128256 and hf.convert_tokens_to_ids("<|eot_id|>") == 128009
     return hf
 
 
@@ -101,7 +139,7 @@ def build(name: str, tok, out: Path, seed: int, prequantize: bool = False) -> Pa
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(shrunk(name))
     trap(model.get_output_embeddings().weight, len(tok), gen)
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    eos = tok.eos_token_id
     model.generation_config.update(eos_token_id=eos, pad_token_id=eos, bos_token_id=None, do_sample=False)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -112,13 +150,18 @@ def build(name: str, tok, out: Path, seed: int, prequantize: bool = False) -> Pa
     return out
 
 
+def write_task(tmp: Path, n: int) -> list[str]:
+    """`n` examples of the embedded task as <tmp>/data.jsonl; returns their rendered texts (to train tokenizers on)."""
+    records = generate_examples(n, 0, 4)
+    (tmp / "data.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return [ALPACA_TEMPLATE.format(**r) + r["output"] for r in records]
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Data, the two tokenizers and every preset's teacher and student, built once."""
     tmp = tmp_path_factory.mktemp("presets")
-    records = generate_examples(80, 0, 4)
-    (tmp / "data.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    texts = [ALPACA_TEMPLATE.format(**r) + r["output"] for r in records]
+    texts = write_task(tmp, 80)
     toks = {q3: qwen_sized_tokenizer(texts, tmp / f"tok{int(q3)}", q3) for q3 in (False, True)}
     models_ = {}
     for i, (preset, (teacher, student)) in enumerate(PRESETS.items()):
@@ -178,6 +221,69 @@ def test_preset_runs_stage1_and_stage2_at_the_real_vocabulary(world, preset):
         assert all(float(r["kl"]) < 2 * np.log(V) for r in rows)
     out = Path(cfg.distill.out)
     assert (out / ("adapter_config.json" if cfg.distill.mode == "lora" else "model.safetensors")).exists()
+
+
+def test_every_preset_is_tested_here():
+    """A preset added to params/ must be named in PRESETS (run end to end above) or CROSS_PRESETS."""
+    assert set(PRESETS) | set(CROSS_PRESETS) == {p.stem for p in (ROOT / "params").glob("*.yaml")} - {"dvc"}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS) + list(CROSS_PRESETS))
+def test_preset_models_are_shipped_and_their_vocabularies_match_its_mode(preset):
+    """The teacher and student a preset names have shipped configs; their logits widths agree up to Qwen's padding
+    (one tokenizer) exactly when the preset is not cross-tokenizer."""
+    cfg = load_config(ROOT / f"params/{preset}.yaml")
+    teacher, student = {**PRESETS, **CROSS_PRESETS}[preset]
+    assert (cfg.finetune.base if "sft" in preset else cfg.cache.teacher, cfg.distill.student) == (teacher, student)
+    assert cfg.evaluate.models["student_base"] == student
+    assert cfg.distill.cross_tokenizer == (preset in CROSS_PRESETS)
+    vocab = [json.loads((MODELS_DIR / n.replace("/", "--") / "config.json").read_text())["vocab_size"]
+             for n in (teacher, student)]
+    assert (abs(vocab[0] - vocab[1]) > 512) == cfg.distill.cross_tokenizer, vocab
+
+
+CROSS = "llama3.1-8b-instruct_to_qwen2.5-1.5b-instruct"
+
+
+@pytest.fixture(scope="module")
+def cross_world(tmp_path_factory):
+    """The cross-tokenizer preset's teacher on a Llama-3.1-sized tokenizer and student on a Qwen2.5-sized one."""
+    tmp = tmp_path_factory.mktemp("cross")
+    texts = write_task(tmp, 40)
+    teacher, student = CROSS_PRESETS[CROSS]
+    llama, qwen = llama_sized_tokenizer(texts, tmp / "tok_llama"), qwen_sized_tokenizer(texts, tmp / "tok_qwen", False)
+    return tmp, None, {CROSS: (build(teacher, llama, tmp / "teacher_base", 8),
+                               build(student, qwen, tmp / "student_base", 9))}
+
+
+def test_cross_tokenizer_preset_runs_stage1_and_stage2_on_each_sides_tokenizer(cross_world):
+    """The Llama 3.1 -> Qwen2.5 preset. Stage 1: the teacher's top-k over its own 128,256 ids (no padded columns),
+    all the mass on real tokens, on sequences of its own tokenizer and chat template (BOS, header tokens, EOT).
+    Stage 2: three steps of the 4-bit student on its own 151,665-token tokenizer against that cache."""
+    cfg = preset_config(cross_world, CROSS)
+    assert cfg.distill.cross_tokenizer and cfg.data.template == "chat"
+    teacher_cache.run(cfg)
+    c = open_cache(Path(cfg.cache.out) / "train.zarr")
+    tok = load_tokenizer(cfg.cache.teacher)
+    assert (c.provenance["tokenizer_size"], c.provenance["logits_size"], len(tok)) == (128256, 128256, 128256)
+    assert c.k == cfg.cache.k == 64 and c.has_hidden and c.provenance["template"] == "chat"
+    header, eot = tok.convert_tokens_to_ids(["<|start_header_id|>", "<|eot_id|>"])
+    for i in range(len(c)):
+        s = c.read(i)
+        ids = list(s["input_ids"])
+        assert ids[0] == tok.bos_token_id == 128000 and header in ids and ids[-1] == eot == 128009
+        assert (s["topk_ids"] < 128256).all()
+        mass = np.exp(s["topk_logprobs"].astype(np.float64)).sum(-1) + np.exp(s["tail_logmass"])
+        np.testing.assert_allclose(mass, 1.0, atol=0.02)
+
+    metrics = distill.run(cfg)
+    assert metrics["steps"] == 3 and np.isfinite(metrics["train_loss"])
+    V = len(load_tokenizer(cfg.distill.student))
+    assert V == 151665
+    rows = [r for r in __import__("csv").DictReader(curves_path(cfg.distill).open(), delimiter="\t")]
+    assert all(float(r["ce"]) < 2 * np.log(V) and float(r["kl"]) < 2 * np.log(V) for r in rows)
+    assert all(np.isfinite(float(r[x])) for r in rows for x in ("ot_hidden", "ot_logits"))
+    assert (Path(cfg.distill.out) / "adapter_config.json").exists()
 
 
 def test_student_losses_ignore_padded_columns(world):

@@ -25,6 +25,9 @@ def run(cfg: Config) -> None:
     tokenizer = build_tokenizer(texts, models / "tokenizer", p.tokenizer_vocab)
     for i, (name, shape) in enumerate([("teacher", p.teacher), ("student", p.student)]):
         build_model(tokenizer, models / name, **asdict(shape), vocab_multiple=p.vocab_multiple, seed=cfg.seed + i)
+    # the cross-tokenizer student: the student's shape on a tokenizer of its own (other merges, digits in pairs)
+    other = build_tokenizer(texts, models / "tokenizer_x", p.other_tokenizer_vocab, digits=2)
+    build_model(other, models / "student_x", **asdict(p.student), vocab_multiple=p.vocab_multiple, seed=cfg.seed + 1)
     save_config(cfg, models / "config.yaml")
-    print(f"prepare: {len(records)} examples -> {data}; tokenizer ({len(tokenizer)} tokens), "
-          f"teacher and student -> {models}")
+    print(f"prepare: {len(records)} examples -> {data}; tokenizers ({len(tokenizer)} and {len(other)} tokens), "
+          f"teacher, student and student_x -> {models}")

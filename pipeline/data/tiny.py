@@ -44,12 +44,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(texts: list[str], out_dir, vocab_size: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(texts: list[str], out_dir, vocab_size: int, digits: int = 1) -> PreTrainedTokenizerFast:
     """Train a Qwen-style byte-level BPE on `texts`, save it in HF format to `out_dir` and return it.
 
     `vocab_size` counts the 3 special tokens and the 256 byte symbols; it must be > 259. Training on the
     rendered prompts makes the fixed Alpaca template collapse into a handful of tokens, so sequences stay
     short. Deterministic for the same texts (the tokenizers BPE trainer breaks ties by content).
+    digits: how many digits one pre-token may hold (1: Qwen's one digit per token; 2: "2631" -> "26" "31", the
+    embedded cross-tokenizer student's, so that its sequences are shorter than the teacher's).
     """
     if vocab_size <= 256 + len(SPECIAL_TOKENS):
         raise ModelLoadError(f"prepare.tokenizer_vocab={vocab_size} must exceed the 256 byte symbols + "
@@ -58,7 +60,8 @@ def build_tokenizer(texts: list[str], out_dir, vocab_size: int) -> PreTrainedTok
                                fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX.replace(r"|\p{N}|", r"|\p{N}{1,%d}|" % digits)),
+                             behavior="isolated", invert=False),
         # use_regex=False: the split above already did GPT-2's job; this only maps bytes to printable chars
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])

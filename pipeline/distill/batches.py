@@ -38,20 +38,29 @@ class Batch(TypedDict, total=False):
     teacher_logprobs: torch.Tensor  # (B, M, k) float32     (log-softmax over the full vocabulary)
     teacher_tail: torch.Tensor      # (B, M) float32        log of the mass outside the top-k
     teacher_hidden: torch.Tensor    # (B, M, D) float32     only when OT on hidden states is on
+    # cross-tokenizer batches only (pipeline/distill/crosstok.py): input_ids / labels / row_pos are the student's
+    # own tokens and rows (B, N); the teacher rows keep their cache order (B, M)
+    teacher_mask: torch.Tensor      # (B, M) bool: teacher row exists and lies in the text both sides cover
+    student_keep: torch.Tensor      # (B, N) bool: student row lies in the text both sides cover
+    aligned: torch.Tensor           # (B, N) long: the teacher row aligned with student row i, or -1
+    teacher_sids: torch.Tensor      # (B, M, k) long: teacher top-k ids mapped to student ids, -1 = unmapped
 
 
 def cache_fields(d: DistillConfig) -> list[str]:
     """Only what the enabled losses need is read from disk (the CE baseline reads no teacher rows at all)."""
     fields = ["input_ids", "supervised"]
-    if d.w_kl or d.w_ot_logits:
+    if d.w_kl or d.w_ot_logits or d.w_uld or d.w_tok_ot:
         fields += ["topk_ids", "topk_logprobs", "tail_logmass"]
     if d.w_ot:
         fields += ["hidden"]
     return fields
 
 
-def collate(reads: list[dict], pad_id: int) -> Batch:
-    """`TeacherCache.read` dicts -> a right-padded `Batch` (padding to the longest sequence and most rows)."""
+def collate(reads: list[dict], pad_id: int, token_map: torch.Tensor | None = None) -> Batch:
+    """`TeacherCache.read` dicts -> a right-padded `Batch` (padding to the longest sequence and most rows).
+    Reads that carry the student's own tokens (cross-tokenizer, `crosstok.CrossBlocks`) go to `collate_cross`."""
+    if "student_ids" in reads[0]:
+        return collate_cross(reads, pad_id, token_map)
     B = len(reads)
     L = max(len(x["input_ids"]) for x in reads)
     pos = [np.flatnonzero(x["supervised"]) for x in reads]
@@ -61,15 +70,7 @@ def collate(reads: list[dict], pad_id: int) -> Batch:
                 labels=torch.full((B, L), IGNORE, dtype=torch.long),
                 row_pos=torch.zeros(B, M, dtype=torch.long),
                 row_mask=torch.zeros(B, M, dtype=torch.bool))
-    has_topk, has_hidden = "topk_ids" in reads[0], "hidden" in reads[0]
-    if has_topk:
-        k = reads[0]["topk_ids"].shape[1]
-        # Fillers on padding rows are never read by the losses (masked); finite values keep it so.
-        out["teacher_ids"] = torch.zeros(B, M, k, dtype=torch.long)
-        out["teacher_logprobs"] = torch.full((B, M, k), LOG_FLOOR)
-        out["teacher_tail"] = torch.full((B, M), LOG_FLOOR)
-    if has_hidden:
-        out["teacher_hidden"] = torch.zeros(B, M, reads[0]["hidden"].shape[1])
+    teacher_rows(out, reads, M)
     for b, (x, p) in enumerate(zip(reads, pos)):
         n, r = len(x["input_ids"]), len(p)
         ids = torch.as_tensor(x["input_ids"], dtype=torch.long)
@@ -79,23 +80,71 @@ def collate(reads: list[dict], pad_id: int) -> Batch:
         out["labels"][b, tp + 1] = ids[tp + 1]  # the row at p predicts token p+1 (never p = n-1)
         out["row_pos"][b, :r] = tp
         out["row_mask"][b, :r] = True
-        if has_topk:
+    return out
+
+
+def teacher_rows(out: Batch, reads: list[dict], M: int) -> None:
+    """The teacher's row fields the reads carry, right-padded to M rows, into `out` (in place)."""
+    B = len(reads)
+    if "topk_ids" in reads[0]:
+        k = reads[0]["topk_ids"].shape[1]
+        # Fillers on padding rows are never read by the losses (masked); finite values keep it so.
+        out["teacher_ids"] = torch.zeros(B, M, k, dtype=torch.long)
+        out["teacher_logprobs"] = torch.full((B, M, k), LOG_FLOOR)
+        out["teacher_tail"] = torch.full((B, M), LOG_FLOOR)
+        for b, x in enumerate(reads):
+            r = len(x["topk_ids"])
             out["teacher_ids"][b, :r] = torch.as_tensor(x["topk_ids"])
             out["teacher_logprobs"][b, :r] = torch.as_tensor(x["topk_logprobs"])
             out["teacher_tail"][b, :r] = torch.as_tensor(x["tail_logmass"])
-        if has_hidden:
-            out["teacher_hidden"][b, :r] = torch.as_tensor(x["hidden"])
+    if "hidden" in reads[0]:
+        out["teacher_hidden"] = torch.zeros(B, M, reads[0]["hidden"].shape[1])
+        for b, x in enumerate(reads):
+            out["teacher_hidden"][b, :len(x["hidden"])] = torch.as_tensor(x["hidden"])
+
+
+def collate_cross(reads: list[dict], pad_id: int, token_map: torch.Tensor | None) -> Batch:
+    """Cross-tokenizer reads -> a `Batch` of the student's tokens (B, L) and rows (B, N) and the teacher's rows
+    (B, M): the two sides are padded separately, `aligned` links them."""
+    B = len(reads)
+    L = max(len(x["student_ids"]) for x in reads)
+    N = max(max(len(x["student_rows"]) for x in reads), 1)
+    t_pos = [np.flatnonzero(x["supervised"]) for x in reads]
+    M = max(max(len(p) for p in t_pos), 1)
+    out = Batch(input_ids=torch.full((B, L), pad_id, dtype=torch.long),
+                attention_mask=torch.zeros(B, L, dtype=torch.long),
+                labels=torch.full((B, L), IGNORE, dtype=torch.long),
+                row_pos=torch.zeros(B, N, dtype=torch.long), row_mask=torch.zeros(B, N, dtype=torch.bool),
+                student_keep=torch.zeros(B, N, dtype=torch.bool), aligned=torch.full((B, N), -1, dtype=torch.long),
+                teacher_mask=torch.zeros(B, M, dtype=torch.bool))
+    teacher_rows(out, reads, M)
+    for b, (x, p) in enumerate(zip(reads, t_pos)):
+        n, rows, r = len(x["student_ids"]), torch.as_tensor(x["student_rows"], dtype=torch.long), len(p)
+        ids = torch.as_tensor(x["student_ids"], dtype=torch.long)
+        out["input_ids"][b, :n] = ids
+        out["attention_mask"][b, :n] = 1
+        out["labels"][b, rows + 1] = ids[rows + 1]
+        out["row_pos"][b, :len(rows)] = rows
+        out["row_mask"][b, :len(rows)] = True
+        out["student_keep"][b, :len(rows)] = torch.as_tensor(x["student_keep"])
+        out["aligned"][b, :len(rows)] = torch.as_tensor(x["aligned"])
+        out["teacher_mask"][b, :r] = torch.as_tensor(x["teacher_keep"])
+    if "teacher_ids" in out and token_map is not None:
+        ids = out["teacher_ids"]
+        inside = ids < len(token_map)  # an id beyond the teacher's tokenizer is no token (padded logits)
+        out["teacher_sids"] = torch.where(inside, token_map[ids.clamp_max(len(token_map) - 1)], -1)
     return out
 
 
 class BlockCollator:
-    """DataLoader collate_fn over `cache.CacheBlocks` items (each a list of reads): blocks -> one `Batch`."""
+    """DataLoader collate_fn over `cache.CacheBlocks` items (each a list of reads): blocks -> one `Batch`.
+    token_map: the teacher -> student id map of a cross-tokenizer run (`crosstok.token_map`)."""
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, token_map: torch.Tensor | None = None):
+        self.pad_id, self.token_map = pad_id, token_map
 
     def __call__(self, blocks: list[list[dict]]) -> Batch:
-        return collate([x for block in blocks for x in block], self.pad_id)
+        return collate([x for block in blocks for x in block], self.pad_id, self.token_map)
 
 
 def gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -113,7 +162,8 @@ def open_checked(path: Path, tokenizer, student: str) -> TeacherCache:
         got = describe(path)["provenance"].get("tokenizer_hash")
         raise CacheMismatchError(
             f"teacher cache at {path} was made with another tokenizer (hash {got}) than the student {student} "
-            f"uses (hash {want}); the teacher and the student must share one tokenizer") from None
+            f"uses (hash {want}); the teacher and the student must share one tokenizer, or set "
+            "distill.cross_tokenizer=true to distil across tokenizers") from None
 
 
 def curves_path(d: DistillConfig) -> Path:

@@ -19,10 +19,14 @@ from torch import nn
 from pipeline.config import DistillConfig
 from pipeline.distill.batches import gather_rows
 from pipeline.losses.fused_ce_kl import fused_ce_kl
+from pipeline.losses.crosstok import (bucket_kl, bucket_logprobs, mapped_teacher_buckets, student_topk,
+                                      token_ot_loss, uld_loss)
 from pipeline.losses.fused_ot import ot_logits_loss_from_hidden
+from pipeline.losses.kl import LOG_FLOOR
 from pipeline.losses.ot import ot_hidden_loss
 
 PROJECTION_FILE = "projection.pt"  # the learned teacher -> student projection P, saved next to the student
+TOK_PROJECTION_FILE = "tok_projection.pt"  # P_e of the token-level OT (teacher -> student embedding space)
 
 
 class DistillModel(nn.Module):
@@ -36,13 +40,23 @@ class DistillModel(nn.Module):
 
     accepts_loss_kwargs = True  # Trainer passes num_items_in_batch: the optimizer step's supervised tokens
 
-    def __init__(self, student: nn.Module, d: DistillConfig, vocab_size: int, projection: torch.Tensor | None):
+    def __init__(self, student: nn.Module, d: DistillConfig, vocab_size: int, projection: torch.Tensor | None,
+                 tok_projection: torch.Tensor | None = None, teacher_embeddings: tuple | None = None):
         super().__init__()
         self.student, self.d, self.vocab_size = student, d, vocab_size
         self.projection = None if projection is None else nn.Parameter(projection)
+        # token-level OT: P_e (D, d) and the teacher's embedding rows of its cached ids (a constant, not state)
+        self.tok_projection = None if tok_projection is None else nn.Parameter(tok_projection)
+        if teacher_embeddings is not None:
+            ids, rows = teacher_embeddings  # (n,), (n, D)
+            index = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
+            index[ids] = torch.arange(len(ids))
+            self.register_buffer("teacher_emb_index", index, persistent=False)
+            self.register_buffer("teacher_emb", rows.float(), persistent=False)
 
     def forward(self, input_ids, attention_mask, row_pos, row_mask, labels=None, teacher_ids=None,
-                teacher_logprobs=None, teacher_tail=None, teacher_hidden=None, num_items_in_batch=None,
+                teacher_logprobs=None, teacher_tail=None, teacher_hidden=None, teacher_mask=None, student_keep=None,
+                aligned=None, teacher_sids=None, num_items_in_batch=None,
                 n_micro: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A `Batch` (pipeline/distill/batches.py) -> (loss, parts): the weighted loss, and every unweighted
         term plus Sinkhorn diagnostics, detached, for logging.
@@ -50,6 +64,7 @@ class DistillModel(nn.Module):
         Every term is a mean over the whole optimizer step, so micro-batch losses simply add up: CE and KL
         divide their sums over rows by num_items_in_batch (the step's row count, from Trainer; default this
         batch's), the per-sequence OT means divide by n_micro (micro-batches in the step, over all ranks).
+        A cross-tokenizer batch (teacher_mask given) goes to `_cross_terms`.
         """
         d, V = self.d, self.vocab_size
         n_items = row_mask.sum() if num_items_in_batch is None else num_items_in_batch
@@ -58,6 +73,15 @@ class DistillModel(nn.Module):
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, d)
         rows = gather_rows(hidden, row_pos)  # (B, M, d) final (post-norm) state at each teacher row
         loss, parts = hidden.new_zeros((), dtype=torch.float32), {}
+        if teacher_mask is not None:
+            return self._cross_terms(rows, row_mask, input_ids, row_pos, teacher_ids, teacher_logprobs, teacher_tail,
+                                     teacher_hidden, teacher_mask, student_keep, aligned, teacher_sids, n_items,
+                                     n_micro)
+        if d.w_uld or d.w_tok_ot:  # same tokenizer: every row is aligned with itself
+            B, M = row_mask.shape
+            same = torch.where(row_mask, torch.arange(M, device=row_mask.device), -1).expand(B, M)
+            loss, parts = self._token_terms(rows, same, same, teacher_ids, teacher_logprobs, teacher_tail, n_items,
+                                            n_micro)
 
         if d.w_ce or d.w_kl:
             targets = gather_rows(input_ids, row_pos + 1)[row_mask]  # (R,) the token each row predicts
@@ -88,6 +112,102 @@ class DistillModel(nn.Module):
             parts.update(sinkhorn_report(res, row_mask, "logits"))
         return loss, {k: v.detach().float() for k, v in parts.items()}
 
+    def _cross_terms(self, rows, row_mask, input_ids, row_pos, teacher_ids, teacher_logprobs, teacher_tail,
+                     teacher_hidden, teacher_mask, student_keep, aligned, teacher_sids, n_items, n_micro):
+        """The loss of a cross-tokenizer batch: student rows (B, N) against teacher rows (B, M), N != M.
+
+        CE on the student's own labels; w_kl: KL at aligned rows over the teacher's top-k mapped to identical
+        student strings + one bucket for the rest; w_ot: hidden-state OT between both sides' kept rows; w_ot_logits:
+        OT over the mapped ids (unmapped teacher mass contributes nothing); w_uld, w_tok_ot: `_token_terms`.
+        """
+        d, V = self.d, self.vocab_size
+        head = self.student.get_output_embeddings()
+        W, bias = head.weight, getattr(head, "bias", None)
+        B, N = row_mask.shape
+        ar = torch.arange(N, device=row_mask.device).expand(B, N)
+        # ULD pairs rows by index (the anchors' rule), over the rows both sides keep
+        n_keep_t = teacher_mask.sum(-1, keepdim=True)  # (B, 1)
+        by_index = torch.where(row_mask & student_keep & (ar < n_keep_t), ar, -1)
+        loss, parts = self._token_terms(rows, aligned, by_index, teacher_ids, teacher_logprobs, teacher_tail,
+                                        n_items, n_micro)
+        if d.w_ce:
+            targets = gather_rows(input_ids, row_pos + 1)[row_mask]  # (R,)
+            ce, terms = fused_ce_kl(rows[row_mask], W, targets, w_ce=1.0, w_kl=0.0, vocab_size=V, num_items=n_items,
+                                    bias=bias)
+            loss = loss + d.w_ce * ce
+            parts["ce"] = terms["ce"] * n_micro
+        if d.w_kl:
+            sel = aligned >= 0  # (B, N)
+            b_idx = torch.arange(B, device=sel.device)[:, None].expand(B, N)[sel]
+            j = aligned[sel]  # (R_a,)
+            sids = teacher_sids[b_idx, j]  # (R_a, k)
+            mapped = sids >= 0
+            s = bucket_logprobs(rows[sel], W, torch.where(mapped, sids, 0), mapped, vocab_size=V, bias=bias,
+                                scale=d.temperature)  # (R_a, k+1)
+            t = mapped_teacher_buckets(teacher_logprobs[b_idx, j], teacher_tail[b_idx, j], mapped)
+            parts["kl"] = bucket_kl(s, t, mapped, torch.ones_like(j, dtype=torch.bool), temperature=d.temperature,
+                                    num_items=n_items)
+            loss = loss + d.w_kl * parts["kl"]
+            parts["kl"] = parts["kl"] * n_micro
+            parts["kl_aligned_rows"] = sel.sum() / row_mask.sum().clamp_min(1)  # share of student rows aligned
+        x_mask = row_mask & student_keep
+        if d.w_ot:
+            parts["ot_hidden"], res = ot_hidden_loss(rows.float(), x_mask, teacher_hidden, teacher_mask,
+                                                     self.projection, eps=d.ot_eps, objective=d.ot_objective,
+                                                     eps_scale=d.ot_eps_scale, tol=d.ot_tol, max_iter=d.ot_max_iter)
+            loss = loss + d.w_ot * parts["ot_hidden"] / n_micro
+            parts.update(sinkhorn_report(res, x_mask, "hidden"))
+        if d.w_ot_logits:
+            mapped = teacher_sids >= 0  # (B, M, k)
+            parts["ot_logits"], res = ot_logits_loss_from_hidden(
+                rows, W, torch.where(mapped, teacher_sids, 0), torch.where(mapped, teacher_logprobs, LOG_FLOOR),
+                x_mask, teacher_mask, bias=bias, eps=d.ot_eps, vocab_size=V, objective=d.ot_objective,
+                eps_scale=d.ot_eps_scale, tol=d.ot_tol, max_iter=d.ot_max_iter)
+            loss = loss + d.w_ot_logits * parts["ot_logits"] / n_micro
+            parts.update(sinkhorn_report(res, x_mask, "logits"))
+            mass = teacher_logprobs.float().exp()  # (B, M, k)
+            parts["mapped_mass"] = (mass * mapped)[teacher_mask].sum() / mass[teacher_mask].sum().clamp_min(1e-12)
+        return loss, {k: v.detach().float() for k, v in parts.items()}
+
+    def _token_terms(self, rows, aligned, by_index, teacher_ids, teacher_logprobs, teacher_tail, n_items, n_micro):
+        """ULD at the rows paired by `by_index`, token-level OT at the rows paired by `aligned` ((B, N) teacher row
+        or -1 each); both need no map between the vocabularies. Returns (weighted loss, parts)."""
+        d, V = self.d, self.vocab_size
+        head = self.student.get_output_embeddings()
+        W, bias = head.weight, getattr(head, "bias", None)
+        B, N = aligned.shape
+        loss, parts = rows.new_zeros((), dtype=torch.float32), {}
+        b_all = torch.arange(B, device=rows.device)[:, None].expand(B, N)
+        if d.w_uld:
+            sel = by_index >= 0
+            b_idx, j, h = b_all[sel], by_index[sel], rows[sel]  # (R_u,), (R_u,), (R_u, d)
+            k = teacher_ids.shape[-1]
+            own, _ = student_topk(h, W, k, vocab_size=V, bias=bias)  # (R_u, k)
+            s = bucket_logprobs(h, W, own, vocab_size=V, bias=bias)  # (R_u, k+1)
+            t = torch.cat([teacher_logprobs[b_idx, j], teacher_tail[b_idx, j, None]], -1).float()  # (R_u, k+1)
+            parts["uld"] = uld_loss(s, t, torch.ones_like(j, dtype=torch.bool), num_items=n_items)
+            loss = loss + d.w_uld * parts["uld"]
+            parts["uld"] = parts["uld"] * n_micro
+        if d.w_tok_ot:
+            sel = aligned >= 0
+            b_idx, j, h = b_all[sel], aligned[sel], rows[sel]
+            own, std = student_topk(h, W, d.tok_ot_k, vocab_size=V, bias=bias)  # (R_a, n), (R_a,)
+            scale = d.temperature * std.clamp_min(1e-6) if d.tok_ot_adaptive_temp else d.temperature
+            s = bucket_logprobs(h, W, own, vocab_size=V, bias=bias, scale=scale)[:, :-1]  # (R_a, n)
+            xs = self.student.get_input_embeddings().weight[own]  # (R_a, n, d)
+            t_ids = teacher_ids[b_idx, j]  # (R_a, k) teacher vocabulary
+            row = self.teacher_emb_index[t_ids.clamp_max(len(self.teacher_emb_index) - 1)]  # (R_a, k)
+            if bool((row < 0).any()) or bool((t_ids >= len(self.teacher_emb_index)).any()):
+                raise ValueError("a cached teacher id has no saved teacher embedding row (teacher_embeddings file "
+                                 "of another cache?)")
+            yt = self.teacher_emb[row]  # (R_a, k, D)
+            log_b = teacher_logprobs[b_idx, j].float() / d.temperature  # (R_a, k), renormalised inside
+            parts["tok_ot"] = token_ot_loss(s, xs, log_b, yt, self.tok_projection, torch.ones_like(j, dtype=torch.bool),
+                                            eps=d.tok_ot_eps, num_items=n_items)
+            loss = loss + d.w_tok_ot * parts["tok_ot"]
+            parts["tok_ot"] = parts["tok_ot"] * n_micro
+        return loss, parts
+
     # -- state = what trains ---------------------------------------------------------------------------
     def state_dict(self, *, prefix: str = "", keep_vars: bool = False, **_) -> dict[str, torch.Tensor]:
         """The trainable tensors only (adapters or all student weights, and P), by parameter name.
@@ -112,6 +232,8 @@ class DistillModel(nn.Module):
         self.student.save_pretrained(str(out))
         if self.projection is not None:
             torch.save(self.projection.detach().cpu(), out / PROJECTION_FILE)
+        if self.tok_projection is not None:
+            torch.save(self.tok_projection.detach().cpu(), out / TOK_PROJECTION_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
 
@@ -126,7 +248,8 @@ def sinkhorn_report(res, row_mask: torch.Tensor, name: str) -> dict[str, torch.T
             f"sinkhorn_err_{name}": torch.where(live, res.err, 0.0).max()}
 
 
-def load_projection(path: str | Path) -> torch.Tensor | None:
-    """The (D, d) projection saved with a Stage-2 student, or None if it was trained without hidden-state OT."""
-    f = Path(path) / PROJECTION_FILE
+def load_projection(path: str | Path, name: str = PROJECTION_FILE) -> torch.Tensor | None:
+    """The (D, d) projection saved with a Stage-2 student, or None if it was trained without hidden-state OT
+    (name=TOK_PROJECTION_FILE: P_e of the token-level OT)."""
+    f = Path(path) / name
     return torch.load(f, map_location="cpu", weights_only=True) if f.exists() else None

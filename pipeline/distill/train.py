@@ -17,10 +17,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from cache.errors import CacheMismatchError, OtkdError
-from cache.reader import CacheBlocks
+from cache.reader import CacheBlocks, open_cache
+from cache.schema import EMBEDDINGS_FILE
 from pipeline.config import Config, DistillConfig, save_config
 from pipeline.distill.batches import COMPONENTS, BlockCollator, cache_fields, curves_path, open_checked
-from pipeline.distill.model import DistillModel, load_projection
+from pipeline.distill import crosstok
+from pipeline.distill.crosstok import CrossBlocks, StudentSide, load_teacher_tokenizer
+from pipeline.distill.model import PROJECTION_FILE, TOK_PROJECTION_FILE, DistillModel, load_projection
 from pipeline.distill.student import load_student
 from pipeline.losses.ot import init_projection
 from pipeline.models import check_max_length, check_vocab, compute_dtype, load_tokenizer
@@ -117,16 +120,39 @@ def _fmt(v) -> str:
 
 
 def build_model(d: DistillConfig, teacher_hidden_size: int | None, vocab_size: int, seed: int) -> DistillModel:
-    """The student as distill.* says, and P when hidden-state OT is on: read back from distill.student when that
-    is an earlier Stage-2 output with a P of the right shape (continuing a distillation), else freshly drawn."""
+    """The student as distill.* says, P when hidden-state OT is on and P_e (+ the teacher's embedding rows) when
+    token-level OT is: read back from distill.student when that is an earlier Stage-2 output with a projection of
+    the right shape (continuing a distillation), else freshly drawn."""
     student = load_student(d)
-    projection = None
-    if d.w_ot:
-        shape = (teacher_hidden_size, student.config.hidden_size)
-        projection = load_projection(d.student)
-        if projection is None or tuple(projection.shape) != shape:
-            projection = init_projection(*shape, torch.Generator().manual_seed(seed))
-    return DistillModel(student, d, vocab_size, projection)
+    projections = {}
+    gen = torch.Generator().manual_seed(seed)
+    teacher_emb = load_teacher_embeddings(d.cache) if d.w_tok_ot else None
+    for on, name, D in ((d.w_ot, PROJECTION_FILE, teacher_hidden_size),
+                        (d.w_tok_ot, TOK_PROJECTION_FILE, teacher_emb[1].shape[1] if teacher_emb else None)):
+        if on:
+            shape = (D, student.config.hidden_size)
+            p = load_projection(d.student, name)
+            projections[name] = p if p is not None and tuple(p.shape) == shape else init_projection(*shape, gen)
+    return DistillModel(student, d, vocab_size, projections.get(PROJECTION_FILE),
+                        projections.get(TOK_PROJECTION_FILE), teacher_emb)
+
+
+def load_teacher_embeddings(cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (n,), rows (n, D)): the teacher's input-embedding rows of its cached ids, saved by Stage 1."""
+    from safetensors.torch import load_file
+
+    f = Path(cache_dir) / EMBEDDINGS_FILE
+    if not f.exists():
+        raise CacheMismatchError(f"distill.w_tok_ot needs the teacher's embedding rows ({f}), which Stage 1 writes "
+                                 "since cross-tokenizer support: rerun Stage 1 (python -m stages.cache_teacher)")
+    t = load_file(str(f))
+    return t["ids"], t["weight"]
+
+
+def open_stage2_cache(path: Path, tokenizer, d: DistillConfig):
+    """The cache, checked against the student's tokenizer (same-tokenizer runs) or as it is (cross-tokenizer runs:
+    its own teacher tokenizer is checked when it is loaded)."""
+    return open_cache(path) if d.cross_tokenizer else open_checked(path, tokenizer, d.student)
 
 
 def training_args(d: DistillConfig, seed: int) -> TrainingArguments:
@@ -155,7 +181,7 @@ def run(cfg: Config) -> dict:
     out = Path(d.out)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(d.student)
-    train_cache = open_checked(Path(d.cache) / "train.zarr", tokenizer, d.student)
+    train_cache = open_stage2_cache(Path(d.cache) / "train.zarr", tokenizer, d)
     if "max_length" in train_cache.provenance:  # the cached sequences are at most this long
         check_max_length(d.student, train_cache.provenance["max_length"], d.student, f"the cache {d.cache}")
     if d.w_ot and not train_cache.has_hidden:
@@ -166,14 +192,22 @@ def run(cfg: Config) -> dict:
     train_ds = CacheBlocks(train_cache, d.batch_size, fields, d.train_fraction)
     eval_ds = None
     if d.eval_steps:
-        eval_ds = CacheBlocks(open_checked(Path(d.cache) / "validation.zarr", tokenizer, d.student),
-                              d.batch_size, fields)
+        eval_ds = CacheBlocks(open_stage2_cache(Path(d.cache) / "validation.zarr", tokenizer, d), d.batch_size, fields)
+    token_map = None
+    if d.cross_tokenizer:  # the student's own tokens and rows, aligned with the teacher's by the text
+        teacher_tok = load_teacher_tokenizer(d.cache, train_cache.provenance["tokenizer_hash"])
+        side = StudentSide(cfg.data, tokenizer, teacher_tok)
+        train_ds = CrossBlocks(train_ds, side)
+        eval_ds = CrossBlocks(eval_ds, side) if eval_ds is not None else None
+        token_map = crosstok.token_map(teacher_tok, tokenizer)
+        print(f"cross-tokenizer: {int((token_map >= 0).sum())} of {len(token_map)} teacher tokens map to an "
+              "identical student token")
 
     model = build_model(d, train_cache.provenance.get("hidden_size"), len(tokenizer), cfg.seed)
     check_vocab(model.student.config.vocab_size, len(tokenizer), d.student)  # the losses use len(tokenizer)
     trainer = DistillTrainer(model=model, args=training_args(d, cfg.seed), train_dataset=train_ds,
                              eval_dataset=eval_ds, processing_class=tokenizer,
-                             data_collator=BlockCollator(tokenizer.pad_token_id),
+                             data_collator=BlockCollator(tokenizer.pad_token_id, token_map),
                              callbacks=[CurvesCallback(curves_path(d)), FiniteGradients()])
 
     ckpt_dir = out / "checkpoints"

@@ -1,12 +1,22 @@
 """Evaluation of the teacher and the students: held-out perplexity, task accuracy, agreement with the cache.
 
+Every model reads the test records in its own tokenizer (the one saved in its folder): students with another
+tokenizer than the teacher's (cross-tokenizer distillation) are scored on the same examples as the others.
+
 For every model in `evaluate.models`:
-  perplexity      exp(token-mean CE) over the supervised (response) tokens of the test split
+  perplexity      exp(token-mean CE) over the supervised (response) tokens of the test split, in the model's own
+                  tokens (so not comparable between models with different tokenizers: bits_per_char is)
+  bits_per_char   the same total NLL in bits over the characters those tokens cover: len(output) + 1 per record
+                  (the end-of-sequence marker counts as one character however the tokenizer spells it); for a
+                  record cut at data.max_length, the characters of its decoded supervised tokens (+ 1 if the
+                  marker is among them). Tokenizer-free: the one likelihood to compare across tokenizers
   entropy         the model's mean next-token entropy (nats) over the same tokens: how spread its soft targets
                   are (the teacher's explains what distilling from it can add beyond the labels)
   accuracy        fraction of test examples whose greedy answer passes the task's rule (`data.metric`)
   top1_agreement  share of validation-cache rows where the model's argmax is the teacher's top-1 token
   kl_teacher      KL(teacher || model) per row over the cached top-k + tail buckets (pipeline/losses/kl.py)
+The last two read the model's logits at the cache's top-k ids, ids of the teacher's vocabulary: for a model whose
+tokenizer is not the cache's they are NaN, null in metrics.json (strict JSON for DVC) and "—" in the table.
 Writes metrics.json (DVC metrics), metrics.md (a table) and curves.png (Stage 2 loss curves).
 """
 import csv
@@ -23,15 +33,16 @@ import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from cache.errors import OtkdError  # noqa: E402
-from pipeline.config import Config, save_config  # noqa: E402
-from pipeline.data.records import load_splits, pad_collate  # noqa: E402
+from cache.reader import describe  # noqa: E402
+from pipeline.config import Config, DataConfig, save_config  # noqa: E402
+from pipeline.data.records import IGNORE, load_splits, pad_collate, tokenize, tokenizer_hash  # noqa: E402
 from pipeline.distill.batches import COMPONENTS, collate, gather_rows, open_checked  # noqa: E402
 from pipeline.evaluation.generate import checker, task_accuracy  # noqa: E402
 from pipeline.losses.kl import ce_loss, topk_kl_loss  # noqa: E402
 from pipeline.models import load_tokenizer  # noqa: E402
 from pipeline.distill.student import load_trained  # noqa: E402
 
-KEYS = ("perplexity", "accuracy", "top1_agreement", "kl_teacher", "entropy")
+KEYS = ("perplexity", "bits_per_char", "accuracy", "top1_agreement", "kl_teacher", "entropy")
 
 
 class EvaluationError(OtkdError, ValueError):
@@ -42,11 +53,29 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def supervised_chars(rec: dict, tokenizer, max_length: int) -> int:
+    """Characters of the answer that a tokenised record's supervised tokens cover (what bits per character divides
+    by): len(output) + 1 for the end-of-sequence marker, one character whatever its spelling in the tokenizer.
+
+    A record as long as max_length may have been cut (load_splits does not keep the flag): then only the decoded
+    supervised tokens count, + 1 if the marker is among them, so a cut answer is not charged for what it lost.
+    """
+    if len(rec["input_ids"]) < max_length:
+        return len(rec["output"]) + 1
+    ids = [y for y in rec["labels"][1:] if y != IGNORE]  # the tokens perplexity averages over
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return len(text) + (tokenizer.eos_token_id in ids)
+
+
 @torch.inference_mode()
-def perplexity(model, records: list[dict], pad_id: int, vocab_size: int, batch_size: int) -> tuple[float, float]:
+def perplexity(model, records: list[dict], tokenizer, max_length: int,
+               batch_size: int) -> tuple[float, float, float]:
     """(exp(sum of NLL / supervised tokens), mean entropy in nats of the model's next-token distribution over the
-    same tokens) over tokenised records (input_ids, labels)."""
+    same tokens, sum of NLL in bits / the characters those tokens cover) over records tokenised with `tokenizer`
+    (input_ids, labels) at data.max_length."""
+    pad_id, vocab_size = tokenizer.pad_token_id, len(tokenizer)
     nll, ent, n = 0.0, 0.0, 0
+    chars = sum(supervised_chars(r, tokenizer, max_length) for r in records)
     for i in range(0, len(records), batch_size):
         batch = pad_collate(records[i:i + batch_size], pad_id)
         # use_cache=False: nothing is generated here, a KV cache of every layer would only take memory
@@ -58,7 +87,7 @@ def perplexity(model, records: list[dict], pad_id: int, vocab_size: int, batch_s
         logp = logits[:, :-1][rows][:, :vocab_size].float().log_softmax(-1)  # (rows, V) without padded columns
         ent += float(-(logp.exp() * logp).sum())
         n += int(rows.sum())
-    return math.exp(nll / max(n, 1)), ent / max(n, 1)
+    return math.exp(nll / max(n, 1)), ent / max(n, 1), nll / math.log(2) / max(chars, 1)
 
 
 @torch.inference_mode()
@@ -122,27 +151,80 @@ def plot_curves(curves: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def missing(x) -> bool:
+    """A metric with no value (NaN in memory, null in JSON): e.g. the cache metrics of another tokenizer's model."""
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def json_safe(x):
+    """`x` with every non-finite float replaced by None, recursively: json.dumps would write NaN, which is not
+    JSON (DVC and strict parsers reject it)."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def dump_metrics(metrics: dict) -> str:
+    """Metrics as strict JSON (missing values as null), indented like every metrics file of the project."""
+    return json.dumps(json_safe(metrics), indent=2, allow_nan=False)
+
+
+def cell(x, fmt: str) -> str:
+    """One table cell: "—" for a missing value."""
+    return "—" if missing(x) else format(x, fmt)
+
+
 def markdown_table(metrics: dict[str, dict]) -> str:
-    head = ("| model | perplexity ↓ | accuracy ↑ | top-1 agreement ↑ | KL(teacher‖model) ↓ | entropy (nats/token) |\n"
-            "|---|---:|---:|---:|---:|---:|\n")
-    return head + "".join(f"| {name} | {m['perplexity']:.3f} | {m['accuracy']:.1%} | {m['top1_agreement']:.1%} | "
-                          f"{m['kl_teacher']:.4f} | {m['entropy']:.3f} |\n" for name, m in metrics.items())
+    head = ("| model | perplexity ↓ | bits/char ↓ | accuracy ↑ | top-1 agreement ↑ | KL(teacher‖model) ↓ "
+            "| entropy (nats/token) |\n|---|---:|---:|---:|---:|---:|---:|\n")
+    return head + "".join(f"| {name} | {cell(m['perplexity'], '.3f')} | {cell(m['bits_per_char'], '.4f')} | "
+                          f"{cell(m['accuracy'], '.1%')} | {cell(m['top1_agreement'], '.1%')} | "
+                          f"{cell(m['kl_teacher'], '.4f')} | {cell(m['entropy'], '.3f')} |\n"
+                          for name, m in metrics.items())
+
+
+def retokenize(records: list[dict], tokenizer, data: DataConfig) -> list[dict]:
+    """The same records (same sample ids, same order) with input_ids and labels in `tokenizer`'s ids.
+
+    The test split is chosen by the prompt alone, so these are the examples every other model is scored on; a
+    record that keeps no supervised token here simply adds no token (and no character) to the sums.
+    """
+    return [{**r, **tokenize(r, tokenizer, data.template, data.max_length)[0]} for r in records]
+
+
+def cache_tokenizer(val_path: Path) -> str | None:
+    """The tokenizer_hash a cache's top-k ids belong to (its provenance): a model's logits can be read at those ids
+    only if its tokenizer has this hash."""
+    return describe(val_path)["provenance"].get("tokenizer_hash")
 
 
 def evaluate_model(cfg: Config, path: str, test: list[dict], gen_records: list[dict], val_path: Path,
-                   name: str = "model") -> tuple[dict, int]:
-    """({perplexity, accuracy, top1_agreement, kl_teacher, entropy}, validation rows) of the model in `path`:
-    perplexity and entropy on `test`, accuracy on `gen_records`, agreement and KL on the validation cache."""
+                   name: str = "model", tokenized_with: str | None = None) -> tuple[dict, int]:
+    """({perplexity, bits_per_char, accuracy, top1_agreement, kl_teacher, entropy}, validation rows) of the model in
+    `path`: perplexity, bits per character and entropy on `test`, accuracy on `gen_records` (generated from their
+    text), agreement and KL on the validation cache (NaN and 0 rows for a model whose tokenizer is not the cache's).
+
+    tokenized_with: tokenizer_hash of the tokenizer `test` was tokenised with; if it is not this model's, the same
+    records are tokenised again with the model's own. None: `test` is in this model's tokens already.
+    """
     e = cfg.evaluate
     tok = load_tokenizer(path)
-    cache = open_checked(val_path, tok, path)  # also proves every model shares the data's tokenizer
+    own = tokenizer_hash(tok)
+    if tokenized_with is not None and tokenized_with != own:
+        test = retokenize(test, tok, cfg.data)
+    # open_checked would refuse another tokenizer's model: its cache metrics are missing, not an error
+    cache = open_checked(val_path, tok, path) if cache_tokenizer(val_path) == own else None
     model = load_trained(path, e.dtype, e.load_in_bits)
-    V = len(tok)
-    ppl, entropy = perplexity(model, test, tok.pad_token_id, V, e.batch_size)
+    ppl, entropy, bpc = perplexity(model, test, tok, cfg.data.max_length, e.batch_size)
     acc = task_accuracy(model, tok, gen_records, cfg.data.template, check=checker(cfg.data.metric),
                         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, desc=f"{name} accuracy")
-    top1, kl, n_rows = cache_agreement(model, cache, tok.pad_token_id, V, e.batch_size)
-    return {"perplexity": ppl, "accuracy": acc, "top1_agreement": top1, "kl_teacher": kl, "entropy": entropy}, n_rows
+    top1, kl, n_rows = math.nan, math.nan, 0
+    if cache is not None:
+        top1, kl, n_rows = cache_agreement(model, cache, tok.pad_token_id, len(tok), e.batch_size)
+    return {"perplexity": ppl, "bits_per_char": bpc, "accuracy": acc, "top1_agreement": top1, "kl_teacher": kl,
+            "entropy": entropy}, n_rows
 
 
 def run(cfg: Config) -> dict:
@@ -152,22 +234,25 @@ def run(cfg: Config) -> dict:
     if not e.models:
         raise EvaluationError("evaluate.models is empty: name at least one model folder to evaluate")
     names = list(e.models)
-    tokenizer = load_tokenizer(e.models[names[0]])
+    tokenizer = load_tokenizer(e.models[names[0]])  # a model with another tokenizer re-tokenises these records
     splits = load_splits(cfg.data, tokenizer, log=lambda *_: None)
     test = splits["test"].to_list()
+    test_tokenizer = tokenizer_hash(tokenizer)
     gen_records = test[:e.eval_examples] if e.eval_examples else test
     val_path = Path(e.cache) / "validation.zarr"
 
     results = {}
     n_rows = 0
     for name in names:
-        results[name], n_rows = evaluate_model(cfg, e.models[name], test, gen_records, val_path, name)
+        results[name], rows = evaluate_model(cfg, e.models[name], test, gen_records, val_path, name,
+                                             tokenized_with=test_tokenizer)
+        n_rows = max(n_rows, rows)  # 0 for a model the cache's ids mean nothing to
         tqdm.write(f"evaluate {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()))
 
     out.mkdir(parents=True, exist_ok=True)
     metrics = {**results, "n": {"test_sequences": len(test), "accuracy_examples": len(gen_records),
                                 "validation_rows": n_rows}}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(dump_metrics(metrics))
     (out / "metrics.md").write_text(markdown_table(results))
     save_config(cfg, out / "evaluate_config.yaml")  # the resolved config next to the output
     curves = {}

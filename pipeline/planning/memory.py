@@ -19,7 +19,8 @@ a bias, read from config.json in Arch.from_config; Llama 3's rope_scaling change
 
 class PlanError(OtkdError, ValueError):
     """The params file asks for something the planner cannot budget (an unknown architecture or optimizer,
-    models that cannot share a tokenizer, a model whose config.json it cannot find)."""
+    models that cannot share a tokenizer without distill.cross_tokenizer, a model whose config.json it cannot
+    find)."""
 
 
 class ModelConfigNotFoundError(PlanError, FileNotFoundError):
@@ -264,3 +265,19 @@ def ot_bytes(B: int, N: int, M: int, vocab: int, k: int, hidden: bool, logits: b
                    saved + 9.75 * E, saved + 6 * E,  # its Sinkhorn; its implicit gradient
                    saved + E + 3 * blocks]  # dS back through the blocks
     return max(phases, default=0.0)
+
+
+def tok_ot_bytes(rows: int, n: int, k: int, d: int, D: int) -> tuple[float, float]:
+    """The token-level OT of cross-tokenizer distillation (distill.w_tok_ot; pipeline/losses/crosstok.py
+    token_ot_loss as DistillModel._token_terms calls it). Per supervised row it gathers the student's n = tok_ot_k
+    embedding rows (d wide) and the teacher's k cached top-k embedding rows (D wide), projects the teacher's by P_e
+    (k x d), normalises both sides and solves an n x k problem. Returns (saved, working):
+
+    saved - what its backward keeps from the forward on, next to the other losses' working sets: the teacher rows
+        (for P_e's gradient), their projection, the normalised student rows and the plan;
+    working - its backward beyond that: five k x d tensors per row (the gradients through the cosine, the
+        normalisation and the projection).
+
+    fp32, as measured on the CPU by tests/test_plan.py (under bf16 autocast the saved copies are bf16: ~15% less).
+    The student's top n and its bucket log-probabilities are vocabulary passes chunked like the fused CE + KL."""
+    return 4 * rows * (k * D + k * d + n * d + n * k), 5 * 4 * rows * k * d

@@ -29,7 +29,7 @@ ASSUMPTIONS = [
     "compute dtype 'auto' = bf16 (2 B per element), Stage 2 under bf16 autocast",
     ("NF4 = bitsandbytes 4-bit with double quantisation: 0.5 B + 0.127 bit of absmax per weight; embeddings, "
      "lm_head, norms and biases stay unquantised (fp32 after peft's prepare_model_for_kbit_training)"),
-    "LoRA adapters are fp32 (peft upcasts them); the teacher->student projection P is fp32",
+    "LoRA adapters are fp32 (peft upcasts them); the teacher->student projections P (and P_e) are fp32",
     "Adam states: adamw_torch 2 x the parameter's dtype; 8-bit (paged) 2 B + fp32 absmax per 256, resident",
     "worst-case rows: every position of every sequence is supervised (N = M = sequence length for OT)",
     ("Stage 2 batches are padded to the longest sequence (= the sequence length); batch_size > 1 means padding, "
@@ -44,6 +44,11 @@ ASSUMPTIONS = [
     "Stage 1 forwards cache.batch_tokens padded tokens (at least one sequence) with no KV cache",
     "vocabulary V = the logits width from config.json (the tokenizer's real size is <= 0.3% smaller)",
     "data loader: the batch and its gathered copies on the GPU; worker processes use host memory only",
+    ("cross-tokenizer (distill.cross_tokenizer): Stage 1 runs on the teacher's vocabulary and hidden size, Stage 2 "
+     "on the student's vocabulary; each side holds at most the sequence length of its own tokens (N, M <= L); the "
+     "teacher's top-k ids mapped to student ids are as large as the cached ids; the token-level OT holds Stage 1's "
+     "teacher embedding rows of the cached ids (worst case: all V, fp32), and what it saves for its backward is "
+     "counted as resident (it runs before the other loss terms); its vocabulary passes are chunked like the loss"),
 ]
 
 
@@ -124,21 +129,23 @@ def stage1(cfg: Config, t: mm.Arch, seq: int) -> Budget:
 def stage2(cfg: Config, s: mm.Arch, t: mm.Arch, seq: int) -> Budget:
     d = cfg.distill
     a, bits = dtype_bytes(d.dtype), s.prequantized if s.prequantized != 16 else d.load_in_bits
-    kbit, B, k = bits != 16, d.batch_size, cfg.cache.k
+    kbit, B, k, cross = bits != 16, d.batch_size, cfg.cache.k, d.cross_tokenizer
     lora = tuple(x for x in d.lora.target_modules if x in s.linears()) if d.mode == "lora" else None
     tokens, res, rows = B * seq, 4 if kbit else a, B * (seq - 1)  # worst case: every position has a row
-    proj = [t.hidden * s.hidden] if d.w_ot else []  # P (D x d), fp32
+    # learned D x d projections, fp32: P (teacher hidden states, w_ot), P_e (teacher embedding rows, w_tok_ot)
+    named = {n: t.hidden * s.hidden for n, w in (("P", d.w_ot), ("P_e", d.w_tok_ot)) if w}
+    proj, projs = list(named.values()), " + ".join(f"{n} ({v / 1e6:.1f} M)" for n, v in named.items())
     items = [Item("weights", f"weights ({s.params / 1e9:.2f} B parameters, {_kind(bits, a)})",
                   mm.weight_bytes(s, bits, a, kbit) + mm.dequant_bytes(s, bits, a))]
     if lora is not None:
         sizes = mm.lora_sizes(s, d.lora.r, lora)
         items += [Item("trainable", f"LoRA r={d.lora.r} on {len(lora)} projections ({sum(sizes) / 1e6:.1f} M)"
-                       + (f" + P ({proj[0] / 1e6:.1f} M), fp32" if proj else ", fp32"), 4 * sum(sizes + proj)),
+                       + (f" + {projs}, fp32" if proj else ", fp32"), 4 * sum(sizes + proj)),
                   Item("gradients", "gradients", 4 * sum(sizes + proj)),
                   Item("optimizer", f"optimizer states ({d.optim})", mm.optimizer_bytes(sizes + proj, 4, d.optim))]
     else:
         sizes = s.tensor_sizes()
-        items += [Item("trainable", f"projection P ({proj[0] / 1e6:.1f} M), fp32", 4 * proj[0])] if proj else []
+        items += [Item("trainable", f"projection {projs}, fp32", 4 * sum(proj))] if proj else []
         items += [Item("gradients", "gradients", a * sum(sizes) + 4 * sum(proj)),
                   Item("optimizer", f"optimizer states ({d.optim})",
                        mm.optimizer_bytes(sizes, a, d.optim) + mm.optimizer_bytes(proj, 4, d.optim))]
@@ -152,21 +159,34 @@ def stage2(cfg: Config, s: mm.Arch, t: mm.Arch, seq: int) -> Budget:
         items += [Item("activations", f"activations: {s.layers} layers x {layer / tokens / 1024:.0f} KiB per token",
                        s.layers * layer + out),
                   Item("backward", "backward: one layer's gradients", layer, True)]
-    targets = bool(d.w_kl or d.w_ot_logits)
+    targets = bool(d.w_kl or d.w_ot_logits or d.w_uld or d.w_tok_ot)  # every teacher-distribution term reads them
+    mapped = cross and targets  # their ids mapped to student ids (batches.collate_cross): as large as the cached ids
+    # cross-tokenizer batches also carry per token the row alignment (long) and two row masks (bool): 10 B
     items.append(Item("batch", "batch on the GPU (ids, labels" + (", top-k targets" if targets else "")
-                      + (", teacher hidden)" if d.w_ot else ")"),
-                      tokens * (34 + 2 * (12 * k + 4) * targets + 4 * t.hidden * bool(d.w_ot))))
+                      + (", mapped ids" if mapped else "") + (", teacher hidden)" if d.w_ot else ")"),
+                      tokens * (34 + 10 * cross + 2 * (12 * k + 4) * targets + 2 * 8 * k * mapped
+                                + 4 * t.hidden * bool(d.w_ot))))
+    if d.w_tok_ot:
+        # Stage 1's teacher input-embedding rows of every cached top-k id (pipeline/teacher/cache_teacher.py
+        # save_embedding_rows; a DistillModel buffer, fp32) and their index by id: worst case the whole vocabulary
+        items.append(Item("teacher_emb", f"teacher embedding rows of the cached ids (<= {t.vocab:,} x {t.hidden:,}), "
+                          "fp32", 4 * t.vocab * t.hidden + 8 * t.vocab))
+        saved, work = mm.tok_ot_bytes(rows, d.tok_ot_k, k, s.hidden, t.hidden)
+        items.append(Item("tok_ot", f"token-level OT: saved for its backward ({k} teacher rows of {t.hidden:,} "
+                          "per row)", saved))
+        tok_work = Item("tok_ot_work", "token-level OT backward (its gradients beyond the saved)", work, True)
     # Stage 2 has one loss path: CE + KL straight from hidden states in row chunks, never (B, L, V) logits
     items.append(Item("loss", f"fused CE+KL ({min(mm.fused_chunk_rows(s.vocab), rows):,} rows x {s.vocab:,} "
                       "per chunk)", mm.fused_loss_bytes(rows, s.vocab, s.vocab, s.hidden, a, d.w_ce, d.w_kl,
                                                          d.mode == "full"), True))
+    items += [tok_work] if d.w_tok_ot else []
     if d.w_ot or d.w_ot_logits:
         items.append(Item("ot", f"OT: Sinkhorn on {B} x {seq:,} x {seq:,}" + (" + top-k probabilities by block"
                           if d.w_ot_logits else ""), mm.ot_bytes(B, seq, seq, s.vocab, k, bool(d.w_ot),
                                                                  bool(d.w_ot_logits)), True))
     return Budget(f"Stage 2 - student {s.name} ({_kind(bits, a)}{' + LoRA' if lora is not None else ', full'}), "
-                  f"batch {B} x sequence {seq:,}{', gradient checkpointing' if d.gradient_checkpointing else ''}",
-                  items)
+                  f"{'cross-tokenizer, ' if cross else ''}batch {B} x sequence {seq:,}"
+                  f"{', gradient checkpointing' if d.gradient_checkpointing else ''}", items)
 
 
 def longest_fit(budget_at, gpu: float, limit: int, step: int = 128) -> int:
@@ -182,11 +202,13 @@ def plan(cfg: Config, gpu_gb: float = 24.0) -> dict:
     """Both stages' budgets at data.max_length, the verdicts and the longest sequences that fit."""
     t = mm.Arch.from_config(find_config(teacher_name(cfg)), teacher_name(cfg))
     s = mm.Arch.from_config(find_config(cfg.distill.student), cfg.distill.student)
-    if t.vocab < s.vocab - 512 or s.vocab < t.vocab - 512:
+    cross = cfg.distill.cross_tokenizer
+    if not cross and (t.vocab < s.vocab - 512 or s.vocab < t.vocab - 512):
         raise mm.PlanError(f"teacher {t.name} ({t.vocab} logits) and student {s.name} ({s.vocab}) cannot share a "
-                           "tokenizer")
+                           "tokenizer (distill.cross_tokenizer: true distils across tokenizers)")
     gpu, seq = gpu_gb * GIB, cfg.data.max_length
-    out = {"gpu_gib": gpu_gb, "seq_len": seq, "assumptions": ASSUMPTIONS}
+    out = {"gpu_gib": gpu_gb, "seq_len": seq, "cross_tokenizer": cross,
+           "vocab": {"teacher": t.vocab, "student": s.vocab}, "assumptions": ASSUMPTIONS}
     for name, at, arch in (("stage1", lambda n: stage1(cfg, t, n), t), ("stage2", lambda n: stage2(cfg, s, t, n), s)):
         b = at(seq)
         gib = {i.key: i.nbytes / GIB for i in b.items}
@@ -201,6 +223,9 @@ def plan(cfg: Config, gpu_gb: float = 24.0) -> dict:
 def table(p: dict) -> str:
     """The readable form of `plan`'s result."""
     lines = [f"VRAM plan on a {p['gpu_gib']:g} GiB GPU, in GiB"]
+    if p["cross_tokenizer"]:
+        lines.append(f"cross-tokenizer: Stage 1 on the teacher's vocabulary ({p['vocab']['teacher']:,} logits), "
+                     f"Stage 2 on the student's ({p['vocab']['student']:,})")
     for name in ("stage1", "stage2"):
         st = p[name]
         lines += ["", st["title"]]

@@ -14,11 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoConfig
 
 from cache import CacheError, CacheMismatchError, CacheWriter
 from cache.lock import store_lease
+from cache.schema import EMBEDDINGS_FILE, TOKENIZER_DIR
 from pipeline.config import Config, save_config
 from pipeline.data.records import IGNORE, fingerprint, load_splits, pad_collate, tokenizer_hash
 from pipeline.models import check_max_length, check_vocab, load_causal_lm, load_tokenizer, model_hash
@@ -154,6 +158,38 @@ def run(cfg: Config, replace_mismatched: bool = False) -> None:
     get_model = functools.cache(lambda: load_causal_lm(c.teacher, c.dtype, c.load_in_bits).eval())
 
     with torch.inference_mode():
-        for name in c.splits:
-            cache_split(cfg, name, splits[name], get_model, tokenizer, provenance, replace_mismatched)
+        paths = [cache_split(cfg, name, splits[name], get_model, tokenizer, provenance, replace_mismatched)
+                 for name in c.splits]
+        # What a student with another tokenizer needs besides the stores (pipeline/distill/crosstok.py): the
+        # teacher's tokenizer (Stage 2 checks it against each store's tokenizer_hash) and its input-embedding rows
+        # of every id in a cached top-k (the token-level OT places the teacher's distribution at them).
+        tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+        save_embedding_rows(out / EMBEDDINGS_FILE, paths, get_model)
     save_config(cfg, Path(c.out) / "config.yaml")
+
+
+def cached_ids(paths: list[Path]) -> np.ndarray:
+    """The distinct token ids in the top-k of the given stores (read shard by shard: bounded memory)."""
+    ids = np.zeros(0, dtype=np.int64)
+    for path in paths:
+        arr = zarr.open_group(path, mode="r")["topk_ids"]
+        step = arr.shards[0] if arr.shards else arr.chunks[0]
+        for r0 in range(0, arr.shape[0], step):
+            ids = np.union1d(ids, np.unique(arr[r0:r0 + step]))
+    return ids
+
+
+def save_embedding_rows(path: Path, stores: list[Path], get_model) -> None:
+    """`path` (safetensors) = {"ids": (n,) int64, "weight": (n, D) float32}: the teacher's input-embedding rows of
+    every id in the stores' top-k. Distinct ids only (a few thousand for real data, not the 1 GB matrix); the
+    teacher is loaded for it only when the file is missing or covers other ids."""
+    ids = cached_ids(stores)
+    if path.exists():
+        with safe_open(str(path), "pt") as f:
+            if np.array_equal(f.get_tensor("ids").numpy(), ids):
+                return
+    emb = get_model().get_input_embeddings().weight  # (V, D)
+    rows = emb[torch.as_tensor(ids, device=emb.device)].float().cpu()  # (n, D)
+    tmp = path.with_name(path.name + ".partial")
+    save_file({"ids": torch.as_tensor(ids), "weight": rows.contiguous()}, str(tmp))
+    os.replace(tmp, path)  # atomic: a crash never leaves a torn file under the final name
