@@ -205,7 +205,7 @@ def write_store(path, rows, lp_dtype, hidden=None, shard_rows=65536, background=
     w = CacheWriter.create_or_resume(
         path, sample_ids=[f"{i:016x}" for i in range(len(ids))], input_ids_per_seq=ids, supervised_per_seq=sup,
         k=K, logprob_dtype=lp_dtype, hidden_size=None if hidden is None else D,
-        hidden_dtype=None if hidden is None else "bf16", provenance={"bench": True}, shard_rows=shard_rows,
+        hidden_codec=None if hidden is None else "bf16", provenance={"bench": True}, shard_rows=shard_rows,
         background=background)
     t1 = time.perf_counter()
     with w:

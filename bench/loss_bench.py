@@ -1,6 +1,13 @@
 """Loss-path memory benchmark: fused lm-head + CE + top-k KL vs the naive full-logits path.
 
     python bench/loss_bench.py [--quick] [--no-trainable]   # writes bench/results/loss_bench.json
+    python bench/loss_bench.py --exact    # the exact-teacher KL instead: bench/results/loss_bench_exact.json
+
+--exact: CE + full-vocabulary KL to the teacher rebuilt from hidden states (pipeline/losses/exact_kl.py), fused
+vs `naive_ce_exact_kl` (both heads' (N, V) logits materialised), teacher hidden states (N, 3584) and a frozen
+float32 teacher head (V, 3584) (Qwen2.5-7B's width; float32 so that the CPU matmul is not the bf16 emulation),
+N in {1024, 2048}, frozen student W. The same peak measurement; the teacher head (2.2 GB) is an input, in the
+baseline of both paths.
 
 Runtime on 2 shared cores: --quick ~80 s (3 cases at N = 1024); full ~8-10 min (9 frozen-W cases + 2
 trainable-W cases; --no-trainable saves ~3 min). Needs ~16 GB free RAM (naive at N = 4096).
@@ -66,6 +73,7 @@ sys.path.insert(0, str(ROOT))
 from memtools import proc_status, reset_peak  # noqa: E402
 from pipeline.losses.fused_ce_kl import default_chunk_rows  # noqa: E402  (imports only torch)
 V, D, K = 151_936, 1536, 64
+D_TEACHER = 3584  # --exact: Qwen2.5-7B's hidden size
 N_FULL, N_QUICK, N_WARM = (1024, 2048, 4096), (1024,), 128
 CHUNKS = (0, 1024)  # 0 = fused_ce_kl's default chunk (default_chunk_rows(V))
 MEM_TARGET, TIME_TARGET, N_TARGET = 1 / 8, 1.2, 4096
@@ -102,6 +110,11 @@ def make_inputs(n: int, seed: int, train_w: bool):
 
 
 def run_step(fn, inputs, chunk):
+    if len(inputs) == 6:  # the exact teacher: h, W, teacher h, teacher W, targets, mask
+        h, w, th, tw, targets, mask = inputs
+        loss, parts = fn(h, w, th, tw, targets, mask, w_ce=1.0, w_kl=1.0, vocab_size=V, chunk_rows=chunk or None)
+        loss.backward()
+        return loss.detach(), parts
     h, w, targets, ids, lp, tail, mask = inputs
     loss, parts = fn(h, w, targets, ids, lp, tail, mask, w_ce=1.0, w_kl=1.0, vocab_size=V,
                      chunk_rows=chunk or None)
@@ -109,17 +122,29 @@ def run_step(fn, inputs, chunk):
     return loss.detach(), parts
 
 
+def make_exact_inputs(n: int, seed: int):
+    import torch
+    h, w, targets, _, _, _, mask = make_inputs(n, seed, False)
+    g = torch.Generator().manual_seed(seed + 100)
+    th = torch.randn(n, D_TEACHER, generator=g)  # (n, D) teacher hidden states
+    tw = torch.randn(V, D_TEACHER, generator=g) * 0.02  # (V, D) frozen teacher head
+    return h, w, th, tw, targets, mask
+
+
 def worker(args):
     import torch
     torch.set_num_threads(THREADS)
+    from pipeline.losses.exact_kl import fused_ce_exact_kl, naive_ce_exact_kl
     from pipeline.losses.fused_ce_kl import fused_ce_kl, naive_ce_kl
-    fn = fused_ce_kl if args.path == "fused" else naive_ce_kl
+    fn = {"fused": fused_ce_kl, "naive": naive_ce_kl, "exact": fused_ce_exact_kl,
+          "exact_naive": naive_ce_exact_kl}[args.path]
+    make = make_exact_inputs if args.path.startswith("exact") else (lambda n, seed: make_inputs(n, seed, args.train_w))
     rss_start = proc_status()["VmRSS"]
 
-    warm = make_inputs(N_WARM, seed=1, train_w=args.train_w)  # small W copy too: freed below
+    warm = make(N_WARM, seed=1)  # small W copy too: freed below
     run_step(fn, warm, args.chunk)
     del warm
-    inputs = make_inputs(args.n, seed=0, train_w=args.train_w)
+    inputs = make(args.n, seed=0)
     gc.collect()
 
     reset_peak()
@@ -129,7 +154,7 @@ def worker(args):
     dt = time.perf_counter() - t0
     st = proc_status()
     h, w = inputs[0], inputs[1]
-    out = {"path": args.path, "n": args.n, "chunk": args.chunk if args.path == "fused" else None,
+    out = {"path": args.path, "n": args.n, "chunk": args.chunk if args.path in ("fused", "exact") else None,
            "train_w": args.train_w, "threads": torch.get_num_threads(), "rss_start_B": rss_start,
            "baseline_B": base, "abs_peak_B": st["VmHWM"], "loss_path_peak_B": st["VmHWM"] - base,
            "rss_after_B": st["VmRSS"], "time_s": dt, "loss": float(loss),
@@ -148,15 +173,15 @@ def run_case(path, n, chunk, train_w, timeout):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
-        return {"path": path, "n": n, "chunk": chunk if path == "fused" else None, "train_w": train_w,
+        return {"path": path, "n": n, "chunk": chunk if path in ("fused", "exact") else None, "train_w": train_w,
                 "error": f"rc={p.returncode}: {p.stderr[-2000:]}"}
     return json.loads(lines[-1][len("RESULT "):])
 
 
 def label(r):
-    if r["path"] == "naive":
-        return "naive"
-    return f"fused c{r['chunk'] or default_chunk_rows(V)}" + ("*" if not r["chunk"] else "")
+    if r["path"] in ("naive", "exact_naive"):
+        return r["path"]
+    return f"{r['path']} c{r['chunk'] or default_chunk_rows(V)}" + ("*" if not r["chunk"] else "")
 
 
 def main():
@@ -165,9 +190,10 @@ def main():
     ap.add_argument("--no-trainable", action="store_true", help="skip the trainable-W row group")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/loss_bench.json; config.quick marks a --quick run)")
     ap.add_argument("--timeout", type=float, default=600, help="per-case subprocess timeout, s")
+    ap.add_argument("--exact", action="store_true", help="the exact-teacher KL (fused vs naive), N = 1024, 2048")
     # worker-only arguments
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--path", choices=("fused", "naive"), help=argparse.SUPPRESS)
+    ap.add_argument("--path", choices=("fused", "naive", "exact", "exact_naive"), help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--chunk", type=int, default=1024, help=argparse.SUPPRESS)
     ap.add_argument("--train-w", action="store_true", help=argparse.SUPPRESS)
@@ -176,10 +202,13 @@ def main():
         sys.path.insert(0, str(ROOT))
         return worker(args)
 
-    out = Path(args.out or ROOT / "bench/results/loss_bench.json")
+    out = Path(args.out or ROOT / f"bench/results/loss_bench{'_exact' if args.exact else ''}.json")
     ns = N_QUICK if args.quick else N_FULL
     cases = [(False, n, p, c) for n in ns for p, c in (("naive", 1024), ("fused", CHUNKS[0]), ("fused", CHUNKS[1]))]
-    if not args.quick and not args.no_trainable:
+    if args.exact:
+        ns = (1024, 2048)
+        cases = [(False, n, p, c) for n in ns for p, c in (("exact_naive", 1024), ("exact", CHUNKS[0]))]
+    elif not args.quick and not args.no_trainable:
         cases += [(True, N_TARGET, p, c) for p, c in (("naive", 1024), ("fused", CHUNKS[0]))]
     t_all = time.perf_counter()
     rows = []
@@ -191,7 +220,7 @@ def main():
         print(f"  [{'trainable W' if train_w else 'frozen W'}] N={n} {label(r)}: {msg}", flush=True)
 
     # ratios against the naive case of the same (train_w, N); agreement of loss / grad with naive
-    naive = {(r["train_w"], r["n"]): r for r in rows if r["path"] == "naive" and "error" not in r}
+    naive = {(r["train_w"], r["n"]): r for r in rows if r["path"] in ("naive", "exact_naive") and "error" not in r}
     for r in rows:
         nv = naive.get((r["train_w"], r["n"]))
         if "error" in r or nv is None:
@@ -216,7 +245,7 @@ def main():
 
     verdict = {}
     n_t = N_TARGET if N_TARGET in ns else max(ns)
-    tgt = next((r for r in rows if not r["train_w"] and r["n"] == n_t and r["path"] == "fused"
+    tgt = next((r for r in rows if not r["train_w"] and r["n"] == n_t and r["path"] in ("fused", "exact")
                 and r.get("chunk") == CHUNKS[0] and "mem_ratio" in r), None)
     if tgt is None:
         print(f"\nTARGET: cannot check (fused/naive case at N={n_t} missing or failed)")

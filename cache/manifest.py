@@ -25,12 +25,13 @@ import zlib
 
 import numpy as np
 
-from cache.schema import ROW_ARRAYS, SEQ_SHARD, shard_key
+from cache import codecs
+from cache.schema import BASIS_ARRAYS, ROW_ARRAYS, SEQ_SHARD, hidden_codec, shard_key
 
 MANIFEST = "manifest"
 BASE = "base"
 SEQ_ARRAYS = ("sample_ids", "token_offsets", "row_offsets", "input_ids", "supervised")
-ROW_NDIM = {"topk_ids": 2, "topk_logprobs": 2, "tail_logmass": 1, "hidden": 2}
+ROW_NDIM = {"topk_ids": 2, "topk_logprobs": 2, "tail_logmass": 1, "hidden": 2, "hidden_scale": 1}
 _BLOCK = 8 << 20
 
 
@@ -57,7 +58,15 @@ def crc32_file(path) -> str:
 
 
 def row_arrays(attrs: dict) -> list[str]:
-    return [n for n in ROW_ARRAYS if n != "hidden" or attrs.get("hidden_dtype")]
+    codec = hidden_codec(attrs)
+    return [n for n in ROW_ARRAYS if not n.startswith("hidden") or n == "hidden" and codec
+            or n == "hidden_scale" and codec == "int8"]
+
+
+def basis_arrays(attrs: dict) -> list[str]:
+    """The low-rank basis arrays a store holds (none for the other codecs)."""
+    codec = hidden_codec(attrs)
+    return list(BASIS_ARRAYS) if codec and codecs.parse(codec)[1] else []
 
 
 def shard_rows(attrs: dict, s: int) -> tuple[int, int]:
@@ -75,9 +84,11 @@ def base_files(attrs: dict) -> list[tuple[str, str]]:
     n_seq, n_tok = attrs["n_sequences"], attrs["n_tokens"]
     length = {"sample_ids": n_seq, "token_offsets": n_seq + 1, "row_offsets": n_seq + 1, "input_ids": n_tok,
               "supervised": n_tok}
-    out = [(n, f"{n}/zarr.json") for n in (*SEQ_ARRAYS, *row_arrays(attrs), "shard_done")]
+    basis = basis_arrays(attrs)
+    out = [(n, f"{n}/zarr.json") for n in (*SEQ_ARRAYS, *row_arrays(attrs), *basis, "shard_done")]
     for n in SEQ_ARRAYS:
         out += [(n, shard_key(n, j, 1)) for j in range(-(-length[n] // SEQ_SHARD))]
+    out += [(n, shard_key(n, 0, 1 if n == "hidden_mean" else 2)) for n in basis]  # one chunk each
     return out
 
 

@@ -19,10 +19,10 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
-from cache import manifest
+from cache import codecs, manifest
 from cache.errors import CacheCorruptError, CacheError, CacheMismatchError
-from cache.schema import (FIELDS, canonical, canonical_meta, decode_float, read_root_attrs, shard_key, short_repr,
-                          sid_to_u64, u64_to_sid)
+from cache.schema import (BASIS_ARRAYS, FIELDS, canonical, canonical_meta, decode_float, hidden_codec, read_basis,
+                          read_root_attrs, shard_key, short_repr, sid_to_u64, u64_to_sid)
 
 STAGE1 = "python -m stages.cache_teacher"
 VERIFY = "python -m stages.verify_cache"
@@ -104,6 +104,13 @@ def describe(path) -> dict:
     return canonical_meta(read_root_attrs(path))
 
 
+def _readable(group, name: str) -> bool:
+    try:
+        return bool(np.isfinite(group[name][...]).all())
+    except Exception:
+        return False
+
+
 async def _gather(coros):
     return await asyncio.gather(*coros)
 
@@ -112,8 +119,11 @@ class TeacherCache:
     """Read access to a complete cache. Picklable: zarr handles are reopened lazily in each process.
 
     read(i) returns numpy arrays: input_ids (L,) int64, supervised (L,) bool, topk_ids (R_i, k) int64,
-    topk_logprobs (R_i, k) float32, tail_logmass (R_i,) float32, hidden (R_i, D) float32 (exact widening of
-    the stored bf16/fp16; present only if the cache has hidden states), plus sample_id (hex str) and index.
+    topk_logprobs (R_i, k) float32, tail_logmass (R_i,) float32, hidden (R_i, D) float32 (decoded by the store's
+    hidden codec, `cache/codecs.py`: the exact widening of bf16/fp16; present only if the cache has hidden
+    states), plus sample_id (hex str) and index. A low-rank cache also gives "hidden_code" (R_i, r) float32 on
+    request: the stored coefficients c of h = mean + c F (`self.basis`), for a consumer that folds the basis into
+    what it multiplies h with (Stage 2's exact teacher).
     Row r of the sequence is the teacher's distribution over the token after the r-th supervised position:
     input_ids[np.flatnonzero(supervised) + 1] are the tokens the rows predict.
     """
@@ -126,6 +136,15 @@ class TeacherCache:
         self.token_offsets = read_checked(self.path, g["token_offsets"], "token_offsets")
         self.row_offsets = read_checked(self.path, g["row_offsets"], "row_offsets")
         self.has_hidden = "hidden" in g
+        self.hidden_codec = hidden_codec(attrs)  # None without hidden states
+        self.hidden_size = attrs.get("hidden_size")
+        self.plan_basis = attrs.get("plan", {}).get("hidden_basis_sha")  # which basis encoded the rows
+        try:
+            self.basis = read_basis(g, attrs)  # (low-rank codecs) decodes every read: read once here
+        except Exception as e:
+            name = next((n for n in BASIS_ARRAYS if not _readable(g, n)), BASIS_ARRAYS[0])
+            raise corrupt_error(self.path, name, 0, shard_key(name, 0, 1 if name == "hidden_mean" else 2),
+                                decode_failure(e)) from None
         self.shard_rows = attrs["shard_rows"]
         self.vocab = attrs.get("provenance", {}).get("tokenizer_size")  # ids must lie in [0, vocab)
         self.check_values = True  # the per-read range checks below (bench: off to measure their cost)
@@ -170,14 +189,14 @@ class TeacherCache:
     def _arrs(self) -> dict:
         if self._arrays is None or self._pid != os.getpid():
             g = zarr.open_group(self.path, mode="r")
-            names = [n for n in FIELDS if n in g]
+            names = [n for n in (*FIELDS, "hidden_scale") if n in g]
             self._arrays = {n: g[n] for n in names}
             self._logical = {n: self._arrays[n].attrs.get("logical_dtype") for n in names}
             self._pid = os.getpid()
         return self._arrays
 
     def _fields(self, fields) -> list[str]:
-        avail = [f for f in FIELDS if f != "hidden" or self.has_hidden]
+        avail = [f for f in FIELDS if f != "hidden" or self.has_hidden] + (["hidden_code"] if self.basis else [])
         if fields is None:
             return avail
         bad = [f for f in fields if f not in avail]
@@ -208,24 +227,37 @@ class TeacherCache:
             else:
                 runs.append([i, i])
         coros, keys = [], []
+        fetch = fields + (["hidden_scale"] if "hidden" in fields and "hidden_scale" in arrs else [])
         for first, last in runs:
-            for f in fields:
+            for f in fetch:
                 off = self.token_offsets if f in ("input_ids", "supervised") else self.row_offsets
-                coros.append(arrs[f].async_array.getitem(slice(int(off[first]), int(off[last + 1]))))
+                arr = arrs["hidden" if f == "hidden_code" else f]
+                coros.append(arr.async_array.getitem(slice(int(off[first]), int(off[last + 1]))))
                 keys.append((first, last, f, off))
         try:
             got = sync(_gather(coros)) if coros else []
         except Exception as e:  # name the shard that fails on its own (a checksum, blosc or shard-index error)
             for first, last, f, off in keys:
-                err = locate_failure(self.path, arrs[f], f, int(off[first]), int(off[last + 1]))
+                name = "hidden" if f == "hidden_code" else f
+                err = locate_failure(self.path, arrs[name], name, int(off[first]), int(off[last + 1]))
                 if err is not None:
                     raise err from None
             raise e
         out = {i: {"index": i, "sample_id": u64_to_sid(self._sids[i])} for i in indices}
-        for (first, last, f, off), a in zip(keys, got):
+        got = dict(zip([(first, f) for first, _, f, _ in keys], got))
+        for first, last, f, off in keys:
+            if f == "hidden_scale":
+                continue  # decoded with `hidden`
+            a = got[first, f]
             if self.check_values:
                 self._check(f, a, int(off[first]))
-            a = self._decode(f, a)
+            if f == "hidden":  # (rows, W) stored -> (rows, D) float32
+                a = codecs.decode({"hidden": a, "hidden_scale": got.get((first, "hidden_scale"))}, self.hidden_codec,
+                                  self.basis)
+            elif f == "hidden_code":  # a low-rank code's coefficients as stored: (rows, r) float32
+                a = codecs.coefficients(a)
+            else:
+                a = self._decode(f, a)
             for i in range(first, last + 1):
                 out[i][f] = a[off[i] - off[first]:off[i + 1] - off[first]]
         return [out[i] for i in indices]

@@ -15,7 +15,12 @@ LAYOUT (one Zarr v3 group, flat token-major arrays, no padding; S sequences, T t
   topk_ids       (R,k)   int32    rank order (descending probability)
   topk_logprobs  (R,k)   uint16 (bf16 bits) | float16 | float32; attribute logical_dtype says which
   tail_logmass   (R,)    float32  log(1 - sum of the top-k probabilities)
-  hidden         (R,D)   uint16 (bf16 bits) | float16, optional: the final hidden state (lm_head input) at j
+  hidden         (R,W)   optional: the final hidden state (lm_head input) at j, in the root attribute
+                         `hidden_codec` (cache/codecs.py): bf16 bits (uint16) | float16 | int8 (W = D), or the r
+                         bf16 coefficients of a low-rank code (W = r)
+  hidden_scale   (R,)    float32, int8 codec only: the row's scale (absmax / 127)
+  hidden_mean, hidden_encoder, hidden_decoder
+                 (D,), (r,D), (r,D) float32, low-rank codecs only: the basis, written at creation
   shard_done     (n_shards,) uint8, one object per shard: 1 once all row-axis data of that shard is on disk
   manifest/      Zarr groups whose attributes list files, byte sizes and CRC-32 (cache/manifest.py): `base`
                  for what creation wrote, `<s>` for shard s (written after its data, before its shard_done)
@@ -24,12 +29,13 @@ Row-axis arrays are sharded by `shard_rows` rows (the unit of writing and of res
 Zarr dtype, hence the uint16 bit pattern plus the `logical_dtype` attribute.
 The root attribute `complete` becomes true only after every shard_done record exists.
 
-INTEGRITY (schema 2). Every inner chunk ends with a crc32c of its compressed bytes (bytes -> blosc -> crc32c;
-the sharding codec's own crc32c covers only the shard index), so flipped bits fail on read instead of decoding
-into other values. Fill values are never data: a chunk that is missing reads as -1 ids/offsets, NaN
-log-probs/tail/hidden, 2 for `supervised` and 2**64-1 for sample ids (Zarr reads absent chunks as the fill
-value, no error), and every chunk is written even when it equals the fill value. Shard files are listed in
-the manifest; `open_cache` stats them, `stages.verify_cache` hashes and decodes them.
+INTEGRITY (since schema 2; schema 3 added the hidden codecs). Every inner chunk ends with a crc32c of its
+compressed bytes (bytes -> blosc -> crc32c; the sharding codec's own crc32c covers only the shard index), so
+flipped bits fail on read instead of decoding into other values. Fill values are never data: a chunk that is
+missing reads as -1 ids/offsets, NaN log-probs/tail/hidden (-128 int8 hidden), 2 for `supervised`, 2**64-1 for
+sample ids (Zarr reads absent chunks as the fill value, no error), and every chunk is written even when it equals
+the fill value. Shard files are listed in the manifest; `open_cache` stats them, `stages.verify_cache` hashes and
+decodes them.
 """
 import hashlib
 import json
@@ -40,9 +46,11 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from cache import codecs
 from cache.errors import CacheError
 
-SCHEMA_VERSION = 2  # 2: chunk crc32c, manifests, fill values that are never data
+SCHEMA_VERSION = 3  # 2: chunk crc32c, manifests, fill values that are never data; 3: hidden codecs
+READABLE_VERSIONS = (2, 3)  # a version-2 store is a version-3 store with hidden_dtype bf16/fp16/none
 FORMAT = "otkd-teacher-cache"
 ROW_CONTRACT = "row j = teacher distribution over token j+1; stored iff token j+1 is supervised"
 
@@ -54,9 +62,13 @@ LOGPROB_DTYPES = {
     "fp32": (np.float32, BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")),
 }
 # Hidden states are ~90% of the bytes and near-Gaussian: zstd-5 saves only ~8% over zstd-1 at ~7x the CPU.
-HIDDEN_DTYPES = {
-    "bf16": (np.uint16, BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")),
-    "fp16": (np.float16, BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")),
+# codec kind -> (stored dtype, Blosc codec, logical dtype) of the `hidden` array (cache/codecs.py)
+HIDDEN_STORAGE = {
+    "bf16": (np.uint16, BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), "bfloat16"),
+    "fp16": (np.float16, BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), "float16"),
+    # one-byte values: byte shuffle is a no-op; bitshuffle was 1.26x larger at the 7B shape (bench/hidden_bench.py)
+    "int8": (np.int8, BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle"), "int8"),
+    "low_rank": (np.uint16, BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), "bfloat16"),
 }
 LOGICAL = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ZSTD5 = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
@@ -65,6 +77,8 @@ CHUNK_CHECKSUMS = True  # False only in bench/cache_bench.py, to measure what th
 FILL = {"sample_ids": np.iinfo(np.uint64).max, "token_offsets": -1, "row_offsets": -1, "input_ids": -1,
         "supervised": 2, "topk_ids": -1, "tail_logmass": float("nan"), "shard_done": 0}
 NAN_FILL = {"bf16": 0x7FC0, "fp16": float("nan"), "fp32": float("nan")}  # bf16 NaN as its uint16 bit pattern
+# what a missing `hidden` chunk reads as: NaN, or -128 for int8 (the encoder clamps to [-127, 127])
+HIDDEN_FILL = {"bfloat16": 0x7FC0, "float16": float("nan"), "int8": -128}
 
 # Beside the split stores, in the cache folder (Stage 1 writes them; a cross-tokenizer Stage 2 reads them): the
 # teacher's tokenizer (checked against each store's provenance tokenizer_hash) and its input-embedding rows of every
@@ -72,8 +86,9 @@ NAN_FILL = {"bf16": 0x7FC0, "fp16": float("nan"), "fp32": float("nan")}  # bf16 
 TOKENIZER_DIR = "tokenizer"
 EMBEDDINGS_FILE = "teacher_embeddings.safetensors"
 
-ROW_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "hidden")
-FIELDS = ("input_ids", "supervised") + ROW_ARRAYS
+ROW_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "hidden", "hidden_scale")
+FIELDS = ("input_ids", "supervised", "topk_ids", "topk_logprobs", "tail_logmass", "hidden")  # what read() returns
+BASIS_ARRAYS = ("hidden_mean", "hidden_encoder", "hidden_decoder")
 # Token-axis and per-sequence arrays are written once; 16k-element chunks keep a per-sequence read small.
 SEQ_CHUNK, SEQ_SHARD = 16384, 1 << 20
 # Inner-chunk targets: ~1 MB reads for ids/log-probs (4096 rows at k=64), ~2 MB for hidden (256 rows at 3584).
@@ -165,12 +180,15 @@ def _digest(*arrays) -> str:
 
 
 def make_plan(sample_ids_u64, token_offsets, row_offsets, input_ids, supervised, *, k, logprob_dtype,
-              hidden_dtype, hidden_size, shard_rows) -> dict:
+              hidden_codec, hidden_size, shard_rows, basis_arrays=None) -> dict:
     """What fixes the row layout: resuming is only sound if every entry matches (ordered for error messages)."""
     return canonical({
         "n_sequences": len(sample_ids_u64), "n_tokens": int(token_offsets[-1]), "n_rows": int(row_offsets[-1]),
-        "k": k, "logprob_dtype": logprob_dtype, "hidden_dtype": hidden_dtype, "hidden_size": hidden_size,
+        "k": k, "logprob_dtype": logprob_dtype, "hidden_codec": hidden_codec, "hidden_size": hidden_size,
         "shard_rows": shard_rows,
+        # a low-rank basis fitted again after a crash may differ in the last bits: rows encoded with another
+        # basis must never be mixed into one store
+        "hidden_basis_sha": _digest(*basis_arrays.values()) if basis_arrays else None,
         "sample_ids_sha": _digest(sample_ids_u64),  # order matters: rows are laid out in this order
         "offsets_sha": _digest(token_offsets, row_offsets),
         "tokens_sha": _digest(input_ids, supervised),
@@ -193,10 +211,17 @@ def read_root_attrs(path: Path) -> dict:
     if attrs.get("format") != FORMAT:
         raise CacheError(f"{path} is a Zarr group but not an otkd teacher cache (no format={FORMAT!r} "
                          "attribute); delete it or choose another path")
-    if attrs.get("schema_version") != SCHEMA_VERSION:
+    if attrs.get("schema_version") not in READABLE_VERSIONS:
         raise CacheError(f"{path} has cache schema version {attrs.get('schema_version')!r}, this code reads "
-                         f"version {SCHEMA_VERSION}; recreate the cache with this version of otkd")
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))}; recreate the cache with this version "
+                         "of otkd")
     return attrs
+
+
+def hidden_codec(attrs: dict) -> str | None:
+    """The store's hidden codec ("bf16", "int8", "pca:64", ...) or None (no hidden states); schema 2 says
+    hidden_dtype (bf16, fp16 or None), which is the same layout."""
+    return attrs.get("hidden_codec", attrs.get("hidden_dtype"))
 
 
 def short_repr(v) -> str:
@@ -217,7 +242,15 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return best
 
 
-def array_specs(n_seq: int, n_tok: int, n_rows: int, *, k: int, logprob_dtype: str, hidden_dtype,
+def read_basis(group, attrs: dict) -> "codecs.Basis | None":
+    """The low-rank basis stored in an open store, or None for the other codecs."""
+    codec = hidden_codec(attrs)
+    if not (codec and codecs.parse(codec)[1]):
+        return None
+    return codecs.Basis(*(group[n][...] for n in BASIS_ARRAYS))
+
+
+def array_specs(n_seq: int, n_tok: int, n_rows: int, *, k: int, logprob_dtype: str, hidden_codec,
                 hidden_size, shard_rows: int) -> dict:
     """name -> keyword arguments of zarr.create_array (minus store/name) for every array of the layout."""
     crc = [Crc32cCodec()] if CHUNK_CHECKSUMS else []
@@ -244,10 +277,20 @@ def array_specs(n_seq: int, n_tok: int, n_rows: int, *, k: int, logprob_dtype: s
         # one small object per shard: writing it is the atomic "this shard is complete" record
         "shard_done": dict(shape=(n_shards(n_rows, shard_rows),), dtype=np.uint8, chunks=(1,), compressors=crc),
     }
-    if hidden_dtype is not None:
-        h_dtype, h_codec = HIDDEN_DTYPES[hidden_dtype]
-        specs["hidden"] = rows(hidden_size, h_dtype, h_codec, HIDDEN_CHUNK_BYTES, LOGICAL[hidden_dtype])
-        specs["hidden"]["fill_value"] = NAN_FILL[hidden_dtype]
+    if hidden_codec is not None:
+        kind, r = codecs.parse(hidden_codec)
+        h_dtype, h_codec, logical = HIDDEN_STORAGE["low_rank" if r else kind]
+        specs["hidden"] = rows(codecs.stored_width(hidden_codec, hidden_size), h_dtype, h_codec, HIDDEN_CHUNK_BYTES,
+                               logical)
+        specs["hidden"]["fill_value"] = HIDDEN_FILL[logical]
+        if kind == "int8":
+            specs["hidden_scale"] = rows(None, np.float32, ZSTD5, ROW_CHUNK_BYTES // 16, "float32")
+            specs["hidden_scale"]["fill_value"] = float("nan")
+        if r:  # the basis: small, one chunk each, written at creation like the per-sequence arrays
+            for name, shape in (("hidden_mean", (hidden_size,)), ("hidden_encoder", (r, hidden_size)),
+                                ("hidden_decoder", (r, hidden_size))):
+                specs[name] = dict(shape=shape, dtype=np.float32, chunks=shape, compressors=[ZSTD5, *crc],
+                                   fill_value=float("nan"))
     specs["topk_logprobs"]["fill_value"] = NAN_FILL[logprob_dtype]
     for name, fill in FILL.items():
         specs[name]["fill_value"] = fill

@@ -27,7 +27,7 @@ from cache import manifest
 from cache.errors import CacheError
 from cache.manifest import Problem
 from cache.reader import STAGE1, VERIFY, decode_failure
-from cache.schema import decode_float, read_root_attrs, shard_key
+from cache.schema import BASIS_ARRAYS, decode_float, hidden_codec, read_root_attrs, shard_key
 
 # unit roundoff of each stored log-prob dtype: a stored log-prob is within u * |lp| of the computed one
 UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "fp32": 2.0 ** -24}
@@ -52,7 +52,7 @@ class Report:
 
     def text(self, max_lines: int = 12) -> str:
         a = self.attrs
-        hidden = f"hidden {a['hidden_dtype']} x {a['hidden_size']}" if a.get("hidden_dtype") else "no hidden"
+        hidden = f"hidden {hidden_codec(a)} of {a['hidden_size']}" if hidden_codec(a) else "no hidden"
         mode = ("quick: files stat-checked against the manifests, nothing read" if self.quick else
                 "full: every file's CRC-32, every chunk decoded, row contract")
         mb = self.bytes_checked / 1e6
@@ -157,7 +157,7 @@ def _read(path: Path, group, name: str, s: int, lo: int, hi: int, out: list):
     try:
         return arr[lo:hi]
     except Exception as e:
-        shard = None if name in manifest.SEQ_ARRAYS else s
+        shard = None if name in (*manifest.SEQ_ARRAYS, *BASIS_ARRAYS) else s
         j = s if shard is not None else lo // arr.shards[0]
         out.append(Problem(name, shard, shard_key(name, j, arr.ndim), decode_failure(e), "chunks"))
         return None
@@ -199,9 +199,14 @@ def _check_shard_data(path: Path, group, attrs: dict, s: int) -> list[Problem]:
             tol = (p * np.expm1(UNIT_ROUNDOFF[attrs["logprob_dtype"]] * np.abs(lp))).sum(1) + MASS_SLACK
             bad("topk_logprobs", np.abs(total - 1) > tol, "whose top-k + tail mass is not 1 within the "
                                                           f"{attrs['logprob_dtype']} rounding bound")
-    if "hidden" in got and got["hidden"] is not None:
-        h = decode_float(got["hidden"], group["hidden"].attrs.get("logical_dtype"))
-        bad("hidden", ~np.isfinite(h).all(1), "with non-finite hidden states")
+    if got.get("hidden") is not None:
+        h, logical = got["hidden"], group["hidden"].attrs.get("logical_dtype")
+        # int8 stores no NaN: the fill value -128 (a missing chunk) is what no encoder writes
+        bad("hidden", (h == -128).any(1) if logical == "int8" else ~np.isfinite(decode_float(h, logical)).all(1),
+            "with non-finite hidden states" if logical != "int8" else "with the int8 fill value -128 (missing data)")
+    if got.get("hidden_scale") is not None:
+        sc = got["hidden_scale"]
+        bad("hidden_scale", ~np.isfinite(sc) | (sc < 0), "with a non-finite or negative scale")
     return out
 
 
@@ -209,6 +214,10 @@ def _check_base_contract(path: Path, group, attrs: dict) -> list[Problem]:
     out = []
     n_seq, n_tok, n_rows = attrs["n_sequences"], attrs["n_tokens"], attrs["n_rows"]
     got = {n: _read(path, group, n, 0, 0, group[n].shape[0], out) for n in manifest.SEQ_ARRAYS}
+    for n in manifest.basis_arrays(attrs):  # the low-rank basis: every row's decoding depends on it
+        b = _read(path, group, n, 0, 0, group[n].shape[0], out)
+        if b is not None and not np.isfinite(b).all():
+            out.append(Problem(n, None, shard_key(n, 0, b.ndim), "non-finite values (missing data)", "contract"))
 
     def bad(name, cond, what):
         if cond:

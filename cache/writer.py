@@ -32,11 +32,11 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from cache import manifest
+from cache import codecs, manifest
 from cache.errors import CacheMismatchError
-from cache.schema import (FORMAT, HIDDEN_DTYPES, LOGPROB_DTYPES, ROW_ARRAYS, ROW_CONTRACT, SCHEMA_VERSION, array_specs,
-                          canonical, canonical_meta, encode_float, first_difference, make_plan, n_shards,
-                          read_root_attrs, short_repr, sid_to_u64, to_numpy)
+from cache.schema import (FORMAT, LOGPROB_DTYPES, ROW_ARRAYS, ROW_CONTRACT, SCHEMA_VERSION, array_specs,
+                          canonical, canonical_meta, encode_float, first_difference, hidden_codec, make_plan,
+                          n_shards, read_basis, read_root_attrs, short_repr, sid_to_u64, to_numpy)
 
 # LocalStore's temp files: "<key>.<32 hex>.partial"; a SIGKILL mid-write leaves one behind.
 _TMP_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -53,11 +53,12 @@ class CacheWriter:
         self.path, self._group, self.resumed = path, group, resumed
         a = group.attrs.asdict()
         self.k, self.n_rows, self.shard_rows = a["k"], a["n_rows"], a["shard_rows"]
-        self.logprob_dtype, self.hidden_dtype = a["logprob_dtype"], a["hidden_dtype"]
+        self.logprob_dtype, self.hidden_codec = a["logprob_dtype"], a["hidden_codec"]
         self.hidden_size = a["hidden_size"]
         self._attrs = a
         # every chunk written, even one equal to the fill value: the manifest lists every shard file
         self._arrays = {n: group[n].with_config({"write_empty_chunks": True}) for n in ROW_ARRAYS if n in group}
+        self._basis = read_basis(group, a)  # low-rank codecs: rows are encoded with the basis the store holds
         self.manifest_seconds = 0.0  # time spent reading back and hashing written shards (bench)
         self._done_arr = group["shard_done"]
         self._done = self._done_arr[:].astype(bool)
@@ -72,21 +73,29 @@ class CacheWriter:
     @classmethod
     def create_or_resume(cls, path, *, sample_ids, input_ids_per_seq, supervised_per_seq, k: int,
                          logprob_dtype: str = "bf16", hidden_size: int | None = None,
-                         hidden_dtype: str | None = None, provenance: dict, shard_rows: int = 65536,
-                         background: bool = True):
+                         hidden_codec: str | None = None, hidden_basis: codecs.Basis | None = None,
+                         provenance: dict, shard_rows: int = 65536, background: bool = True):
         """Create the store (all per-sequence and token arrays written now) or resume a matching one.
+
+        hidden_codec (cache/codecs.py) with hidden_size: how write_rows' hidden states are stored; a low-rank
+        codec needs its `hidden_basis`, which is written with the store (and must be the same on resume).
 
         Raises CacheMismatchError naming the first differing field when `path` holds a cache made from other
         inputs, and CacheError when it holds something that is not an otkd cache.
         """
         path = Path(path)
-        hidden_dtype = None if hidden_dtype in (None, "none") else hidden_dtype
+        hidden_codec = None if hidden_codec in (None, "none") else hidden_codec
         if logprob_dtype not in LOGPROB_DTYPES:
             raise ValueError(f"logprob_dtype={logprob_dtype!r}: use one of {sorted(LOGPROB_DTYPES)}")
-        if hidden_dtype is not None and hidden_dtype not in HIDDEN_DTYPES:
-            raise ValueError(f"hidden_dtype={hidden_dtype!r}: use one of {sorted(HIDDEN_DTYPES)} or None")
-        if (hidden_dtype is None) != (hidden_size is None):
-            raise ValueError("hidden_size and hidden_dtype must be given together (or both None)")
+        if (hidden_codec is None) != (hidden_size is None):
+            raise ValueError("hidden_size and hidden_codec must be given together (or both None)")
+        rank = codecs.parse(hidden_codec)[1] if hidden_codec else None  # ValueError for an unknown codec
+        if rank and not (hidden_basis is not None and hidden_basis.encoder.shape == (rank, hidden_size)):
+            raise ValueError(f"hidden_codec={hidden_codec} needs a hidden_basis of rank {rank} and width "
+                             f"{hidden_size}, got {None if hidden_basis is None else hidden_basis.encoder.shape}")
+        if hidden_codec:
+            codecs.stored_width(hidden_codec, hidden_size)
+        basis = hidden_basis.arrays() if rank else {}
         if not (isinstance(k, int) and k > 0 and isinstance(shard_rows, int) and shard_rows > 0):
             raise ValueError(f"k={k!r} and shard_rows={shard_rows!r} must be positive integers")
         n = len(sample_ids)
@@ -109,8 +118,8 @@ class CacheWriter:
         input_ids = np.concatenate(ids).astype(np.int32)
         supervised = np.concatenate(sup).astype(np.uint8)
         plan = make_plan(sids, token_offsets, row_offsets, input_ids, supervised, k=k,
-                         logprob_dtype=logprob_dtype, hidden_dtype=hidden_dtype, hidden_size=hidden_size,
-                         shard_rows=shard_rows)
+                         logprob_dtype=logprob_dtype, hidden_codec=hidden_codec, hidden_size=hidden_size,
+                         shard_rows=shard_rows, basis_arrays=basis)
         want = {"schema_version": SCHEMA_VERSION, "plan": plan, "provenance": canonical(provenance)}
 
         if path.exists():
@@ -129,7 +138,7 @@ class CacheWriter:
                         f"!= requested {short_repr(new)}); delete it or choose another path")
             _remove_stale_temp_files(path)
             _repair_on_resume(path, {"sample_ids": sids, "token_offsets": token_offsets, "row_offsets": row_offsets,
-                                     "input_ids": input_ids, "supervised": supervised})
+                                     "input_ids": input_ids, "supervised": supervised, **basis})
             return cls(path, zarr.open_group(path, mode="r+"), resumed=True, background=background)
 
         tmp = path.with_name(path.name + ".creating")
@@ -138,18 +147,19 @@ class CacheWriter:
                 read_root_attrs(tmp)
             shutil.rmtree(tmp)
         attrs = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "row_contract": ROW_CONTRACT,
-                 **{key: plan[key] for key in ("k", "logprob_dtype", "hidden_dtype", "hidden_size", "shard_rows")},
+                 **{key: plan[key] for key in ("k", "logprob_dtype", "hidden_codec", "hidden_size", "shard_rows")},
                  "n_sequences": n, "n_tokens": plan["n_tokens"], "n_rows": plan["n_rows"],
                  "n_shards": n_shards(plan["n_rows"], shard_rows), "plan": plan,
                  "provenance": want["provenance"], "complete": False}
         group = zarr.open_group(tmp, mode="w-", attributes=attrs)
         specs = array_specs(n, plan["n_tokens"], plan["n_rows"], k=k, logprob_dtype=logprob_dtype,
-                            hidden_dtype=hidden_dtype, hidden_size=hidden_size, shard_rows=shard_rows)
+                            hidden_codec=hidden_codec, hidden_size=hidden_size, shard_rows=shard_rows)
         for name, spec in specs.items():
             group.create_array(name, **spec)
         group.create_group(manifest.MANIFEST)
         _write_base(tmp, group, attrs, {"sample_ids": sids, "token_offsets": token_offsets,
-                                        "row_offsets": row_offsets, "input_ids": input_ids, "supervised": supervised})
+                                        "row_offsets": row_offsets, "input_ids": input_ids, "supervised": supervised,
+                                        **basis})
         path.parent.mkdir(parents=True, exist_ok=True)
         os.rename(tmp, path)
         return cls(path, zarr.open_group(path, mode="r+"), resumed=False, background=background)
@@ -196,9 +206,12 @@ class CacheWriter:
         if "hidden" in self._arrays:
             if hidden is None:
                 raise ValueError("this cache stores hidden states: pass hidden=(n, D)")
-            cols["hidden"] = encode_float(hidden, self.hidden_dtype)
+            if tuple(hidden.shape) != (n, self.hidden_size):
+                raise ValueError(f"hidden has shape {tuple(hidden.shape)}, expected ({n}, {self.hidden_size})")
+            cols.update(codecs.encode(hidden, self.hidden_codec, self._basis))
         want = {"topk_ids": (n, self.k), "topk_logprobs": (n, self.k), "tail_logmass": (n,),
-                "hidden": (n, self.hidden_size)}
+                "hidden": (n, self._arrays["hidden"].shape[1]) if "hidden" in self._arrays else None,
+                "hidden_scale": (n,)}
         for name, a in cols.items():
             if a.shape != want[name]:
                 raise ValueError(f"{name} has shape {a.shape}, expected {want[name]}")
@@ -350,7 +363,7 @@ def _repair_on_resume(path: Path, data: dict) -> None:
 def _restore_metadata(path: Path, attrs: dict) -> None:
     """Rewrite any array's zarr.json that differs from what creation writes (deleted or altered metadata)."""
     specs = array_specs(attrs["n_sequences"], attrs["n_tokens"], attrs["n_rows"], k=attrs["k"],
-                        logprob_dtype=attrs["logprob_dtype"], hidden_dtype=attrs["hidden_dtype"],
+                        logprob_dtype=attrs["logprob_dtype"], hidden_codec=hidden_codec(attrs),
                         hidden_size=attrs["hidden_size"], shard_rows=attrs["shard_rows"])
     with tempfile.TemporaryDirectory() as tmp:
         g = zarr.open_group(Path(tmp) / "m.zarr", mode="w")

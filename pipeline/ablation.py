@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from cache.errors import OtkdError
-from pipeline.config import (Config, ConfigError, PathStr, _build, _check_fields, _require, apply_overrides,
+from pipeline.config import (HIDDEN_CODEC, Config, ConfigError, PathStr, _build, _check_fields, _require, apply_overrides,
                              load_config, save_config)
 
 METRICS = ("accuracy", "perplexity", "bits_per_char", "kl_teacher", "top1_agreement", "entropy", "train_seconds")
@@ -53,6 +53,29 @@ class SweepConfig:
 
     def __post_init__(self):
         _check_fields(self)
+
+
+@dataclass(slots=True)
+class ExactTeacherConfig:
+    """The exact teacher (distill.teacher_head: full-vocabulary KL from the cached hidden states) against the top-k KL
+    on one task, paired by seed with `reference`; `codecs` caches the same teacher again with other hidden codecs."""
+
+    task: str = "split"
+    """The task (a key of `tasks`) whose teacher and cache the students use."""
+    reference: str = "kl"
+    """The variant (a key of `variants`) each setting is compared with, seed by seed (the top-k KL)."""
+    codecs: dict[str, str] = field(default_factory=dict)
+    """Name -> cache.hidden_codec: Stage 1 of the task's teacher again into `<out>/<task>/codecs/<name>` (DVC stage
+    `codec_cache@<name>`); a variant reads it with `cache: <that folder>`."""
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Setting name -> `distill.*` overrides (on top of the task's params, like `variants`), e.g. teacher_head and
+    cache."""
+
+    def __post_init__(self):
+        _check_fields(self)
+        for name, codec in self.codecs.items():
+            _require(HIDDEN_CODEC.fullmatch(codec) is not None and codec != "none", f"codecs.{name}",
+                     "a cache.hidden_codec with hidden states", codec)
 
 
 @dataclass(slots=True)
@@ -97,6 +120,8 @@ class AblationConfig:
     """Extra settings on one task (ε, weights, temperature), compared with a reference variant."""
     cross_tokenizer: CrossTokenizerConfig = field(default_factory=CrossTokenizerConfig)
     """The cross-tokenizer students (another tokenizer than the teacher's) and their loss variants."""
+    exact_teacher: ExactTeacherConfig = field(default_factory=ExactTeacherConfig)
+    """The exact teacher from its hidden states (and compressed hidden codecs) against the top-k KL."""
     eval_examples: int = 300
     """Test examples whose greedy answer is checked per student (0 = all)."""
     out: PathStr = "artifacts/ablation"
@@ -113,7 +138,10 @@ class AblationConfig:
         _require(not clash, "sweep.variants", "names other than the variants'", clash)
         clash = sorted(set(xt.variants) & (set(self.variants) | set(self.sweep.variants)))
         _require(not clash, "cross_tokenizer.variants", "names other than the variants' and the sweep's", clash)
-        for name, over in {**self.variants, **self.sweep.variants, **xt.variants}.items():
+        ex = self.exact_teacher
+        clash = sorted(set(ex.variants) & (set(self.variants) | set(self.sweep.variants) | set(xt.variants)))
+        _require(not clash, "exact_teacher.variants", "names other than every other variant's", clash)
+        for name, over in {**self.variants, **self.sweep.variants, **xt.variants, **ex.variants}.items():
             if not isinstance(over, dict):
                 raise ConfigError(f"variants.{name} must be a mapping of distill fields, got {over!r}")
             try:  # a typo in a variant fails here, not after the teachers are trained
@@ -128,6 +156,10 @@ class AblationConfig:
         sw = self.sweep
         _require(sw.task in self.tasks, "sweep.task", f"one of {sorted(self.tasks)}", sw.task)
         _require(sw.reference in self.variants, "sweep.reference", f"one of {sorted(self.variants)}", sw.reference)
+        if ex.variants or ex.codecs:
+            _require(ex.task in self.tasks, "exact_teacher.task", f"one of {sorted(self.tasks)}", ex.task)
+            _require(ex.reference in self.variants, "exact_teacher.reference", f"one of {sorted(self.variants)}",
+                     ex.reference)
         if xt.variants:
             _require(xt.task in self.tasks, "cross_tokenizer.task", f"one of {sorted(self.tasks)}", xt.task)
             _require(xt.baseline in xt.variants, "cross_tokenizer.baseline", f"one of {sorted(xt.variants)}",
@@ -138,7 +170,7 @@ class AblationConfig:
         cross_tokenizer=true)."""
         if variant in self.cross_tokenizer.variants:
             return {"cross_tokenizer": True, **self.cross_tokenizer.variants[variant]}
-        every = {**self.variants, **self.sweep.variants}
+        every = {**self.variants, **self.sweep.variants, **self.exact_teacher.variants}
         if variant not in every:
             raise AblationError(f"unknown variant {variant!r} (variants: "
                                 f"{', '.join([*every, *self.cross_tokenizer.variants])})")

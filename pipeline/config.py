@@ -14,6 +14,7 @@ reloading the config (what every stage CLI does) checks them.
 import dataclasses
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
@@ -37,6 +38,8 @@ quantised: the checkpoint's own weights in `dtype`)."""
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 """Compute dtype of a loaded model (also the 4-bit compute dtype): "auto" = bf16 on a GPU that supports it, fp32
 on the CPU (bf16 matmuls are slow there); or "bf16", "fp16", "fp32" explicitly."""
+HIDDEN_CODEC = re.compile(r"bf16|fp16|int8|none|(pca|svd|fisher):[1-9][0-9]*")
+"""The values of cache.hidden_codec (pipeline/teacher/codecs.py)."""
 Optim = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
 """The transformers `optim` names that Stage 2 and the VRAM planner (pipeline/planning/memory.py) know."""
 
@@ -287,8 +290,15 @@ class CacheConfig:
     """Top-k log-probs stored per token (64 is a good value for real 152k vocabularies)."""
     logprob_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Storage of top-k log-probs: "bf16" (uint16 bits, 33 B/token at k=64), "fp16" or "fp32"."""
-    hidden_dtype: Literal["bf16", "fp16", "none"] = "bf16"
-    """Storage of the teacher's final hidden state: "bf16", "fp16" or "none" (skip; hidden states dominate disk)."""
+    hidden_codec: str = "bf16"
+    """How the teacher's final hidden state (the lm_head input) is stored: "bf16" (2 B per value), "fp16", "int8"
+    (per-row absmax scale: ~half of bf16), a low-rank code of r coefficients per row with a basis fitted here and
+    stored in the cache: "pca:<r>" (principal directions of h), "svd:<r>" (top right singular vectors of lm_head),
+    "fisher:<r>" (the directions that matter most for the teacher's distribution: PCA in the metric of the mean
+    Fisher information of softmax(W h), the second-order KL) - or "none" (no hidden states: no OT on hidden states,
+    no exact teacher in Stage 2). pipeline/teacher/codecs.py and README "Hidden-state codecs" say what each loses."""
+    hidden_calibration_rows: int = 16384
+    """Rows of the train split (spread over it) on which a pca/fisher basis is fitted, in a teacher pass of their own."""
     dtype: Dtype = "auto"
     """Teacher compute dtype (see `Dtype`)."""
     load_in_bits: Bits = 16
@@ -304,7 +314,9 @@ class CacheConfig:
         _check_fields(self)
         _require(bool(self.splits) and len(set(self.splits)) == len(self.splits), "splits",
                  "a non-empty list without repeats", self.splits)
-        _at_least(self, 1, "k", "batch_tokens", "chunk_rows", "shard_rows")
+        _at_least(self, 1, "k", "batch_tokens", "chunk_rows", "shard_rows", "hidden_calibration_rows")
+        _require(HIDDEN_CODEC.fullmatch(self.hidden_codec) is not None, "hidden_codec",
+                 "bf16, fp16, int8, pca:<r>, svd:<r>, fisher:<r> (r >= 1) or none", self.hidden_codec)
 
 
 @dataclass(slots=True)
@@ -348,7 +360,16 @@ class DistillConfig:
     w_ce: float = 1.0
     """Weight of the cross-entropy on the hard labels (every weight >= 0, not all 0)."""
     w_kl: float = 1.0
-    """Weight of KL(teacher || student) over the cached top-k + tail bucket (0 skips it)."""
+    """Weight of KL(teacher || student) over the cached top-k + tail bucket, or over the whole vocabulary when
+    teacher_head is set (0 skips it)."""
+    teacher_head: str = ""
+    """The teacher checkpoint (local folder or hub name) whose lm_head rebuilds the teacher's exact distribution
+    softmax(W h) from the cached hidden states: then w_kl is the full-vocabulary KL (no top-k, no tail bucket,
+    temperature on the true logits), computed in row chunks. Only lm_head is read (pipeline/teacher/head.py), checked
+    against the cache's provenance. Needs a cache with hidden states and the same tokenizer. "" = top-k KL."""
+    jsd_beta: float = 0.0
+    """With teacher_head: 0 = KL in the direction kl_reverse says; in (0, 1) the generalised Jensen-Shannon
+    divergence beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (p teacher, q student)."""
     w_ot: float = 0.1
     """Weight of the sequence-level OT between student and projected teacher final hidden states (0 skips it;
     > 0 needs a cache with hidden states)."""
@@ -450,7 +471,12 @@ class DistillConfig:
         if self.cross_tokenizer and (self.kl_reverse or self.kl_tail != "bucket"):
             raise ConfigError("cross_tokenizer=true computes the forward KL over mapped buckets + a tail bucket: "
                               f"kl_reverse must be false and kl_tail 'bucket' (got {self.kl_reverse}, {self.kl_tail!r})")
-        _fraction(self, "warmup_ratio")
+        _fraction(self, "warmup_ratio", "jsd_beta")
+        if self.teacher_head and self.cross_tokenizer:
+            raise ConfigError("teacher_head (the exact teacher from its hidden states) needs the teacher's vocabulary "
+                              "on the student side: it cannot be combined with cross_tokenizer=true")
+        if self.jsd_beta and (not self.teacher_head or self.kl_reverse):
+            raise ConfigError(f"jsd_beta={self.jsd_beta} needs teacher_head (the exact teacher) and kl_reverse=false")
 
 
 @dataclass(slots=True)

@@ -73,14 +73,7 @@ def summarise(abl: AblationConfig) -> dict:
             rs = [_read(run_dir(abl, de.task, v, s, f) / "metrics.json") for s in abl.seeds]
             points.append({"fraction": f, **per_seed(rs, "accuracy")})
         curves[v] = points
-    sw = abl.sweep
-    ref = [_read(run_dir(abl, sw.task, sw.reference, s) / "metrics.json") for s in abl.seeds] if sw.variants else []
-    sweep = {}
-    for v, over in sw.variants.items():
-        rs = [_read(run_dir(abl, sw.task, v, s) / "metrics.json") for s in abl.seeds]
-        swept = ("accuracy", "bits_per_char", "kl_teacher")
-        sweep[v] = {"overrides": over, **{m: per_seed(rs, m) for m in swept},
-                    "paired_vs_reference": {m: paired(rs, ref, m) for m in swept}}
+    sw, ex = abl.sweep, abl.exact_teacher
     xt = abl.cross_tokenizer
     cross = {}
     if xt.variants:
@@ -90,8 +83,24 @@ def summarise(abl: AblationConfig) -> dict:
                         "paired_vs_baseline": {m: paired(rs, runs[xt.baseline], m) for m in PAIRED}}
     return {"seeds": abl.seeds, "baseline": abl.baseline, "variants": abl.variants, "tasks": tasks,
             "data_efficiency": {"task": de.task, "curves": curves},
-            "sweep": {"task": sw.task, "reference": sw.reference, "settings": sweep},
+            "sweep": {"task": sw.task, "reference": sw.reference,
+                      "settings": settings(abl, sw.task, sw.reference, sw.variants)},
+            "exact_teacher": {"task": ex.task, "reference": ex.reference, "codecs": ex.codecs,
+                              "settings": settings(abl, ex.task, ex.reference, ex.variants)},
             "cross_tokenizer": {"task": xt.task, "baseline": xt.baseline, "variants": cross}}
+
+
+def settings(abl: AblationConfig, task: str, reference: str, variants: dict) -> dict:
+    """Per setting (a sweep's, the exact teacher's): its overrides, statistics and paired difference to the
+    reference variant."""
+    ref = [_read(run_dir(abl, task, reference, s) / "metrics.json") for s in abl.seeds] if variants else []
+    out = {}
+    for v, over in variants.items():
+        rs = [_read(run_dir(abl, task, v, s) / "metrics.json") for s in abl.seeds]
+        swept = ("accuracy", "bits_per_char", "kl_teacher", "train_seconds")
+        out[v] = {"overrides": over, **{m: per_seed(rs, m) for m in swept},
+                  "paired_vs_reference": {m: paired(rs, ref, m) for m in swept}}
+    return out
 
 
 def _num(x, fmt: str) -> str:
@@ -135,20 +144,12 @@ def markdown(summary: dict) -> str:
               "|---|" + "---:|" * len(next(iter(de["curves"].values())))]
     for v, pts in de["curves"].items():
         lines.append(f"| {v} | " + " | ".join(_pm(p, ".1f", 100, "%") for p in pts) + " |")
-    sw = summary["sweep"]
-    if sw["settings"]:
-        lines += ["", f"### sweep ({sw['task']}): each setting against `{sw['reference']}`, paired by seed", "",
-                  "| setting | overrides | accuracy | per seed | paired Δ accuracy | bits/char | paired Δ bits/char "
-                  "| KL | paired Δ KL |",
-                  "|---|---|---:|---|---:|---:|---:|---:|---:|"]
-        for v, s in sw["settings"].items():
-            p = s["paired_vs_reference"]
-            over = ", ".join(f"{k}={x}" for k, x in s["overrides"].items())
-            lines.append(f"| {v} | {over} | {_pm(s['accuracy'], '.1f', 100, '%')} | "
-                         + " / ".join(_num(x, ".1%") for x in s["accuracy"]["per_seed"])
-                         + f" | {_pm(p['accuracy'], '.1f', 100, sign='+')} | {_pm(s['bits_per_char'], '.4f')} | "
-                         f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['kl_teacher'], '.4f')} | "
-                         f"{_pm(p['kl_teacher'], '.4f', sign='+')} |")
+    lines += _settings_table(summary["sweep"], "sweep")
+    ex = summary.get("exact_teacher") or {}
+    if ex.get("settings"):
+        codecs = ", ".join(f"{k} = {v}" for k, v in ex["codecs"].items())
+        lines += _settings_table(ex, "exact teacher from the cached hidden states (full-vocabulary KL)"
+                                 + (f"; hidden codecs {codecs}" if codecs else ""))
     xt = summary.get("cross_tokenizer") or {}
     if xt.get("variants"):
         same = summary["tasks"][xt["task"]]["variants"][summary["baseline"]]
@@ -169,6 +170,25 @@ def markdown(summary: dict) -> str:
                          f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['perplexity'], '.3f')} | "
                          f"{_pm(s['train_seconds'], '.0f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _settings_table(sw: dict, title: str) -> list[str]:
+    """Markdown lines of a settings table (the sweep, the exact teacher): each setting against its reference."""
+    if not sw.get("settings"):
+        return []
+    lines = ["", f"### {title} ({sw['task']}): each setting against `{sw['reference']}`, paired by seed", "",
+             "| setting | overrides | accuracy | per seed | paired Δ accuracy | bits/char | paired Δ bits/char "
+             "| KL | paired Δ KL | train s |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for v, s in sw["settings"].items():
+        p = s["paired_vs_reference"]
+        over = ", ".join(f"{k}={x}" for k, x in s["overrides"].items())
+        lines.append(f"| {v} | {over} | {_pm(s['accuracy'], '.1f', 100, '%')} | "
+                     + " / ".join(_num(x, ".1%") for x in s["accuracy"]["per_seed"])
+                     + f" | {_pm(p['accuracy'], '.1f', 100, sign='+')} | {_pm(s['bits_per_char'], '.4f')} | "
+                     f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['kl_teacher'], '.4f')} | "
+                     f"{_pm(p['kl_teacher'], '.4f', sign='+')} | {_pm(s['train_seconds'], '.0f')} |")
+    return lines
 
 
 def _nan(x) -> float:
@@ -217,6 +237,30 @@ def plot(summary: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "ablation_data.png", dpi=110)
     plt.close(fig)
+
+
+def exact_teacher_report(abl: AblationConfig) -> dict:
+    """Only the exact-teacher section, from its own runs and the task's reference and baseline students: writes
+    <report>/ablation_exact.{json,md} (the whole report needs every run of every section)."""
+    ex = abl.exact_teacher
+    if not ex.variants:
+        raise AblationError("exact_teacher.variants is empty: nothing to report")
+    against_ref = settings(abl, ex.task, ex.reference, ex.variants)
+    against_base = settings(abl, ex.task, abl.baseline, {ex.reference: abl.variants[ex.reference], **ex.variants})
+    summary = {"seeds": abl.seeds, "task": ex.task, "codecs": ex.codecs,
+               "vs_reference": {"task": ex.task, "reference": ex.reference, "settings": against_ref},
+               "vs_baseline": {"task": ex.task, "reference": abl.baseline, "settings": against_base}}
+    codecs = ", ".join(f"{k} = {v}" for k, v in ex.codecs.items())
+    text = "\n".join([f"Seeds {abl.seeds}; ± is the sample std over seeds; paired Δ is per seed (same init and batch "
+                      f"order). Hidden codecs of the extra caches: {codecs or 'none'}.",
+                      *_settings_table(summary["vs_reference"], "exact teacher against the top-k KL"),
+                      *_settings_table(summary["vs_baseline"], "the same students against CE only")]) + "\n"
+    out = Path(abl.report)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation_exact.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    (out / "ablation_exact.md").write_text(text)
+    print(text)
+    return summary
 
 
 def report(abl: AblationConfig) -> dict:

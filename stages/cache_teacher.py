@@ -16,7 +16,8 @@ def main(
     teacher: str = typer.Option(None, help="Teacher checkpoint: local folder or hub name (cache.teacher)."),
     out: str = typer.Option(None, help="Output folder for the split stores (cache.out)."),
     k: int = typer.Option(None, help="Top-k log-probs stored per token (cache.k)."),
-    hidden_dtype: str = typer.Option(None, help="Hidden-state storage: bf16, fp16 or none (cache.hidden_dtype)."),
+    hidden_codec: str = typer.Option(None, help="Hidden-state storage: bf16, fp16, int8, pca:<r>, svd:<r>, fisher:<r> "
+                                                "or none (cache.hidden_codec; README \"Hidden-state codecs\")."),
     replace_mismatched: bool = typer.Option(
         False, help="Delete an existing store made from another teacher/tokenizer/data/params instead of "
                     "refusing it (dvc.yaml sets this; a store from the same inputs is always resumed)."),
@@ -24,7 +25,7 @@ def main(
     """Cache the teacher's targets for the configured splits; resumes an interrupted run."""
     with clear_errors():
         cfg = config(params, overrides, {"cache.teacher": teacher, "cache.out": out, "cache.k": k,
-                                         "cache.hidden_dtype": hidden_dtype})
+                                         "cache.hidden_codec": hidden_codec})
         from pipeline.teacher import cache_teacher as teacher_cache  # imported late so --help answers without loading torch
 
         teacher_cache.run(cfg, replace_mismatched)

@@ -220,7 +220,7 @@ def make_rows(n_rows, seed=1):
 
 
 def create(path, inputs=None, **kw):
-    args = dict(k=K, logprob_dtype="bf16", hidden_size=D, hidden_dtype="bf16", provenance=PROV, shard_rows=SHARD)
+    args = dict(k=K, logprob_dtype="bf16", hidden_size=D, hidden_codec="bf16", provenance=PROV, shard_rows=SHARD)
     args.update(kw)
     return CacheWriter.create_or_resume(path, **(inputs or make_inputs()), **args)
 

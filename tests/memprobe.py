@@ -68,6 +68,27 @@ def fused(R, d, V, w_ce, w_kl, chunk_rows=None, seed=0):
     return {"peak": peak_of(step)}
 
 
+def exact(R, d, D, V, w_ce, jsd_beta=0.0, teacher_dtype="float32", seed=0):
+    """fused_ce_exact_kl as Stage 2 calls it with distill.teacher_head: student rows, the teacher's (R, D) hidden
+    states and its (V, D) lm_head (inputs, not measured), CE + the exact KL (or JSD), forward and backward."""
+    import torch
+
+    from pipeline.losses.exact_kl import fused_ce_exact_kl
+
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(R, d, generator=g).requires_grad_()
+    W = torch.randn(V, d, generator=g) / d ** 0.5
+    t_h = torch.randn(R, D, generator=g)
+    t_W = (torch.randn(V, D, generator=g) / D ** 0.5).to(getattr(torch, teacher_dtype))
+    targets = torch.randint(0, V, (R,), generator=g)
+    mask = torch.ones(R, dtype=torch.bool)
+
+    def step():
+        loss, _ = fused_ce_exact_kl(h, W, t_h, t_W, targets, mask, w_ce=w_ce, w_kl=1.0, jsd_beta=jsd_beta)
+        loss.backward()
+    return {"peak": peak_of(step)}
+
+
 def ot(B, N, V, d, D, k, hidden, logits, max_iter=50, seed=0):
     """student_losses' OT terms: hidden-state OT, then OT on logits from the hidden states (fused path)."""
     import torch
@@ -192,5 +213,5 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     case, args = sys.argv[1], json.loads(sys.argv[2])
-    print(json.dumps({"fused": fused, "ot": ot, "tok_ot": tok_ot, "topk": topk, "forward": forward,
+    print(json.dumps({"fused": fused, "exact": exact, "ot": ot, "tok_ot": tok_ot, "topk": topk, "forward": forward,
                       "student": student}[case](**args)))

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from cache.reader import CacheBlocks, open_cache
-from pipeline.ablation import (AblationConfig, CrossTokenizerConfig, DataEfficiencyConfig, SweepConfig, load_ablation,
-                               run_dir)
-from pipeline.report import markdown, report, summarise
+from pipeline.ablation import (AblationConfig, AblationError, CrossTokenizerConfig, DataEfficiencyConfig,
+                               ExactTeacherConfig, SweepConfig, load_ablation, run_dir)
+from pipeline.report import exact_teacher_report, markdown, report, summarise
 from pipeline.config import ConfigError, load_config, save_config
 from tests.conftest import ROOT, commit_all, copy_project, sh, small_config
 from tests.conftest import ran as ran_stages
@@ -31,7 +31,9 @@ def without_paths(cfg) -> dict:
 def test_params_file_is_the_dataclass_default_plus_the_sweep_that_was_run():
     loaded = load_ablation(ROOT / "params/ablation/params.yaml")
     assert loaded.sweep.variants  # the committed report's sweep; the class default sweeps nothing
-    assert dataclasses.replace(loaded, sweep=SweepConfig(), cross_tokenizer=CrossTokenizerConfig()) == AblationConfig()
+    assert loaded.exact_teacher.variants and loaded.exact_teacher.codecs
+    assert dataclasses.replace(loaded, sweep=SweepConfig(), cross_tokenizer=CrossTokenizerConfig(),
+                               exact_teacher=ExactTeacherConfig()) == AblationConfig()
 
 
 def test_the_split_task_is_the_embedded_default_with_its_own_paths():
@@ -51,6 +53,8 @@ def test_the_split_task_is_the_embedded_default_with_its_own_paths():
     ({"data_efficiency": {"variants": ["ce", "typo"]}}, "data_efficiency.variants"),
     ({"data_efficiency": {"fractions": [0.1, 1.0]}}, "fractions must be in (0, 1)"),
     ({"seeds": []}, "seeds must be non-empty"),
+    ({"exact_teacher": {"codecs": {"x": "int4"}}}, "codecs.x must be a cache.hidden_codec"),
+    ({"exact_teacher": {"variants": {"ce": {}}}}, "exact_teacher.variants must be names other than"),
     ({"sweep": {"variants": {"ce": {}}}}, "sweep.variants must be names other than"),
     ({"sweep": {"variants": {"t9": {"temperature": -1.0}}}}, "variants.t9"),
     ({"sweep": {"reference": "best"}}, "sweep.reference must be one of"),
@@ -129,6 +133,30 @@ def test_report_pairs_by_seed_and_measures_the_gap(tmp_path):
     text = markdown(summary)
     assert "| kl_t2 | temperature=2.0 |" in text
     assert "| kl | " in text and f"{100 * statistics.fmean(diffs):+.1f} ± {100 * statistics.stdev(diffs):.1f}" in text
+
+
+def test_exact_teacher_section_reports_from_its_runs_alone(tmp_path):
+    """--only exact_teacher: the exact-teacher students paired with the top-k KL reference and with CE only, from
+    those runs alone (no other section's run exists here)."""
+    abl = AblationConfig(seeds=[0, 1], tasks={"t": "x.yaml"}, variants={"ce": {"w_kl": 0.0}, "kl": {}},
+                         data_efficiency=DataEfficiencyConfig(task="t", variants=["ce"], fractions=[0.5]),
+                         sweep=SweepConfig(task="t", reference="kl"),
+                         exact_teacher=ExactTeacherConfig(task="t", reference="kl", codecs={"i8": "int8"},
+                                                          variants={"ex": {"teacher_head": "t/teacher"}}),
+                         out=str(tmp_path / "runs"), report=str(tmp_path / "report"))
+    ce, kl, ex = [0.2, 0.5], [0.3, 0.55], [0.4, 0.6]
+    fake_results(abl, {("t", v, s, 1.0): a for v, accs in (("ce", ce), ("kl", kl), ("ex", ex))
+                       for s, a in enumerate(accs)})
+    summary = exact_teacher_report(abl)
+    got = summary["vs_reference"]["settings"]["ex"]
+    assert got["accuracy"]["per_seed"] == ex
+    assert got["paired_vs_reference"]["accuracy"]["mean"] == pytest.approx(statistics.fmean([0.1, 0.05]))
+    base = summary["vs_baseline"]["settings"]
+    assert set(base) == {"kl", "ex"} and base["ex"]["paired_vs_reference"]["accuracy"]["mean"] == pytest.approx(0.15)
+    text = (tmp_path / "report/ablation_exact.md").read_text()
+    assert "against `kl`" in text and "against `ce`" in text and "i8 = int8" in text
+    with pytest.raises(AblationError, match="missing ablation result"):
+        report(abl)  # the whole report needs the other sections' runs
 
 
 def test_report_leaves_missing_values_out(tmp_path):
@@ -210,6 +238,8 @@ def toy_repo(tmp_path_factory) -> Path:
         "sweep": {"task": "toy", "reference": "kl_ot", "variants": {"t2": {"temperature": 2.0}}},
         "cross_tokenizer": {"task": "toy", "baseline": "x_ce", "variants": {
             "x_ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}}},  # its losses: tests/test_crosstok.py
+        "exact_teacher": {"task": "toy", "reference": "kl_ot", "codecs": {"i8": "int8"}, "variants": {
+            "exact_i8": {"teacher_head": "artifacts/ablation/toy/teacher", "cache": "artifacts/ablation/toy/codecs/i8"}}},
         "eval_examples": 8, "out": "artifacts/ablation", "report": "bench/results"}))
     commit_all(dst)
     return dst
@@ -224,7 +254,8 @@ def test_ablation_pipeline_end_to_end(toy_repo):
     students = {"student@toy-ce-0", "student@toy-kl_ot-0"}
     data = {"student_data@0.5-ce-0", "student_data@0.5-kl_ot-0"}
     assert ran(log) == {"prepare@toy", "finetune_teacher@toy", "cache_teacher@toy", "teacher@toy", "report",
-                        "student_sweep@t2-0", "student_x@x_ce-0"} | students | data
+                        "student_sweep@t2-0", "student_x@x_ce-0", "codec_cache@i8", "student_exact@exact_i8-0"
+                        } | students | data
     summary = json.loads((toy_repo / "bench/results/ablation.json").read_text())
     assert set(summary["tasks"]["toy"]["variants"]) == {"ce", "kl_ot"}
     # the cross-tokenizer students: their own tokenizer, no cache metrics (other vocabulary), bits per character
@@ -237,6 +268,12 @@ def test_ablation_pipeline_end_to_end(toy_repo):
     x_init = (toy_repo / "artifacts/ablation/toy/x_ce/s0/base_student/model.safetensors").read_bytes()
     assert x_init == (toy_repo / "artifacts/ablation/toy/base/student_x/model.safetensors").read_bytes()
     assert summary["sweep"]["settings"]["t2"]["overrides"] == {"temperature": 2.0}
+    # the exact teacher from the int8 cache of the same teacher: its own Stage 1 output, its own student
+    exact = yaml.safe_load((toy_repo / "artifacts/ablation/toy/exact_i8/s0/config.yaml").read_text())["distill"]
+    assert exact["cache"] == "artifacts/ablation/toy/codecs/i8" and exact["teacher_head"].endswith("toy/teacher")
+    assert "exact_i8" in summary["exact_teacher"]["settings"]
+    assert json.loads((toy_repo / "artifacts/ablation/toy/codecs/i8/train.zarr/zarr.json").read_text())[
+        "attributes"]["hidden_codec"] == "int8"
     assert yaml.safe_load((toy_repo / "artifacts/ablation/toy/t2/s0/config.yaml").read_text())["distill"][
         "temperature"] == 2.0
     for v in ("ce", "kl_ot"):

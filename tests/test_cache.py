@@ -33,7 +33,7 @@ def stored(x, dtype):
                                                          ("fp16", None, False), ("fp32", "bf16", False)])
 def test_roundtrip_exact(tmp_path, lp_dtype, h_dtype, bf16_input):
     inputs = make_inputs()
-    w = create(tmp_path / "c.zarr", inputs, logprob_dtype=lp_dtype, hidden_dtype=h_dtype,
+    w = create(tmp_path / "c.zarr", inputs, logprob_dtype=lp_dtype, hidden_codec=h_dtype,
                hidden_size=D if h_dtype else None)
     assert w.n_shards == -(-w.n_rows // SHARD) >= 3  # several shards, last one partial
     ids, lp, tail, hid = make_rows(w.n_rows)
@@ -75,7 +75,7 @@ def test_plain_zarr_reads_store(tmp_path):
     g = zarr.open_group(tmp_path / "c.zarr", mode="r")  # no otkd code involved below
     a = g.attrs.asdict()
     assert a["complete"] is True and a["k"] == K and a["n_rows"] == w.n_rows and a["provenance"] == PROV
-    assert a["logprob_dtype"] == "bf16" and a["hidden_dtype"] == "bf16" and a["hidden_size"] == D
+    assert a["logprob_dtype"] == "bf16" and a["hidden_codec"] == "bf16" and a["hidden_size"] == D
     assert a["n_sequences"] == 7 and a["n_tokens"] == sum(map(len, inputs["input_ids_per_seq"]))
     np.testing.assert_array_equal(g["input_ids"][:], np.concatenate(inputs["input_ids_per_seq"]))
     np.testing.assert_array_equal(g["sample_ids"][:], [int(s, 16) for s in inputs["sample_ids"]])

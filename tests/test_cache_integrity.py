@@ -218,7 +218,7 @@ def test_resume_alone_redoes_exactly_the_failing_shards(store, reference, fault)
 
 def test_old_schema_refused(store):
     zarr.open_group(store, mode="r+").attrs["schema_version"] = 1
-    with pytest.raises(CacheError, match="schema version 1, this code reads version 2"):
+    with pytest.raises(CacheError, match="schema version 1, this code reads versions 2, 3"):
         open_cache(store)
     code, out = verify(store)
     assert code == 1 and "schema version 1" in out

@@ -48,7 +48,7 @@ def test_config_error_is_a_user_error():
     ("data.template=chatml", "data.template must be one of 'alpaca', 'chat'"),
     ("finetune.mode=qlora", "finetune.mode must be one of 'lora', 'full'"),
     ("cache.logprob_dtype=none", "cache.logprob_dtype must be one of 'bf16', 'fp16', 'fp32'"),
-    ("cache.hidden_dtype=fp32", "cache.hidden_dtype must be one of 'bf16', 'fp16', 'none'"),
+    ("cache.hidden_codec=fp32", "cache.hidden_codec must be bf16, fp16, int8, pca:<r>"),
     ("cache.splits=[train, valid]", "cache.splits[1] must be one of 'train', 'validation', 'test'"),
     ("distill.temperature=0", "distill.temperature must be > 0, got 0.0"),
     ("distill.ot_eps=-0.1", "distill.ot_eps must be > 0"),

@@ -149,6 +149,19 @@ def test_fused_loss_peak(R, V, w_ce, w_kl):
     near(mm.fused_loss_bytes(R, V, V, 64, 4, w_ce, w_kl, False), measured, "fused CE+KL")
 
 
+@pytest.mark.parametrize("R, V, w_ce, jsd_beta, teacher_dtype", [
+    (1024, 32768, 1.0, 0.0, "float32"),  # one chunk: two (C, V) buffers + 3 SLICE-row temporaries + teacher rows
+    (4096, 32768, 1.0, 0.0, "bfloat16"),  # two chunks, a bf16 teacher head (S x V bf16 matmul outputs)
+    (1024, 32768, 1.0, 0.5, "float32"),  # the JSD: a 4th SLICE-row temporary (log m)
+    (300, 151936, 0.0, 0.0, "float32"),  # the real vocabulary, KL only
+])
+def test_exact_loss_peak(R, V, w_ce, jsd_beta, teacher_dtype):
+    """fused_ce_exact_kl (distill.teacher_head): the teacher's head and hidden states are inputs, not measured."""
+    measured = memprobe.run("exact", R=R, d=64, D=128, V=V, w_ce=w_ce, jsd_beta=jsd_beta,
+                            teacher_dtype=teacher_dtype)["peak"]
+    near(mm.exact_loss_bytes(R, V, V, 64, 128, False, bool(jsd_beta)), measured, "fused CE + exact KL")
+
+
 @pytest.mark.parametrize("B, N, V, k, hidden, logits", [
     (2, 512, 4096, 16, True, False),  # B x N x M dominated: Sinkhorn's working set
     (1, 1024, 4096, 16, True, True),  # both terms, B x N x M dominated
@@ -423,3 +436,100 @@ def test_dvc_runs_a_presets_plan_and_only_its_params_rerun_it(tmp_path):
     assert "Running stage" not in sh("dvc", "repro", stage)
     preset.write_text(preset.read_text().replace("batch_size: 1 ", "batch_size: 2 "))
     assert "Running stage" in sh("dvc", "repro", stage)
+
+
+MAIN = ROOT / "params/qwen2.5-7b_to_1.5b.yaml"
+
+
+def write_provenance(cache, **prov):
+    """A cache's train split as far as the planner reads it: its root zarr.json with the provenance."""
+    (cache / "train.zarr").mkdir(parents=True)
+    (cache / "train.zarr/zarr.json").write_text(json.dumps(
+        {"zarr_format": 3, "node_type": "group", "attributes": {"format": "otkd-teacher-cache", "provenance": prov}}))
+
+
+def test_exact_teacher_adds_its_lm_head_to_stage2(tmp_path):
+    """distill.teacher_head=Qwen/Qwen2.5-7B on the main preset (7B -> NF4 1.5B, sequence 2,048, w_ot and w_ot_logits
+    on): Stage 2 holds the teacher's lm_head, bf16 (its config's torch_dtype), 3,584 wide, with the tokenizer's
+    151,665 rows once the cache records them, the logits width 152,064 before (the label says which); the top-k KL's
+    chunk gives way to the exact KL's (two C x V fp32 buffers + 3 SLICE-row temporaries + the chunk's teacher rows,
+    + the supervised rows' teacher hidden states gathered from the batch); the batch is unchanged (the top-k is
+    still read for OT on logits, the hidden states for OT). The total grows by the head's bytes (+ the margin) and
+    the loss difference, and still fits 24 GiB."""
+    cache = tmp_path / "cache"  # no cache there yet
+    base = load_config(MAIN, [f"distill.cache={cache}"])
+    exact = load_config(MAIN, [f"distill.cache={cache}", "distill.teacher_head=Qwen/Qwen2.5-7B"])
+    t, s = (mm.Arch.from_config(plan.find_config(n), n) for n in (base.cache.teacher, base.distill.student))
+    assert t.stored_dtype == "bfloat16" and t.stored_bytes == 2
+    L, rows, D, V = 2048, 2047, 3584, 151936
+    one, two = ({i.key: i for i in plan.stage2(c, s, t, L).items} for c in (base, exact))
+    assert set(two) - set(one) == {"teacher_head"} and not two["teacher_head"].transient
+    assert two["teacher_head"].nbytes == 2 * 152064 * D  # 1.09 GB
+    assert two["teacher_head"].label == "teacher lm_head (exact KL): 152,064 (config vocab_size) x 3,584, bf16"
+    C = 2 ** 26 // V  # 441
+    assert two["loss"].nbytes == 8 * C * V + 3 * 4 * 128 * V + 4 * C * D + 4 * rows * 1536 + 4 * rows * D
+    assert two["loss"].label == "fused CE + exact KL (441 rows x 151,936 per chunk) + teacher rows"
+    assert all(two[k].nbytes == one[k].nbytes for k in one if k != "loss")
+    p0, p1 = plan.plan(base, 24.0), plan.plan(exact, 24.0)
+    assert p0["stage2"]["peak"] == p1["stage2"]["peak"] == "loss"
+    grow = (two["teacher_head"].nbytes + two["loss"].nbytes - one["loss"].nbytes) * (1 + plan.MARGIN) / plan.GIB
+    assert p1["stage2"]["total_gib"] - p0["stage2"]["total_gib"] == pytest.approx(grow, rel=1e-9)
+    head = two["teacher_head"].nbytes * (1 + plan.MARGIN) / plan.GIB
+    assert p1["stage2"]["total_gib"] - p0["stage2"]["total_gib"] == pytest.approx(head, rel=0.15)  # the head dominates
+    assert p1["stage2"]["fits"] and p1["stage2"]["total_gib"] < 5 and p1["stage2"]["max_seq_len"] >= L
+    assert p1["stage1"] == p0["stage1"]
+    table = plan.table(p1)
+    assert "  teacher lm_head (exact KL): 152,064 (config vocab_size) x 3,584, bf16" + " " * 10 + "1.02" in table
+
+    # once Stage 1 has run, the head has the tokenizer's rows (pipeline/teacher/head.py slices it so)
+    write_provenance(cache, tokenizer_size=151665, logits_size=152064, hidden_size=D)
+    item = {i.key: i for i in plan.stage2(exact, s, t, L).items}["teacher_head"]
+    assert item.nbytes == 2 * 151665 * D == 1_087_134_720
+    assert item.label == "teacher lm_head (exact KL): 151,665 (cache's tokenizer size) x 3,584, bf16"
+    # the top-k KL has no teacher head, whatever the cache
+    assert "teacher_head" not in {i.key for i in plan.stage2(base, s, t, L).items}
+    # from a low-rank cache the head is folded into the basis (cache/codecs.py fold): r columns, a float32 bias-sized
+    # offset, and the exact KL's teacher rows are r coefficients (the batch carries them beside the hidden states OT
+    # decodes)
+    low = load_config(MAIN, [f"distill.cache={cache}", "distill.teacher_head=Qwen/Qwen2.5-7B",
+                             "cache.hidden_codec=fisher:512"])
+    three = {i.key: i for i in plan.stage2(low, s, t, L).items}
+    assert three["teacher_head"].nbytes == 2 * 151665 * (512 + 1)
+    assert three["teacher_head"].label == "teacher lm_head (exact KL) folded: 151,665 (cache's tokenizer size) x 512, bf16"
+    assert three["loss"].nbytes == two["loss"].nbytes - 4 * C * (D - 512) - 4 * rows * (D - 512)
+    assert three["batch"].nbytes == two["batch"].nbytes + 4 * L * 512
+
+
+def test_exact_teacher_rows_dtype_and_batch(tmp_path):
+    """The head's rows come from a cache of this teacher only; its width from the checkpoint's torch_dtype (fp32: 4
+    B); w_kl = 0 leaves the exact teacher off; without OT the batch carries the teacher's hidden states instead of
+    the top-k (pipeline/distill/batches.py cache_fields); the JSD holds one more SLICE-row temporary."""
+    other = tmp_path / "other"
+    write_provenance(other, tokenizer_size=128000, logits_size=128256, hidden_size=4096)  # another teacher's cache
+    cfg = load_config(MAIN, [f"distill.cache={other}", "distill.teacher_head=Qwen/Qwen2.5-7B"])
+    t, s = (mm.Arch.from_config(plan.find_config(n), n) for n in (cfg.cache.teacher, cfg.distill.student))
+    assert plan.cached_tokenizer_size(cfg, t) is None
+    (tmp_path / "garbled/train.zarr").mkdir(parents=True)
+    (tmp_path / "garbled/train.zarr/zarr.json").write_text("{")
+    assert plan.cached_tokenizer_size(load_config(MAIN, [f"distill.cache={tmp_path / 'garbled'}"]), t) is None
+
+    fp32 = tmp_path / "teacher32"
+    fp32.mkdir()
+    (fp32 / "config.json").write_text(json.dumps({**plan.find_config("Qwen/Qwen2.5-7B"), "torch_dtype": "float32"}))
+    cfg32 = load_config(MAIN, [f"distill.cache={other}", f"cache.teacher={fp32}", f"distill.teacher_head={fp32}"])
+    t32 = mm.Arch.from_config(plan.find_config(str(fp32)), str(fp32))
+    item = {i.key: i for i in plan.stage2(cfg32, s, t32, 2048).items}["teacher_head"]
+    assert item.nbytes == 4 * 152064 * 3584 and item.label.endswith("x 3,584, fp32")
+
+    off = load_config(MAIN, [f"distill.cache={other}", "distill.teacher_head=Qwen/Qwen2.5-7B", "distill.w_kl=0"])
+    assert "teacher_head" not in {i.key for i in plan.stage2(off, s, t, 2048).items}
+
+    L, k, D = 2048, 64, 3584
+    no_ot = [f"distill.cache={other}", "distill.w_ot=0", "distill.w_ot_logits=0"]
+    topk, exact = ({i.key: i for i in plan.stage2(load_config(MAIN, no_ot + x), s, t, L).items}
+                   for x in ([], ["distill.teacher_head=Qwen/Qwen2.5-7B"]))
+    assert exact["batch"].nbytes - topk["batch"].nbytes == L * (4 * D - 2 * (12 * k + 4))
+    assert topk["batch"].label.endswith("top-k targets)") and exact["batch"].label.endswith("labels, teacher hidden)")
+    jsd = {i.key: i for i in plan.stage2(load_config(MAIN, no_ot + ["distill.teacher_head=Qwen/Qwen2.5-7B",
+                                                                    "distill.jsd_beta=0.5"]), s, t, L).items}
+    assert jsd["loss"].nbytes - exact["loss"].nbytes == 4 * 128 * 151936 and "exact JSD" in jsd["loss"].label

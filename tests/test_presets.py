@@ -201,7 +201,7 @@ def test_preset_runs_stage1_and_stage2_at_the_real_vocabulary(world, preset):
     c = open_cache(Path(cfg.cache.out) / "train.zarr")
     V, logits = len(tok), AutoConfig.from_pretrained(cfg.cache.teacher).vocab_size
     assert (c.provenance["tokenizer_size"], c.provenance["logits_size"]) == (V, logits) and logits > V
-    assert c.k == cfg.cache.k == 64 and c.has_hidden == (cfg.cache.hidden_dtype != "none")
+    assert c.k == cfg.cache.k == 64 and c.has_hidden == (cfg.cache.hidden_codec != "none")
     teacher = AutoModelForCausalLM.from_pretrained(cfg.cache.teacher, dtype=torch.float32).eval()
     for i in range(len(c)):
         s = c.read(i)

@@ -37,7 +37,8 @@ class Batch(TypedDict, total=False):
     teacher_ids: torch.Tensor       # (B, M, k) long        only when KL or OT on logits is on
     teacher_logprobs: torch.Tensor  # (B, M, k) float32     (log-softmax over the full vocabulary)
     teacher_tail: torch.Tensor      # (B, M) float32        log of the mass outside the top-k
-    teacher_hidden: torch.Tensor    # (B, M, D) float32     only when OT on hidden states is on
+    teacher_hidden: torch.Tensor    # (B, M, D) float32     only for OT on hidden states or the exact teacher (decoded)
+    teacher_code: torch.Tensor      # (B, M, r) float32     the exact teacher from a low-rank cache's coefficients
     # cross-tokenizer batches only (pipeline/distill/crosstok.py): input_ids / labels / row_pos are the student's
     # own tokens and rows (B, N); the teacher rows keep their cache order (B, M)
     teacher_mask: torch.Tensor      # (B, M) bool: teacher row exists and lies in the text both sides cover
@@ -46,13 +47,17 @@ class Batch(TypedDict, total=False):
     teacher_sids: torch.Tensor      # (B, M, k) long: teacher top-k ids mapped to student ids, -1 = unmapped
 
 
-def cache_fields(d: DistillConfig) -> list[str]:
-    """Only what the enabled losses need is read from disk (the CE baseline reads no teacher rows at all)."""
+def cache_fields(d: DistillConfig, folded: bool = False) -> list[str]:
+    """Only what the enabled losses need is read from disk (the CE baseline reads no teacher rows at all).
+    folded: the exact teacher reads a low-rank cache's coefficients (its lm_head folded into the code's basis)."""
     fields = ["input_ids", "supervised"]
-    if d.w_kl or d.w_ot_logits or d.w_uld or d.w_tok_ot:
+    exact_kl = bool(d.w_kl and d.teacher_head)  # the exact teacher reads hidden states instead of the top-k
+    if (d.w_kl and not exact_kl) or d.w_ot_logits or d.w_uld or d.w_tok_ot:
         fields += ["topk_ids", "topk_logprobs", "tail_logmass"]
-    if d.w_ot:
+    if d.w_ot or (exact_kl and not folded):
         fields += ["hidden"]
+    if exact_kl and folded:
+        fields += ["hidden_code"]
     return fields
 
 
@@ -97,10 +102,11 @@ def teacher_rows(out: Batch, reads: list[dict], M: int) -> None:
             out["teacher_ids"][b, :r] = torch.as_tensor(x["topk_ids"])
             out["teacher_logprobs"][b, :r] = torch.as_tensor(x["topk_logprobs"])
             out["teacher_tail"][b, :r] = torch.as_tensor(x["tail_logmass"])
-    if "hidden" in reads[0]:
-        out["teacher_hidden"] = torch.zeros(B, M, reads[0]["hidden"].shape[1])
-        for b, x in enumerate(reads):
-            out["teacher_hidden"][b, :len(x["hidden"])] = torch.as_tensor(x["hidden"])
+    for field, key in (("hidden", "teacher_hidden"), ("hidden_code", "teacher_code")):
+        if field in reads[0]:
+            out[key] = torch.zeros(B, M, reads[0][field].shape[1])
+            for b, x in enumerate(reads):
+                out[key][b, :len(x[field])] = torch.as_tensor(x[field])
 
 
 def collate_cross(reads: list[dict], pad_id: int, token_map: torch.Tensor | None) -> Batch:

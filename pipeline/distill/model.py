@@ -5,8 +5,9 @@
     L = w_ce * CE + w_kl * KL + w_ot * OT_hidden + w_ot_logits * OT_logits
 
 computed by the pure functions of pipeline/losses/ from the student's final hidden states: CE + KL chunked
-over rows (`fused_ce_kl`) and OT on logits built only at the teacher's top-k ids (`ot_logits_loss_from_hidden`),
-so no (tokens x vocab) tensor ever exists. Because P is a parameter of this module, Trainer (or DDP) optimises,
+over rows (`fused_ce_kl` on the cached top-k, or `fused_ce_exact_kl` over the whole vocabulary against the
+teacher rebuilt from its cached hidden state when distill.teacher_head is set) and OT on logits built only at
+the teacher's top-k ids (`ot_logits_loss_from_hidden`), so no (tokens x vocab) tensor ever exists. Because P is a parameter of this module, Trainer (or DDP) optimises,
 clips, checkpoints and all-reduces it with the student; nothing about it is special-cased.
 
 Adding a loss term: a pure function in pipeline/losses/, one line in `forward`, one weight in DistillConfig.
@@ -18,6 +19,7 @@ from torch import nn
 
 from pipeline.config import DistillConfig
 from pipeline.distill.batches import gather_rows
+from pipeline.losses.exact_kl import fused_ce_exact_kl
 from pipeline.losses.fused_ce_kl import fused_ce_kl
 from pipeline.losses.crosstok import (bucket_kl, bucket_logprobs, mapped_teacher_buckets, student_topk,
                                       token_ot_loss, uld_loss)
@@ -41,9 +43,16 @@ class DistillModel(nn.Module):
     accepts_loss_kwargs = True  # Trainer passes num_items_in_batch: the optimizer step's supervised tokens
 
     def __init__(self, student: nn.Module, d: DistillConfig, vocab_size: int, projection: torch.Tensor | None,
-                 tok_projection: torch.Tensor | None = None, teacher_embeddings: tuple | None = None):
+                 tok_projection: torch.Tensor | None = None, teacher_embeddings: tuple | None = None,
+                 teacher_head: tuple | None = None):
         super().__init__()
         self.student, self.d, self.vocab_size = student, d, vocab_size
+        # the exact teacher (distill.teacher_head): its lm_head (V, D) (+ bias), or for a low-rank cache that head
+        # folded into the code's basis (V, r) (cache/codecs.py fold); a constant like the cache, not state
+        self.teacher_head = teacher_head is not None
+        if teacher_head is not None:
+            self.register_buffer("teacher_weight", teacher_head[0], persistent=False)
+            self.register_buffer("teacher_bias", teacher_head[1], persistent=False)
         self.projection = None if projection is None else nn.Parameter(projection)
         # token-level OT: P_e (D, d) and the teacher's embedding rows of its cached ids (a constant, not state)
         self.tok_projection = None if tok_projection is None else nn.Parameter(tok_projection)
@@ -55,8 +64,8 @@ class DistillModel(nn.Module):
             self.register_buffer("teacher_emb", rows.float(), persistent=False)
 
     def forward(self, input_ids, attention_mask, row_pos, row_mask, labels=None, teacher_ids=None,
-                teacher_logprobs=None, teacher_tail=None, teacher_hidden=None, teacher_mask=None, student_keep=None,
-                aligned=None, teacher_sids=None, num_items_in_batch=None,
+                teacher_logprobs=None, teacher_tail=None, teacher_hidden=None, teacher_code=None, teacher_mask=None,
+                student_keep=None, aligned=None, teacher_sids=None, num_items_in_batch=None,
                 n_micro: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A `Batch` (pipeline/distill/batches.py) -> (loss, parts): the weighted loss, and every unweighted
         term plus Sinkhorn diagnostics, detached, for logging.
@@ -85,14 +94,22 @@ class DistillModel(nn.Module):
 
         if d.w_ce or d.w_kl:
             targets = gather_rows(input_ids, row_pos + 1)[row_mask]  # (R,) the token each row predicts
-            if teacher_ids is not None:  # (R, k), (R, k), (R,)
-                t_ids, t_lp, t_tail = teacher_ids[row_mask], teacher_logprobs[row_mask], teacher_tail[row_mask]
-            else:  # the CE baseline reads no teacher rows; KL is off, these are never used
-                t_ids = t_lp = t_tail = None
-            ce_kl, terms = fused_ce_kl(rows[row_mask], head.weight, targets, t_ids, t_lp, t_tail,
-                                       row_mask[row_mask], w_ce=d.w_ce, w_kl=d.w_kl, temperature=d.temperature,
-                                       tail=d.kl_tail, reverse=d.kl_reverse, vocab_size=V, num_items=n_items,
-                                       bias=bias)
+            if self.teacher_head and d.w_kl:  # the teacher's exact distribution from its cached hidden state
+                # (or from a low-rank code's coefficients, with the basis folded into teacher_weight: no D-wide h)
+                t_h = (teacher_code if teacher_code is not None else teacher_hidden)[row_mask]  # (R, D) or (R, r)
+                ce_kl, terms = fused_ce_exact_kl(
+                    rows[row_mask], head.weight, t_h, self.teacher_weight, targets,
+                    row_mask[row_mask], w_ce=d.w_ce, w_kl=d.w_kl, temperature=d.temperature, reverse=d.kl_reverse,
+                    jsd_beta=d.jsd_beta, vocab_size=V, num_items=n_items, bias=bias, teacher_bias=self.teacher_bias)
+            else:
+                if teacher_ids is not None:  # (R, k), (R, k), (R,)
+                    t_ids, t_lp, t_tail = teacher_ids[row_mask], teacher_logprobs[row_mask], teacher_tail[row_mask]
+                else:  # the CE baseline reads no teacher rows; KL is off, these are never used
+                    t_ids = t_lp = t_tail = None
+                ce_kl, terms = fused_ce_kl(rows[row_mask], head.weight, targets, t_ids, t_lp, t_tail,
+                                           row_mask[row_mask], w_ce=d.w_ce, w_kl=d.w_kl, temperature=d.temperature,
+                                           tail=d.kl_tail, reverse=d.kl_reverse, vocab_size=V, num_items=n_items,
+                                           bias=bias)
             loss = loss + ce_kl
             # A micro-batch's share of the step's token mean; x n_micro reads as the step's mean in the logs.
             parts.update({k: v * n_micro for k, v in terms.items()})

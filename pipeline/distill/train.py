@@ -16,6 +16,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from cache.codecs import fold
 from cache.errors import CacheMismatchError, OtkdError
 from cache.reader import CacheBlocks, open_cache
 from cache.schema import EMBEDDINGS_FILE
@@ -27,6 +28,7 @@ from pipeline.distill.model import PROJECTION_FILE, TOK_PROJECTION_FILE, Distill
 from pipeline.distill.student import load_student
 from pipeline.losses.ot import init_projection
 from pipeline.models import check_max_length, check_vocab, compute_dtype, load_tokenizer
+from pipeline.teacher.head import load_teacher_head
 
 # Warn (once per run) when more than this share of a logging window's OT problems did not converge.
 SINKHORN_CAPPED_WARN = 0.05
@@ -119,10 +121,11 @@ def _fmt(v) -> str:
     return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def build_model(d: DistillConfig, teacher_hidden_size: int | None, vocab_size: int, seed: int) -> DistillModel:
+def build_model(d: DistillConfig, teacher_hidden_size: int | None, vocab_size: int, seed: int,
+                teacher_head: tuple | None = None) -> DistillModel:
     """The student as distill.* says, P when hidden-state OT is on and P_e (+ the teacher's embedding rows) when
     token-level OT is: read back from distill.student when that is an earlier Stage-2 output with a projection of
-    the right shape (continuing a distillation), else freshly drawn."""
+    the right shape (continuing a distillation), else freshly drawn. teacher_head: (W, b) of the exact teacher."""
     student = load_student(d)
     projections = {}
     gen = torch.Generator().manual_seed(seed)
@@ -134,7 +137,7 @@ def build_model(d: DistillConfig, teacher_hidden_size: int | None, vocab_size: i
             p = load_projection(d.student, name)
             projections[name] = p if p is not None and tuple(p.shape) == shape else init_projection(*shape, gen)
     return DistillModel(student, d, vocab_size, projections.get(PROJECTION_FILE),
-                        projections.get(TOK_PROJECTION_FILE), teacher_emb)
+                        projections.get(TOK_PROJECTION_FILE), teacher_emb, teacher_head)
 
 
 def load_teacher_embeddings(cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,13 +189,31 @@ def run(cfg: Config) -> dict:
         check_max_length(d.student, train_cache.provenance["max_length"], d.student, f"the cache {d.cache}")
     if d.w_ot and not train_cache.has_hidden:
         raise CacheMismatchError(f"distill.w_ot={d.w_ot} needs teacher hidden states, but the cache at "
-                                 f"{train_cache.path} has none (cache.hidden_dtype=none); recache with hidden "
+                                 f"{train_cache.path} has none (cache.hidden_codec=none); recache with hidden "
                                  "states or set distill.w_ot=0")
-    fields = cache_fields(d)
+    teacher_head = None
+    if d.teacher_head and d.w_kl:  # only lm_head, checked against the cache's teacher (pipeline/teacher/head.py)
+        if not train_cache.has_hidden:
+            raise CacheMismatchError(f"distill.teacher_head rebuilds the teacher from its cached hidden states, but the "
+                                     f"cache at {train_cache.path} has none (cache.hidden_codec=none); recache with "
+                                     "hidden states or set distill.teacher_head=''")
+        teacher_head = load_teacher_head(d.teacher_head, train_cache.provenance)
+        shape = tuple(teacher_head[0].shape)
+        if train_cache.basis is not None:  # a low-rank code: its r coefficients, never decoded to D
+            teacher_head = fold(*teacher_head, train_cache.basis)
+            shape = f"{shape} folded into the {train_cache.hidden_codec} basis: {tuple(teacher_head[0].shape)}"
+        print(f"exact teacher: lm_head {shape} {teacher_head[0].dtype} from {d.teacher_head}, hidden states "
+              f"{train_cache.hidden_codec}")
+    folded = teacher_head is not None and train_cache.basis is not None
+    fields = cache_fields(d, folded)
     train_ds = CacheBlocks(train_cache, d.batch_size, fields, d.train_fraction)
     eval_ds = None
     if d.eval_steps:
-        eval_ds = CacheBlocks(open_stage2_cache(Path(d.cache) / "validation.zarr", tokenizer, d), d.batch_size, fields)
+        val_cache = open_stage2_cache(Path(d.cache) / "validation.zarr", tokenizer, d)
+        if folded and (val_cache.basis is None or val_cache.plan_basis != train_cache.plan_basis):
+            raise CacheMismatchError(f"{val_cache.path} was not encoded with the basis of {train_cache.path}: "
+                                     "rerun Stage 1 for both splits in one run")
+        eval_ds = CacheBlocks(val_cache, d.batch_size, fields)
     token_map = None
     if d.cross_tokenizer:  # the student's own tokens and rows, aligned with the teacher's by the text
         teacher_tok = load_teacher_tokenizer(d.cache, train_cache.provenance["tokenizer_hash"])
@@ -203,7 +224,7 @@ def run(cfg: Config) -> dict:
         print(f"cross-tokenizer: {int((token_map >= 0).sum())} of {len(token_map)} teacher tokens map to an "
               "identical student token")
 
-    model = build_model(d, train_cache.provenance.get("hidden_size"), len(tokenizer), cfg.seed)
+    model = build_model(d, train_cache.provenance.get("hidden_size"), len(tokenizer), cfg.seed, teacher_head)
     check_vocab(model.student.config.vocab_size, len(tokenizer), d.student)  # the losses use len(tokenizer)
     trainer = DistillTrainer(model=model, args=training_args(d, cfg.seed), train_dataset=train_ds,
                              eval_dataset=eval_ds, processing_class=tokenizer,

@@ -56,6 +56,24 @@ def _add_exp(dst: torch.Tensor | None, x: torch.Tensor, shift: torch.Tensor, coe
     return dst
 
 
+def _ce_chunk(x: torch.Tensor, tgt: torch.Tensor, c_ce: float, need_grad: bool,
+              dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hard-label CE of one chunk of raw logits x (C, V), targets tgt (C,) with -100 = no CE.
+
+    Returns (sum of the valid rows' NLL, dx) with dx += c_ce * (softmax(x) - onehot(tgt)) on the valid rows when
+    need_grad (dx None -> a new (C, V) buffer; else updated in place), dx unchanged otherwise. x is not modified.
+    """
+    valid = tgt != -100
+    tg = torch.where(valid, tgt, 0)[:, None]  # (C, 1)
+    lse = chunked_logsumexp(x)  # (C, 1)
+    nll = ((lse - x.gather(-1, tg))[:, 0] * valid).sum()
+    if need_grad:
+        coef = (valid.float() * c_ce)[:, None]  # (C, 1)
+        dx = _add_exp(dx, x, lse, coef)  # softmax - onehot, scaled
+        dx.scatter_add_(-1, tg, -coef)
+    return nll, dx
+
+
 class _FusedCEKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, ids, t_lp, t_tail, kl_mask, w_ce, w_kl, tau, tail, reverse, V,
@@ -69,9 +87,7 @@ class _FusedCEKL(torch.autograd.Function):
         need_grad = need_h or need_w or need_b
         bucket = tail == "bucket" and k < V  # k covering the vocabulary: no tail, like topk_kl_loss
 
-        grad_h = torch.zeros(R, d, device=dev, dtype=torch.float32) if need_h else None  # (R, d)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None  # (V_logits, d), trainable W only
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None  # (V_logits,)
+        grads = grad_buffers(h, weight, bias, need_h, need_w, need_b)
         ce_sum = torch.zeros((), device=dev)
         kl_sum = torch.zeros((), device=dev)
         # Per-row gradient scales; a row that does not count gets 0 (its finite garbage-free dz times 0).
@@ -88,15 +104,8 @@ class _FusedCEKL(torch.autograd.Function):
             dx = None
 
             if w_ce:
-                tgt = targets[r0:r0 + chunk_rows]  # (C,)
-                valid = tgt != -100
-                tg = torch.where(valid, tgt, 0)[:, None]  # (C, 1)
-                lse = chunked_logsumexp(x)  # (C, 1)
-                ce_sum += ((lse - x.gather(-1, tg))[:, 0] * valid).sum()
-                if need_grad:
-                    coef = (valid.float() * c_ce)[:, None]  # (C, 1)
-                    dx = _add_exp(dx, x, lse, coef)  # softmax - onehot, scaled
-                    dx.scatter_add_(-1, tg, -coef)
+                nll, dx = _ce_chunk(x, targets[r0:r0 + chunk_rows], c_ce, need_grad, dx)
+                ce_sum += nll
 
             if w_kl:
                 m = kl_mask[r0:r0 + chunk_rows]  # (C,)
@@ -145,30 +154,55 @@ class _FusedCEKL(torch.autograd.Function):
             x = z = None  # z aliases x: drop both, or the next chunk's logits would coexist with these
 
             if dx is not None:
-                if need_h:
-                    grad_h[r0:r0 + chunk_rows] = (dx.to(mm_dtype) @ W).float()  # (C, d)
-                if need_w:
-                    grad_w[:V].addmm_(dx.T, hc.float())  # (V, d) += (V, C) @ (C, d), in float32
-                if need_b:
-                    grad_b[:V] += dx.sum(0)
+                add_chunk_grads(grads, dx, hc, W, r0)
             dx = None  # before the next chunk's matmul, so at most two (C, V) buffers ever live
 
         ce, kl = ce_sum / n_ce, tau ** 2 * kl_sum / n_kl
-        ctx.mark_non_differentiable(ce, kl)  # logged parts only: backward holds one combined gradient
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.done = False
-        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        save_grads(ctx, grads, ce, kl, h, weight, bias)
         return w_ce * ce + w_kl * kl, ce, kl
 
     @staticmethod
     def backward(ctx, g, _g_ce, _g_kl):
-        if ctx.done:
-            raise RuntimeError("fused_ce_kl: backward runs once per forward (its stored gradients are scaled in "
-                               "place so no second V x d buffer exists); recompute the loss instead of "
-                               "retain_graph=True")
-        ctx.done = True
-        grads = [None if x is None else x.mul_(g).to(dt) for x, dt in zip(ctx.saved_tensors, ctx.dtypes)]
-        return (*grads, *[None] * 17)
+        return scaled_grads(ctx, g, "fused_ce_kl")
+
+
+def grad_buffers(h, weight, bias, need_h: bool, need_w: bool, need_b: bool) -> list:
+    """float32 gradient accumulators of the fused losses: h (R, d), and W (V_logits, d) / bias (V_logits,) only
+    when they train (a frozen lm-head under QLoRA: no V x d buffer at all)."""
+    return [torch.zeros(h.shape, device=h.device, dtype=torch.float32) if need_h else None,
+            torch.zeros_like(weight, dtype=torch.float32) if need_w else None,
+            torch.zeros_like(bias, dtype=torch.float32) if need_b else None]
+
+
+def add_chunk_grads(grads: list, dx: torch.Tensor, hc: torch.Tensor, W: torch.Tensor, r0: int) -> None:
+    """A chunk's d loss / d logits dx (C, V) into the accumulators (W: the head's first V rows)."""
+    grad_h, grad_w, grad_b = grads
+    V = W.shape[0]
+    if grad_h is not None:
+        grad_h[r0:r0 + len(hc)] = (dx.to(W.dtype) @ W).float()  # (C, d), the matmul in W's dtype
+    if grad_w is not None:
+        grad_w[:V].addmm_(dx.T, hc.float())  # (V, d) += (V, C) @ (C, d), in float32
+    if grad_b is not None:
+        grad_b[:V] += dx.sum(0)
+
+
+def save_grads(ctx, grads: list, ce: torch.Tensor, kl: torch.Tensor, h, weight, bias) -> None:
+    """Keep the finished gradients for `scaled_grads`; the logged parts get none."""
+    ctx.mark_non_differentiable(ce, kl)  # logged parts only: backward holds one combined gradient
+    ctx.save_for_backward(*grads)
+    ctx.done = False
+    ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+
+
+def scaled_grads(ctx, g: torch.Tensor, name: str) -> tuple:
+    """The backward of a fused loss: its stored gradients times the upstream g, scaled in place (so no second
+    V x d buffer exists); hence once per forward."""
+    if ctx.done:
+        raise RuntimeError(f"{name}: backward runs once per forward (its stored gradients are scaled in place so "
+                           "no second V x d buffer exists); recompute the loss instead of retain_graph=True")
+    ctx.done = True
+    grads = [None if x is None else x.mul_(g).to(dt) for x, dt in zip(ctx.saved_tensors, ctx.dtypes)]
+    return (*grads, *[None] * 17)
 
 
 def fused_ce_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None,
@@ -211,26 +245,34 @@ def fused_ce_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | N
         ids = torch.zeros(R, 1, dtype=torch.long, device=h.device)
         t_lp, t_tail = torch.zeros(R, 1, device=h.device), torch.zeros(R, device=h.device)
         kl_mask = torch.zeros(R, dtype=torch.bool, device=h.device)
+    targets, n_ce, n_kl = targets_and_counts(targets, kl_mask, w_ce, R, h.device, num_items)
+    need_h, need_w, need_b = grad_needs(h, weight, bias)
+    loss, ce, kl = _FusedCEKL.apply(h, weight, bias, targets, ids, t_lp, t_tail, kl_mask, float(w_ce),
+                                    float(w_kl), float(temperature), tail, reverse, V, n_ce, n_kl,
+                                    int(chunk_rows or default_chunk_rows(V)), need_h, need_w, need_b)
+    return loss, loss_parts(w_ce, w_kl, ce, kl)
+
+
+def targets_and_counts(targets, kl_mask: torch.Tensor, w_ce: float, R: int, device, num_items):
+    """(R,) CE targets (all -100 when w_ce is 0) and the CE and KL normalisers (num_items, or the counts)."""
     if w_ce:
         if targets is None:
             raise ValueError("w_ce needs targets")
         targets = targets.reshape(R).long()
     else:
-        targets = torch.full((R,), -100, dtype=torch.long, device=h.device)
-    n_ce = _count(num_items, (targets != -100).sum())
-    n_kl = _count(num_items, kl_mask.sum())
-    grad_on = torch.is_grad_enabled()
-    need_h, need_w = grad_on and h.requires_grad, grad_on and weight.requires_grad
-    need_b = grad_on and bias is not None and bias.requires_grad
-    loss, ce, kl = _FusedCEKL.apply(h, weight, bias, targets, ids, t_lp, t_tail, kl_mask, float(w_ce),
-                                    float(w_kl), float(temperature), tail, reverse, V, n_ce, n_kl,
-                                    int(chunk_rows or default_chunk_rows(V)), need_h, need_w, need_b)
-    parts = {}
-    if w_ce:
-        parts["ce"] = ce.detach()
-    if w_kl:
-        parts["kl"] = kl.detach()
-    return loss, parts
+        targets = torch.full((R,), -100, dtype=torch.long, device=device)
+    return targets, _count(num_items, (targets != -100).sum()), _count(num_items, kl_mask.sum())
+
+
+def grad_needs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, bool, bool]:
+    """Which of h, the head's weight and bias get a gradient (none under no_grad; a frozen head gets no buffer)."""
+    on = torch.is_grad_enabled()
+    return on and h.requires_grad, on and weight.requires_grad, on and bias is not None and bias.requires_grad
+
+
+def loss_parts(w_ce: float, w_kl: float, ce: torch.Tensor, kl: torch.Tensor) -> dict:
+    """The unweighted, detached terms of the nonzero weights, for logging."""
+    return {name: v.detach() for name, w, v in (("ce", w_ce, ce), ("kl", w_kl, kl)) if w}
 
 
 def naive_ce_kl(h, weight, targets=None, teacher_ids=None, teacher_logprobs=None, teacher_tail=None,

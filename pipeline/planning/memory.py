@@ -32,6 +32,8 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 fp32 second-level absmax per 256 blocks = 4.127 bits per weight (QLoRA, Dettmers et al. 2023, section 3)."""
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096  # bitsandbytes 8-bit Adam: blockwise absmax; smaller tensors stay fp32
+STORED_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+"""config.json torch_dtype (transformers >= 4.56 writes it as dtype) -> bytes per element as stored."""
 FUSED_SLICE, FUSED_CHUNK_ELEMS = 128, 2 ** 26  # pipeline/losses/fused_ce_kl.py SLICE, CHUNK_ELEMS (tests check they match)
 
 
@@ -55,6 +57,7 @@ class Arch:
     qk_norm: bool  # Qwen3's per-head RMSNorm on q and k
     max_positions: int
     prequantized: int  # 4 / 8 for a bitsandbytes checkpoint (its config has a quantization_config), else 16
+    stored_dtype: str = "bfloat16"  # the checkpoint's unquantised tensors: config torch_dtype (bf16 if it says none)
 
     @classmethod
     def from_config(cls, cfg: dict, name: str) -> "Arch":
@@ -70,7 +73,8 @@ class Arch:
                    bool(cfg.get("tie_word_embeddings", False)), mt == "qwen2" or attn_bias, attn_bias,
                    mt == "llama" and bool(cfg.get("mlp_bias", False)), mt == "qwen3",
                    cfg.get("max_position_embeddings", 32768),
-                   4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else 16)
+                   4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else 16,
+                   str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"))
 
     def linears(self) -> dict[str, tuple[int, int, bool]]:
         """Per decoder layer: projection -> (in_features, out_features, has bias), as HF's modeling_qwen2/3/llama."""
@@ -90,6 +94,11 @@ class Arch:
         norms = 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
         biases = sum(o for _, o, b in self.linears().values() if b)
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * (norms + biases) + self.hidden
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes per element of an unquantised tensor as the checkpoint stores it (fp32 4, bf16 / fp16 / unknown 2)."""
+        return STORED_BYTES.get(self.stored_dtype, 2)
 
     @property
     def params(self) -> int:
@@ -229,6 +238,35 @@ def fused_loss_bytes(rows: int, vocab: int, vocab_logits: int, d: int, a: int, w
     extra = max(4 * min(FUSED_SLICE, c) * vocab if (w_ce and w_kl and not multi) else 0,
                 a * c * vocab if (a < 4 and multi) else 0)
     return peak + extra + 4 * rows * d + (4 * vocab_logits * d if head_trains else 0)
+
+
+def exact_loss_bytes(rows: int, vocab: int, vocab_logits: int, d: int, D: int, head_trains: bool,
+                     jsd: bool) -> float:
+    """Peak of pipeline/losses/exact_kl.py fused_ce_exact_kl with its divergence on (w_kl > 0; forward + its stored
+    gradients), for `rows` rows: CE + the divergence to the teacher's exact distribution, rebuilt from its hidden
+    states (D wide) by its lm_head.
+
+    Per chunk of C rows (fused_ce_kl's default chunk): the student logits and the teacher's, which become the
+    teacher log-probs and then, in place, the gradient (CE's included): two C x V fp32 buffers; on top of them the
+    divergence's SLICE-row fp32 temporaries, 3 live at most (4 for the JSD, which also holds log m), and the chunk's
+    teacher rows with the uncounted ones zeroed (C x D fp32). Both matmuls run SLICE rows at a time (a bf16 head's
+    S x V output is smaller than those temporaries, and freed before them), and a bf16 student's C x V bf16 copy of
+    the gradient is taken after its logits are freed: neither adds to the peak. Stored: grad_h (R, d) fp32, and
+    grad_W (V_logits, d) fp32 only if the lm_head trains. The teacher's head and hidden states are the caller's
+    (Stage 2: the teacher_head buffer and the batch), counted there.
+    """
+    if not rows:
+        return 0.0
+    c = min(fused_chunk_rows(vocab), rows)
+    temps = 4 * min(FUSED_SLICE, c) * vocab * (4 if jsd else 3)
+    return 4 * c * vocab * 2 + temps + 4 * c * D + 4 * rows * d + (4 * vocab_logits * d if head_trains else 0)
+
+
+def teacher_head_bytes(rows: int, D: int, stored_bytes: int, bias: bool = False) -> float:
+    """The exact teacher's lm_head in Stage 2 (pipeline/teacher/head.py load_teacher_head, a DistillModel buffer):
+    its first `rows` rows (the tokenizer's size) of D, in the checkpoint's dtype, and its bias if it has one (the
+    Qwen2 / Qwen3 / Llama heads have none)."""
+    return stored_bytes * rows * (D + bias)
 
 
 def topk_bytes(rows: int, vocab: int, vocab_logits: int, a: int, chunk_rows: int) -> float:

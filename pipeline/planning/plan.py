@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from cache.codecs import parse as parse_codec
 from pipeline.planning import memory as mm
 from pipeline.config import Config
 
@@ -49,6 +50,12 @@ ASSUMPTIONS = [
      "teacher's top-k ids mapped to student ids are as large as the cached ids; the token-level OT holds Stage 1's "
      "teacher embedding rows of the cached ids (worst case: all V, fp32), and what it saves for its backward is "
      "counted as resident (it runs before the other loss terms); its vocabulary passes are chunked like the loss"),
+    ("exact teacher (distill.teacher_head, w_kl > 0): Stage 2 holds the teacher's lm_head in the checkpoint's dtype "
+     "(config torch_dtype, bf16 if none) with as many rows as the teacher's tokenizer has tokens - the size Stage 1 "
+     "recorded in the cache, or config vocab_size before the cache exists (the label says which); the batch carries "
+     "the teacher's decoded hidden states (fp32), and the loss a gathered copy of the supervised rows'; from a "
+     "low-rank cache (cache.hidden_codec pca/svd/fisher:r) the head is folded into the basis: r columns, and the "
+     "rows are r coefficients"),
 ]
 
 
@@ -99,6 +106,20 @@ def teacher_name(cfg: Config) -> str:
     return c.teacher
 
 
+def cached_tokenizer_size(cfg: Config, t: mm.Arch) -> int | None:
+    """The teacher tokenizer's size as Stage 1 recorded it in the provenance of distill.cache's train split (the rows
+    of the teacher's lm_head that Stage 2 keeps, pipeline/teacher/head.py), if that cache exists and was made by a
+    teacher of t's logits and hidden sizes; else None. Reads the store's zarr.json only (no zarr, no torch)."""
+    f = Path(cfg.distill.cache) / "train.zarr" / "zarr.json"
+    try:
+        prov = json.loads(f.read_text())["attributes"]["provenance"]
+        n = int(prov["tokenizer_size"])
+    except (OSError, ValueError, KeyError, TypeError):  # no cache yet, or not one this planner can read
+        return None
+    same = (prov.get("logits_size"), prov.get("hidden_size")) == (t.vocab, t.hidden)  # this teacher's cache
+    return n if same and 0 < n <= t.vocab else None
+
+
 def dtype_bytes(name: str) -> int:
     return 4 if name == "fp32" else 2  # auto: bf16 on a GPU
 
@@ -130,6 +151,11 @@ def stage2(cfg: Config, s: mm.Arch, t: mm.Arch, seq: int) -> Budget:
     d = cfg.distill
     a, bits = dtype_bytes(d.dtype), s.prequantized if s.prequantized != 16 else d.load_in_bits
     kbit, B, k, cross = bits != 16, d.batch_size, cfg.cache.k, d.cross_tokenizer
+    exact = bool(d.teacher_head and d.w_kl)  # the exact teacher: KL from cached hidden states through its lm_head
+    # a low-rank cache (cache.hidden_codec pca/svd/fisher:r): the head is folded into the code's basis, (V, r) not
+    # (V, D), and the exact KL reads the r coefficients (cache/codecs.py fold)
+    rank = parse_codec(cfg.cache.hidden_codec)[1] if cfg.cache.hidden_codec != "none" else None
+    t_width = rank or t.hidden
     lora = tuple(x for x in d.lora.target_modules if x in s.linears()) if d.mode == "lora" else None
     tokens, res, rows = B * seq, 4 if kbit else a, B * (seq - 1)  # worst case: every position has a row
     # learned D x d projections, fp32: P (teacher hidden states, w_ot), P_e (teacher embedding rows, w_tok_ot)
@@ -159,13 +185,26 @@ def stage2(cfg: Config, s: mm.Arch, t: mm.Arch, seq: int) -> Budget:
         items += [Item("activations", f"activations: {s.layers} layers x {layer / tokens / 1024:.0f} KiB per token",
                        s.layers * layer + out),
                   Item("backward", "backward: one layer's gradients", layer, True)]
-    targets = bool(d.w_kl or d.w_ot_logits or d.w_uld or d.w_tok_ot)  # every teacher-distribution term reads them
+    # every teacher-distribution term reads the top-k (pipeline/distill/batches.py cache_fields), the exact KL not
+    targets = bool((d.w_kl and not exact) or d.w_ot_logits or d.w_uld or d.w_tok_ot)
+    hidden = bool(d.w_ot or (exact and not rank))  # the teacher's hidden states, decoded to fp32 (B, M, D)
+    code = bool(exact and rank)  # or a low-rank code's coefficients (B, M, r) for the folded exact teacher
     mapped = cross and targets  # their ids mapped to student ids (batches.collate_cross): as large as the cached ids
     # cross-tokenizer batches also carry per token the row alignment (long) and two row masks (bool): 10 B
     items.append(Item("batch", "batch on the GPU (ids, labels" + (", top-k targets" if targets else "")
-                      + (", mapped ids" if mapped else "") + (", teacher hidden)" if d.w_ot else ")"),
+                      + (", mapped ids" if mapped else "") + (", teacher hidden" if hidden else "")
+                      + (", teacher code)" if code else ")"),
                       tokens * (34 + 10 * cross + 2 * (12 * k + 4) * targets + 2 * 8 * k * mapped
-                                + 4 * t.hidden * bool(d.w_ot))))
+                                + 4 * t.hidden * hidden + 4 * t_width * code)))
+    if exact:
+        # the teacher's lm_head (pipeline/teacher/head.py), a DistillModel buffer: sliced to the tokenizer's rows
+        n = cached_tokenizer_size(cfg, t)
+        where = "cache's tokenizer size" if n else "config vocab_size"  # no cache yet: the logits width
+        dt = {"float32": "fp32", "float16": "fp16"}.get(t.stored_dtype, "bf16")
+        folded = " folded" if rank else ""  # into the low-rank basis: r columns (see the assumptions)
+        items.append(Item("teacher_head", f"teacher lm_head (exact KL){folded}: {n or t.vocab:,} ({where}) x "
+                          f"{t_width:,}, {dt}", mm.teacher_head_bytes(n or t.vocab, t_width, t.stored_bytes,
+                                                                      bias=bool(rank))))
     if d.w_tok_ot:
         # Stage 1's teacher input-embedding rows of every cached top-k id (pipeline/teacher/cache_teacher.py
         # save_embedding_rows; a DistillModel buffer, fp32) and their index by id: worst case the whole vocabulary
@@ -175,10 +214,18 @@ def stage2(cfg: Config, s: mm.Arch, t: mm.Arch, seq: int) -> Budget:
         items.append(Item("tok_ot", f"token-level OT: saved for its backward ({k} teacher rows of {t.hidden:,} "
                           "per row)", saved))
         tok_work = Item("tok_ot_work", "token-level OT backward (its gradients beyond the saved)", work, True)
-    # Stage 2 has one loss path: CE + KL straight from hidden states in row chunks, never (B, L, V) logits
-    items.append(Item("loss", f"fused CE+KL ({min(mm.fused_chunk_rows(s.vocab), rows):,} rows x {s.vocab:,} "
-                      "per chunk)", mm.fused_loss_bytes(rows, s.vocab, s.vocab, s.hidden, a, d.w_ce, d.w_kl,
-                                                         d.mode == "full"), True))
+    # Stage 2 computes CE + KL straight from hidden states in row chunks, never (B, L, V) logits: against the cached
+    # top-k (fused_ce_kl) or against the exact teacher (fused_ce_exact_kl, which also holds the supervised rows'
+    # teacher hidden states, gathered from the batch: rows x D fp32)
+    chunk = f"{min(mm.fused_chunk_rows(s.vocab), rows):,} rows x {s.vocab:,} per chunk"
+    if exact:
+        div = "JSD" if d.jsd_beta else "reverse KL" if d.kl_reverse else "KL"
+        items.append(Item("loss", f"fused CE + exact {div} ({chunk}) + teacher rows",
+                          mm.exact_loss_bytes(rows, s.vocab, s.vocab, s.hidden, t_width, d.mode == "full",
+                                              bool(d.jsd_beta)) + 4 * rows * t_width, True))
+    else:
+        items.append(Item("loss", f"fused CE+KL ({chunk})", mm.fused_loss_bytes(
+            rows, s.vocab, s.vocab, s.hidden, a, d.w_ce, d.w_kl, d.mode == "full"), True))
     items += [tok_work] if d.w_tok_ot else []
     if d.w_ot or d.w_ot_logits:
         items.append(Item("ot", f"OT: Sinkhorn on {B} x {seq:,} x {seq:,}" + (" + top-k probabilities by block"

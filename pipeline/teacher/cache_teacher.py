@@ -22,10 +22,12 @@ from transformers import AutoConfig
 
 from cache import CacheError, CacheMismatchError, CacheWriter
 from cache.lock import store_lease
-from cache.schema import EMBEDDINGS_FILE, TOKENIZER_DIR
+from cache.codecs import Basis, parse
+from cache.schema import EMBEDDINGS_FILE, TOKENIZER_DIR, canonical, hidden_codec, read_basis, read_root_attrs
 from pipeline.config import Config, save_config
 from pipeline.data.records import IGNORE, fingerprint, load_splits, pad_collate, tokenizer_hash
 from pipeline.models import check_max_length, check_vocab, load_causal_lm, load_tokenizer, model_hash
+from pipeline.teacher.codecs import fit_basis, needs_calibration
 from pipeline.teacher.topk import topk_from_hidden
 
 
@@ -63,7 +65,7 @@ def teacher_rows(model, batch: dict, k: int, vocab_size: int, chunk_rows: int, k
 
 
 def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: dict,
-                replace_mismatched: bool = False) -> Path:
+                replace_mismatched: bool = False, basis: Basis | None = None) -> Path:
     """Cache one split; resumes a partial store and does nothing for a complete, matching one.
 
     `get_model()` loads the teacher on first use, so a wrong or complete output store is reported before
@@ -71,10 +73,7 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
     instead of refusing it (DVC uses it: there a param change is deliberate).
     """
     c = cfg.cache
-    # Storage order = processing order: sorted by length (then id) so that batches waste little padding.
-    lengths, sids = [len(x) for x in ds["input_ids"]], ds["sample_id"]
-    order = sorted(range(len(ds)), key=lambda i: (lengths[i], sids[i]))
-    ds = ds.select(order)
+    ds = storage_order(ds)
     input_ids = [np.asarray(x, dtype=np.int32) for x in ds["input_ids"]]
     labels = ds["labels"]
     supervised = [supervised_rows(torch.tensor([lab]))[0].numpy() for lab in labels]  # (L,) each
@@ -83,8 +82,8 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
         CacheWriter.create_or_resume,
         path, sample_ids=list(ds["sample_id"]), input_ids_per_seq=input_ids, supervised_per_seq=supervised,
         k=c.k, logprob_dtype=c.logprob_dtype,
-        hidden_size=None if c.hidden_dtype == "none" else provenance["hidden_size"],
-        hidden_dtype=None if c.hidden_dtype == "none" else c.hidden_dtype,
+        hidden_size=None if c.hidden_codec == "none" else provenance["hidden_size"],
+        hidden_codec=None if c.hidden_codec == "none" else c.hidden_codec, hidden_basis=basis,
         provenance={**provenance, "split": name, "dataset_fingerprint": fingerprint(ds, cfg.data.template)},
         shard_rows=c.shard_rows)
     # One run per store (cache/lock.py): the lease is taken before create_or_resume reads the shard records
@@ -113,7 +112,7 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
             for b in todo:
                 batch = pad_collate([{"input_ids": input_ids[i], "labels": labels[i]} for i in b],
                                     tokenizer.pad_token_id)
-                out = teacher_rows(get_model(), batch, c.k, len(tokenizer), c.chunk_rows, c.hidden_dtype != "none")
+                out = teacher_rows(get_model(), batch, c.k, len(tokenizer), c.chunk_rows, c.hidden_codec != "none")
                 writer.write_rows(int(row_start[b[0]]), *out)
                 bar.update(sum(len(input_ids[i]) for i in b))
         print(f"cache {path}: done in {time.perf_counter() - t0:.1f}s")
@@ -158,7 +157,11 @@ def run(cfg: Config, replace_mismatched: bool = False) -> None:
     get_model = functools.cache(lambda: load_causal_lm(c.teacher, c.dtype, c.load_in_bits).eval())
 
     with torch.inference_mode():
-        paths = [cache_split(cfg, name, splits[name], get_model, tokenizer, provenance, replace_mismatched)
+        basis = None
+        if c.hidden_codec != "none" and parse(c.hidden_codec)[1]:  # a low-rank code: one basis for every split
+            basis = stored_basis(cfg, provenance) or fit_hidden_basis(cfg, splits[c.splits[0]], get_model,
+                                                                     tokenizer, len(tokenizer))
+        paths = [cache_split(cfg, name, splits[name], get_model, tokenizer, provenance, replace_mismatched, basis)
                  for name in c.splits]
         # What a student with another tokenizer needs besides the stores (pipeline/distill/crosstok.py): the
         # teacher's tokenizer (Stage 2 checks it against each store's tokenizer_hash) and its input-embedding rows
@@ -166,6 +169,59 @@ def run(cfg: Config, replace_mismatched: bool = False) -> None:
         tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
         save_embedding_rows(out / EMBEDDINGS_FILE, paths, get_model)
     save_config(cfg, Path(c.out) / "config.yaml")
+
+
+def storage_order(ds):
+    """Storage order = processing order: sorted by length (then id) so that batches waste little padding."""
+    lengths, sids = [len(x) for x in ds["input_ids"]], ds["sample_id"]
+    return ds.select(sorted(range(len(ds)), key=lambda i: (lengths[i], sids[i])))
+
+
+def stored_basis(cfg: Config, provenance: dict) -> Basis | None:
+    """The basis of a store of this run that already exists (resume, or a split added later): the splits of one
+    cache share one basis, and a resumed store must go on with the one its finished shards were encoded with."""
+    c = cfg.cache
+    for name in c.splits:
+        path = Path(c.out) / f"{name}.zarr"
+        try:
+            attrs = read_root_attrs(path)
+        except CacheError:  # absent, or not a cache: nothing to reuse
+            continue
+        prov = attrs.get("provenance", {})
+        same = all(prov.get(k) == provenance[k] for k in ("teacher_hash", "tokenizer_hash"))
+        if same and hidden_codec(attrs) == c.hidden_codec and prov.get("params") == canonical(provenance["params"]):
+            return read_basis(zarr.open_group(path, mode="r"), attrs)
+    return None
+
+
+def fit_hidden_basis(cfg: Config, ds, get_model, tokenizer, vocab_size: int) -> Basis:
+    """Fit cache.hidden_codec's basis on ~hidden_calibration_rows rows from batches spread over `ds` (a teacher pass
+    of their own: a few percent of the run at the default 16,384 rows) and lm_head's real-token rows."""
+    c = cfg.cache
+    ds = storage_order(ds)
+    model = get_model()
+    head = model.get_output_embeddings()
+    weight, bias = head.weight[:vocab_size], (head.bias[:vocab_size] if head.bias is not None else None)
+    hidden = None
+    if needs_calibration(c.hidden_codec):
+        batches = length_batches([len(x) for x in ds["input_ids"]], c.batch_tokens)
+        rows = [sum(sum(x != IGNORE for x in ds[i]["labels"][1:]) for i in b) for b in batches]
+        want = max(1, -(-c.hidden_calibration_rows * len(batches) // max(sum(rows), 1)))  # batches to run
+        pick = sorted({int(round(x)) for x in np.linspace(0, len(batches) - 1, min(want, len(batches)))})
+        hs = []
+        for j in tqdm(pick, desc=f"calibration ({c.hidden_codec})", unit="batch"):
+            batch = pad_collate([{"input_ids": ds[i]["input_ids"], "labels": ds[i]["labels"]} for i in batches[j]],
+                                tokenizer.pad_token_id)
+            hs.append(teacher_rows(model, batch, 1, vocab_size, c.chunk_rows, True)[3].float().cpu())
+        hidden = torch.cat(hs)[:c.hidden_calibration_rows]  # (n, D) on the CPU: the fit's float64 sums run there
+        if len(hidden) < parse(c.hidden_codec)[1]:
+            raise CacheError(f"cache.hidden_codec={c.hidden_codec}: only {len(hidden)} calibration rows for a rank of "
+                             f"{parse(c.hidden_codec)[1]}; lower the rank or raise cache.hidden_calibration_rows")
+    t0 = time.perf_counter()
+    basis = fit_basis(c.hidden_codec, hidden, weight, bias)
+    print(f"hidden codec {c.hidden_codec}: basis fitted on {0 if hidden is None else len(hidden)} rows in "
+          f"{time.perf_counter() - t0:.1f}s")
+    return basis
 
 
 def cached_ids(paths: list[Path]) -> np.ndarray:
