@@ -45,7 +45,8 @@ class Problem:
     check: str = "files"  # which check found it: files (stat/CRC-32 vs manifest), records, chunks, contract
 
     def line(self) -> str:
-        where = "per-sequence data" if self.shard is None else f"shard {self.shard}"
+        where = f"shard {self.shard}" if self.shard is not None else (
+            "basis" if self.array in BASIS_ARRAYS else "per-sequence data")
         return f"{self.array} {where} (file {self.file}): {self.what}"
 
 

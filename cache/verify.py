@@ -158,7 +158,7 @@ def _read(path: Path, group, name: str, s: int, lo: int, hi: int, out: list):
         return arr[lo:hi]
     except Exception as e:
         shard = None if name in (*manifest.SEQ_ARRAYS, *BASIS_ARRAYS) else s
-        j = s if shard is not None else lo // arr.shards[0]
+        j = s if shard is not None else lo // (arr.shards or arr.chunks)[0]  # the basis arrays are unsharded
         out.append(Problem(name, shard, shard_key(name, j, arr.ndim), decode_failure(e), "chunks"))
         return None
 

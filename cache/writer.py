@@ -34,9 +34,9 @@ from zarr.core.sync import sync
 
 from cache import codecs, manifest
 from cache.errors import CacheMismatchError
-from cache.schema import (FORMAT, LOGPROB_DTYPES, ROW_ARRAYS, ROW_CONTRACT, SCHEMA_VERSION, array_specs,
-                          canonical, canonical_meta, encode_float, first_difference, hidden_codec, make_plan,
-                          n_shards, read_basis, read_root_attrs, short_repr, sid_to_u64, to_numpy)
+from cache.schema import (BASIS_ARRAYS, FORMAT, LOGPROB_DTYPES, ROW_ARRAYS, ROW_CONTRACT, SCHEMA_VERSION,
+                          array_specs, canonical, canonical_meta, encode_float, first_difference, hidden_codec,
+                          make_plan, n_shards, read_basis, read_root_attrs, short_repr, sid_to_u64, to_numpy)
 
 # LocalStore's temp files: "<key>.<32 hex>.partial"; a SIGKILL mid-write leaves one behind.
 _TMP_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -341,11 +341,13 @@ def _repair_on_resume(path: Path, data: dict) -> None:
     A shard whose record exists but whose manifest or files are missing or of the wrong size loses its record
     (and manifest) and the store its `complete` flag; damaged per-sequence data (or array metadata) is
     rewritten here from the inputs, which match the store's plan. Nothing is written when all is well.
+    A low-rank basis is also read back (it is small, and every row is encoded with it): one that does not decode
+    to the inputs' basis, whatever its file size, is rewritten too.
     """
     group = zarr.open_group(path, mode="r+")
     attrs = group.attrs.asdict()
     problems = manifest.check_base(path, attrs)
-    if problems:
+    if problems or not all(_holds(group, n, data[n]) for n in BASIS_ARRAYS if n in data):
         _restore_metadata(path, attrs)
         _write_base(path, group, attrs, data)
     done, unreadable = manifest.read_done(group)
@@ -358,6 +360,14 @@ def _repair_on_resume(path: Path, data: dict) -> None:
         manifest.delete_manifest(path, s)
     if attrs.get("complete"):
         group.attrs["complete"] = False
+
+
+def _holds(group, name: str, values: np.ndarray) -> bool:
+    """Whether array `name` decodes to exactly `values` (False if it is missing or fails its checksum)."""
+    try:
+        return bool(np.array_equal(group[name][...], values))
+    except Exception:
+        return False
 
 
 def _restore_metadata(path: Path, attrs: dict) -> None:

@@ -232,3 +232,36 @@ def test_a_schema_2_store_still_reads(tmp_path):
     for x, y in zip(c.read_many(range(7)), before):
         np.testing.assert_array_equal(x["hidden"], y)
     assert not [p for p in verify(tmp_path / "c.zarr").problems if p.check in ("files", "chunks")]
+
+
+def test_flipped_bytes_in_the_basis_are_found(tmp_path):
+    """The basis decodes every row: a changed byte in it fails its chunk checksum on open and in verify_cache."""
+    w = create(tmp_path / "c.zarr", hidden_codec="pca:4", hidden_basis=random_basis(D, 4))
+    with w:
+        write_all(w, make_rows(w.n_rows))
+    f = tmp_path / "c.zarr/hidden_decoder/c/0/0"
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    f.write_bytes(bytes(b))
+    with pytest.raises(CacheError, match="hidden_decoder .* fails its crc32c checksum"):
+        open_cache(tmp_path / "c.zarr")
+    found = {(p.array, p.shard, p.check) for p in verify(tmp_path / "c.zarr").problems}
+    assert ("hidden_decoder", None, "chunks") in found and ("hidden_decoder", None, "files") in found
+
+
+def test_stage1_repairs_a_damaged_basis_from_the_other_split(tiny, tmp_path):
+    """A changed byte in train.zarr's basis: rerunning Stage 1 takes the (shared) basis from validation.zarr,
+    rewrites the damaged file and leaves a store that verifies clean, with the same basis as before."""
+    cfg = copy.deepcopy(tiny)
+    cfg.cache.hidden_codec, cfg.cache.hidden_calibration_rows = "fisher:8", 300
+    cfg = make_cache(cfg, tmp_path / "c")
+    train = tmp_path / "c/train.zarr"
+    before = open_cache(train).basis.decoder.copy()
+    f = train / "hidden_decoder/c/0/0"
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    f.write_bytes(bytes(b))
+    assert not verify(train).ok
+    make_cache(cfg, tmp_path / "c")
+    assert verify(train).ok
+    np.testing.assert_array_equal(open_cache(train).basis.decoder, before)

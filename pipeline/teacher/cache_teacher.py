@@ -190,7 +190,10 @@ def stored_basis(cfg: Config, provenance: dict) -> Basis | None:
         prov = attrs.get("provenance", {})
         same = all(prov.get(k) == provenance[k] for k in ("teacher_hash", "tokenizer_hash"))
         if same and hidden_codec(attrs) == c.hidden_codec and prov.get("params") == canonical(provenance["params"]):
-            return read_basis(zarr.open_group(path, mode="r"), attrs)
+            try:
+                return read_basis(zarr.open_group(path, mode="r"), attrs)
+            except Exception:  # a damaged basis: another split's store holds the same one; else it is fitted again
+                continue      # (and a store encoded with the lost one no longer matches: it is replaced or refused)
     return None
 
 
