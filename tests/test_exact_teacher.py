@@ -119,7 +119,7 @@ def test_stage2_with_the_exact_teacher_and_its_refusals(cached, tmp_path):
     rows = read_tsv(Path(d.distill.plots) / "train_s.tsv")
     assert len(rows) >= 3 and all(np.isfinite(float(r["kl"])) and float(r["kl"]) > 0 for r in rows)
 
-    wrong = distill_cfg(cfg, tmp_path / "w", teacher_head=cfg.distill.student, max_steps=1)  # the student
+    wrong = distill_cfg(cfg, tmp_path / "w", teacher_head=d.distill.student, max_steps=1)  # the student
     with pytest.raises(CacheMismatchError, match="distill.teacher_head=.* is not the teacher .*teacher_hash"):
         distill.run(wrong)
     none = copy.deepcopy(cached)
