@@ -62,12 +62,14 @@ class CacheWriter:
         self.manifest_seconds = 0.0  # time spent reading back and hashing written shards (bench)
         self._done_arr = group["shard_done"]
         self._done = self._done_arr[:].astype(bool)
+        self._skip = self._done.copy()  # shards whose rows write_rows drops: done, or another rank's (own())
         self.complete = bool(a.get("complete")) and bool(self._done.all())
         self._buf = None  # {name: preallocated (shard_rows, ...) array}, allocated on first use
         self._buf_shard, self._buf_fill = None, 0
         self._spare = None  # the other shard buffer (background mode)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="otkd-cache-write") if background else None
         self._pending = None  # Future of the shard being written in the background
+        self._closed = False
 
     # ---------------------------------------------------------------- creation / resume
     @classmethod
@@ -164,10 +166,28 @@ class CacheWriter:
         os.rename(tmp, path)
         return cls(path, zarr.open_group(path, mode="r+"), resumed=False, background=background)
 
+    @classmethod
+    def open(cls, path, background: bool = True) -> "CacheWriter":
+        """Open a store that `create_or_resume` has just created or repaired, to write some of its shards: the other
+        ranks of a data-parallel Stage 1 (rank 0 creates; each rank then writes only the shards it `own`s)."""
+        return cls(Path(path), zarr.open_group(path, mode="r+"), resumed=True, background=background)
+
+    def own(self, shards) -> None:
+        """Write only these shards (data-parallel Stage 1: each shard has exactly one writer); rows of every other
+        shard are dropped like rows of a completed one. A shard's rows must still arrive contiguously."""
+        owned = np.zeros(len(self._done), dtype=bool)
+        owned[np.asarray(list(shards), dtype=np.int64)] = True
+        self._skip = self._done | ~owned
+
     # ---------------------------------------------------------------- progress
     @property
     def n_shards(self) -> int:
         return len(self._done)
+
+    @property
+    def done(self) -> np.ndarray:
+        """(n_shards,) bool: which shards have their record (as this writer last read or wrote them)."""
+        return self._done.copy()
 
     @property
     def shards_done(self) -> int:
@@ -179,10 +199,11 @@ class CacheWriter:
         return int(todo[0]) * self.shard_rows if len(todo) else self.n_rows
 
     def is_row_range_done(self, start: int, end: int) -> bool:
-        """True iff every row in [start, end) lies in a completed shard (so a batch producing them can be skipped)."""
+        """True iff no row in [start, end) is for this writer to write: each lies in a completed shard, or in
+        another rank's (so a batch producing them can be skipped)."""
         if end <= start:
             return True
-        return bool(self._done[int(start) // self.shard_rows:(int(end) - 1) // self.shard_rows + 1].all())
+        return bool(self._skip[int(start) // self.shard_rows:(int(end) - 1) // self.shard_rows + 1].all())
 
     # ---------------------------------------------------------------- writing
     def write_rows(self, row_start: int, topk_ids, topk_logprobs, tail, hidden=None) -> None:
@@ -228,7 +249,7 @@ class CacheWriter:
             s = pos // self.shard_rows
             s0, s1 = s * self.shard_rows, min((s + 1) * self.shard_rows, self.n_rows)
             take = min(end, s1) - pos
-            if not self._done[s]:
+            if not self._skip[s]:
                 if self._buf_shard != s:
                     if self._buf_shard is not None and self._buf_fill:
                         raise ValueError(f"rows jump to shard {s} while shard {self._buf_shard} has only "
@@ -276,14 +297,19 @@ class CacheWriter:
         manifest.write_manifest(self.path, s, manifest.make_shard_manifest(self.path, self._attrs, s))
         self.manifest_seconds += time.perf_counter() - t0
         self._done_arr[s] = 1  # only now is the shard complete on disk
-        self._done[s] = True
+        self._done[s] = self._skip[s] = True
 
     # ---------------------------------------------------------------- completion
-    def close(self) -> bool:
+    def close(self, mark_complete: bool = True) -> bool:
         """Mark the store complete if every shard is on disk; returns whether it is complete.
 
         Rows buffered for a shard that never filled are dropped (a rerun recomputes that shard).
+        mark_complete=False: only finish this writer's shards (a rank of a data-parallel run; rank 0 calls
+        `finish` once every rank has closed). A second call does nothing.
         """
+        if self._closed:
+            return self.complete
+        self._closed = True
         try:
             self._wait()
         finally:
@@ -292,6 +318,11 @@ class CacheWriter:
             warnings.warn(f"{self.path}: {self._buf_fill} buffered rows of shard {self._buf_shard} dropped at "
                           "close (shard incomplete); rerun to finish the cache", stacklevel=2)
         self._buf, self._spare, self._buf_shard, self._buf_fill = None, None, None, 0
+        return self.finish() if mark_complete else self.complete
+
+    def finish(self) -> bool:
+        """Set the root `complete` attribute iff every shard record is on disk (re-read: other ranks wrote some)."""
+        self._done = self._done_arr[:].astype(bool)
         if self._done.all() and not self.complete:
             self._group.attrs["complete"] = True
             self.complete = True

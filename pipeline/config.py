@@ -303,6 +303,10 @@ class CacheConfig:
     """Teacher compute dtype (see `Dtype`)."""
     load_in_bits: Bits = 16
     """Load the teacher quantised with bitsandbytes (see `Bits`)."""
+    device_map: Literal["", "auto"] = ""
+    """"" = the whole teacher on this process's device (cuda:LOCAL_RANK under torchrun); "auto" = its layers spread
+    over every GPU the process sees, for a teacher that does not fit one (accelerate's device map; run one process
+    per group of GPUs, e.g. torchrun --nproc_per_node=1 on a 2-GPU node, or CUDA_VISIBLE_DEVICES pairs)."""
     batch_tokens: int = 8192
     """Padded tokens per teacher forward (sequences are batched by length)."""
     chunk_rows: int = 1024

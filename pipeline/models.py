@@ -19,7 +19,10 @@ class ModelLoadError(OtkdError, ValueError):
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: under torchrun / accelerate each process of a node has its own GPU (LOCAL_RANK)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def compute_dtype(name: str) -> torch.dtype:
@@ -149,7 +152,7 @@ def quantization(load_in_bits: int, dtype: torch.dtype) -> BitsAndBytesConfig | 
     raise ModelLoadError(f"load_in_bits must be 4, 8 or 16, got {load_in_bits}")
 
 
-def load_causal_lm(path: str, dtype: str = "auto", load_in_bits: int = 16):
+def load_causal_lm(path: str, dtype: str = "auto", load_in_bits: int = 16, device_map: str = ""):
     """AutoModelForCausalLM.from_pretrained on the right device, optionally quantised with bitsandbytes.
 
     A pre-quantised checkpoint (e.g. unsloth/Qwen2.5-1.5B-bnb-4bit) loads with its own quantization_config
@@ -161,6 +164,8 @@ def load_causal_lm(path: str, dtype: str = "auto", load_in_bits: int = 16):
     dev = device()
     placed = q is not None or getattr(_from_pretrained(AutoConfig, path), "quantization_config", None) is not None
     kwargs = {"quantization_config": q} if q is not None else {}
+    if device_map == "auto":
+        return _from_pretrained(AutoModelForCausalLM, path, dtype=dt, device_map="auto", **kwargs)
     model = _from_pretrained(AutoModelForCausalLM, path, dtype=dt, device_map={"": dev} if placed else None, **kwargs)
     return model if placed else model.to(dev)
 

@@ -5,6 +5,7 @@ j+1, and a row exists iff token j+1 is supervised. The batch plan is a pure func
 config, so a rerun after a crash recomputes exactly the same batches and the resumed store is bit-identical
 to an uninterrupted one.
 """
+import contextlib
 import functools
 import os
 import shutil
@@ -27,6 +28,7 @@ from cache.schema import EMBEDDINGS_FILE, TOKENIZER_DIR, canonical, hidden_codec
 from pipeline.config import Config, save_config
 from pipeline.data.records import IGNORE, fingerprint, load_splits, pad_collate, tokenizer_hash
 from pipeline.models import check_max_length, check_vocab, load_causal_lm, load_tokenizer, model_hash
+from pipeline.teacher import parallel
 from pipeline.teacher.codecs import fit_basis, needs_calibration
 from pipeline.teacher.topk import topk_from_hidden
 
@@ -88,35 +90,80 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
         shard_rows=c.shard_rows)
     # One run per store (cache/lock.py): the lease is taken before create_or_resume reads the shard records
     # and released only after the writer is closed, so a second run can neither snapshot shard_done while this
-    # one is writing nor rewrite the shards it finishes. A crashed run's lease goes with its process.
-    with store_lease(path):
-        try:
-            writer = create()
-        except CacheMismatchError as e:
-            if not replace_mismatched:
-                raise
-            print(f"cache {path}: replacing a store made with other inputs ({e})")
-            shutil.rmtree(path)
-            writer = create()
+    # one is writing nor rewrite the shards it finishes. A crashed run's lease goes with its process. Under
+    # torchrun rank 0 holds it for the job and creates or repairs the store; the other ranks join after it
+    # (pipeline/teacher/parallel.py).
+    rank, world = parallel.world()
+    with contextlib.ExitStack() as held:
+        def open_writer() -> CacheWriter:
+            held.enter_context(store_lease(path))
+            if rank > 0:
+                return CacheWriter.open(path)
+            try:
+                return create()
+            except CacheMismatchError as e:
+                if not replace_mismatched:
+                    raise
+                print(f"cache {path}: replacing a store made with other inputs ({e})")
+                shutil.rmtree(path)
+                return create()
+
+        writer = parallel.rank0_first(open_writer)
         if writer.complete:
-            print(f"cache {path}: complete and up to date, nothing to do")
+            if rank == 0:
+                print(f"cache {path}: complete and up to date, nothing to do")
+            parallel.barrier()  # rank 0 keeps the lease until every rank has checked it
             return path
         rows_per_seq = np.array([s.sum() for s in supervised])
         row_start = np.r_[0, np.cumsum(rows_per_seq)]
+        # The plan depends on the data and batch_tokens only (never on the world size): every row comes out of the
+        # same batch whichever rank computes it, so the store is the same for any number of ranks.
         batches = length_batches([len(x) for x in input_ids], c.batch_tokens)
-        todo = [b for b in batches if not writer.is_row_range_done(row_start[b[0]], row_start[b[-1] + 1])]
+        rows = [(int(row_start[b[0]]), int(row_start[b[-1] + 1])) for b in batches]
+        n_all = sum(len(input_ids[i]) for b, (r0, r1) in zip(batches, rows) for i in b
+                    if not writer.is_row_range_done(r0, r1))  # what one process would run
+        if world > 1:
+            cost = parallel.shard_costs(rows, [len(b) * max(len(input_ids[i]) for i in b) for b in batches],
+                                        writer.shard_rows, writer.n_shards)
+            owned = parallel.assign_shards(cost, np.flatnonzero(~writer.done), world)
+            writer.own(owned[rank])
+        todo = [b for b, (r0, r1) in zip(batches, rows) if not writer.is_row_range_done(r0, r1)]
         n_tok = sum(len(input_ids[i]) for b in todo for i in b)
-        print(f"cache {path}: {len(ds)} sequences, {row_start[-1]} rows, {len(todo)}/{len(batches)} batches to run")
+        who = f"rank {rank}/{world}: {len(owned[rank])} of {writer.n_shards} shards, " if world > 1 else ""
+        print(f"cache {path}: {who}{len(ds)} sequences, {row_start[-1]} rows, {len(todo)}/{len(batches)} batches "
+              "to run")
         t0 = time.perf_counter()
-        with writer, tqdm(total=n_tok, unit="tok", unit_scale=True, desc=f"teacher {name}") as bar:
+        with writer, tqdm(total=n_tok, unit="tok", unit_scale=True, desc=f"teacher {name}", disable=rank > 0) as bar:
             for b in todo:
                 batch = pad_collate([{"input_ids": input_ids[i], "labels": labels[i]} for i in b],
                                     tokenizer.pad_token_id)
                 out = teacher_rows(get_model(), batch, c.k, len(tokenizer), c.chunk_rows, c.hidden_codec != "none")
                 writer.write_rows(int(row_start[b[0]]), *out)
                 bar.update(sum(len(input_ids[i]) for i in b))
-        print(f"cache {path}: done in {time.perf_counter() - t0:.1f}s")
+            writer.close(mark_complete=world == 1)
+        seconds = time.perf_counter() - t0
+        if world > 1:  # every rank has written and closed its shards; rank 0 keeps the lease until then
+            stats = parallel.gather((n_tok, seconds))
+            if rank == 0:
+                done = writer.finish()
+                report_balance(path, stats, n_all)
+                if not done:
+                    raise CacheError(f"cache {path}: shards missing after every rank finished; rerun Stage 1")
+            parallel.barrier()
+        print(f"cache {path}: done in {seconds:.1f}s")
         return path
+
+
+def report_balance(path: Path, stats: list[tuple[int, float]], n_all: int) -> None:
+    """Rank 0's summary of a data-parallel split: tokens and seconds per rank, the imbalance (max / mean) and the
+    share computed twice (batches straddling two ranks' shards; n_all = the tokens one process would run)."""
+    tok = np.array([t for t, _ in stats], dtype=float)
+    sec = np.array([s for _, s in stats], dtype=float)
+    per = ", ".join(f"{int(t)} tok in {s:.1f}s" for t, s in stats)
+    imb = lambda x: x.max() / x.mean() if x.mean() > 0 else 1.0  # noqa: E731
+    print(f"cache {path}: ranks ran {per}; imbalance (max/mean) {imb(tok):.3f} in tokens, {imb(sec):.3f} in time; "
+          f"{tok.sum() / max(n_all, 1) - 1:.1%} of the tokens run twice (batches across two ranks' shards); "
+          f"{n_all / max(sec.max(), 1e-9):.0f} tok/s in total")
 
 
 def run(cfg: Config, replace_mismatched: bool = False) -> None:
@@ -151,24 +198,34 @@ def run(cfg: Config, replace_mismatched: bool = False) -> None:
         "tokenizer_size": len(tokenizer), "logits_size": teacher_cfg.vocab_size,
         "hidden_size": teacher_cfg.hidden_size, "template": cfg.data.template,
         "max_length": cfg.data.max_length,
-        # what shapes the stored values; `out` and `splits` only say where and which, so they may change
-        "params": {k: v for k, v in asdict(c).items() if k not in ("out", "splits")},
+        # what shapes the stored values; `out`, `splits` and `device_map` only say where and which, so they may change
+        "params": {k: v for k, v in asdict(c).items() if k not in ("out", "splits", "device_map")},
     }
-    get_model = functools.cache(lambda: load_causal_lm(c.teacher, c.dtype, c.load_in_bits).eval())
+    get_model = functools.cache(lambda: load_causal_lm(c.teacher, c.dtype, c.load_in_bits, c.device_map).eval())
 
-    with torch.inference_mode():
-        basis = None
-        if c.hidden_codec != "none" and parse(c.hidden_codec)[1]:  # a low-rank code: one basis for every split
-            basis = stored_basis(cfg, provenance) or fit_hidden_basis(cfg, splits[c.splits[0]], get_model,
-                                                                     tokenizer, len(tokenizer))
-        paths = [cache_split(cfg, name, splits[name], get_model, tokenizer, provenance, replace_mismatched, basis)
-                 for name in c.splits]
-        # What a student with another tokenizer needs besides the stores (pipeline/distill/crosstok.py): the
-        # teacher's tokenizer (Stage 2 checks it against each store's tokenizer_hash) and its input-embedding rows
-        # of every id in a cached top-k (the token-level OT places the teacher's distribution at them).
-        tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-        save_embedding_rows(out / EMBEDDINGS_FILE, paths, get_model)
-    save_config(cfg, Path(c.out) / "config.yaml")
+    parallel.init()  # under torchrun: each rank writes its own shards of every split (pipeline/teacher/parallel.py)
+    rank, _ = parallel.world()
+    try:
+        with torch.inference_mode():
+            basis = None
+            if c.hidden_codec != "none" and parse(c.hidden_codec)[1]:  # a low-rank code: one basis for every split
+                # fitted (or read back) by rank 0, sent to the others: every rank encodes with the very same basis
+                basis = parallel.broadcast(parallel.rank0_first(
+                    lambda: (stored_basis(cfg, provenance) or fit_hidden_basis(cfg, splits[c.splits[0]], get_model,
+                                                                              tokenizer, len(tokenizer)))
+                    if rank == 0 else None))
+            paths = [cache_split(cfg, name, splits[name], get_model, tokenizer, provenance, replace_mismatched,
+                                 basis) for name in c.splits]
+            if rank == 0:
+                # What a student with another tokenizer needs besides the stores (pipeline/distill/crosstok.py): the
+                # teacher's tokenizer (Stage 2 checks it against each store's tokenizer_hash) and its input-embedding
+                # rows of every id in a cached top-k (the token-level OT places the teacher's distribution at them).
+                tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+                save_embedding_rows(out / EMBEDDINGS_FILE, paths, get_model)
+                save_config(cfg, Path(c.out) / "config.yaml")
+        parallel.barrier()
+    finally:
+        parallel.shutdown()
 
 
 def storage_order(ds):
