@@ -49,7 +49,8 @@ class DistillTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Micro-batches in this optimizer step, over all data-parallel ranks: the OT terms are per-sequence
         # means, so each micro-batch contributes 1/n_micro of them (CE/KL are normalised by num_items_in_batch).
-        n_micro = self.current_gradient_accumulation_steps * self.accelerator.num_processes if model.training else 1
+        world = self.accelerator.num_processes
+        n_micro = self.current_gradient_accumulation_steps * world if model.training else 1
         loss, parts = model(**inputs, num_items_in_batch=num_items_in_batch, n_micro=n_micro)
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items() if not k.startswith("sinkhorn_"))
@@ -59,6 +60,10 @@ class DistillTrainer(Trainer):
         mode = "train" if model.training else "eval"
         for k, v in parts.items():
             self._parts[mode][k].append(v.item())
+        if model.training:
+            # The loss is this rank's share of the step's global mean, and DDP *averages* the ranks' gradients:
+            # x world makes the sum over ranks (what Trainer's own compute_loss does with num_items_in_batch).
+            loss = loss * world
         return (loss, {"loss": loss}) if return_outputs else loss  # evaluation reads outputs as a mapping
 
     def log(self, logs: dict, start_time=None) -> None:
@@ -66,7 +71,12 @@ class DistillTrainer(Trainer):
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         if mode == "eval" or "loss" in logs:  # not the end-of-training summary
             prefix = "eval_" if mode == "eval" else ""
-            logs.update({prefix + k: sum(v) / len(v) for k, v in self._parts[mode].items() if v})
+            means = {k: sum(v) / len(v) for k, v in self._parts[mode].items() if v}
+            if self.accelerator.num_processes > 1 and means:  # every rank logs at the same step: average them
+                keys = sorted(means)
+                t = self.accelerator.reduce(torch.tensor([means[k] for k in keys], device=self.args.device), "mean")
+                means = dict(zip(keys, t.tolist()))
+            logs.update({prefix + k: v for k, v in means.items()})
             self._parts[mode].clear()
             self._warn_unconverged(logs)
         super().log(logs, start_time)
@@ -104,7 +114,7 @@ class CurvesCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         rows = [r for r in state.log_history if "loss" in r]
-        if not rows:
+        if not rows or not state.is_world_process_zero:  # one writer: rank 0
             return
         first, last = ["step", "epoch", "loss", *COMPONENTS], ["learning_rate", "grad_norm"]
         rest = sorted({k for r in rows for k in r} - set(first) - set(last))  # any other term, Sinkhorn diagnostics
@@ -170,12 +180,16 @@ def training_args(d: DistillConfig, seed: int) -> TrainingArguments:
         save_strategy="steps" if d.save_steps else "no", save_steps=d.save_steps or 500, save_total_limit=2,
         eval_strategy="steps" if d.eval_steps else "no", eval_steps=d.eval_steps or None,
         prediction_loss_only=True, remove_unused_columns=False,  # the collator's teacher tensors must survive
+        # data-parallel (torchrun / accelerate launch): the buffers are constants (the exact teacher's lm_head is
+        # 1 GB at 7B), DDP must not re-send them from rank 0 at every forward
+        ddp_broadcast_buffers=False,
         average_tokens_across_devices=True,  # num_items_in_batch counts every rank's rows (see compute_loss)
         dataloader_num_workers=d.num_workers, dataloader_pin_memory=torch.cuda.is_available(),
         logging_first_step=True, report_to=[] if d.report_to == "none" else [d.report_to], disable_tqdm=False,
         logging_nan_inf_filter=False, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        # without CUDA, Trainer accepts bf16 autocast only when told to run on the CPU
-        use_cpu=dtype != torch.float32 and not torch.cuda.is_available())
+        # without CUDA: the CPU, as pipeline.models.device() says (Trainer accepts bf16 autocast only when told, and
+        # only then does accelerate join torchrun's processes as a multi-CPU gloo group)
+        use_cpu=not torch.cuda.is_available())
 
 
 def run(cfg: Config) -> dict:
@@ -242,13 +256,15 @@ def run(cfg: Config) -> dict:
     except NonFiniteLossError:
         sys.stderr.write("\n")  # end the progress bar's line so that the error gets a line of its own
         raise
-    model.save_pretrained(out, tokenizer)
-    save_config(cfg, out / "config.yaml")
+    if trainer.is_world_process_zero():  # data-parallel: every rank holds the same weights, rank 0 saves them
+        model.save_pretrained(out, tokenizer)
+        save_config(cfg, out / "config.yaml")
     last = [r for r in trainer.state.log_history if "loss" in r]
     metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
                **{k: last[-1][k] for k in COMPONENTS if last and k in last[-1]}}
     if not all(math.isfinite(v) for v in metrics.values()):
         raise NonFiniteLossError(f"non-finite training metrics {metrics}")
-    print(f"distill: {trainer.state.global_step} steps, train loss {result.training_loss:.4f}; saved to {out}; "
-          f"curves in {curves_path(d)}")
+    if trainer.is_world_process_zero():
+        print(f"distill: {trainer.state.global_step} steps, train loss {result.training_loss:.4f}; saved to {out}; "
+              f"curves in {curves_path(d)}")
     return metrics
