@@ -37,8 +37,9 @@ created by a rename and may be deleted by --replace-mismatched, so it cannot car
   then MASTER_ADDR:MASTER_PORT (unique among live jobs on one host) is appended so two jobs still differ.
 
 Limit: flock is per host and only reliable on a local filesystem. On NFS (Linux emulates flock with POSIX byte
-range locks there, depending on client and server) and on object storage (no locks at all) another mechanism
-is needed (a later issue); ranks on other hosts cannot see rank 0's flock either.
+range locks there, depending on client and server) two runs on two hosts may both get it, and on object storage
+there are no locks at all. Ranks of a multi-node job on other hosts than
+rank 0 check the holder's JSON (its run id) instead of the flock, which they may not see.
 
 Only the standard library: the cache package never imports pipeline or stages.
 """
@@ -213,7 +214,17 @@ class StoreLease:
 
     # ------------------------------------------------------------------ rank > 0
     def _check_joined(self) -> None:
-        """Rank > 0: the lease must be held (a shared non-blocking flock fails) by rank 0 of this very job."""
+        """Rank > 0: the lease must be held (a shared non-blocking flock fails) by rank 0 of this very job. A rank
+        on another host than rank 0 (a multi-node job on a shared filesystem) cannot see rank 0's flock on every
+        filesystem (NFS mounted with local_lock=flock keeps it per host): there the holder's JSON, written under
+        the lock and naming this job's run id, is the check."""
+        holder = read_holder(self.store)
+        if holder is not None and holder.get("host") != socket.gethostname():
+            if holder.get("run_id") != self.run_id:
+                raise CacheLockedError(
+                    f"teacher cache {self.store} is being written by another Stage-1 run ({_describe(holder)}), not "
+                    f"by rank 0 of this run ({self.run_id}); wait for it to finish or stop it")
+            return
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

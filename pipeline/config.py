@@ -430,9 +430,11 @@ class DistillConfig:
     lr: float = 2e-3
     """Peak learning rate of the student weights (or adapters) and of P (cosine schedule with warmup)."""
     batch_size: int = 64
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch, per process (one block of neighbouring cache entries). Data-parallel (torchrun /
+    accelerate launch): the optimizer step takes batch_size x processes x grad_accum sequences."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step (CE/KL stay token means over the whole step)."""
+    """Micro-batches per optimizer step and process (CE/KL stay token means over the whole step, OT terms
+    sequence means, across all processes)."""
     warmup_ratio: float = 0.05
     """Fraction of steps spent warming the learning rate up, in [0, 1)."""
     num_workers: int = 0

@@ -1,6 +1,9 @@
 """Stage 1: run the teacher alone and write its top-k log-probs, tail mass and hidden states to Zarr.
 
     python -m stages.cache_teacher [--teacher PATH] [--k 64] [--set cache.batch_tokens=8192]
+    # data-parallel, one process per GPU (each writes whole shards of its own; the store is the same as one
+    # process's, and a killed job resumes at any number of GPUs):
+    torchrun --nproc_per_node=8 -m stages.cache_teacher --params params.yaml
 """
 import typer
 
@@ -22,7 +25,8 @@ def main(
         False, help="Delete an existing store made from another teacher/tokenizer/data/params instead of "
                     "refusing it (dvc.yaml sets this; a store from the same inputs is always resumed)."),
 ):
-    """Cache the teacher's targets for the configured splits; resumes an interrupted run."""
+    """Cache the teacher's targets for the configured splits; resumes an interrupted run. Under torchrun
+    (torchrun --nproc_per_node=G -m stages.cache_teacher ...) each process writes its own shards of the same store."""
     with clear_errors():
         cfg = config(params, overrides, {"cache.teacher": teacher, "cache.out": out, "cache.k": k,
                                          "cache.hidden_codec": hidden_codec})

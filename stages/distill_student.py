@@ -6,6 +6,8 @@
     # the CE-only baseline: the same stage with every teacher term off and its own output folder
     python -m stages.distill_student --set distill.w_kl=0 --set distill.w_ot=0 --set distill.w_ot_logits=0 \\
         --out artifacts/student_ce
+    # data-parallel, one process per GPU: global batch = distill.batch_size x GPUs x distill.grad_accum
+    torchrun --nproc_per_node=8 -m stages.distill_student      # or: accelerate launch -m stages.distill_student
 """
 import typer
 
@@ -30,7 +32,8 @@ def main(
     resume: bool = typer.Option(None, "--resume/--no-resume",
                                 help="Continue from the newest checkpoint in <out>/checkpoints (distill.resume)."),
 ):
-    """Distil the cached teacher into the student; the teacher model itself is never loaded."""
+    """Distil the cached teacher into the student; the teacher model itself is never loaded. Data-parallel under
+    torchrun or accelerate launch (global batch = distill.batch_size x processes x distill.grad_accum)."""
     with clear_errors():
         cfg = config(params, overrides, {
             "distill.student": student, "distill.cache": cache, "distill.out": out, "distill.mode": mode,

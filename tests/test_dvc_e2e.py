@@ -4,24 +4,27 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ModelShape, load_config, save_config
-from tests.conftest import ROOT, commit_all, copy_project, ran, sh
+from pipeline.config import load_config, save_config
+from tests.conftest import ROOT, commit_all, copy_project, ran, sh, small_config
 
 STAGE2 = {"distill_student", "distill_student_ce", "distill_student_x", "distill_student_x_ce", "evaluate"}
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    """The project's tracked files in a fresh git repo, with params shrunk to a ~1-minute pipeline."""
+    """The project's tracked files in a fresh git repo, with params shrunk to the tests' sizes (tests/conftest.py
+    small_config: a 300-record task, 1-2 layer models, one epoch each): this test is about DVC's plumbing (every stage
+    runs, writes what dvc.yaml declares, reruns only what a change affects); quality is the ablation's business."""
     dst = copy_project(tmp_path_factory.mktemp("repo"))
     cfg = load_config(ROOT / "params.yaml")
-    # an easier task, learnt in ~40 s
-    cfg.prepare.task, cfg.prepare.n_examples, cfg.prepare.n_digits = "digit_sum", 3000, 4
-    cfg.prepare.teacher = ModelShape(64, 2, 4, 2, 256)
-    cfg.prepare.student = ModelShape(64, 1, 4, 2, 128)
-    cfg.finetune.epochs, cfg.finetune.lr, cfg.finetune.eval_examples = 20, 3e-3, 100
-    cfg.distill.epochs = 4
-    cfg.evaluate.eval_examples = 100
+    small = small_config(Path("/unused"))
+    cfg.prepare.task, cfg.prepare.n_digits, cfg.prepare.n_examples = "digit_sum", 6, 300
+    cfg.prepare.tokenizer_vocab = small.prepare.tokenizer_vocab
+    cfg.prepare.teacher, cfg.prepare.student = small.prepare.teacher, small.prepare.student
+    cfg.finetune.epochs, cfg.finetune.batch_size, cfg.finetune.eval_examples = 1, 32, 16
+    cfg.cache.k, cfg.cache.shard_rows = small.cache.k, small.cache.shard_rows
+    cfg.distill.epochs, cfg.distill.batch_size = 1.0, 32
+    cfg.evaluate.eval_examples, cfg.evaluate.batch_size, cfg.evaluate.max_new_tokens = 16, 32, 16
     save_config(cfg, dst / "params.yaml")
     commit_all(dst)
     return dst
@@ -33,8 +36,8 @@ def test_repro_runs_everything_then_nothing_then_only_stage2(repo):
     assert ran(log) == {"prepare", "finetune_teacher", "cache_teacher"} | STAGE2
     m = json.loads((repo / "artifacts/metrics/metrics.json").read_text())
     base, distilled = m["student_base"], m["student_distilled"]
-    assert distilled["accuracy"] > base["accuracy"]
-    assert distilled["kl_teacher"] < base["kl_teacher"]
+    assert distilled["kl_teacher"] < base["kl_teacher"] and distilled["perplexity"] < base["perplexity"]
+    assert all(0 <= v["accuracy"] <= 1 for v in m.values() if isinstance(v, dict) and "accuracy" in v)
     for name in ("student_x", "student_x_ce"):  # its own tokenizer: no cache metrics, bits per character
         assert m[name]["kl_teacher"] is None and 0 < m[name]["bits_per_char"] < m["student_base"]["bits_per_char"]
     assert (repo / "artifacts/metrics/metrics.md").exists() and (repo / "artifacts/metrics/curves.png").exists()

@@ -113,6 +113,22 @@ def test_ranks_of_the_holding_run_pass_others_are_refused(holder, monkeypatch):
     assert read_holder(store)["pid"] == proc.pid
 
 
+def test_a_rank_on_another_host_checks_the_holders_run_id(tmp_path, monkeypatch):
+    """Multi-node: rank 0's flock may be invisible from another host (NFS with local_lock=flock), so a rank there
+    trusts the holder's JSON when it names its own job, and is refused when it names another."""
+    store = tmp_path / "s.zarr"
+    lease = store_lease(store, run_id="job1", rank=0).acquire()
+    try:
+        monkeypatch.setattr("socket.gethostname", lambda: "node-7")  # this rank runs on another host ...
+        monkeypatch.setattr("cache.lock.fcntl.flock", lambda fd, op: None)  # ... where rank 0's flock is invisible
+        with store_lease(store, run_id="job1", rank=9) as other:
+            assert not other.held
+        with pytest.raises(CacheLockedError, match="run job1.*not by rank 0 of this run \\(job2\\)"):
+            store_lease(store, run_id="job2", rank=9).acquire()
+    finally:
+        lease.release()
+
+
 def test_rank_without_a_lease_is_refused(tmp_path):
     store = tmp_path / "s.zarr"
     with pytest.raises(CacheLockedError, match="no lease"):  # no lock file yet

@@ -3,9 +3,10 @@ each rank writes.
 
 Design (cache/writer.py says why a shard must have one writer): the batch plan (`cache_teacher.length_batches`)
 depends on the data and `cache.batch_tokens` only, never on the world size, and every stored row comes out of the
-same batch whoever computes it. Each rank writes only the shards it owns; a batch whose rows straddle two shards of
-different ranks is computed by both (each keeps its own rows): a batch per shard boundary at most, and the store is
-bit-identical for every world size and to a single-process run. Rank 0 creates or repairs the store, the other
+same batch whoever computes it. Each rank writes only the shards it owns, a contiguous run of similar cost; a batch
+whose rows straddle the last shard of one rank and the first of the next is computed by both (each keeps its own
+rows): world size - 1 batches at most, and the store is bit-identical for every world size and to a single-process
+run. Rank 0 creates or repairs the store, the other
 ranks open it after it, and rank 0 sets `complete` once every rank has closed. Resume works at any world size: the
 shards without a record are dealt out again.
 
@@ -92,13 +93,21 @@ def shard_costs(batch_rows: list[tuple[int, int]], batch_cost: list[int], shard_
 
 
 def assign_shards(cost: np.ndarray, todo: np.ndarray, world_size: int) -> list[list[int]]:
-    """Deal the shards `todo` (indices) out to `world_size` ranks with similar total cost: longest first, each to
-    the least loaded rank (ties: the lower rank). Sequences are stored sorted by length, so contiguous blocks of
-    shards would give the last rank the longest sequences. Deterministic; each rank's shards in increasing order."""
-    load = np.zeros(world_size, dtype=np.int64)
-    owned = [[] for _ in range(world_size)]
-    for s in sorted((int(s) for s in todo), key=lambda s: (-int(cost[s]), s)):
-        r = int(np.argmin(load))
-        owned[r].append(s)
-        load[r] += cost[s]
-    return [sorted(o) for o in owned]
+    """Deal the shards `todo` (indices) out to `world_size` ranks as contiguous runs of similar total cost: rank r's
+    run ends where the cumulative cost comes nearest to (r + 1) / world_size of the total. Sequences are stored
+    sorted by length, so runs of equal shard counts would give the last rank the longest sequences; cutting by cost
+    keeps every rank within one shard's cost of the mean. Contiguous, because a batch straddling two shards of
+    different ranks runs on both: with runs that happens world_size - 1 times, not at every shard boundary.
+    Deterministic; each rank's shards in increasing order (a rank may get none when shards are fewer than ranks)."""
+    todo = np.sort(np.asarray(todo, dtype=np.int64))
+    cum = np.cumsum(cost[todo]) if len(todo) else np.zeros(0)
+    total = cum[-1] if len(cum) else 0
+    cuts = [0]
+    for r in range(1, world_size):
+        target = total * r / world_size
+        i = int(np.searchsorted(cum, target))  # first shard whose cumulative cost reaches the target
+        if i < len(cum) and (i == 0 or abs(cum[i] - target) <= abs(cum[i - 1] - target)):
+            i += 1  # ending the run after shard i comes nearer to the target than before it
+        cuts.append(min(max(i, cuts[-1]), len(todo)))
+    cuts.append(len(todo))
+    return [todo[a:b].tolist() for a, b in zip(cuts[:-1], cuts[1:])]
