@@ -8,7 +8,8 @@ thread (the per-process rate a GPU box multiplies by its GPUs) and with one proc
 machine can do at best), so the table shows what data parallelism costs and what it cannot buy here.
 
 Setup: the embedded default's task and model shapes (params.yaml: 4 x 128 teacher, 2 x 64 student), random-init
-teacher (Stage 1's speed does not depend on what it knows), `--examples` records built in a temp folder.
+teacher (Stage 1's speed does not depend on what it knows), `--examples` records built in a temp folder, cache
+shards of 4,096 rows (the default 65,536 would make this split one shard: nothing to share between ranks).
 
 Stage 1: `python -m stages.cache_teacher` and `torchrun --nproc_per_node=2 -m stages.cache_teacher` over the train
 split; tokens/s over the teacher passes of the run (its own "done in" time: model loading and process start are
@@ -39,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import Config, load_config, save_config  # noqa: E402
 
 RESULTS = ROOT / "bench/results"
+# ~16 shards for the default 6,000 records (66k rows): the unit ranks share (a 10^8-token run has ~1,500 of 65,536)
+SHARD_ROWS = 4096
 
 
 def env(threads: int) -> dict:
@@ -75,6 +78,7 @@ def stage1(cfg: Config, tmp: Path) -> list[dict]:
                                  ("2 processes x 1 thread", 2, 1)):
         c = copy.deepcopy(cfg)
         c.cache.out, c.cache.splits = str(tmp / f"cache_{nproc}_{threads}"), ["train"]
+        c.cache.shard_rows = SHARD_ROWS
         save_config(c, tmp / "s1.yaml")
         log = launch(nproc, "stages.cache_teacher", tmp / "s1.yaml", threads)
         secs = max(float(x) for x in re.findall(r"done in ([\d.]+)s", log))
@@ -198,6 +202,7 @@ def main():
         cfg.data.path = cfg.prepare.out_data
         cfg.cache.teacher = str(tmp / "base/teacher")
         cfg.distill.student, cfg.distill.cache = str(tmp / "base/student"), str(tmp / "cache_1_1")
+        cfg.cache.shard_rows = SHARD_ROWS
         prepare.run(cfg)
         t0 = time.time()
         results = {"machine": f"{os.cpu_count()} cores", "examples": args.examples,

@@ -43,6 +43,7 @@ rank 0 check the holder's JSON (its run id) instead of the flock, which they may
 
 Only the standard library: the cache package never imports pipeline or stages.
 """
+import contextlib
 import errno
 import fcntl
 import json
@@ -50,6 +51,7 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -264,10 +266,16 @@ class StoreLease:
         return False
 
 
-def store_lease(store, run_id: str | None = None, rank: int | None = None) -> StoreLease:
+def store_lease(store, run_id: str | None = None, rank: int | None = None):
     """Context manager: hold the lease of `store` (rank 0) or check that this job holds it (rank > 0).
 
     `run_id` defaults to the job's id (TORCHELASTIC_RUN_ID, else a fresh uuid), `rank` to env RANK (else 0).
-    Raises CacheLockedError, naming the holder, when another run holds it.
+    Raises CacheLockedError, naming the holder, when another run holds it. A store on an fsspec URL (object
+    storage) has no locks: nothing is taken, and a warning says that one Stage-1 job per store is the user's to keep.
     """
+    if "://" in str(store):
+        if (rank if rank is not None else default_rank()) == 0:
+            warnings.warn(f"teacher cache {store}: object storage has no locks, so nothing stops a second Stage-1 run "
+                          "on this store; run one job per store at a time", stacklevel=2)
+        return contextlib.nullcontext()
     return StoreLease(store, run_id, rank)

@@ -13,26 +13,22 @@ reads it (`zarr.open_group(store)["manifest/3"].attrs`) and every object stays a
                  crc32c of such a file is a constant (CRC residue; measured: every shard file gives 7059f117),
                  so it would detect nothing. zlib.crc32 runs at ~3.8 GB/s here (blake2b ~0.85 GB/s).
 A shard counts as done only if its record, its manifest and its files with the manifest's sizes all exist.
-Each manifest is one file replaced atomically (temp file + rename, like LocalStore's writes).
+Each manifest is one file replaced atomically (temp file + rename, like LocalStore's writes; one PUT on object
+storage). Stores on fsspec URLs are checked the same way (cache/location.py).
 """
 import json
-import os
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
-
-import zlib
 
 import numpy as np
 
-from cache import codecs
+from cache import codecs, location
+from cache.location import join
 from cache.schema import BASIS_ARRAYS, ROW_ARRAYS, SEQ_SHARD, hidden_codec, shard_key
 
 MANIFEST = "manifest"
 BASE = "base"
 SEQ_ARRAYS = ("sample_ids", "token_offsets", "row_offsets", "input_ids", "supervised")
 ROW_NDIM = {"topk_ids": 2, "topk_logprobs": 2, "tail_logmass": 1, "hidden": 2, "hidden_scale": 1}
-_BLOCK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -51,11 +47,7 @@ class Problem:
 
 
 def crc32_file(path) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            crc = zlib.crc32(block, crc)
-    return f"{crc:08x}"
+    return location.crc32(path)
 
 
 def row_arrays(attrs: dict) -> list[str]:
@@ -93,18 +85,18 @@ def base_files(attrs: dict) -> list[tuple[str, str]]:
     return out
 
 
-def _entry(root: Path, array: str, rel: str) -> dict:
-    p = root / rel
-    return {"array": array, "file": rel, "bytes": p.stat().st_size, "crc32": crc32_file(p)}
+def _entry(root, array: str, rel: str) -> dict:
+    p = join(root, rel)
+    return {"array": array, "file": rel, "bytes": location.size(p), "crc32": crc32_file(p)}
 
 
 def make_shard_manifest(root, attrs: dict, s: int) -> dict:
     return {"kind": "shard", "shard": s, "rows": list(shard_rows(attrs, s)),
-            "files": [_entry(Path(root), a, f) for a, f in shard_files(attrs, s)]}
+            "files": [_entry(root, a, f) for a, f in shard_files(attrs, s)]}
 
 
 def make_base_manifest(root, attrs: dict) -> dict:
-    return {"kind": "base", "files": [_entry(Path(root), a, f) for a, f in base_files(attrs)]}
+    return {"kind": "base", "files": [_entry(root, a, f) for a, f in base_files(attrs)]}
 
 
 def manifest_file(key) -> str:
@@ -112,31 +104,24 @@ def manifest_file(key) -> str:
 
 
 def write_manifest(root, key, doc: dict) -> None:
-    d = Path(root) / MANIFEST / str(key)
-    d.mkdir(parents=True, exist_ok=True)
     data = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": doc}, indent=1, sort_keys=True)
-    tmp = d / f"zarr.json.{uuid.uuid4().hex}.partial"  # the name the writer's stale-temp-file sweep knows
-    tmp.write_text(data)
-    os.replace(tmp, d / "zarr.json")
+    location.write_atomic(join(root, manifest_file(key)), data.encode())
 
 
 def read_manifest(root, key) -> dict | None:
     """The manifest's document, or None if it is missing or unreadable."""
     try:
-        doc = json.loads((Path(root) / manifest_file(key)).read_text())["attributes"]
+        doc = json.loads(location.read_bytes(join(root, manifest_file(key))))["attributes"]
         return doc if isinstance(doc.get("files"), list) else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
 def delete_manifest(root, key) -> None:
-    try:
-        os.remove(Path(root) / manifest_file(key))
-    except FileNotFoundError:
-        pass
+    location.remove(join(root, manifest_file(key)))
 
 
-def _check_files(root: Path, doc: dict, expected, shard, hashes: bool) -> list[Problem]:
+def _check_files(root, doc: dict, expected, shard, hashes: bool, files: dict | None) -> list[Problem]:
     by_file = {e.get("file"): e for e in doc["files"] if isinstance(e, dict)}
     out = []
     for array, rel in expected:
@@ -145,41 +130,41 @@ def _check_files(root: Path, doc: dict, expected, shard, hashes: bool) -> list[P
             out.append(Problem(array, shard, rel, "not listed in its manifest"))
             continue
         try:
-            size = (root / rel).stat().st_size
-        except FileNotFoundError:
+            size = location.size(join(root, rel)) if files is None else files[rel]
+        except (FileNotFoundError, KeyError):
             out.append(Problem(array, shard, rel, f"file missing (manifest: {e.get('bytes')} bytes)"))
             continue
         if size != e.get("bytes"):
             out.append(Problem(array, shard, rel, f"{size} bytes, manifest says {e.get('bytes')} (truncated or "
                                                   "rewritten)"))
-        elif hashes and (got := crc32_file(root / rel)) != e.get("crc32"):
+        elif hashes and (got := crc32_file(join(root, rel))) != e.get("crc32"):
             out.append(Problem(array, shard, rel, f"crc32 {got} != manifest {e.get('crc32')} (bytes changed "
                                                   "on disk)"))
     return out
 
 
-def check_base(root, attrs: dict, hashes: bool = False) -> list[Problem]:
-    root = Path(root)
+def check_base(root, attrs: dict, hashes: bool = False, files: dict | None = None) -> list[Problem]:
+    """files: {relative path: bytes} of the store in one listing (a remote store), else each file is stat'ed."""
     doc = read_manifest(root, BASE)
     if doc is None:
         return [Problem("manifest", None, manifest_file(BASE), "manifest missing or unreadable")]
-    return _check_files(root, doc, base_files(attrs), None, hashes)
+    return _check_files(root, doc, base_files(attrs), None, hashes, files)
 
 
-def check_shard(root, attrs: dict, s: int, hashes: bool = False) -> list[Problem]:
-    root = Path(root)
+def check_shard(root, attrs: dict, s: int, hashes: bool = False, files: dict | None = None) -> list[Problem]:
     doc = read_manifest(root, s)
     if doc is None:
         return [Problem("manifest", s, manifest_file(s), "completion record without a manifest (missing or "
                                                          "unreadable)")]
-    return _check_files(root, doc, shard_files(attrs, s), s, hashes)
+    return _check_files(root, doc, shard_files(attrs, s), s, hashes, files)
 
 
 def check_store(root, attrs: dict, done, hashes: bool = False) -> list[Problem]:
     """Problems of the base files and of every shard marked done (stat only unless hashes=True)."""
-    out = check_base(root, attrs, hashes)
+    files = location.listing(root)  # a remote store: one listing instead of a request per file
+    out = check_base(root, attrs, hashes, files)
     for s in np.flatnonzero(np.asarray(done)):
-        out += check_shard(root, attrs, int(s), hashes)
+        out += check_shard(root, attrs, int(s), hashes, files)
     return out
 
 

@@ -12,14 +12,13 @@ one-line `CacheCorruptError` naming the array, shard and file and the repair com
 """
 import asyncio
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 from zarr.core.sync import sync
 
-from cache import codecs, manifest
+from cache import codecs, location, manifest
 from cache.errors import CacheCorruptError, CacheError, CacheMismatchError
 from cache.schema import (BASIS_ARRAYS, FIELDS, canonical, canonical_meta, decode_float, hidden_codec, read_basis,
                           read_root_attrs, shard_key, short_repr, sid_to_u64, u64_to_sid)
@@ -66,8 +65,8 @@ def open_cache(path, expect: dict | None = None) -> "TeacherCache":
     expect: {key: value} checked against the store's provenance (or, for keys not in it, the root attributes
     such as k or logprob_dtype); a difference raises CacheMismatchError naming the key and both values.
     """
-    path = Path(path)
-    if not path.exists():
+    path = location.loc(path)
+    if not location.exists(path):
         raise CacheError(f"no teacher cache at {path} — run `{STAGE1}` first")
     attrs = read_root_attrs(path)
     group = zarr.open_group(path, mode="r")
@@ -98,8 +97,8 @@ def describe(path) -> dict:
 
     Two stores (or a store and a request) hold the same teacher targets iff these dicts are equal.
     """
-    path = Path(path)
-    if not path.exists():
+    path = location.loc(path)
+    if not location.exists(path):
         raise CacheError(f"no teacher cache at {path} — run `{STAGE1}` first")
     return canonical_meta(read_root_attrs(path))
 
@@ -129,7 +128,7 @@ class TeacherCache:
     """
 
     def __init__(self, path, attrs: dict):
-        self.path, self.attrs = Path(path), attrs
+        self.path, self.attrs = location.loc(path), attrs
         self.k, self.provenance = attrs["k"], attrs["provenance"]
         g = zarr.open_group(self.path, mode="r")
         self._sids = read_checked(self.path, g["sample_ids"], "sample_ids")

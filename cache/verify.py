@@ -23,7 +23,7 @@ import zarr
 from tqdm.auto import tqdm
 from zarr.core.sync import sync
 
-from cache import manifest
+from cache import location, manifest
 from cache.errors import CacheError
 from cache.manifest import Problem
 from cache.reader import STAGE1, VERIFY, decode_failure
@@ -90,8 +90,8 @@ class Report:
 
 def verify(path, quick: bool = False, progress: bool = True) -> Report:
     """Check a store (see the module docstring); raises CacheError only if `path` is not an otkd cache."""
-    path = Path(path)
-    if not path.exists():
+    path = location.loc(path)
+    if not location.exists(path):
         raise CacheError(f"no teacher cache at {path} — run `{STAGE1}` first")
     t0 = time.perf_counter()
     attrs = read_root_attrs(path)
@@ -102,7 +102,7 @@ def verify(path, quick: bool = False, progress: bool = True) -> Report:
                      for s in unreadable]
     rep.not_done = int((~done).sum()) - len(unreadable)
     total = sum(_listed_bytes(path, key) for key in [manifest.BASE, *map(int, np.flatnonzero(done))])
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {path.name}", disable=not progress,
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {location.name(path)}", disable=not progress,
               leave=False) as bar:
         found = manifest.check_base(path, attrs, hashes=not quick)
         rep.problems += found
@@ -125,7 +125,7 @@ def verify(path, quick: bool = False, progress: bool = True) -> Report:
 
 def repair(path, report: Report) -> list[str]:
     """Drop the completion records of everything `report` found bad; returns what was done (one line each)."""
-    path = Path(path)
+    path = location.loc(path)
     shards = sorted({p.shard for p in report.problems if p.shard is not None})
     base = any(p.shard is None for p in report.problems)
     if not shards and not base:

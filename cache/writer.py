@@ -32,7 +32,8 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from cache import codecs, manifest
+from cache import codecs, location, manifest
+from cache.location import is_url, join
 from cache.errors import CacheMismatchError
 from cache.schema import (BASIS_ARRAYS, FORMAT, LOGPROB_DTYPES, ROW_ARRAYS, ROW_CONTRACT, SCHEMA_VERSION,
                           array_specs, canonical, canonical_meta, encode_float, first_difference, hidden_codec,
@@ -85,7 +86,7 @@ class CacheWriter:
         Raises CacheMismatchError naming the first differing field when `path` holds a cache made from other
         inputs, and CacheError when it holds something that is not an otkd cache.
         """
-        path = Path(path)
+        path = location.loc(path)
         hidden_codec = None if hidden_codec in (None, "none") else hidden_codec
         if logprob_dtype not in LOGPROB_DTYPES:
             raise ValueError(f"logprob_dtype={logprob_dtype!r}: use one of {sorted(LOGPROB_DTYPES)}")
@@ -124,7 +125,7 @@ class CacheWriter:
                          shard_rows=shard_rows, basis_arrays=basis)
         want = {"schema_version": SCHEMA_VERSION, "plan": plan, "provenance": canonical(provenance)}
 
-        if path.exists():
+        if location.exists(path):
             have = canonical_meta(read_root_attrs(path))
             for section in ("provenance", "plan"):
                 # who made it first (teacher, tokenizer, data), so the message names the cause, not a symptom
@@ -138,30 +139,31 @@ class CacheWriter:
                     raise CacheMismatchError(
                         f"output path {path} holds a cache from {what} ({section}.{field}: stored {short_repr(old)} "
                         f"!= requested {short_repr(new)}); delete it or choose another path")
-            _remove_stale_temp_files(path)
+            if not is_url(path):
+                _remove_stale_temp_files(path)
             _repair_on_resume(path, {"sample_ids": sids, "token_offsets": token_offsets, "row_offsets": row_offsets,
                                      "input_ids": input_ids, "supervised": supervised, **basis})
             return cls(path, zarr.open_group(path, mode="r+"), resumed=True, background=background)
 
-        tmp = path.with_name(path.name + ".creating")
-        if tmp.exists():  # a creation killed midway; the name is ours, but never delete someone else's data
-            if (tmp / "zarr.json").exists():
-                read_root_attrs(tmp)
-            shutil.rmtree(tmp)
         attrs = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "row_contract": ROW_CONTRACT,
                  **{key: plan[key] for key in ("k", "logprob_dtype", "hidden_codec", "hidden_size", "shard_rows")},
                  "n_sequences": n, "n_tokens": plan["n_tokens"], "n_rows": plan["n_rows"],
                  "n_shards": n_shards(plan["n_rows"], shard_rows), "plan": plan,
                  "provenance": want["provenance"], "complete": False}
-        group = zarr.open_group(tmp, mode="w-", attributes=attrs)
-        specs = array_specs(n, plan["n_tokens"], plan["n_rows"], k=k, logprob_dtype=logprob_dtype,
-                            hidden_codec=hidden_codec, hidden_size=hidden_size, shard_rows=shard_rows)
-        for name, spec in specs.items():
-            group.create_array(name, **spec)
-        group.create_group(manifest.MANIFEST)
-        _write_base(tmp, group, attrs, {"sample_ids": sids, "token_offsets": token_offsets,
-                                        "row_offsets": row_offsets, "input_ids": input_ids, "supervised": supervised,
-                                        **basis})
+        base = {"sample_ids": sids, "token_offsets": token_offsets, "row_offsets": row_offsets, "input_ids": input_ids,
+                "supervised": supervised, **basis}
+        if is_url(path):
+            # Object storage has no directory rename: the store is created in place, `manifest/base` written last.
+            # A creation killed midway leaves a store with the right attributes and a missing or short base
+            # manifest, which the resume above repairs from the inputs like any damaged per-sequence data.
+            _create(path, attrs, base, n, plan, k, logprob_dtype, hidden_codec, hidden_size, shard_rows)
+            return cls(path, zarr.open_group(path, mode="r+"), resumed=False, background=background)
+        tmp = path.with_name(path.name + ".creating")
+        if tmp.exists():  # a creation killed midway; the name is ours, but never delete someone else's data
+            if (tmp / "zarr.json").exists():
+                read_root_attrs(tmp)
+            shutil.rmtree(tmp)
+        _create(tmp, attrs, base, n, plan, k, logprob_dtype, hidden_codec, hidden_size, shard_rows)
         path.parent.mkdir(parents=True, exist_ok=True)
         os.rename(tmp, path)
         return cls(path, zarr.open_group(path, mode="r+"), resumed=False, background=background)
@@ -170,7 +172,8 @@ class CacheWriter:
     def open(cls, path, background: bool = True) -> "CacheWriter":
         """Open a store that `create_or_resume` has just created or repaired, to write some of its shards: the other
         ranks of a data-parallel Stage 1 (rank 0 creates; each rank then writes only the shards it `own`s)."""
-        return cls(Path(path), zarr.open_group(path, mode="r+"), resumed=True, background=background)
+        path = location.loc(path)
+        return cls(path, zarr.open_group(path, mode="r+"), resumed=True, background=background)
 
     def own(self, shards) -> None:
         """Write only these shards (data-parallel Stage 1: each shard has exactly one writer); rows of every other
@@ -357,11 +360,23 @@ def _remove_stale_temp_files(path: Path) -> None:
                 os.remove(os.path.join(root, f))
 
 
-def _write_base(root: Path, group, attrs: dict, data: dict) -> None:
+def _create(root, attrs: dict, base: dict, n: int, plan: dict, k: int, logprob_dtype: str, hidden_codec, hidden_size,
+            shard_rows: int) -> None:
+    """A new store at `root`: root attributes, every array, the per-sequence data and the base manifest (last)."""
+    group = zarr.open_group(root, mode="w-", attributes=attrs)
+    specs = array_specs(n, plan["n_tokens"], plan["n_rows"], k=k, logprob_dtype=logprob_dtype,
+                        hidden_codec=hidden_codec, hidden_size=hidden_size, shard_rows=shard_rows)
+    for name, spec in specs.items():
+        group.create_array(name, **spec)
+    group.create_group(manifest.MANIFEST)
+    _write_base(root, group, attrs, base)
+
+
+def _write_base(root, group, attrs: dict, data: dict) -> None:
     """Write the per-sequence and token arrays, then record every file creation made in manifest/base."""
     for name, values in data.items():
         # zarr reads an existing shard even when a write covers it: a damaged one must not be merged in
-        shutil.rmtree(Path(root) / name / "c", ignore_errors=True)
+        location.remove_tree(join(root, name, "c"))
         group[name].with_config({"write_empty_chunks": True})[:] = values
     manifest.write_manifest(root, manifest.BASE, manifest.make_base_manifest(root, attrs))
 
@@ -413,9 +428,10 @@ def _restore_metadata(path: Path, attrs: dict) -> None:
             if spec is not None:
                 g.create_array(name, **spec)
             want = (Path(tmp) / "m.zarr" / name / "zarr.json").read_bytes()
-            have = path / name / "zarr.json"
-            if not have.exists() or have.read_bytes() != want:
-                have.parent.mkdir(parents=True, exist_ok=True)
-                part = have.with_name(f"zarr.json.{os.urandom(16).hex()}.partial")
-                part.write_bytes(want)
-                os.replace(part, have)
+            have = join(path, name, "zarr.json")
+            try:
+                same = location.read_bytes(have) == want
+            except FileNotFoundError:
+                same = False
+            if not same:
+                location.write_atomic(have, want)

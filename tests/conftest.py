@@ -21,6 +21,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach a model 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files holding slow tests first (their order otherwise kept): on the suite's two xdist workers (one file at a
+    time each) the long end-to-end tests then start at once instead of forming the tail of the run."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 def small_config(tmp: Path) -> Config:
     """The embedded default shrunk so each stage takes seconds; every path points into `tmp`."""
     cfg = Config()

@@ -55,6 +55,7 @@ def single(tiny, tmp_path_factory):
     return tmp / "cache"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_any_world_size_writes_the_single_process_store(tiny, single, tmp_path, world):
     out = tmp_path / "cache"
@@ -68,6 +69,7 @@ def test_any_world_size_writes_the_single_process_store(tiny, single, tmp_path, 
         assert filecmp.cmp(single / f, out / f, shallow=False), f
 
 
+@pytest.mark.slow
 def test_a_killed_rank_then_another_world_size_ends_identical(tiny, single, tmp_path):
     """SIGKILL one rank of a 2-rank job mid-run (torchrun stops the other): the store is incomplete, never read as
     complete; rerun with 3 ranks: they write only the missing shards, with the stored basis, and the store is

@@ -62,6 +62,7 @@ def train(cached, tmp: Path, launcher: str | None, mode: str, **kw) -> Path:
     return tmp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher, mode", [("torchrun", "full"), ("accelerate", "full"), ("torchrun", "lora4")])
 def test_two_ranks_train_like_one_process_with_both_blocks(cached, one_process, tmp_path, launcher, mode):
     one = one_process(mode)

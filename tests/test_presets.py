@@ -188,6 +188,7 @@ def preset_config(world, preset: str):
     return load_config(ROOT / f"params/{preset}.yaml", [f"{k}={v}" for k, v in sets.items()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_preset_runs_stage1_and_stage2_at_the_real_vocabulary(world, preset):
     toks = world[1]
@@ -256,6 +257,7 @@ def cross_world(tmp_path_factory):
                                build(student, qwen, tmp / "student_base", 9))}
 
 
+@pytest.mark.slow
 def test_cross_tokenizer_preset_runs_stage1_and_stage2_on_each_sides_tokenizer(cross_world):
     """The Llama 3.1 -> Qwen2.5 preset. Stage 1: the teacher's top-k over its own 128,256 ids (no padded columns),
     all the mass on real tokens, on sequences of its own tokenizer and chat template (BOS, header tokens, EOT).

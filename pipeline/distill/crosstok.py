@@ -19,12 +19,15 @@ SentencePiece's "▁" / <0xNN> decoded to bytes first); strings that are not uni
 and special tokens map only to a student special token, of the same spelling or the same role (eos, pad, bos,
 unk), never to an ordinary token. -1 = unmapped.
 """
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cache import location
 from cache.errors import CacheMismatchError, OtkdError
+from cache.location import is_url, join, loc
 from cache.reader import CacheBlocks
 from cache.schema import TOKENIZER_DIR
 from pipeline.data.records import load_splits, render, tokenizer_hash
@@ -209,11 +212,15 @@ def load_teacher_tokenizer(cache_dir: str | Path, want_hash: str):
     """The teacher tokenizer Stage 1 saved beside the stores, checked against the stores' tokenizer_hash."""
     from transformers import AutoTokenizer
 
-    path = Path(cache_dir) / TOKENIZER_DIR
-    if not (path / "tokenizer_config.json").exists():
+    path = join(loc(cache_dir), TOKENIZER_DIR)
+    if not location.exists(join(path, "tokenizer_config.json")):
         raise CacheMismatchError(f"the teacher cache at {cache_dir} has no saved teacher tokenizer ({path}); it was "
                                  "made before cross-tokenizer support: rerun Stage 1 (python -m stages.cache_teacher)")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    if is_url(path):  # a remote cache: the few tokenizer files are copied here first
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = AutoTokenizer.from_pretrained(str(location.download(path, Path(tmp) / TOKENIZER_DIR)))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path))
     if tokenizer_hash(tok) != want_hash:
         raise CacheMismatchError(f"the teacher tokenizer saved in {path} (hash {tokenizer_hash(tok)}) is not the one the "
                                  f"cache was made with (hash {want_hash}); rerun Stage 1")

@@ -17,7 +17,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from cache.codecs import fold
+from cache import location
 from cache.errors import CacheMismatchError, OtkdError
+from cache.location import join, loc
 from cache.reader import CacheBlocks, open_cache
 from cache.schema import EMBEDDINGS_FILE
 from pipeline.config import Config, DistillConfig, save_config
@@ -152,17 +154,17 @@ def build_model(d: DistillConfig, teacher_hidden_size: int | None, vocab_size: i
 
 def load_teacher_embeddings(cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (n,), rows (n, D)): the teacher's input-embedding rows of its cached ids, saved by Stage 1."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    f = Path(cache_dir) / EMBEDDINGS_FILE
-    if not f.exists():
+    f = join(loc(cache_dir), EMBEDDINGS_FILE)
+    if not location.exists(f):
         raise CacheMismatchError(f"distill.w_tok_ot needs the teacher's embedding rows ({f}), which Stage 1 writes "
                                  "since cross-tokenizer support: rerun Stage 1 (python -m stages.cache_teacher)")
-    t = load_file(str(f))
+    t = load(location.read_bytes(f))
     return t["ids"], t["weight"]
 
 
-def open_stage2_cache(path: Path, tokenizer, d: DistillConfig):
+def open_stage2_cache(path, tokenizer, d: DistillConfig):
     """The cache, checked against the student's tokenizer (same-tokenizer runs) or as it is (cross-tokenizer runs:
     its own teacher tokenizer is checked when it is loaded)."""
     return open_cache(path) if d.cross_tokenizer else open_checked(path, tokenizer, d.student)
@@ -198,7 +200,7 @@ def run(cfg: Config) -> dict:
     out = Path(d.out)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(d.student)
-    train_cache = open_stage2_cache(Path(d.cache) / "train.zarr", tokenizer, d)
+    train_cache = open_stage2_cache(join(loc(d.cache), "train.zarr"), tokenizer, d)  # a folder or an fsspec URL
     if "max_length" in train_cache.provenance:  # the cached sequences are at most this long
         check_max_length(d.student, train_cache.provenance["max_length"], d.student, f"the cache {d.cache}")
     if d.w_ot and not train_cache.has_hidden:
@@ -223,7 +225,7 @@ def run(cfg: Config) -> dict:
     train_ds = CacheBlocks(train_cache, d.batch_size, fields, d.train_fraction)
     eval_ds = None
     if d.eval_steps:
-        val_cache = open_stage2_cache(Path(d.cache) / "validation.zarr", tokenizer, d)
+        val_cache = open_stage2_cache(join(loc(d.cache), "validation.zarr"), tokenizer, d)
         if folded and (val_cache.basis is None or val_cache.plan_basis != train_cache.plan_basis):
             raise CacheMismatchError(f"{val_cache.path} was not encoded with the basis of {train_cache.path}: "
                                      "rerun Stage 1 for both splits in one run")

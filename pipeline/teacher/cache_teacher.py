@@ -8,7 +8,7 @@ to an uninterrupted one.
 import contextlib
 import functools
 import os
-import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from cache import CacheError, CacheMismatchError, CacheWriter
+from cache import CacheError, CacheMismatchError, CacheWriter, location
+from cache.location import is_url, join, loc
 from cache.lock import store_lease
 from cache.codecs import Basis, parse
 from cache.schema import EMBEDDINGS_FILE, TOKENIZER_DIR, canonical, hidden_codec, read_basis, read_root_attrs
@@ -79,7 +80,7 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
     input_ids = [np.asarray(x, dtype=np.int32) for x in ds["input_ids"]]
     labels = ds["labels"]
     supervised = [supervised_rows(torch.tensor([lab]))[0].numpy() for lab in labels]  # (L,) each
-    path = Path(c.out) / f"{name}.zarr"
+    path = join(loc(c.out), f"{name}.zarr")
     create = functools.partial(
         CacheWriter.create_or_resume,
         path, sample_ids=list(ds["sample_id"]), input_ids_per_seq=input_ids, supervised_per_seq=supervised,
@@ -105,7 +106,7 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
                 if not replace_mismatched:
                     raise
                 print(f"cache {path}: replacing a store made with other inputs ({e})")
-                shutil.rmtree(path)
+                location.remove_tree(path)
                 return create()
 
         writer = parallel.rank0_first(open_writer)
@@ -127,6 +128,9 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
                                         writer.shard_rows, writer.n_shards)
             owned = parallel.assign_shards(cost, np.flatnonzero(~writer.done), world)
             writer.own(owned[rank])
+            if rank == 0 and sum(map(bool, owned)) < world:
+                print(f"cache {path}: only {int((~writer.done).sum())} shards to write for {world} ranks, some ranks "
+                      f"have nothing to do; a smaller cache.shard_rows (now {writer.shard_rows}) spreads a small split")
         todo = [b for b, (r0, r1) in zip(batches, rows) if not writer.is_row_range_done(r0, r1)]
         n_tok = sum(len(input_ids[i]) for b in todo for i in b)
         who = f"rank {rank}/{world}: {len(owned[rank])} of {writer.n_shards} shards, " if world > 1 else ""
@@ -169,19 +173,9 @@ def report_balance(path: Path, stats: list[tuple[int, float]], n_all: int) -> No
 def run(cfg: Config, replace_mismatched: bool = False) -> None:
     """Stage 1 entry: load only the teacher, cache each configured split, save the resolved config."""
     c = cfg.cache
-    # Checked before anything is loaded or created: a file or a read-only folder on the way to cache.out would
-    # otherwise fail deep in the Zarr writer, after the data and the teacher have been loaded.
-    out = Path(c.out)
-    first = out  # the nearest existing entry on the way to cache.out; everything below it gets created
-    while not os.path.lexists(first) and first != first.parent:
-        first = first.parent
-    if not first.is_dir():
-        where = "is an existing file" if first == out else f"is below {first}, which is a file"
-        raise CacheError(f"cache.out={out} {where}, not a folder: move the file away or set cache.out to a "
-                         "folder path")
-    if not os.access(first, os.W_OK | os.X_OK):
-        raise CacheError(f"cache.out={out}: cannot write in {first} (read-only or no permission): make it "
-                         "writable or set cache.out to a writable folder")
+    out = loc(c.out)  # a folder, or an fsspec URL (s3://bucket/prefix: README "Caches on shared and object storage")
+    if not is_url(out):
+        check_writable_folder(out)
     check_max_length(c.teacher, cfg.data.max_length, c.teacher)  # from its config: before data or weights load
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(c.teacher)
@@ -220,9 +214,13 @@ def run(cfg: Config, replace_mismatched: bool = False) -> None:
                 # What a student with another tokenizer needs besides the stores (pipeline/distill/crosstok.py): the
                 # teacher's tokenizer (Stage 2 checks it against each store's tokenizer_hash) and its input-embedding
                 # rows of every id in a cached top-k (the token-level OT places the teacher's distribution at them).
-                tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-                save_embedding_rows(out / EMBEDDINGS_FILE, paths, get_model)
-                save_config(cfg, Path(c.out) / "config.yaml")
+                with tempfile.TemporaryDirectory() as tmp:  # written locally, then put in place (or uploaded)
+                    tokenizer.save_pretrained(tmp)
+                    location.upload(Path(tmp), join(out, TOKENIZER_DIR))
+                save_embedding_rows(join(out, EMBEDDINGS_FILE), paths, get_model)
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_config(cfg, Path(tmp) / "config.yaml")
+                    location.upload(Path(tmp) / "config.yaml", join(out, "config.yaml"))
         parallel.barrier()
     finally:
         parallel.shutdown()
@@ -239,7 +237,7 @@ def stored_basis(cfg: Config, provenance: dict) -> Basis | None:
     cache share one basis, and a resumed store must go on with the one its finished shards were encoded with."""
     c = cfg.cache
     for name in c.splits:
-        path = Path(c.out) / f"{name}.zarr"
+        path = join(loc(c.out), f"{name}.zarr")
         try:
             attrs = read_root_attrs(path)
         except CacheError:  # absent, or not a cache: nothing to reuse
@@ -284,7 +282,7 @@ def fit_hidden_basis(cfg: Config, ds, get_model, tokenizer, vocab_size: int) -> 
     return basis
 
 
-def cached_ids(paths: list[Path]) -> np.ndarray:
+def cached_ids(paths: list) -> np.ndarray:
     """The distinct token ids in the top-k of the given stores (read shard by shard: bounded memory)."""
     ids = np.zeros(0, dtype=np.int64)
     for path in paths:
@@ -295,17 +293,29 @@ def cached_ids(paths: list[Path]) -> np.ndarray:
     return ids
 
 
-def save_embedding_rows(path: Path, stores: list[Path], get_model) -> None:
+def save_embedding_rows(path, stores: list, get_model) -> None:
     """`path` (safetensors) = {"ids": (n,) int64, "weight": (n, D) float32}: the teacher's input-embedding rows of
     every id in the stores' top-k. Distinct ids only (a few thousand for real data, not the 1 GB matrix); the
     teacher is loaded for it only when the file is missing or covers other ids."""
     ids = cached_ids(stores)
-    if path.exists():
-        with safe_open(str(path), "pt") as f:
-            if np.array_equal(f.get_tensor("ids").numpy(), ids):
-                return
+    if location.exists(path) and np.array_equal(safetensors_load(location.read_bytes(path))["ids"].numpy(), ids):
+        return
     emb = get_model().get_input_embeddings().weight  # (V, D)
     rows = emb[torch.as_tensor(ids, device=emb.device)].float().cpu()  # (n, D)
-    tmp = path.with_name(path.name + ".partial")
-    save_file({"ids": torch.as_tensor(ids), "weight": rows.contiguous()}, str(tmp))
-    os.replace(tmp, path)  # atomic: a crash never leaves a torn file under the final name
+    # atomic: a crash never leaves a torn file under the final name
+    location.write_atomic(path, safetensors_save({"ids": torch.as_tensor(ids), "weight": rows.contiguous()}))
+
+
+def check_writable_folder(out: Path) -> None:
+    """Checked before anything is loaded or created: a file or a read-only folder on the way to cache.out would
+    otherwise fail deep in the Zarr writer, after the data and the teacher have been loaded."""
+    first = out  # the nearest existing entry on the way to cache.out; everything below it gets created
+    while not os.path.lexists(first) and first != first.parent:
+        first = first.parent
+    if not first.is_dir():
+        where = "is an existing file" if first == out else f"is below {first}, which is a file"
+        raise CacheError(f"cache.out={out} {where}, not a folder: move the file away or set cache.out to a "
+                         "folder path")
+    if not os.access(first, os.W_OK | os.X_OK):
+        raise CacheError(f"cache.out={out}: cannot write in {first} (read-only or no permission): make it "
+                         "writable or set cache.out to a writable folder")
