@@ -283,7 +283,9 @@ class CacheConfig:
     teacher: PathStr = "artifacts/teacher"
     """Teacher checkpoint: a local folder or a hub name (e.g. Qwen/Qwen2.5-7B)."""
     out: PathStr = "artifacts/cache"
-    """Folder receiving one Zarr v3 store per split (`train.zarr`, `validation.zarr`)."""
+    """Folder receiving one Zarr v3 store per split (`train.zarr`, `validation.zarr`), or an fsspec URL
+    (s3://bucket/prefix, gs://..., file://...; credentials from the environment): README "Caches on shared and object
+    storage"."""
     splits: list[Literal["train", "validation", "test"]] = field(default_factory=lambda: ["train", "validation"])
     """Which data splits to cache."""
     k: int = 16
@@ -339,7 +341,8 @@ class DistillConfig:
     tokenizer beside it (Stage 1 does since this option exists). Off: a cache made with another tokenizer is
     refused."""
     cache: PathStr = "artifacts/cache"
-    """Folder holding Stage 1's `train.zarr` (and `validation.zarr`, used for the periodic eval if eval_steps > 0)."""
+    """Folder (or fsspec URL, like cache.out) holding Stage 1's `train.zarr` (and `validation.zarr`, used for the
+    periodic eval if eval_steps > 0)."""
     out: PathStr = "artifacts/student"
     """Where the trained student is saved: full weights (mode=full) or the LoRA adapter (mode=lora), plus
     `projection.pt` (the learned teacher->student projection P, when w_ot > 0) and `config.yaml`."""

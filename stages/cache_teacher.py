@@ -17,7 +17,8 @@ def main(
     params: str = PARAMS,
     overrides: list[str] = SET,
     teacher: str = typer.Option(None, help="Teacher checkpoint: local folder or hub name (cache.teacher)."),
-    out: str = typer.Option(None, help="Output folder for the split stores (cache.out)."),
+    out: str = typer.Option(None, help="Output folder for the split stores, or an fsspec URL such as "
+                                       "s3://bucket/prefix (cache.out)."),
     k: int = typer.Option(None, help="Top-k log-probs stored per token (cache.k)."),
     hidden_codec: str = typer.Option(None, help="Hidden-state storage: bf16, fp16, int8, pca:<r>, svd:<r>, fisher:<r> "
                                                 "or none (cache.hidden_codec; README \"Hidden-state codecs\")."),

@@ -21,7 +21,8 @@ def main(
     params: str = PARAMS,
     overrides: list[str] = SET,
     student: str = typer.Option(None, help="Student checkpoint: local folder or hub name (distill.student)."),
-    cache: str = typer.Option(None, help="Folder with Stage 1's train.zarr / validation.zarr (distill.cache)."),
+    cache: str = typer.Option(None, help="Folder (or fsspec URL, e.g. s3://bucket/prefix) with Stage 1's train.zarr / "
+                                         "validation.zarr (distill.cache)."),
     out: str = typer.Option(None, help="Where the student (or its adapter) + projection go (distill.out); the "
                                        "loss curves go to <distill.plots>/train_<name of out>.tsv."),
     mode: str = typer.Option(None, help="full or lora (distill.mode)."),

@@ -243,7 +243,7 @@ def write_all(w, rows, step=None):
 def sh(*cmd: str, cwd: Path) -> str:
     # `python` in dvc.yaml must be this interpreter (the one with otkd installed)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "2", "PYTHONPATH": str(cwd)}
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(cwd)}
     p = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True)
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from cache import open_cache
+from pipeline.config import save_config
 from tests.conftest import ROOT, distill_cfg, read_tsv, stage
 from tests.test_parallel_stage1 import ENV, torchrun
 from tests.test_stage1 import params_file
@@ -74,9 +75,15 @@ def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def test_stage1_to_s3_killed_then_resumed_by_two_ranks_is_byte_identical(tiny, s3, tmp_path):
-    local = tmp_path / "local"
-    stage("cache_teacher", "--params", params_file(tiny, tmp_path / "local.yaml", out=str(local), **COMMON))
+@pytest.fixture(scope="module")
+def local(tiny, tmp_path_factory) -> Path:
+    """The reference: the same Stage 1 into a local folder, one process."""
+    tmp = tmp_path_factory.mktemp("local")
+    stage("cache_teacher", "--params", params_file(tiny, tmp / "local.yaml", out=str(tmp / "cache"), **COMMON))
+    return tmp / "cache"
+
+
+def test_stage1_to_s3_killed_then_resumed_by_two_ranks_is_byte_identical(tiny, s3, local, tmp_path):
 
     url = f"s3://{BUCKET}/run1/cache"
     params = params_file(tiny, tmp_path / "s3.yaml", out=url, **COMMON)
@@ -108,18 +115,29 @@ def test_stage1_to_s3_killed_then_resumed_by_two_ranks_is_byte_identical(tiny, s
     v = stage("verify_cache", f"{url}/train.zarr")
     assert "CLEAN" in v.stdout
 
+    # faults on the object store: a shard object deleted, another one's bytes flipped
+    gone, flipped = f"{BUCKET}/run1/cache/train.zarr/topk_ids/c/5/0", f"{BUCKET}/run1/cache/train.zarr/hidden/c/9/0"
+    s3.rm_file(gone)
+    data = bytearray(s3.cat_file(flipped))
+    data[len(data) // 2] ^= 0xFF
+    s3.pipe_file(flipped, bytes(data))
+    with pytest.raises(Exception, match="topk_ids shard 5 .*file missing"):
+        open_cache(f"{url}/train.zarr")
+    v = stage("verify_cache", f"{url}/train.zarr", "--repair", check=False)
+    assert v.returncode == 1 and "shard 5" in v.stdout and "shard 9" in v.stdout
+    p = stage("cache_teacher", "--params", params)  # rewrites exactly those two shards
+    assert "validation.zarr: complete and up to date" in p.stdout
+    assert objects(s3, f"{url}/train.zarr") == files(local / "train.zarr")
 
-def test_stage2_reads_the_cache_by_url(tiny, s3, tmp_path):
+
+def test_stage2_reads_the_cache_by_url(tiny, s3, local, tmp_path):
     """The same student steps from the remote store as from the local one (a copy of it)."""
-    local = tmp_path / "local"
-    stage("cache_teacher", "--params", params_file(tiny, tmp_path / "local.yaml", out=str(local), **COMMON))
     url = f"s3://{BUCKET}/run2/cache"
     s3.put(str(local), f"{BUCKET}/run2/cache", recursive=True)
     curves = []
     for name, cache in (("a", str(local)), ("b", url)):
         cfg = distill_cfg(tiny, tmp_path / name / "s", max_steps=2, w_ot=0.5, eval_steps=1)
         cfg.distill.cache = cache
-        from pipeline.config import save_config
         save_config(cfg, tmp_path / f"{name}.yaml")
         stage("distill_student", "--params", str(tmp_path / f"{name}.yaml"))
         curves.append(read_tsv(tmp_path / name / "plots/train_s.tsv"))
