@@ -7,7 +7,10 @@ call; a shard's `shard_done` record is written only after all its row arrays, an
 attribute only after every record. LocalStore writes are atomic (temp file + rename), so after a SIGKILL
 every object on disk is either old or new; a rerun rewrites every shard without a record, from scratch, and
 ends bit-identical to an uninterrupted run. The store is created in a sibling `<name>.creating` directory
-and renamed into place, so a half-created store is never mistaken for a cache.
+and renamed into place, so a half-created store is never mistaken for a cache. On object storage (an fsspec URL,
+cache/location.py) every object is one PUT, whole or absent, as atomic as the rename; there is no directory rename,
+so a remote store is created in place with its base manifest last and a half-created one is repaired on resume.
+Data-parallel Stage 1 gives each shard one writer (`own`, pipeline/teacher/parallel.py).
 
 Integrity (cache/manifest.py): creation records every file it wrote in `manifest/base`; each shard's files
 are recorded (path, size, CRC-32) in `manifest/<s>` after its data and before its `shard_done` record. On

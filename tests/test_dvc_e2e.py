@@ -24,7 +24,7 @@ def repo(tmp_path_factory) -> Path:
     cfg.finetune.epochs, cfg.finetune.batch_size, cfg.finetune.eval_examples = 1, 32, 16
     cfg.cache.k, cfg.cache.shard_rows = small.cache.k, small.cache.shard_rows
     cfg.distill.epochs, cfg.distill.batch_size = 1.0, 32
-    cfg.evaluate.eval_examples, cfg.evaluate.batch_size, cfg.evaluate.max_new_tokens = 16, 32, 16
+    cfg.evaluate.eval_examples, cfg.evaluate.batch_size, cfg.evaluate.max_new_tokens = 8, 32, 12
     save_config(cfg, dst / "params.yaml")
     commit_all(dst)
     return dst

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from cache import open_cache
+from cache.verify import repair, verify
 from pipeline.config import save_config
 from tests.conftest import ROOT, distill_cfg, read_tsv, stage
 from tests.test_parallel_stage1 import ENV, torchrun
@@ -112,8 +113,7 @@ def test_stage1_to_s3_killed_then_resumed_by_two_ranks_is_byte_identical(tiny, s
     for i in (0, len(c) - 1):
         a, b = c.read(i), ref.read(i)
         assert all(np.array_equal(a[k], b[k]) for k in ("input_ids", "topk_ids", "topk_logprobs", "hidden"))
-    v = stage("verify_cache", f"{url}/train.zarr")
-    assert "CLEAN" in v.stdout
+    assert "CLEAN" in stage("verify_cache", f"{url}/train.zarr").stdout  # the CLI takes a URL
 
     # faults on the object store: a shard object deleted, another one's bytes flipped
     gone, flipped = f"{BUCKET}/run1/cache/train.zarr/topk_ids/c/5/0", f"{BUCKET}/run1/cache/train.zarr/hidden/c/9/0"
@@ -123,8 +123,9 @@ def test_stage1_to_s3_killed_then_resumed_by_two_ranks_is_byte_identical(tiny, s
     s3.pipe_file(flipped, bytes(data))
     with pytest.raises(Exception, match="topk_ids shard 5 .*file missing"):
         open_cache(f"{url}/train.zarr")
-    v = stage("verify_cache", f"{url}/train.zarr", "--repair", check=False)
-    assert v.returncode == 1 and "shard 5" in v.stdout and "shard 9" in v.stdout
+    report = verify(f"{url}/train.zarr", progress=False)  # hashes every object: finds both
+    assert {p.shard for p in report.problems} == {5, 9}
+    repair(f"{url}/train.zarr", report)
     p = stage("cache_teacher", "--params", params)  # rewrites exactly those two shards
     assert "validation.zarr: complete and up to date" in p.stdout
     assert objects(s3, f"{url}/train.zarr") == files(local / "train.zarr")
@@ -142,3 +143,34 @@ def test_stage2_reads_the_cache_by_url(tiny, s3, local, tmp_path):
         stage("distill_student", "--params", str(tmp_path / f"{name}.yaml"))
         curves.append(read_tsv(tmp_path / name / "plots/train_s.tsv"))
     assert [r["loss"] for r in curves[0]] == [r["loss"] for r in curves[1]]
+
+
+def test_a_remote_creation_killed_midway_is_repaired_on_resume(s3, tmp_path, monkeypatch):
+    """No directory rename on object storage: a store is created in place, its base manifest last. Killed before
+    that (here: the per-sequence data never written), the next run resumes it, rewrites the base from the inputs and
+    ends with the same objects as a local store."""
+    from cache import writer as writer_mod
+    from tests.conftest import create, make_inputs, make_rows, write_all
+
+    inputs = make_inputs()
+    rows = make_rows(int(sum(m.sum() for m in inputs["supervised_per_seq"])))
+    local = create(tmp_path / "local.zarr", inputs)
+    write_all(local, rows)
+    assert local.close()
+
+    url = f"s3://{BUCKET}/half/s.zarr"
+    with monkeypatch.context() as m:
+        def killed(*a, **kw):
+            raise KeyboardInterrupt("killed after the arrays, before the data and the base manifest")
+        m.setattr(writer_mod, "_write_base", killed)
+        with pytest.raises(KeyboardInterrupt):
+            create(url, inputs)
+    s3.invalidate_cache()
+    assert s3.exists(f"{BUCKET}/half/s.zarr/zarr.json") and not s3.exists(f"{BUCKET}/half/s.zarr/manifest/base/zarr.json")
+    with pytest.raises(Exception, match="incomplete"):
+        open_cache(url)
+    w = create(url, inputs)  # resumes and repairs
+    assert w.resumed
+    write_all(w, rows)
+    assert w.close()
+    assert objects(s3, url) == files(tmp_path / "local.zarr")

@@ -16,8 +16,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from cache.codecs import fold
 from cache import location
+from cache.codecs import fold
 from cache.errors import CacheMismatchError, OtkdError
 from cache.location import join, loc
 from cache.reader import CacheBlocks, open_cache

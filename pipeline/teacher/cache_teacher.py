@@ -164,8 +164,8 @@ def report_balance(path: Path, stats: list[tuple[int, float]], n_all: int) -> No
     tok = np.array([t for t, _ in stats], dtype=float)
     sec = np.array([s for _, s in stats], dtype=float)
     per = ", ".join(f"{int(t)} tok in {s:.1f}s" for t, s in stats)
-    imb = lambda x: x.max() / x.mean() if x.mean() > 0 else 1.0  # noqa: E731
-    print(f"cache {path}: ranks ran {per}; imbalance (max/mean) {imb(tok):.3f} in tokens, {imb(sec):.3f} in time; "
+    imb = [x.max() / x.mean() if x.mean() > 0 else 1.0 for x in (tok, sec)]
+    print(f"cache {path}: ranks ran {per}; imbalance (max/mean) {imb[0]:.3f} in tokens, {imb[1]:.3f} in time; "
           f"{tok.sum() / max(n_all, 1) - 1:.1%} of the tokens run twice (batches across two ranks' shards); "
           f"{n_all / max(sec.max(), 1e-9):.0f} tok/s in total")
 
