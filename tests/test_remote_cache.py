@@ -132,13 +132,14 @@ def test_stage1_to_s3_killed_then_resumed_by_two_ranks_is_byte_identical(tiny, s
 
 
 def test_stage2_reads_the_cache_by_url(tiny, s3, local, tmp_path):
-    """The same student steps from the remote store as from the local one (a copy of it)."""
+    """The same student steps from the remote store as from the local one (a copy of it), the remote one read by a
+    DataLoader worker process (its own fsspec/Zarr handles, opened after the fork)."""
     url = f"s3://{BUCKET}/run2/cache"
     s3.put(str(local), f"{BUCKET}/run2/cache", recursive=True)
     curves = []
     for name, cache in (("a", str(local)), ("b", url)):
         cfg = distill_cfg(tiny, tmp_path / name / "s", max_steps=2, w_ot=0.5, eval_steps=1)
-        cfg.distill.cache = cache
+        cfg.distill.cache, cfg.distill.num_workers = cache, int(cache == url)
         save_config(cfg, tmp_path / f"{name}.yaml")
         stage("distill_student", "--params", str(tmp_path / f"{name}.yaml"))
         curves.append(read_tsv(tmp_path / name / "plots/train_s.tsv"))
