@@ -2,7 +2,11 @@
 mid-way (tests/test_stage1.py). The test seam lives here, not in pipeline/.
 
     python tests/slow_stage1.py <seconds per batch> <stages.cache_teacher arguments...>
+
+Env SLOW_STAGE1_OPEN_DELAY=<seconds>: ranks > 0 of a torchrun job wait that long before opening the store, so rank 0
+is far ahead of them (tests/test_parallel_stage1.py).
 """
+import os
 import sys
 import time
 
@@ -20,8 +24,22 @@ def slowed(delay: float):
     cache_teacher.teacher_rows = teacher_rows
 
 
+def late_ranks(delay: float):
+    """Ranks > 0 open the store `delay` s late."""
+    from cache import CacheWriter
+
+    opened = CacheWriter.open.__func__
+
+    def open_late(cls, *args, **kw):
+        time.sleep(delay)
+        return opened(cls, *args, **kw)
+    CacheWriter.open = classmethod(open_late)
+
+
 if __name__ == "__main__":
     slowed(float(sys.argv[1]))
+    if os.environ.get("SLOW_STAGE1_OPEN_DELAY"):
+        late_ranks(float(os.environ["SLOW_STAGE1_OPEN_DELAY"]))
     from stages.cache_teacher import app
 
     app(sys.argv[2:], prog_name="stages.cache_teacher")

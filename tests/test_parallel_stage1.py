@@ -32,7 +32,7 @@ def torchrun(nproc: int, *target: str, **kw) -> subprocess.Popen | subprocess.Co
     if kw.pop("background", False):
         return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 **kw)
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, **kw)
+    p = subprocess.run(cmd, cwd=ROOT, env=kw.pop("env", ENV), capture_output=True, text=True, **kw)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p
 
@@ -67,6 +67,18 @@ def test_any_world_size_writes_the_single_process_store(tiny, single, tmp_path, 
     assert same_tree(single / "train.zarr", out / "train.zarr") == []
     for f in ("teacher_embeddings.safetensors", "tokenizer/tokenizer.json"):
         assert filecmp.cmp(single / f, out / f, shallow=False), f
+
+
+@pytest.mark.slow
+def test_ranks_that_open_the_store_late_still_write_every_shard(tiny, single, tmp_path):
+    """Rank 1 opens the store 3 s after rank 0 created it: the shards are dealt out from rank 0's reading of the
+    records, before anyone writes (dealt out by each rank from its own late reading, rank 1 would see shards rank 0
+    had finished meanwhile and leave one unwritten)."""
+    out = tmp_path / "cache"
+    params = params_file(tiny, tmp_path / "p.yaml", out=str(out), **COMMON)
+    torchrun(2, str(ROOT / "tests/slow_stage1.py"), "0", "--params", params,
+             env={**ENV, "SLOW_STAGE1_OPEN_DELAY": "3"})
+    assert same_tree(single / "train.zarr", out / "train.zarr") == []
 
 
 @pytest.mark.slow

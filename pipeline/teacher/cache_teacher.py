@@ -124,9 +124,12 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
         n_all = sum(len(input_ids[i]) for b, (r0, r1) in zip(batches, rows) for i in b
                     if not writer.is_row_range_done(r0, r1))  # what one process would run
         if world > 1:
+            # Dealt out by rank 0 from the records it read before anyone writes, and sent to all: a rank that opened
+            # the store later could otherwise see a shard rank 0 already finished and deal the shards differently.
             cost = parallel.shard_costs(rows, [len(b) * max(len(input_ids[i]) for i in b) for b in batches],
                                         writer.shard_rows, writer.n_shards)
-            owned = parallel.assign_shards(cost, np.flatnonzero(~writer.done), world)
+            owned = parallel.broadcast(parallel.assign_shards(cost, np.flatnonzero(~writer.done), world)
+                                       if rank == 0 else None)
             writer.own(owned[rank])
             if rank == 0 and sum(map(bool, owned)) < world:
                 print(f"cache {path}: only {int((~writer.done).sum())} shards to write for {world} ranks, some ranks "
