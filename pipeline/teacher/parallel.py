@@ -6,9 +6,10 @@ depends on the data and `cache.batch_tokens` only, never on the world size, and 
 same batch whoever computes it. Each rank writes only the shards it owns, a contiguous run of similar cost; a batch
 whose rows straddle the last shard of one rank and the first of the next is computed by both (each keeps its own
 rows): world size - 1 batches at most, and the store is bit-identical for every world size and to a single-process
-run. Rank 0 creates or repairs the store, the other
-ranks open it after it, and rank 0 sets `complete` once every rank has closed. Resume works at any world size: the
-shards without a record are dealt out again.
+run. Rank 0 creates or repairs the store, the other ranks open it after it, rank 0 deals the shards out from the
+records it read before anyone writes and sends the assignment (a rank reading the records later could see a shard
+rank 0 had finished meanwhile), and rank 0 sets `complete` once every rank has closed. Resume works at any world size:
+the shards without a record are dealt out again.
 
 The coordination runs on gloo (CPU objects only, also on GPU machines): nothing but a few barriers and small
 objects crosses processes in Stage 1, and gloo rendezvouses across nodes through torchrun's MASTER_ADDR as well.
