@@ -67,6 +67,7 @@ class CacheWriter:
         self._done_arr = group["shard_done"]
         self._done = self._done_arr[:].astype(bool)
         self._skip = self._done.copy()  # shards whose rows write_rows drops: done, or another rank's (own())
+        self._skip_others = False  # own() was called: other writers write some shards
         self.complete = bool(a.get("complete")) and bool(self._done.all())
         self._buf = None  # {name: preallocated (shard_rows, ...) array}, allocated on first use
         self._buf_shard, self._buf_fill = None, 0
@@ -184,6 +185,7 @@ class CacheWriter:
         owned = np.zeros(len(self._done), dtype=bool)
         owned[np.asarray(list(shards), dtype=np.int64)] = True
         self._skip = self._done | ~owned
+        self._skip_others = True
 
     # ---------------------------------------------------------------- progress
     @property
@@ -324,11 +326,13 @@ class CacheWriter:
             warnings.warn(f"{self.path}: {self._buf_fill} buffered rows of shard {self._buf_shard} dropped at "
                           "close (shard incomplete); rerun to finish the cache", stacklevel=2)
         self._buf, self._spare, self._buf_shard, self._buf_fill = None, None, None, 0
-        return self.finish() if mark_complete else self.complete
+        return self.finish(reread=self._skip_others) if mark_complete else self.complete
 
-    def finish(self) -> bool:
-        """Set the root `complete` attribute iff every shard record is on disk (re-read: other ranks wrote some)."""
-        self._done = self._done_arr[:].astype(bool)
+    def finish(self, reread: bool = True) -> bool:
+        """Set the root `complete` attribute iff every shard record is on disk. reread: read the records back (other
+        ranks wrote some; one object per shard, so skipped when this writer wrote or saw them all)."""
+        if reread:
+            self._done = self._done_arr[:].astype(bool)
         if self._done.all() and not self.complete:
             self._group.attrs["complete"] = True
             self.complete = True
