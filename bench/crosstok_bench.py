@@ -17,6 +17,7 @@ Measured on the real artifacts of `dvc repro` (artifacts/cache, artifacts/base/s
   solver    the token-level OT's Sinkhorn (`entropic_ot`, weighted marginals, batched) against POT's log-domain
             Sinkhorn at the same L1 marginal tolerance, eps 0.1 (the default), 0.05 and 0.01, float64 and float32.
 """
+
 import argparse
 import copy
 import json
@@ -27,21 +28,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pipeline.versions import versions, versions_line  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("--only", choices=["coverage", "all"], default="all",
-                    help="coverage: only the alignment coverage (no step timing, no solver comparison)")
+    ap.add_argument(
+        "--only",
+        choices=["coverage", "all"],
+        default="all",
+        help="coverage: only the alignment coverage (no step timing, no solver comparison)",
+    )
     args = ap.parse_args()
 
     import numpy as np
     import torch
 
     from cache.reader import CacheBlocks, open_cache
-    from pipeline.config import load_config
+    from pipeline.config.params import load_config
     from pipeline.distill import train
     from pipeline.distill.batches import BlockCollator, cache_fields
     from pipeline.distill.crosstok import CrossBlocks, StudentSide, load_teacher_tokenizer, token_map
@@ -70,15 +76,23 @@ def main():
             p = np.exp(r["topk_logprobs"].astype(np.float64))  # (M, k)
             mass += p.sum()
             mapped_mass += (p * (tmap.numpy()[r["topk_ids"]] >= 0)).sum()
-    coverage = {"sequences": len(cache), "teacher_rows": n_t, "student_rows": n_s,
-                "student_longer": longer, "student_shorter": shorter,
-                "aligned_student_rows": aligned / n_s, "mapped_topk_mass": mapped_mass / mass,
-                "mapped_vocabulary": float((tmap >= 0).float().mean()), "teacher_vocab": len(teacher_tok),
-                "student_vocab": len(x_tok)}
+    coverage = {
+        "sequences": len(cache),
+        "teacher_rows": n_t,
+        "student_rows": n_s,
+        "student_longer": longer,
+        "student_shorter": shorter,
+        "aligned_student_rows": aligned / n_s,
+        "mapped_topk_mass": mapped_mass / mass,
+        "mapped_vocabulary": float((tmap >= 0).float().mean()),
+        "teacher_vocab": len(teacher_tok),
+        "student_vocab": len(x_tok),
+    }
 
     if args.only == "coverage":
         print(json.dumps(coverage, indent=2))
         return
+
     # step time: same-tokenizer vs cross-tokenizer, the same blocks, interleaved
     def setup(student, cross, **w):
         c = copy.deepcopy(d)
@@ -94,11 +108,14 @@ def main():
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         return c, model, blocks, collate, opt
 
-    runs = {"same": setup(d.student, False), "cross": setup(x_path, True),
-            "cross_all": setup(x_path, True, w_uld=1.0, w_tok_ot=1.0)}
+    runs = {
+        "same": setup(d.student, False),
+        "cross": setup(x_path, True),
+        "cross_all": setup(x_path, True, w_uld=1.0, w_tok_ot=1.0),
+    }
     times = {k: [] for k in runs}
     for step in range(args.steps + 1):
-        for name, (c, model, blocks, collate, opt) in runs.items():
+        for name, (c, model, blocks, collate, opt) in runs.items():  # noqa: B007
             batch = collate([blocks[step % len(blocks)]])
             t = time.perf_counter()
             loss, _ = model(**batch)
@@ -112,28 +129,38 @@ def main():
     steps = {k: {"median_s": med[k], "ratio_to_same": med[k] / med["same"]} for k in runs}
     result = {"coverage": coverage, "step": steps, "steps_timed": args.steps, "threads": 2, "token_ot_solver": solver}
 
-    lines = ["cross-tokenizer coverage (embedded pair, whole training cache)",
-             f"  sequences {len(cache)}: teacher rows {n_t}, student rows {n_s} (student longer in {longer}, "
-             f"shorter in {shorter})",
-             f"  student rows aligned with a teacher row: {coverage['aligned_student_rows']:.1%}",
-             f"  teacher top-k probability mass on ids with an identical student token: "
-             f"{coverage['mapped_topk_mass']:.1%}",
-             f"  teacher vocabulary that maps: {coverage['mapped_vocabulary']:.1%} of {len(teacher_tok)} tokens "
-             f"(student vocabulary {len(x_tok)})", "",
-             f"step time (median of {args.steps}, one process, interleaved)",
-             "| step | seconds | ratio to same |", "|---|---:|---:|"]
+    lines = [
+        "cross-tokenizer coverage (embedded pair, whole training cache)",
+        f"  sequences {len(cache)}: teacher rows {n_t}, student rows {n_s} (student longer in {longer}, "
+        f"shorter in {shorter})",
+        f"  student rows aligned with a teacher row: {coverage['aligned_student_rows']:.1%}",
+        f"  teacher top-k probability mass on ids with an identical student token: {coverage['mapped_topk_mass']:.1%}",
+        f"  teacher vocabulary that maps: {coverage['mapped_vocabulary']:.1%} of {len(teacher_tok)} tokens "
+        f"(student vocabulary {len(x_tok)})",
+        "",
+        f"step time (median of {args.steps}, one process, interleaved)",
+        "| step | seconds | ratio to same |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {k} | {v['median_s']:.3f} | {v['ratio_to_same']:.2f} |" for k, v in steps.items()]
-    lines += ["", f"token-level OT solver vs POT (ot.sinkhorn, method sinkhorn_log) on {SOLVER_ROWS} rows x "
-              f"{SOLVER_N} x {SOLVER_M}, cost 1 - cosine, random marginals; both at L1 marginal error {SOLVER_TOL:g}",
-              "| eps | dtype | otkd s (batched) | POT s (row by row) | max |T - T_POT| | max rel. value error | "
-              "otkd iterations |", "|---:|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['eps']:g} | {r['dtype']} | {r['otkd_s']:.3f} | {r['pot_s']:.3f} | {r['plan_err']:.1e} | "
-              f"{r['value_err']:.1e} | {r['iters']} |" for r in solver]
+    lines += [
+        "",
+        f"token-level OT solver vs POT (ot.sinkhorn, method sinkhorn_log) on {SOLVER_ROWS} rows x "
+        f"{SOLVER_N} x {SOLVER_M}, cost 1 - cosine, random marginals; both at L1 marginal error {SOLVER_TOL:g}",
+        "| eps | dtype | otkd s (batched) | POT s (row by row) | max |T - T_POT| | max rel. value error | "
+        "otkd iterations |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['eps']:g} | {r['dtype']} | {r['otkd_s']:.3f} | {r['pot_s']:.3f} | {r['plan_err']:.1e} | "
+        f"{r['value_err']:.1e} | {r['iters']} |"
+        for r in solver
+    ]
     text = "\n".join(lines) + "\n"
     out = ROOT / "bench/results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "crosstok_bench.json").write_text(json.dumps(result, indent=2))
-    (out / "crosstok_bench.txt").write_text(text)
+    (out / "crosstok_bench.json").write_text(json.dumps({**result, "versions": versions()}, indent=2))
+    (out / "crosstok_bench.txt").write_text(f"{text}{versions_line()}\n")
     print(text)
 
 
@@ -158,12 +185,25 @@ def token_ot_vs_pot() -> list[dict]:
     rows = []
     for eps in (0.1, 0.05, 0.01):
         t = time.perf_counter()
-        T_pot = np.stack([ot.sinkhorn(a[r].numpy(), b[r].numpy(), C[r].numpy(), eps, method="sinkhorn_log",
-                                      stopThr=SOLVER_TOL / 2, numItermax=100000) for r in range(SOLVER_ROWS)])
+        T_pot = np.stack(
+            [
+                ot.sinkhorn(
+                    a[r].numpy(),
+                    b[r].numpy(),
+                    C[r].numpy(),
+                    eps,
+                    method="sinkhorn_log",
+                    stopThr=SOLVER_TOL / 2,
+                    numItermax=100000,
+                )
+                for r in range(SOLVER_ROWS)
+            ]
+        )
         pot_s = time.perf_counter() - t
         T_pot = torch.as_tensor(T_pot)
-        v_pot = (T_pot * C).sum((1, 2)) + eps * (T_pot * (T_pot / (a[:, :, None] * b[:, None])).clamp_min(1e-300).log()
-                                                 ).sum((1, 2))
+        v_pot = (T_pot * C).sum((1, 2)) + eps * (
+            T_pot * (T_pot / (a[:, :, None] * b[:, None])).clamp_min(1e-300).log()
+        ).sum((1, 2))
         for dtype in (torch.float64, torch.float32):
             args = (C.to(dtype), a.log().to(dtype), b.log().to(dtype), eps, SOLVER_TOL)
             for iters in (10, 30, 100, 300, 1000, 3000, 10000):  # the smallest cap that reaches the tolerance
@@ -174,10 +214,17 @@ def token_ot_vs_pot() -> list[dict]:
             t = time.perf_counter()
             entropic_ot(*args, 10000)  # stops at the tolerance by itself: timed once
             otkd_s = time.perf_counter() - t
-            rows.append({"eps": eps, "dtype": str(dtype).split(".")[-1], "otkd_s": otkd_s, "pot_s": pot_s,
-                         "plan_err": (T.double() - T_pot).abs().max().item(),
-                         "value_err": ((value.double() - v_pot).abs() / v_pot.abs()).max().item(),
-                         "iters": f"<= {iters}" if err <= SOLVER_TOL else f"> {iters} (err {err:.1e})"})
+            rows.append(
+                {
+                    "eps": eps,
+                    "dtype": str(dtype).split(".")[-1],
+                    "otkd_s": otkd_s,
+                    "pot_s": pot_s,
+                    "plan_err": (T.double() - T_pot).abs().max().item(),
+                    "value_err": ((value.double() - v_pot).abs() / v_pot.abs()).max().item(),
+                    "iters": f"<= {iters}" if err <= SOLVER_TOL else f"> {iters} (err {err:.1e})",
+                }
+            )
     return rows
 
 

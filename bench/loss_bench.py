@@ -59,6 +59,7 @@ naive, and fused time <= 1.2 x naive. Anchors for context (GPU, different peak d
 directly comparable): NeMo-RL reports a 3.5x lower peak on an RTX 4090 at V = 151,936, k = 64; Liger-Kernel
 reports -89% memory for its fused linear cross-entropy at V = 128,256.
 """
+
 import argparse
 import gc
 import json
@@ -71,7 +72,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from memtools import proc_status, reset_peak  # noqa: E402
+
 from pipeline.losses.fused_ce_kl import default_chunk_rows  # noqa: E402  (imports only torch)
+from pipeline.versions import versions  # noqa: E402
+
 V, D, K = 151_936, 1536, 64
 D_TEACHER = 3584  # --exact: Qwen2.5-7B's hidden size
 N_FULL, N_QUICK, N_WARM = (1024, 2048, 4096), (1024,), 128
@@ -83,6 +87,7 @@ THREADS = 2
 # ----------------------------------------------------------------------------------------------- worker
 def make_inputs(n: int, seed: int, train_w: bool):
     import torch
+
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, D, generator=g).requires_grad_(True)
     w = (torch.randn(V, D, generator=g) * 0.02).requires_grad_(train_w)
@@ -116,14 +121,14 @@ def run_step(fn, inputs, chunk):
         loss.backward()
         return loss.detach(), parts
     h, w, targets, ids, lp, tail, mask = inputs
-    loss, parts = fn(h, w, targets, ids, lp, tail, mask, w_ce=1.0, w_kl=1.0, vocab_size=V,
-                     chunk_rows=chunk or None)
+    loss, parts = fn(h, w, targets, ids, lp, tail, mask, w_ce=1.0, w_kl=1.0, vocab_size=V, chunk_rows=chunk or None)
     loss.backward()
     return loss.detach(), parts
 
 
 def make_exact_inputs(n: int, seed: int):
     import torch
+
     h, w, targets, _, _, _, mask = make_inputs(n, seed, False)
     g = torch.Generator().manual_seed(seed + 100)
     th = torch.randn(n, D_TEACHER, generator=g)  # (n, D) teacher hidden states
@@ -133,11 +138,14 @@ def make_exact_inputs(n: int, seed: int):
 
 def worker(args):
     import torch
+
     torch.set_num_threads(THREADS)
     from pipeline.losses.exact_kl import fused_ce_exact_kl, naive_ce_exact_kl
     from pipeline.losses.fused_ce_kl import fused_ce_kl, naive_ce_kl
-    fn = {"fused": fused_ce_kl, "naive": naive_ce_kl, "exact": fused_ce_exact_kl,
-          "exact_naive": naive_ce_exact_kl}[args.path]
+
+    fn = {"fused": fused_ce_kl, "naive": naive_ce_kl, "exact": fused_ce_exact_kl, "exact_naive": naive_ce_exact_kl}[
+        args.path
+    ]
     make = make_exact_inputs if args.path.startswith("exact") else (lambda n, seed: make_inputs(n, seed, args.train_w))
     rss_start = proc_status()["VmRSS"]
 
@@ -154,28 +162,58 @@ def worker(args):
     dt = time.perf_counter() - t0
     st = proc_status()
     h, w = inputs[0], inputs[1]
-    out = {"path": args.path, "n": args.n, "chunk": args.chunk if args.path in ("fused", "exact") else None,
-           "train_w": args.train_w, "threads": torch.get_num_threads(), "rss_start_B": rss_start,
-           "baseline_B": base, "abs_peak_B": st["VmHWM"], "loss_path_peak_B": st["VmHWM"] - base,
-           "rss_after_B": st["VmRSS"], "time_s": dt, "loss": float(loss),
-           "ce": float(parts["ce"]), "kl": float(parts["kl"]), "grad_h_norm": float(h.grad.norm()),
-           "grad_w_norm": float(w.grad.norm()) if w.grad is not None else None,
-           "naive_logits_B": args.n * V * 4}
+    out = {
+        "path": args.path,
+        "n": args.n,
+        "chunk": args.chunk if args.path in ("fused", "exact") else None,
+        "train_w": args.train_w,
+        "threads": torch.get_num_threads(),
+        "rss_start_B": rss_start,
+        "baseline_B": base,
+        "abs_peak_B": st["VmHWM"],
+        "loss_path_peak_B": st["VmHWM"] - base,
+        "rss_after_B": st["VmRSS"],
+        "time_s": dt,
+        "loss": float(loss),
+        "ce": float(parts["ce"]),
+        "kl": float(parts["kl"]),
+        "grad_h_norm": float(h.grad.norm()),
+        "grad_w_norm": float(w.grad.norm()) if w.grad is not None else None,
+        "naive_logits_B": args.n * V * 4,
+    }
     print("RESULT " + json.dumps(out), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- parent
 def run_case(path, n, chunk, train_w, timeout):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--path", path, "--n", str(n),
-           "--chunk", str(chunk)] + (["--train-w"] if train_w else [])
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--path",
+        path,
+        "--n",
+        str(n),
+        "--chunk",
+        str(chunk),
+    ] + (["--train-w"] if train_w else [])
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(THREADS),
+        MKL_NUM_THREADS=str(THREADS),
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
-        return {"path": path, "n": n, "chunk": chunk if path in ("fused", "exact") else None, "train_w": train_w,
-                "error": f"rc={p.returncode}: {p.stderr[-2000:]}"}
-    return json.loads(lines[-1][len("RESULT "):])
+        return {
+            "path": path,
+            "n": n,
+            "chunk": chunk if path in ("fused", "exact") else None,
+            "train_w": train_w,
+            "error": f"rc={p.returncode}: {p.stderr[-2000:]}",
+        }
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def label(r):
@@ -188,7 +226,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"N = {N_QUICK} only, frozen W (~80 s on 2 busy cores)")
     ap.add_argument("--no-trainable", action="store_true", help="skip the trainable-W row group")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/loss_bench.json; config.quick marks a --quick run)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default bench/results/loss_bench.json; config.quick marks a --quick run)",
+    )
     ap.add_argument("--timeout", type=float, default=600, help="per-case subprocess timeout, s")
     ap.add_argument("--exact", action="store_true", help="the exact-teacher KL (fused vs naive), N = 1024, 2048")
     # worker-only arguments
@@ -215,8 +257,10 @@ def main():
     for train_w, n, path, chunk in cases:
         r = run_case(path, n, chunk, train_w, args.timeout)
         rows.append(r)
-        msg = r.get("error") or (f"loss-path {r['loss_path_peak_B'] / 2**20:,.0f} MB, abs "
-                                 f"{r['abs_peak_B'] / 2**20:,.0f} MB, {r['time_s']:.1f} s")
+        msg = r.get("error") or (
+            f"loss-path {r['loss_path_peak_B'] / 2**20:,.0f} MB, abs "
+            f"{r['abs_peak_B'] / 2**20:,.0f} MB, {r['time_s']:.1f} s"
+        )
         print(f"  [{'trainable W' if train_w else 'frozen W'}] N={n} {label(r)}: {msg}", flush=True)
 
     # ratios against the naive case of the same (train_w, N); agreement of loss / grad with naive
@@ -231,43 +275,89 @@ def main():
         r["loss_rel_diff"] = abs(r["loss"] - nv["loss"]) / abs(nv["loss"])
         r["grad_h_norm_rel_diff"] = abs(r["grad_h_norm"] - nv["grad_h_norm"]) / nv["grad_h_norm"]
 
-    print(f"\n{'W':<10}{'N':>6}  {'path':<11}{'loss-path MB':>13}{'abs peak MB':>12}{'baseline MB':>12}"
-          f"{'time s':>8}{'mem f/n':>9}{'abs f/n':>9}{'time f/n':>9}{'loss rel d':>11}")
+    print(
+        f"\n{'W':<10}{'N':>6}  {'path':<11}{'loss-path MB':>13}{'abs peak MB':>12}{'baseline MB':>12}"
+        f"{'time s':>8}{'mem f/n':>9}{'abs f/n':>9}{'time f/n':>9}{'loss rel d':>11}"
+    )
     for r in rows:
         w = "trainable" if r["train_w"] else "frozen"
         if "error" in r:
             print(f"{w:<10}{r['n']:>6}  {label(r):<11}ERROR {r['error'][:200]}")
             continue
-        rat = (f"{r['mem_ratio']:>9.3f}{r['abs_mem_ratio']:>9.3f}{r['time_ratio']:>9.2f}{r['loss_rel_diff']:>11.1e}"
-               if "mem_ratio" in r else "")
-        print(f"{w:<10}{r['n']:>6}  {label(r):<11}{r['loss_path_peak_B'] / 2**20:>13,.0f}"
-              f"{r['abs_peak_B'] / 2**20:>12,.0f}{r['baseline_B'] / 2**20:>12,.0f}{r['time_s']:>8.1f}{rat}")
+        rat = (
+            f"{r['mem_ratio']:>9.3f}{r['abs_mem_ratio']:>9.3f}{r['time_ratio']:>9.2f}{r['loss_rel_diff']:>11.1e}"
+            if "mem_ratio" in r
+            else ""
+        )
+        print(
+            f"{w:<10}{r['n']:>6}  {label(r):<11}{r['loss_path_peak_B'] / 2**20:>13,.0f}"
+            f"{r['abs_peak_B'] / 2**20:>12,.0f}{r['baseline_B'] / 2**20:>12,.0f}{r['time_s']:>8.1f}{rat}"
+        )
 
     verdict = {}
     n_t = N_TARGET if N_TARGET in ns else max(ns)
-    tgt = next((r for r in rows if not r["train_w"] and r["n"] == n_t and r["path"] in ("fused", "exact")
-                and r.get("chunk") == CHUNKS[0] and "mem_ratio" in r), None)
+    tgt = next(
+        (
+            r
+            for r in rows
+            if not r["train_w"]
+            and r["n"] == n_t
+            and r["path"] in ("fused", "exact")
+            and r.get("chunk") == CHUNKS[0]
+            and "mem_ratio" in r
+        ),
+        None,
+    )
     if tgt is None:
         print(f"\nTARGET: cannot check (fused/naive case at N={n_t} missing or failed)")
     else:
         mem_ok, time_ok = tgt["mem_ratio"] <= MEM_TARGET, tgt["time_ratio"] <= TIME_TARGET
-        verdict = {"n": n_t, "mem_ratio": tgt["mem_ratio"], "mem_target": MEM_TARGET, "mem_pass": mem_ok,
-                   "time_ratio": tgt["time_ratio"], "time_target": TIME_TARGET, "time_pass": time_ok,
-                   "abs_mem_ratio": tgt["abs_mem_ratio"], "official": n_t == N_TARGET}
+        verdict = {
+            "n": n_t,
+            "mem_ratio": tgt["mem_ratio"],
+            "mem_target": MEM_TARGET,
+            "mem_pass": mem_ok,
+            "time_ratio": tgt["time_ratio"],
+            "time_target": TIME_TARGET,
+            "time_pass": time_ok,
+            "abs_mem_ratio": tgt["abs_mem_ratio"],
+            "official": n_t == N_TARGET,
+        }
         note = "" if n_t == N_TARGET else f" (--quick: N={n_t}, the target is defined at N={N_TARGET})"
         print(f"\nTARGET{note}, frozen W, default chunk ({default_chunk_rows(V)} rows):")
-        print(f"  memory: fused loss-path peak = {tgt['mem_ratio']:.3f} x naive (1/{1 / tgt['mem_ratio']:.1f}; "
-              f"target <= 1/8 = {MEM_TARGET:.3f}) -> {'PASS' if mem_ok else 'FAIL'}"
-              f"   [absolute process peak ratio {tgt['abs_mem_ratio']:.3f}, not the target metric]")
-        print(f"  time:   fused = {tgt['time_ratio']:.2f} x naive (target <= {TIME_TARGET}) -> "
-              f"{'PASS' if time_ok else 'FAIL'}")
+        print(
+            f"  memory: fused loss-path peak = {tgt['mem_ratio']:.3f} x naive (1/{1 / tgt['mem_ratio']:.1f}; "
+            f"target <= 1/8 = {MEM_TARGET:.3f}) -> {'PASS' if mem_ok else 'FAIL'}"
+            f"   [absolute process peak ratio {tgt['abs_mem_ratio']:.3f}, not the target metric]"
+        )
+        print(
+            f"  time:   fused = {tgt['time_ratio']:.2f} x naive (target <= {TIME_TARGET}) -> "
+            f"{'PASS' if time_ok else 'FAIL'}"
+        )
     total = time.perf_counter() - t_all
     print(f"total {total:.0f} s")
-    res = {"config": {"V": V, "d": D, "k": K, "ns": list(ns), "warmup_rows": N_WARM, "chunks": list(CHUNKS),
-                      "threads": THREADS, "quick": args.quick, "w_ce": 1.0, "w_kl": 1.0, "tail": "bucket",
-                      "dtype": "float32", "peak_method": "VmHWM after clear_refs=5, minus VmRSS baseline",
-                      "python": sys.version.split()[0], "total_s": total},
-           "cases": rows, "target": verdict}
+    res = {
+        "config": {
+            "V": V,
+            "d": D,
+            "k": K,
+            "ns": list(ns),
+            "warmup_rows": N_WARM,
+            "chunks": list(CHUNKS),
+            "threads": THREADS,
+            "quick": args.quick,
+            "w_ce": 1.0,
+            "w_kl": 1.0,
+            "tail": "bucket",
+            "dtype": "float32",
+            "peak_method": "VmHWM after clear_refs=5, minus VmRSS baseline",
+            "python": sys.version.split()[0],
+            "total_s": total,
+        },
+        "cases": rows,
+        "target": verdict,
+        "versions": versions(),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")

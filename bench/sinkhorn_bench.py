@@ -18,9 +18,10 @@ Methods, same inputs in the same run, C built by the same autograd code for all:
   otkd-before       the solver before issue 11 (git show de27a08:pipeline/losses/sinkhorn.py): log domain when
                     spread/eps > 50, A x products, max_iter 1000. Only at N = 1024, eps 0.05 and 0.01 (target 1's
                     baseline: the issue measured 41 s unconverged at eps 0.01).
-  otkd-plain        the new solver without eps-scaling and Newton, for what those two buy: `ot_loss(C, ..., eps_scaling=False,
-                    newton=False, max_iter=1000)` (kernel domain, adaptive over-relaxation, same implicit
-                    backward). At small eps it hits max_iter unconverged: its speed-up is then a lower bound.
+  otkd-plain        the new solver without eps-scaling and Newton, for what those two buy:
+                    `ot_loss(C, ..., eps_scaling=False, newton=False, max_iter=1000)` (kernel domain, adaptive
+                    over-relaxation, same implicit backward). At small eps it hits max_iter unconverged: its speed-up
+                    is then a lower bound.
   pot-matched       POT's `ot.sinkhorn(a, b, C_b, eps, method="sinkhorn", numItermax=10000, stopThr=1e-5/sqrt(M))`
                     per sequence (kernel-domain Sinkhorn-Knopp, torch backend), gradient by autograd through its
                     iterations (POT's exact-gradient path). POT checks ||T^T 1 - b||_2 every 10 iterations, right
@@ -57,6 +58,7 @@ Targets:
   (2) eps = 0.05, N = 512 and 1024: otkd-tol1e-6 >= 30x faster than pot-matched-1e-6 with grad err <= 1e-5
       (the tol 1e-5 pair otkd / pot-matched is printed alongside, no verdict).
 """
+
 import argparse
 import json
 import math
@@ -69,8 +71,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.losses.ot import ot_hidden_loss  # noqa: E402
 from pipeline.losses.implicit import ot_loss  # noqa: E402
+from pipeline.losses.ot import ot_hidden_loss  # noqa: E402
+from pipeline.versions import versions  # noqa: E402
 
 B, D = 4, 64
 NS, EPSS = (128, 512, 1024, 2048), (0.1, 0.05, 0.01, 0.005)
@@ -107,13 +110,17 @@ def masks(X, Y):
 
 # Every method: (X, P, Y, eps, backward) -> (loss, plan (B, N, M) detached, info dict with "iters" and extras)
 
+
 def run_otkd(X, P, Y, eps, backward, **kw):
     xm, ym = masks(X, Y)
     loss, res = ot_hidden_loss(X, xm, Y, ym, P, eps=eps, **kw)
     if backward:
         loss.backward()
-    return loss.detach(), res.plan, {"iters": int(res.n_iters.max()), "conv": float(res.converged.float().mean()),
-                                     "res_err": float(res.err.max())}
+    return (
+        loss.detach(),
+        res.plan,
+        {"iters": int(res.n_iters.max()), "conv": float(res.converged.float().mean()), "res_err": float(res.err.max())},
+    )
 
 
 def run_otkd_plain(X, P, Y, eps, backward):
@@ -123,8 +130,11 @@ def run_otkd_plain(X, P, Y, eps, backward):
     loss = per_seq.mean()
     if backward:
         loss.backward()
-    return loss.detach(), res.plan, {"iters": int(res.n_iters.max()), "conv": float(res.converged.float().mean()),
-                                     "res_err": float(res.err.max())}
+    return (
+        loss.detach(),
+        res.plan,
+        {"iters": int(res.n_iters.max()), "conv": float(res.converged.float().mean()), "res_err": float(res.err.max())},
+    )
 
 
 BEFORE_COMMIT = "de27a08"  # the last commit before issue 11's solver
@@ -136,9 +146,15 @@ def load_before():
     import importlib.util
     import subprocess
     import tempfile
+
     try:
-        src = subprocess.run(["git", "show", f"{BEFORE_COMMIT}:pipeline/losses/sinkhorn.py"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout
+        src = subprocess.run(
+            ["git", "show", f"{BEFORE_COMMIT}:pipeline/losses/sinkhorn.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     path = Path(tempfile.mkdtemp()) / "sinkhorn_before.py"
@@ -163,6 +179,7 @@ def run_otkd_before(X, P, Y, eps, backward):
 def run_pot(X, P, Y, eps, backward, tol=None, stop=None, max_iter=10000):
     """POT per sequence; stopThr = tol / sqrt(M) (matched) or `stop` as given. POT's warnings are recorded."""
     import ot
+
     C = cost(X, P, Y)
     n, m = C.shape[1:]
     a = torch.full((n,), 1 / n, dtype=C.dtype)
@@ -226,16 +243,31 @@ def reference(n, m, eps):
     X, P, Y = make_inputs(n, m, torch.float64)
     xm, ym = masks(X, Y)
     loss, res = ot_hidden_loss(X, xm, Y, ym, P, eps=eps, tol=REF_TOL, max_iter=REF_MAX_ITER)
-    info = {"n": n, "m": m, "eps": eps, "domain": "kernel", "iters": res.n_iters.tolist(),
-            "err": res.err.tolist(), "converged": res.converged.tolist()}
+    info = {
+        "n": n,
+        "m": m,
+        "eps": eps,
+        "domain": "kernel",
+        "iters": res.n_iters.tolist(),
+        "err": res.err.tolist(),
+        "converged": res.converged.tolist(),
+    }
     if not (bool(res.converged.all()) and math.isfinite(float(loss))):
-        print(f"  ! reference N={n} M={m} eps={eps}: float64 kernel domain did not converge (iters "
-              f"{info['iters']}, err {['%.1e' % e for e in info['err']]}); redone in the log domain", flush=True)
+        print(
+            f"  ! reference N={n} M={m} eps={eps}: float64 kernel domain did not converge (iters "
+            f"{info['iters']}, err {['%.1e' % e for e in info['err']]}); redone in the log domain",  # noqa: UP031
+            flush=True,
+        )
         X, P, Y = make_inputs(n, m, torch.float64)
         per_seq, res = ot_loss(cost(X, P, Y), xm, ym, eps, tol=REF_TOL, max_iter=REF_MAX_ITER, domain="log")
         loss = per_seq.mean()
-        info.update(domain="log", kernel_failed={k: info[k] for k in ("iters", "err", "converged")},
-                    iters=res.n_iters.tolist(), err=res.err.tolist(), converged=res.converged.tolist())
+        info.update(
+            domain="log",
+            kernel_failed={k: info[k] for k in ("iters", "err", "converged")},
+            iters=res.n_iters.tolist(),
+            err=res.err.tolist(),
+            converged=res.converged.tolist(),
+        )
     loss.backward()
     info["seconds"] = time.perf_counter() - t0
     if not bool(res.converged.all()):
@@ -286,17 +318,32 @@ def fmt_e(x):
 
 def plot(rows, skipped, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     square = [r for r in rows if r["n"] == r["m"]]
     epss = sorted({r["eps"] for r in square}, reverse=True)
     fig, axes = plt.subplots(1, len(epss), figsize=(4.2 * len(epss), 4.2), sharey=True, squeeze=False)
-    styles = dict(zip(METHODS, [("C0", "o", "-"), ("C1", "s", "-"), ("C2", "^", "-"), ("C6", "D", "-."),
-                                ("C3", "o", "--"), ("C4", "s", "--"), ("C5", "v", ":")]))
+    styles = dict(
+        zip(
+            METHODS,
+            [
+                ("C0", "o", "-"),
+                ("C1", "s", "-"),
+                ("C2", "^", "-"),
+                ("C6", "D", "-."),
+                ("C3", "o", "--"),
+                ("C4", "s", "--"),
+                ("C5", "v", ":"),
+            ],
+        )
+    )
     for ax, eps in zip(axes[0], epss):
         for name in METHODS:
-            pts = sorted((r["n"], r["fwd_bwd_s"], r["failed"]) for r in square if r["eps"] == eps
-                         and r["method"] == name)
+            pts = sorted(
+                (r["n"], r["fwd_bwd_s"], r["failed"]) for r in square if r["eps"] == eps and r["method"] == name
+            )
             ok = [(x, y) for x, y, f in pts if not f]
             bad = [(x, y) for x, y, f in pts if f]
             color, marker, line = styles[name]
@@ -311,8 +358,11 @@ def plot(rows, skipped, path):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("forward + backward [s], B = 4, 1 thread")
-    fig.suptitle("Sinkhorn OT loss + gradient, float32: otkd vs POT "
-                 "(x: run returned a wrong plan; POT missing = skipped, see JSON)", fontsize=10)
+    fig.suptitle(
+        "Sinkhorn OT loss + gradient, float32: otkd vs POT "
+        "(x: run returned a wrong plan; POT missing = skipped, see JSON)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -323,11 +373,13 @@ def main():
     ap.add_argument("--quick", action="store_true", help="N in {128, 512} only, no M != N case")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--pot-max-n", type=int, default=POT_MAX_N, help="largest N (or M) POT runs at")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/sinkhorn_bench.json; "
-                                                "the PNG goes next to it)")
+    ap.add_argument(
+        "--out", default=None, help="JSON path (default bench/results/sinkhorn_bench.json; the PNG goes next to it)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     import ot
+
     global BEFORE
     BEFORE = load_before()
     methods = args.methods.split(",")
@@ -339,8 +391,10 @@ def main():
     for n, m, eps in cases(args.quick):
         ref_loss, ref_grad, ref_info = reference(n, m, eps)
         refs.append(ref_info)
-        print(f"  N={n:<5} M={m:<5} eps={eps:<6} reference ({ref_info['domain']} domain) "
-              f"{ref_info['seconds']:.1f} s", flush=True)
+        print(
+            f"  N={n:<5} M={m:<5} eps={eps:<6} reference ({ref_info['domain']} domain) {ref_info['seconds']:.1f} s",
+            flush=True,
+        )
         for name in methods:
             why = pot_skip(name, n, m, eps, slow, args.pot_max_n)
             if why:
@@ -350,22 +404,36 @@ def main():
             t_fwd, _, _, _, _, _ = timed(fn, n, m, eps, False)
             t_fb, reps, loss, plan, info, grad = timed(fn, n, m, eps, True)
             loss = float(loss)
-            r = {"n": n, "m": m, "eps": eps, "method": name, "fwd_s": t_fwd, "fwd_bwd_s": t_fb, "repeats": reps,
-                 "iters": info["iters"], "marg_err": marginal_err(plan), "loss": loss,
-                 "loss_rel_err": abs(loss - ref_loss) / abs(ref_loss),
-                 "grad_rel_err": float((grad.double() - ref_grad).norm() / ref_grad.norm())}
+            r = {
+                "n": n,
+                "m": m,
+                "eps": eps,
+                "method": name,
+                "fwd_s": t_fwd,
+                "fwd_bwd_s": t_fb,
+                "repeats": reps,
+                "iters": info["iters"],
+                "marg_err": marginal_err(plan),
+                "loss": loss,
+                "loss_rel_err": abs(loss - ref_loss) / abs(ref_loss),
+                "grad_rel_err": float((grad.double() - ref_grad).norm() / ref_grad.norm()),
+            }
             r.update({k: v for k, v in info.items() if k != "iters" and v != ""})
             # a run "failed" when its plan or value is wrong, not merely loose: marginals off by > 1e-2 or NaN
-            r["failed"] = not (r["marg_err"] <= 1e-2 and math.isfinite(r["grad_rel_err"])
-                               and math.isfinite(r["loss_rel_err"]))
+            r["failed"] = not (
+                r["marg_err"] <= 1e-2 and math.isfinite(r["grad_rel_err"]) and math.isfinite(r["loss_rel_err"])
+            )
             rows.append(r)
             if name.startswith("pot") and max(t_fwd, t_fb) > POT_SLOW_S:
                 slow[(name, eps)] = n
             extra = f"  conv {r['conv']:.2f}" if "conv" in r else ""
             extra += f"  [{r['note']}]" if r.get("note") else ""
-            print(f"  N={n:<5} M={m:<5} eps={eps:<6} {name:<17} fwd {t_fwd:7.3f} s  fwd+bwd {t_fb:7.3f} s  "
-                  f"iters {r['iters']:>5}  marg err {fmt_e(r['marg_err'])}  loss err {fmt_e(r['loss_rel_err'])}  "
-                  f"grad err {fmt_e(r['grad_rel_err'])}{extra}", flush=True)
+            print(
+                f"  N={n:<5} M={m:<5} eps={eps:<6} {name:<17} fwd {t_fwd:7.3f} s  fwd+bwd {t_fb:7.3f} s  "
+                f"iters {r['iters']:>5}  marg err {fmt_e(r['marg_err'])}  loss err {fmt_e(r['loss_rel_err'])}  "
+                f"grad err {fmt_e(r['grad_rel_err'])}{extra}",
+                flush=True,
+            )
 
     def find(n, m, eps, name):
         return next((r for r in rows if (r["n"], r["m"], r["eps"], r["method"]) == (n, m, eps, name)), None)
@@ -378,8 +446,10 @@ def main():
         if r["method"] == "otkd" and plain is not None:
             r["speedup_vs_plain"] = plain["fwd_bwd_s"] / r["fwd_bwd_s"]
 
-    print(f"\n{'N':>5} {'M':>5} {'eps':>6}  {'method':<17}{'fwd s':>8}{'fwd+bwd s':>11}{'iters':>7}{'marg err':>10}"
-          f"{'loss err':>10}{'grad err':>10}{'conv':>6}{'vs POT':>8}{'vs plain':>10}  note")
+    print(
+        f"\n{'N':>5} {'M':>5} {'eps':>6}  {'method':<17}{'fwd s':>8}{'fwd+bwd s':>11}{'iters':>7}{'marg err':>10}"
+        f"{'loss err':>10}{'grad err':>10}{'conv':>6}{'vs POT':>8}{'vs plain':>10}  note"
+    )
     last = None
     for r in sorted(rows, key=lambda r: (r["n"], -r["m"], -r["eps"])):
         if last is not None and (r["n"], r["m"], r["eps"]) != last:
@@ -389,9 +459,11 @@ def main():
         vp = f"{r['speedup_vs_pot']:>7.1f}x" if "speedup_vs_pot" in r else " " * 8
         vpl = f"{r['speedup_vs_plain']:>9.1f}x" if "speedup_vs_plain" in r else " " * 10
         note = ("FAILED " if r["failed"] else "") + r.get("note", "")
-        print(f"{r['n']:>5} {r['m']:>5} {r['eps']:>6}  {r['method']:<17}{r['fwd_s']:>8.3f}{r['fwd_bwd_s']:>11.3f}"
-              f"{r['iters']:>7}{fmt_e(r['marg_err']):>10}{fmt_e(r['loss_rel_err']):>10}"
-              f"{fmt_e(r['grad_rel_err']):>10}{conv}{vp}{vpl}  {note}")
+        print(
+            f"{r['n']:>5} {r['m']:>5} {r['eps']:>6}  {r['method']:<17}{r['fwd_s']:>8.3f}{r['fwd_bwd_s']:>11.3f}"
+            f"{r['iters']:>7}{fmt_e(r['marg_err']):>10}{fmt_e(r['loss_rel_err']):>10}"
+            f"{fmt_e(r['grad_rel_err']):>10}{conv}{vp}{vpl}  {note}"
+        )
     if skipped:
         print("\nskipped:")
         for s in skipped:
@@ -401,54 +473,107 @@ def main():
     targets = {}
     o, p = find(T1["n"], T1["n"], T1["eps"], "otkd"), find(T1["n"], T1["n"], T1["eps"], "otkd-before")
     if o is not None and p is not None:
-        t = {"marg_err": o["marg_err"], "grad_rel_err": o["grad_rel_err"], "fwd_bwd_s": o["fwd_bwd_s"],
-             "speedup_vs_before": p["fwd_bwd_s"] / o["fwd_bwd_s"], "before_converged": p["conv"],
-             "speedup_vs_plain": o.get("speedup_vs_plain")}
-        t["pass"] = bool(t["marg_err"] <= T1["marg_err"] and t["grad_rel_err"] <= T1["grad_err"]
-                         and t["fwd_bwd_s"] <= T1["fwd_bwd_s"] and t["speedup_vs_before"] >= T1["vs_before"])
+        t = {
+            "marg_err": o["marg_err"],
+            "grad_rel_err": o["grad_rel_err"],
+            "fwd_bwd_s": o["fwd_bwd_s"],
+            "speedup_vs_before": p["fwd_bwd_s"] / o["fwd_bwd_s"],
+            "before_converged": p["conv"],
+            "speedup_vs_plain": o.get("speedup_vs_plain"),
+        }
+        t["pass"] = bool(
+            t["marg_err"] <= T1["marg_err"]
+            and t["grad_rel_err"] <= T1["grad_err"]
+            and t["fwd_bwd_s"] <= T1["fwd_bwd_s"]
+            and t["speedup_vs_before"] >= T1["vs_before"]
+        )
         targets["1"] = t
-        print(f"\nTARGET 1 (eps={T1['eps']}, N={T1['n']}, otkd): marg err {t['marg_err']:.1e} (<= {T1['marg_err']:.0e}), "
-              f"grad err {t['grad_rel_err']:.1e} (<= {T1['grad_err']:.0e}), fwd+bwd {t['fwd_bwd_s']:.2f} s "
-              f"(<= {T1['fwd_bwd_s']:.0f} s), {t['speedup_vs_before']:.1f}x faster than the solver before issue 11 "
-              f"(>= {T1['vs_before']:.0f}x; it converged for {p['conv']:.0%} of the sequences) "
-              f"-> {'PASS' if t['pass'] else 'FAIL'}")
+        print(
+            f"\nTARGET 1 (eps={T1['eps']}, N={T1['n']}, otkd): marg err {t['marg_err']:.1e} (<= {T1['marg_err']:.0e}), "
+            f"grad err {t['grad_rel_err']:.1e} (<= {T1['grad_err']:.0e}), fwd+bwd {t['fwd_bwd_s']:.2f} s "
+            f"(<= {T1['fwd_bwd_s']:.0f} s), {t['speedup_vs_before']:.1f}x faster than the solver before issue 11 "
+            f"(>= {T1['vs_before']:.0f}x; it converged for {p['conv']:.0%} of the sequences) "
+            f"-> {'PASS' if t['pass'] else 'FAIL'}"
+        )
         o6 = find(T1["n"], T1["n"], T1["eps"], "otkd-tol1e-6")
         if o6 is not None:
-            t["tol1e-6"] = {"marg_err": o6["marg_err"], "grad_rel_err": o6["grad_rel_err"], "fwd_bwd_s": o6["fwd_bwd_s"]}
-            print(f"         with tol 1e-6: marg err {o6['marg_err']:.1e}, grad err {o6['grad_rel_err']:.1e}, "
-                  f"fwd+bwd {o6['fwd_bwd_s']:.2f} s")
+            t["tol1e-6"] = {
+                "marg_err": o6["marg_err"],
+                "grad_rel_err": o6["grad_rel_err"],
+                "fwd_bwd_s": o6["fwd_bwd_s"],
+            }
+            print(
+                f"         with tol 1e-6: marg err {o6['marg_err']:.1e}, grad err {o6['grad_rel_err']:.1e}, "
+                f"fwd+bwd {o6['fwd_bwd_s']:.2f} s"
+            )
     for n in T2["ns"]:
         o, p = find(n, n, T2["eps"], "otkd-tol1e-6"), find(n, n, T2["eps"], "pot-matched-1e-6")
         if o is None or p is None or "speedup_vs_pot" not in o:
             continue
-        t = {"n": n, "speedup_vs_pot": o["speedup_vs_pot"], "grad_rel_err": o["grad_rel_err"],
-             "pot_grad_rel_err": p["grad_rel_err"]}
+        t = {
+            "n": n,
+            "speedup_vs_pot": o["speedup_vs_pot"],
+            "grad_rel_err": o["grad_rel_err"],
+            "pot_grad_rel_err": p["grad_rel_err"],
+        }
         t["pass"] = bool(t["speedup_vs_pot"] >= T2["vs_pot"] and t["grad_rel_err"] <= T2["grad_err"])
         o5 = find(n, n, T2["eps"], "otkd")
         if o5 is not None and "speedup_vs_pot" in o5:
-            t["tol1e-5_pair"] = {"speedup_vs_pot": o5["speedup_vs_pot"], "grad_rel_err": o5["grad_rel_err"],
-                                 "pot_grad_rel_err": find(n, n, T2["eps"], "pot-matched")["grad_rel_err"]}
+            t["tol1e-5_pair"] = {
+                "speedup_vs_pot": o5["speedup_vs_pot"],
+                "grad_rel_err": o5["grad_rel_err"],
+                "pot_grad_rel_err": find(n, n, T2["eps"], "pot-matched")["grad_rel_err"],
+            }
         targets[f"2_n{n}"] = t
-        print(f"TARGET 2 (eps={T2['eps']}, N={n}): otkd-tol1e-6 {t['speedup_vs_pot']:.1f}x faster than "
-              f"pot-matched-1e-6 (>= {T2['vs_pot']:.0f}x), grad err {t['grad_rel_err']:.1e} "
-              f"(<= {T2['grad_err']:.0e}; POT's {t['pot_grad_rel_err']:.1e}) -> {'PASS' if t['pass'] else 'FAIL'}")
+        print(
+            f"TARGET 2 (eps={T2['eps']}, N={n}): otkd-tol1e-6 {t['speedup_vs_pot']:.1f}x faster than "
+            f"pot-matched-1e-6 (>= {T2['vs_pot']:.0f}x), grad err {t['grad_rel_err']:.1e} "
+            f"(<= {T2['grad_err']:.0e}; POT's {t['pot_grad_rel_err']:.1e}) -> {'PASS' if t['pass'] else 'FAIL'}"
+        )
         if "tol1e-5_pair" in t:
             q = t["tol1e-5_pair"]
-            print(f"         tol 1e-5 pair: otkd {q['speedup_vs_pot']:.1f}x faster than pot-matched, grad err "
-                  f"{q['grad_rel_err']:.1e} (POT's {q['pot_grad_rel_err']:.1e})")
+            print(
+                f"         tol 1e-5 pair: otkd {q['speedup_vs_pot']:.1f}x faster than pot-matched, grad err "
+                f"{q['grad_rel_err']:.1e} (POT's {q['pot_grad_rel_err']:.1e})"
+            )
 
     total = time.perf_counter() - t_all
     print(f"total {total:.0f} s")
     out = Path(args.out or ROOT / "bench/results/sinkhorn_bench.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = {"B": B, "d": D, "ns": list(NS[:2] if args.quick else NS), "eps": list(EPSS),
-              "nm_cases": [] if args.quick else [list(c[:2]) + [list(c[2])] for c in NM_CASES],
-              "quick": args.quick, "methods": methods, "tol": TOL, "tol_tight": TOL_TIGHT,
-              "pot_max_n": args.pot_max_n, "threads": torch.get_num_threads(), "dtype": "float32",
-              "reference": {"dtype": "float64", "tol": REF_TOL, "max_iter": REF_MAX_ITER},
-              "torch": torch.__version__, "pot": ot.__version__, "total_s": total}
-    out.write_text(json.dumps(nan_to_none({"config": config, "rows": rows, "skipped": skipped,
-                                           "references": refs, "targets": targets}), indent=1))
+    config = {
+        "B": B,
+        "d": D,
+        "ns": list(NS[:2] if args.quick else NS),
+        "eps": list(EPSS),
+        "nm_cases": [] if args.quick else [list(c[:2]) + [list(c[2])] for c in NM_CASES],
+        "quick": args.quick,
+        "methods": methods,
+        "tol": TOL,
+        "tol_tight": TOL_TIGHT,
+        "pot_max_n": args.pot_max_n,
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "reference": {"dtype": "float64", "tol": REF_TOL, "max_iter": REF_MAX_ITER},
+        "torch": torch.__version__,
+        "pot": ot.__version__,
+        "total_s": total,
+    }
+    out.write_text(
+        json.dumps(
+            nan_to_none(
+                {
+                    "config": config,
+                    "rows": rows,
+                    "skipped": skipped,
+                    "references": refs,
+                    "targets": targets,
+                    "versions": versions(),
+                }
+            ),
+            indent=1,
+        )
+    )
     png = out.with_suffix(".png")
     plot(rows, skipped, png)
     print(f"wrote {out} and {png}")

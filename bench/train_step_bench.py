@@ -16,6 +16,7 @@ thread pools), reset the kernel's peak-RSS mark, then --steps timed steps. Repor
 peak = VmHWM - RSS before the timed steps (memory the step itself adds over model + optimizer + inputs),
 plus the absolute process peak. 2 threads; ratios fused/naive within one run are the meaningful numbers.
 """
+
 import argparse
 import json
 import os
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from memtools import proc_status, reset_peak  # noqa: E402
 
+from pipeline.versions import versions  # noqa: E402
+
 V, HIDDEN, LAYERS, B, L, SUP, K, D_TEACHER = 151_936, 64, 2, 2, 1024, 768, 64, 128
 THREADS = 2
 
@@ -36,34 +39,51 @@ def make_batch(g):
     """A Stage-2 batch from synthetic cache reads (random tokens, peaked random teacher top-k)."""
     import numpy as np
     import torch
+
     from pipeline.distill.batches import collate
+
     reads = []
     for _ in range(B):
         ids = torch.randint(0, V, (L,), generator=g).numpy()
         sup = np.zeros(L, dtype=bool)
-        sup[L - SUP - 1:L - 1] = True  # rows predict tokens L-SUP .. L-1 (the response)
+        sup[L - SUP - 1 : L - 1] = True  # rows predict tokens L-SUP .. L-1 (the response)
         lp = torch.randn(SUP, K, generator=g).mul(3).log_softmax(-1) - 0.05  # (rows, k) ~0.95 of the mass
-        reads.append({"input_ids": ids, "supervised": sup,
-                      "topk_ids": torch.randint(0, V, (SUP, K), generator=g).numpy(),
-                      "topk_logprobs": lp.sort(-1, descending=True).values.numpy(),
-                      "tail_logmass": np.full(SUP, np.log(1 - np.exp(-0.05)), dtype=np.float32),
-                      "hidden": torch.randn(SUP, D_TEACHER, generator=g).numpy()})
+        reads.append(
+            {
+                "input_ids": ids,
+                "supervised": sup,
+                "topk_ids": torch.randint(0, V, (SUP, K), generator=g).numpy(),
+                "topk_logprobs": lp.sort(-1, descending=True).values.numpy(),
+                "tail_logmass": np.full(SUP, np.log(1 - np.exp(-0.05)), dtype=np.float32),
+                "hidden": torch.randn(SUP, D_TEACHER, generator=g).numpy(),
+            }
+        )
     return collate(reads, pad_id=0)
 
 
 def worker(fused: bool, steps: int):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from pipeline.config import DistillConfig
+
+    from pipeline.config.distill import DistillConfig
     from pipeline.distill.model import DistillModel
     from pipeline.losses.ot import init_projection
     from tests.conftest import reference_loss
+
     torch.set_num_threads(THREADS)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=V, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=LAYERS,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=L, use_sliding_window=False)
+    cfg = Qwen2Config(
+        vocab_size=V,
+        hidden_size=HIDDEN,
+        intermediate_size=4 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=L,
+        use_sliding_window=False,
+    )
     model = Qwen2ForCausalLM(cfg)
     model.train()
     model = DistillModel(model, DistillConfig(), V, init_projection(D_TEACHER, HIDDEN, generator=g))
@@ -85,10 +105,23 @@ def worker(fused: bool, steps: int):
         loss, logs = step()
     dt = time.perf_counter() - t0
     st = proc_status()
-    print("RESULT " + json.dumps({"path": "fused" if fused else "naive", "steps": steps, "step_s": dt / steps,
-                                  "steps_per_s": steps / dt, "step_peak_B": st["VmHWM"] - base,
-                                  "abs_peak_B": st["VmHWM"], "baseline_B": base, "last_loss": loss,
-                                  "last_logs": logs}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "path": "fused" if fused else "naive",
+                "steps": steps,
+                "step_s": dt / steps,
+                "steps_per_s": steps / dt,
+                "step_peak_B": st["VmHWM"] - base,
+                "abs_peak_B": st["VmHWM"],
+                "baseline_B": base,
+                "last_loss": loss,
+                "last_logs": logs,
+            }
+        ),
+        flush=True,
+    )
 
 
 def main():
@@ -102,30 +135,63 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
     rows = []
     for path in ("naive", "fused"):
-        p = subprocess.run([sys.executable, __file__, "--worker", path, "--steps", str(args.steps)],
-                           capture_output=True, text=True, env=env, cwd=ROOT)
+        p = subprocess.run(
+            [sys.executable, __file__, "--worker", path, "--steps", str(args.steps)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not line:
             sys.exit(f"{path} worker failed (rc={p.returncode}):\n{p.stderr[-3000:]}")
         rows.append(json.loads(line[-1][7:]))
         r = rows[-1]
-        print(f"  {path}: {r['step_s']:.2f} s/step, step peak {r['step_peak_B'] / 2**20:,.0f} MB, "
-              f"abs peak {r['abs_peak_B'] / 2**20:,.0f} MB, loss {r['last_loss']:.3f}", flush=True)
+        print(
+            f"  {path}: {r['step_s']:.2f} s/step, step peak {r['step_peak_B'] / 2**20:,.0f} MB, "
+            f"abs peak {r['abs_peak_B'] / 2**20:,.0f} MB, loss {r['last_loss']:.3f}",
+            flush=True,
+        )
     naive, fused = rows
-    ratio = {"speedup": naive["step_s"] / fused["step_s"], "step_peak_ratio": fused["step_peak_B"] / naive["step_peak_B"],
-             "abs_peak_ratio": fused["abs_peak_B"] / naive["abs_peak_B"]}
+    ratio = {
+        "speedup": naive["step_s"] / fused["step_s"],
+        "step_peak_ratio": fused["step_peak_B"] / naive["step_peak_B"],
+        "abs_peak_ratio": fused["abs_peak_B"] / naive["abs_peak_B"],
+    }
     print(f"\n{'path':<7}{'steps/s':>9}{'s/step':>8}{'step peak MB':>14}{'abs peak MB':>13}")
     for r in rows:
-        print(f"{r['path']:<7}{r['steps_per_s']:>9.3f}{r['step_s']:>8.2f}{r['step_peak_B'] / 2**20:>14,.0f}"
-              f"{r['abs_peak_B'] / 2**20:>13,.0f}")
-    print(f"fused vs naive: {ratio['speedup']:.2f}x steps/s, step peak x{ratio['step_peak_ratio']:.3f}, "
-          f"absolute peak x{ratio['abs_peak_ratio']:.3f}")
+        print(
+            f"{r['path']:<7}{r['steps_per_s']:>9.3f}{r['step_s']:>8.2f}{r['step_peak_B'] / 2**20:>14,.0f}"
+            f"{r['abs_peak_B'] / 2**20:>13,.0f}"
+        )
+    print(
+        f"fused vs naive: {ratio['speedup']:.2f}x steps/s, step peak x{ratio['step_peak_ratio']:.3f}, "
+        f"absolute peak x{ratio['abs_peak_ratio']:.3f}"
+    )
     out = Path(args.out or ROOT / "bench/results/train_step_bench.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": {"V": V, "hidden": HIDDEN, "layers": LAYERS, "batch": B, "seq": L,
-                                          "supervised_per_seq": SUP, "k": K, "teacher_hidden": D_TEACHER,
-                                          "threads": THREADS, "steps": args.steps},
-                               "rows": rows, "ratios": ratio}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "config": {
+                    "V": V,
+                    "hidden": HIDDEN,
+                    "layers": LAYERS,
+                    "batch": B,
+                    "seq": L,
+                    "supervised_per_seq": SUP,
+                    "k": K,
+                    "teacher_hidden": D_TEACHER,
+                    "threads": THREADS,
+                    "steps": args.steps,
+                },
+                "rows": rows,
+                "ratios": ratio,
+                "versions": versions(),
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 

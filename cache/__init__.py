@@ -6,18 +6,38 @@ Dependency direction is stages -> pipeline -> cache: nothing here imports pipeli
 The reader and writer (zarr, numpy, torch) are imported on first use of their names: every layer imports
 `cache.errors`, and the stage CLIs must answer --help and print a one-line error without loading torch.
 """
+
 import importlib
 
 from cache.errors import CacheError, CacheLockedError, CacheMismatchError, OtkdError
 
-_LAZY = {"CacheBlocks": "cache.reader", "CacheDataset": "cache.reader", "TeacherCache": "cache.reader",
-         "describe": "cache.reader",
-         "open_cache": "cache.reader", "SCHEMA_VERSION": "cache.schema", "canonical_meta": "cache.schema",
-         "CacheWriter": "cache.writer", "store_lease": "cache.lock"}
+_LAZY = {
+    "CacheBlocks": "cache.reader",
+    "CacheDataset": "cache.reader",
+    "TeacherCache": "cache.reader",
+    "describe": "cache.reader",
+    "open_cache": "cache.reader",
+    "SCHEMA_VERSION": "cache.schema",
+    "canonical_meta": "cache.schema",
+    "CacheWriter": "cache.writer",
+    "store_lease": "cache.lock",
+}
 
-__all__ = ["CacheWriter", "open_cache", "TeacherCache", "CacheDataset", "CacheBlocks", "CacheError",
-           "CacheLockedError", "CacheMismatchError", "OtkdError", "canonical_meta", "describe", "store_lease",
-           "SCHEMA_VERSION"]
+__all__ = [
+    "CacheWriter",
+    "open_cache",
+    "TeacherCache",
+    "CacheDataset",
+    "CacheBlocks",
+    "CacheError",
+    "CacheLockedError",
+    "CacheMismatchError",
+    "OtkdError",
+    "canonical_meta",
+    "describe",
+    "store_lease",
+    "SCHEMA_VERSION",
+]
 
 
 def __getattr__(name: str):

@@ -17,6 +17,7 @@ Decoding is transparent: `decode` returns (n, D) float32 for every codec, so the
 teacher of Stage 2 read the same h' whatever the codec. Imports numpy and torch only (no pipeline code: the cache
 package is below it).
 """
+
 import re
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ INT8_MAX = 127
 
 
 def parse(codec: str) -> tuple[str, int | None]:
-    """"pca:64" -> ("pca", 64); "bf16" -> ("bf16", None). ValueError for anything else."""
+    """ "pca:64" -> ("pca", 64); "bf16" -> ("bf16", None). ValueError for anything else."""
     m = CODEC.fullmatch(str(codec))
     if m is None:
         raise ValueError(f"hidden codec {codec!r}: use bf16, fp16, int8, pca:<r>, svd:<r>, fisher:<r> or none")
@@ -48,17 +49,20 @@ def stored_width(codec: str, hidden_size: int) -> int:
 class Basis:
     """A low-rank code: h' = mean + ((h - mean) @ encoder.T) @ decoder. float32 numpy arrays."""
 
-    mean: np.ndarray     # (D,)
+    mean: np.ndarray  # (D,)
     encoder: np.ndarray  # (r, D)
     decoder: np.ndarray  # (r, D)
 
     def __post_init__(self):
-        self.mean, self.encoder, self.decoder = (np.ascontiguousarray(a, dtype=np.float32)
-                                                 for a in (self.mean, self.encoder, self.decoder))
+        self.mean, self.encoder, self.decoder = (
+            np.ascontiguousarray(a, dtype=np.float32) for a in (self.mean, self.encoder, self.decoder)
+        )
         D = self.mean.shape[0]
         if self.mean.ndim != 1 or self.encoder.shape != self.decoder.shape or self.encoder.shape[1:] != (D,):
-            raise ValueError(f"basis shapes mean {self.mean.shape}, encoder {self.encoder.shape}, decoder "
-                             f"{self.decoder.shape}: expected (D,), (r, D), (r, D)")
+            raise ValueError(
+                f"basis shapes mean {self.mean.shape}, encoder {self.encoder.shape}, decoder "
+                f"{self.decoder.shape}: expected (D,), (r, D), (r, D)"
+            )
         if not all(np.isfinite(a).all() for a in (self.mean, self.encoder, self.decoder)):
             raise ValueError("basis holds non-finite values")
 
@@ -144,7 +148,7 @@ def bound(h: np.ndarray, codec: str, basis: Basis | None = None) -> np.ndarray:
     or its exact projection mean + ((h - mean) E^T) F (low rank: the rounding of the stored coefficients only)."""
     kind, _ = parse(codec)
     h = np.asarray(h, dtype=np.float64)
-    ulp = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
+    ulp = {"bf16": 2.0**-8, "fp16": 2.0**-11}
     if kind in ulp:
         return ulp[kind] * np.abs(h) + (6e-8 if kind == "fp16" else 0.0)  # fp16 subnormals: absolute 2^-24
     if kind == "int8":
@@ -153,7 +157,7 @@ def bound(h: np.ndarray, codec: str, basis: Basis | None = None) -> np.ndarray:
     F = np.abs(basis.decoder.astype(np.float64))
     c_abs = np.abs(h - basis.mean) @ np.abs(basis.encoder.T.astype(np.float64))  # (n, r) float32 rounding scale
     # bf16 rounding of the coefficients, plus float32 rounding in the encoding and decoding matmuls
-    return 2.0 ** -8 * np.abs(c) @ F + 1e-5 * (c_abs @ F + np.abs(basis.mean)) + 1e-30
+    return 2.0**-8 * np.abs(c) @ F + 1e-5 * (c_abs @ F + np.abs(basis.mean)) + 1e-30
 
 
 def project(h: np.ndarray, basis: Basis) -> np.ndarray:

@@ -10,6 +10,7 @@ manifest, a record) is written by one PUT and appears whole or not at all, like 
 temp name and renamed. What object storage lacks is a directory rename (so a remote store is created in place, its
 `manifest/base` last) and locks (cache/lock.py: no lease on a remote store).
 """
+
 import os
 import uuid
 import zlib
@@ -65,7 +66,7 @@ def listing(p) -> dict[str, int] | None:
         return None
     fs, path = _fs(p)
     path = path.rstrip("/")
-    return {f[len(path) + 1:]: int(info["size"]) for f, info in fs.find(path, detail=True).items()}
+    return {f[len(path) + 1 :]: int(info["size"]) for f, info in fs.find(path, detail=True).items()}
 
 
 def read_bytes(p) -> bytes:
@@ -145,7 +146,7 @@ def download(p, local: Path) -> Path:
     fs, path = _fs(p)
     if fs.isdir(path):
         for f in fs.find(path):
-            dst = local.joinpath(*f[len(path):].strip("/").split("/"))
+            dst = local.joinpath(*f[len(path) :].strip("/").split("/"))
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(fs.cat_file(f))
     else:

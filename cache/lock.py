@@ -43,6 +43,7 @@ rank 0 check the holder's JSON (its run id) instead of the flock, which they may
 
 Only the standard library: the cache package never imports pipeline or stages.
 """
+
 import contextlib
 import errno
 import fcntl
@@ -108,8 +109,10 @@ def _alive(holder: dict) -> bool:
 def _describe(holder: dict | None) -> str:
     if holder is None:
         return "holder unknown"
-    return (f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('started')}, "
-            f"run {holder.get('run_id')}")
+    return (
+        f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('started')}, "
+        f"run {holder.get('run_id')}"
+    )
 
 
 class StoreLease:
@@ -153,7 +156,8 @@ class StoreLease:
                 if holder is not None or time.monotonic() >= deadline:
                     raise CacheLockedError(
                         f"teacher cache {self.store} is being written by another Stage-1 run ({_describe(holder)}); "
-                        f"wait for it to finish or stop it") from None
+                        f"wait for it to finish or stop it"
+                    ) from None
                 time.sleep(_POLL_S)
                 continue
             except BaseException:
@@ -165,9 +169,14 @@ class StoreLease:
             break
         self._fd = fd
         try:
-            data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                               "started": datetime.now().astimezone().isoformat(timespec="seconds"),
-                               "run_id": self.run_id}).encode()
+            data = json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+                    "run_id": self.run_id,
+                }
+            ).encode()
             os.ftruncate(fd, 0)
             os.pwrite(fd, data, 0)
         except BaseException:
@@ -225,7 +234,8 @@ class StoreLease:
             if holder.get("run_id") != self.run_id:
                 raise CacheLockedError(
                     f"teacher cache {self.store} is being written by another Stage-1 run ({_describe(holder)}), not "
-                    f"by rank 0 of this run ({self.run_id}); wait for it to finish or stop it")
+                    f"by rank 0 of this run ({self.run_id}); wait for it to finish or stop it"
+                )
             return
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -244,7 +254,8 @@ class StoreLease:
         if not held:
             raise CacheLockedError(
                 f"teacher cache {self.store}: rank {self.rank} of run {self.run_id} found no lease on it; rank 0 "
-                f"must take it first (multi-rank Stage 1 waits for rank 0 before the other ranks check)")
+                f"must take it first (multi-rank Stage 1 waits for rank 0 before the other ranks check)"
+            )
         holder = read_holder(self.store)
         deadline = time.monotonic() + _HOLDER_WAIT_S
         while (holder is None or not _alive(holder)) and time.monotonic() < deadline:
@@ -255,7 +266,8 @@ class StoreLease:
         if holder is None or holder.get("run_id") != self.run_id:
             raise CacheLockedError(
                 f"teacher cache {self.store} is being written by another Stage-1 run ({_describe(holder)}), not by "
-                f"rank 0 of this run ({self.run_id}); wait for it to finish or stop it")
+                f"rank 0 of this run ({self.run_id}); wait for it to finish or stop it"
+            )
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> "StoreLease":
@@ -275,7 +287,10 @@ def store_lease(store, run_id: str | None = None, rank: int | None = None):
     """
     if "://" in str(store):
         if (rank if rank is not None else default_rank()) == 0:
-            warnings.warn(f"teacher cache {store}: object storage has no locks, so nothing stops a second Stage-1 run "
-                          "on this store; run one job per store at a time", stacklevel=2)
+            warnings.warn(
+                f"teacher cache {store}: object storage has no locks, so nothing stops a second Stage-1 run "
+                "on this store; run one job per store at a time",
+                stacklevel=2,
+            )
         return contextlib.nullcontext()
     return StoreLease(store, run_id, rank)

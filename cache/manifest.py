@@ -16,6 +16,7 @@ A shard counts as done only if its record, its manifest and its files with the m
 Each manifest is one file replaced atomically (temp file + rename, like LocalStore's writes; one PUT on object
 storage). Stores on fsspec URLs are checked the same way (cache/location.py).
 """
+
 import json
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ ROW_NDIM = {"topk_ids": 2, "topk_logprobs": 2, "tail_logmass": 1, "hidden": 2, "
 @dataclass(frozen=True)
 class Problem:
     """One integrity problem. shard None: the per-sequence data written at creation (Stage 1 rewrites it)."""
+
     array: str
     shard: int | None
     file: str  # relative to the store
@@ -41,8 +43,11 @@ class Problem:
     check: str = "files"  # which check found it: files (stat/CRC-32 vs manifest), records, chunks, contract
 
     def line(self) -> str:
-        where = f"shard {self.shard}" if self.shard is not None else (
-            "basis" if self.array in BASIS_ARRAYS else "per-sequence data")
+        where = (
+            f"shard {self.shard}"
+            if self.shard is not None
+            else ("basis" if self.array in BASIS_ARRAYS else "per-sequence data")
+        )
         return f"{self.array} {where} (file {self.file}): {self.what}"
 
 
@@ -52,8 +57,11 @@ def crc32_file(path) -> str:
 
 def row_arrays(attrs: dict) -> list[str]:
     codec = hidden_codec(attrs)
-    return [n for n in ROW_ARRAYS if not n.startswith("hidden") or n == "hidden" and codec
-            or n == "hidden_scale" and codec == "int8"]
+    return [
+        n
+        for n in ROW_ARRAYS
+        if not n.startswith("hidden") or n == "hidden" and codec or n == "hidden_scale" and codec == "int8"
+    ]
 
 
 def basis_arrays(attrs: dict) -> list[str]:
@@ -75,8 +83,13 @@ def shard_files(attrs: dict, s: int) -> list[tuple[str, str]]:
 def base_files(attrs: dict) -> list[tuple[str, str]]:
     """(array, file) of everything creation writes: per-sequence/token chunk files and every array's zarr.json."""
     n_seq, n_tok = attrs["n_sequences"], attrs["n_tokens"]
-    length = {"sample_ids": n_seq, "token_offsets": n_seq + 1, "row_offsets": n_seq + 1, "input_ids": n_tok,
-              "supervised": n_tok}
+    length = {
+        "sample_ids": n_seq,
+        "token_offsets": n_seq + 1,
+        "row_offsets": n_seq + 1,
+        "input_ids": n_tok,
+        "supervised": n_tok,
+    }
     basis = basis_arrays(attrs)
     out = [(n, f"{n}/zarr.json") for n in (*SEQ_ARRAYS, *row_arrays(attrs), *basis, "shard_done")]
     for n in SEQ_ARRAYS:
@@ -91,8 +104,12 @@ def _entry(root, array: str, rel: str) -> dict:
 
 
 def make_shard_manifest(root, attrs: dict, s: int) -> dict:
-    return {"kind": "shard", "shard": s, "rows": list(shard_rows(attrs, s)),
-            "files": [_entry(root, a, f) for a, f in shard_files(attrs, s)]}
+    return {
+        "kind": "shard",
+        "shard": s,
+        "rows": list(shard_rows(attrs, s)),
+        "files": [_entry(root, a, f) for a, f in shard_files(attrs, s)],
+    }
 
 
 def make_base_manifest(root, attrs: dict) -> dict:
@@ -135,11 +152,11 @@ def _check_files(root, doc: dict, expected, shard, hashes: bool, files: dict | N
             out.append(Problem(array, shard, rel, f"file missing (manifest: {e.get('bytes')} bytes)"))
             continue
         if size != e.get("bytes"):
-            out.append(Problem(array, shard, rel, f"{size} bytes, manifest says {e.get('bytes')} (truncated or "
-                                                  "rewritten)"))
+            out.append(
+                Problem(array, shard, rel, f"{size} bytes, manifest says {e.get('bytes')} (truncated or rewritten)")
+            )
         elif hashes and (got := crc32_file(join(root, rel))) != e.get("crc32"):
-            out.append(Problem(array, shard, rel, f"crc32 {got} != manifest {e.get('crc32')} (bytes changed "
-                                                  "on disk)"))
+            out.append(Problem(array, shard, rel, f"crc32 {got} != manifest {e.get('crc32')} (bytes changed on disk)"))
     return out
 
 
@@ -154,8 +171,9 @@ def check_base(root, attrs: dict, hashes: bool = False, files: dict | None = Non
 def check_shard(root, attrs: dict, s: int, hashes: bool = False, files: dict | None = None) -> list[Problem]:
     doc = read_manifest(root, s)
     if doc is None:
-        return [Problem("manifest", s, manifest_file(s), "completion record without a manifest (missing or "
-                                                         "unreadable)")]
+        return [
+            Problem("manifest", s, manifest_file(s), "completion record without a manifest (missing or unreadable)")
+        ]
     return _check_files(root, doc, shard_files(attrs, s), s, hashes, files)
 
 

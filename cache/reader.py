@@ -10,6 +10,7 @@ deleted or truncated file makes the store "incomplete" instead of reading as fil
 that fails its crc32c or does not decode, and ids outside [0, tokenizer_size) or other fill values, raise a
 one-line `CacheCorruptError` naming the array, shard and file and the repair command.
 """
+
 import asyncio
 import os
 
@@ -20,16 +21,30 @@ from zarr.core.sync import sync
 
 from cache import codecs, location, manifest
 from cache.errors import CacheCorruptError, CacheError, CacheMismatchError
-from cache.schema import (BASIS_ARRAYS, FIELDS, canonical, canonical_meta, decode_float, hidden_codec, read_basis,
-                          read_root_attrs, shard_key, short_repr, sid_to_u64, u64_to_sid)
+from cache.schema import (
+    BASIS_ARRAYS,
+    FIELDS,
+    canonical,
+    canonical_meta,
+    decode_float,
+    hidden_codec,
+    read_basis,
+    read_root_attrs,
+    shard_key,
+    short_repr,
+    sid_to_u64,
+    u64_to_sid,
+)
 
 STAGE1 = "python -m stages.cache_teacher"
 VERIFY = "python -m stages.verify_cache"
 
 
 def corrupt_error(path, array: str, shard: int, file: str, what: str) -> CacheCorruptError:
-    return CacheCorruptError(f"corrupt teacher cache at {path}: {array} shard {shard} (file {file}) {what} — run "
-                             f"`{VERIFY} {path} --repair`, then rerun `{STAGE1}` to rewrite the bad shards")
+    return CacheCorruptError(
+        f"corrupt teacher cache at {path}: {array} shard {shard} (file {file}) {what} — run "
+        f"`{VERIFY} {path} --repair`, then rerun `{STAGE1}` to rewrite the bad shards"
+    )
 
 
 def decode_failure(e: Exception) -> str:
@@ -45,7 +60,7 @@ def read_checked(path, arr, name: str, lo: int | None = None, hi: int | None = N
     try:
         return arr[lo:hi]
     except Exception as e:
-        raise locate_failure(path, arr, name, lo, hi) or e
+        raise locate_failure(path, arr, name, lo, hi) or e  # noqa: B904
 
 
 def locate_failure(path, arr, name: str, lo: int, hi: int) -> CacheCorruptError | None:
@@ -53,7 +68,7 @@ def locate_failure(path, arr, name: str, lo: int, hi: int) -> CacheCorruptError 
     span = arr.shards[0] if arr.shards else arr.chunks[0]
     for s in range(lo // span, (max(hi, lo + 1) - 1) // span + 1):
         try:
-            arr[max(lo, s * span):min(hi, (s + 1) * span)]
+            arr[max(lo, s * span) : min(hi, (s + 1) * span)]
         except Exception as e:
             return corrupt_error(path, name, s, shard_key(name, s, arr.ndim), decode_failure(e))
     return None
@@ -72,12 +87,16 @@ def open_cache(path, expect: dict | None = None) -> "TeacherCache":
     group = zarr.open_group(path, mode="r")
     done, unreadable = manifest.read_done(group)
     if not (attrs.get("complete") and done.all()):
-        raise CacheError(f"incomplete teacher cache at {path} ({int(done.sum())}/{len(done)} shards written) — "
-                         f"rerun `{STAGE1}` to resume it")
+        raise CacheError(
+            f"incomplete teacher cache at {path} ({int(done.sum())}/{len(done)} shards written) — "
+            f"rerun `{STAGE1}` to resume it"
+        )
     problems = manifest.check_store(path, attrs, done)  # stat only: ~1 us per file
     if problems:
-        raise CacheError(f"incomplete teacher cache at {path}: {manifest.summary(problems)} — rerun `{STAGE1}`, "
-                         "which rewrites exactly the shards that fail this check")
+        raise CacheError(
+            f"incomplete teacher cache at {path}: {manifest.summary(problems)} — rerun `{STAGE1}`, "
+            "which rewrites exactly the shards that fail this check"
+        )
     for key, value in (expect or {}).items():
         prov = attrs.get("provenance", {})
         if key in prov:
@@ -87,8 +106,10 @@ def open_cache(path, expect: dict | None = None) -> "TeacherCache":
         else:
             raise CacheMismatchError(f"teacher cache at {path} does not record {key!r} (expected {short_repr(value)})")
         if canonical(stored) != canonical(value):
-            raise CacheMismatchError(f"teacher cache at {path} was made with {key}={short_repr(stored)} but "
-                                     f"{key}={short_repr(value)} is expected; rerun `{STAGE1}` with matching settings")
+            raise CacheMismatchError(
+                f"teacher cache at {path} was made with {key}={short_repr(stored)} but "
+                f"{key}={short_repr(value)} is expected; rerun `{STAGE1}` with matching settings"
+            )
     return TeacherCache(path, attrs)
 
 
@@ -142,16 +163,20 @@ class TeacherCache:
             self.basis = read_basis(g, attrs)  # (low-rank codecs) decodes every read: read once here
         except Exception as e:
             name = next((n for n in BASIS_ARRAYS if not _readable(g, n)), BASIS_ARRAYS[0])
-            raise corrupt_error(self.path, name, 0, shard_key(name, 0, 1 if name == "hidden_mean" else 2),
-                                decode_failure(e)) from None
+            raise corrupt_error(
+                self.path, name, 0, shard_key(name, 0, 1 if name == "hidden_mean" else 2), decode_failure(e)
+            ) from None
         self.shard_rows = attrs["shard_rows"]
         self.vocab = attrs.get("provenance", {}).get("tokenizer_size")  # ids must lie in [0, vocab)
         self.check_values = True  # the per-read range checks below (bench: off to measure their cost)
-        for name, off, n in (("token_offsets", self.token_offsets, attrs["n_tokens"]),
-                             ("row_offsets", self.row_offsets, attrs["n_rows"])):
+        for name, off, n in (
+            ("token_offsets", self.token_offsets, attrs["n_tokens"]),
+            ("row_offsets", self.row_offsets, attrs["n_rows"]),
+        ):
             if len(off) == 0 or off[0] != 0 or off[-1] != n or (np.diff(off) < 0).any():
-                raise corrupt_error(self.path, name, 0, shard_key(name, 0, 1),
-                                    f"is not a monotone offset table from 0 to {n}")
+                raise corrupt_error(
+                    self.path, name, 0, shard_key(name, 0, 1), f"is not a monotone offset table from 0 to {n}"
+                )
         self._index = None
         self._arrays, self._pid = None, None
 
@@ -251,14 +276,15 @@ class TeacherCache:
             if self.check_values:
                 self._check(f, a, int(off[first]))
             if f == "hidden":  # (rows, W) stored -> (rows, D) float32
-                a = codecs.decode({"hidden": a, "hidden_scale": got.get((first, "hidden_scale"))}, self.hidden_codec,
-                                  self.basis)
+                a = codecs.decode(
+                    {"hidden": a, "hidden_scale": got.get((first, "hidden_scale"))}, self.hidden_codec, self.basis
+                )
             elif f == "hidden_code":  # a low-rank code's coefficients as stored: (rows, r) float32
                 a = codecs.coefficients(a)
             else:
                 a = self._decode(f, a)
             for i in range(first, last + 1):
-                out[i][f] = a[off[i] - off[first]:off[i + 1] - off[first]]
+                out[i][f] = a[off[i] - off[first] : off[i + 1] - off[first]]
         return [out[i] for i in indices]
 
     def _check(self, field: str, a: np.ndarray, start: int) -> None:
@@ -284,8 +310,9 @@ class TeacherCache:
         first = start + int(np.flatnonzero(bad.reshape(len(a), -1).any(1))[0])
         arr = self._arrs()[field]
         span = arr.shards[0]
-        raise corrupt_error(self.path, field, first // span, shard_key(field, first // span, arr.ndim),
-                            f"{what} at index {first}")
+        raise corrupt_error(
+            self.path, field, first // span, shard_key(field, first // span, arr.ndim), f"{what} at index {first}"
+        )
 
     def _decode(self, field: str, a: np.ndarray) -> np.ndarray:
         if field in ("input_ids", "topk_ids"):
@@ -317,8 +344,7 @@ class CacheBlocks(torch.utils.data.Dataset):
         self.fields = cache._fields(fields)
         starts = range(0, len(cache), block)
         # bits 0-32 of the sample id (the data split hashes the prompt, not the sample id: independent of it)
-        self.starts = [s for s in starts
-                       if fraction == 1 or int(u64_to_sid(cache._sids[s])[:8], 16) / 2**32 < fraction]
+        self.starts = [s for s in starts if fraction == 1 or int(u64_to_sid(cache._sids[s])[:8], 16) / 2**32 < fraction]
 
     def __len__(self) -> int:
         return len(self.starts)

@@ -37,6 +37,7 @@ sample ids (Zarr reads absent chunks as the fill value, no error), and every chu
 the fill value. Shard files are listed in the manifest; `open_cache` stats them, `stages.verify_cache` hashes and
 decodes them.
 """
+
 import hashlib
 import json
 from pathlib import Path
@@ -53,6 +54,10 @@ SCHEMA_VERSION = 3  # 2: chunk crc32c, manifests, fill values that are never dat
 READABLE_VERSIONS = (2, 3)  # a version-2 store is a version-3 store with hidden_dtype bf16/fp16/none
 FORMAT = "otkd-teacher-cache"
 ROW_CONTRACT = "row j = teacher distribution over token j+1; stored iff token j+1 is supervised"
+LOG_FLOOR = -80.0
+"""The floor of every stored log-prob (tail mass included): exp(-80) ~ 1.8e-35 is "no mass" in float32. Stage 2's
+losses clamp teacher log-probs to the same value (pipeline/losses/kl.py keeps its own copy, since the losses import
+only torch; tests/test_topk.py checks the two agree), so a tail is read back as the value Stage 1 computed."""
 
 # name -> (stored numpy dtype, codec). bf16 bits compress ~2x better with byte shuffle than fp16 does;
 # fp16 does best with bitshuffle (measured on top-k values, Blosc zstd-5: bf16 bit patterns ~3.5-3.9x, fp16 ~2x).
@@ -74,8 +79,16 @@ LOGICAL = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ZSTD5 = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 CHUNK_CHECKSUMS = True  # False only in bench/cache_bench.py, to measure what the per-chunk crc32c costs
 # What a missing chunk reads as: values no writer stores (write_rows rejects NaN log-probs/tail and ids < 0).
-FILL = {"sample_ids": np.iinfo(np.uint64).max, "token_offsets": -1, "row_offsets": -1, "input_ids": -1,
-        "supervised": 2, "topk_ids": -1, "tail_logmass": float("nan"), "shard_done": 0}
+FILL = {
+    "sample_ids": np.iinfo(np.uint64).max,
+    "token_offsets": -1,
+    "row_offsets": -1,
+    "input_ids": -1,
+    "supervised": 2,
+    "topk_ids": -1,
+    "tail_logmass": float("nan"),
+    "shard_done": 0,
+}
 NAN_FILL = {"bf16": 0x7FC0, "fp16": float("nan"), "fp32": float("nan")}  # bf16 NaN as its uint16 bit pattern
 # what a missing `hidden` chunk reads as: NaN, or -128 for int8 (the encoder clamps to [-127, 127])
 HIDDEN_FILL = {"bfloat16": 0x7FC0, "float16": float("nan"), "int8": -128}
@@ -144,6 +157,7 @@ def canonical(obj):
     Stored attributes went through JSON; passing the requested ones through the same round trip makes
     tuples/lists, int/np.int64, Path/str and dict key order irrelevant to the comparison.
     """
+
     def plain(o):
         if isinstance(o, dict):
             return {str(k): plain(v) for k, v in o.items()}
@@ -156,6 +170,7 @@ def canonical(obj):
         if isinstance(o, Path):
             return str(o)
         return o
+
     return json.loads(json.dumps(plain(obj), sort_keys=True))
 
 
@@ -179,26 +194,50 @@ def _digest(*arrays) -> str:
     return h.hexdigest()[:16]
 
 
-def make_plan(sample_ids_u64, token_offsets, row_offsets, input_ids, supervised, *, k, logprob_dtype,
-              hidden_codec, hidden_size, shard_rows, basis_arrays=None) -> dict:
+def make_plan(
+    sample_ids_u64,
+    token_offsets,
+    row_offsets,
+    input_ids,
+    supervised,
+    *,
+    k,
+    logprob_dtype,
+    hidden_codec,
+    hidden_size,
+    shard_rows,
+    basis_arrays=None,
+) -> dict:
     """What fixes the row layout: resuming is only sound if every entry matches (ordered for error messages)."""
-    return canonical({
-        "n_sequences": len(sample_ids_u64), "n_tokens": int(token_offsets[-1]), "n_rows": int(row_offsets[-1]),
-        "k": k, "logprob_dtype": logprob_dtype, "hidden_codec": hidden_codec, "hidden_size": hidden_size,
-        "shard_rows": shard_rows,
-        # a low-rank basis fitted again after a crash may differ in the last bits: rows encoded with another
-        # basis must never be mixed into one store
-        "hidden_basis_sha": _digest(*basis_arrays.values()) if basis_arrays else None,
-        "sample_ids_sha": _digest(sample_ids_u64),  # order matters: rows are laid out in this order
-        "offsets_sha": _digest(token_offsets, row_offsets),
-        "tokens_sha": _digest(input_ids, supervised),
-    })
+    return canonical(
+        {
+            "n_sequences": len(sample_ids_u64),
+            "n_tokens": int(token_offsets[-1]),
+            "n_rows": int(row_offsets[-1]),
+            "k": k,
+            "logprob_dtype": logprob_dtype,
+            "hidden_codec": hidden_codec,
+            "hidden_size": hidden_size,
+            "shard_rows": shard_rows,
+            # a low-rank basis fitted again after a crash may differ in the last bits: rows encoded with another
+            # basis must never be mixed into one store
+            "hidden_basis_sha": _digest(*basis_arrays.values()) if basis_arrays else None,
+            "sample_ids_sha": _digest(sample_ids_u64),  # order matters: rows are laid out in this order
+            "offsets_sha": _digest(token_offsets, row_offsets),
+            "tokens_sha": _digest(input_ids, supervised),
+        }
+    )
 
 
 def canonical_meta(attrs: dict) -> dict:
     """A store's (or a request's) identity in comparable form: schema version, plan and provenance."""
-    return canonical({"schema_version": attrs.get("schema_version"), "plan": attrs.get("plan", {}),
-                      "provenance": attrs.get("provenance", {})})
+    return canonical(
+        {
+            "schema_version": attrs.get("schema_version"),
+            "plan": attrs.get("plan", {}),
+            "provenance": attrs.get("provenance", {}),
+        }
+    )
 
 
 def read_root_attrs(path: Path) -> dict:
@@ -206,15 +245,20 @@ def read_root_attrs(path: Path) -> dict:
     try:
         attrs = zarr.open_group(path, mode="r").attrs.asdict()
     except Exception as e:  # no zarr.json, unreadable JSON, an array instead of a group, ...
-        raise CacheError(f"{path} exists but is not an otkd teacher cache ({type(e).__name__}); "
-                         "delete it or choose another path") from None
+        raise CacheError(
+            f"{path} exists but is not an otkd teacher cache ({type(e).__name__}); delete it or choose another path"
+        ) from None
     if attrs.get("format") != FORMAT:
-        raise CacheError(f"{path} is a Zarr group but not an otkd teacher cache (no format={FORMAT!r} "
-                         "attribute); delete it or choose another path")
+        raise CacheError(
+            f"{path} is a Zarr group but not an otkd teacher cache (no format={FORMAT!r} "
+            "attribute); delete it or choose another path"
+        )
     if attrs.get("schema_version") not in READABLE_VERSIONS:
-        raise CacheError(f"{path} has cache schema version {attrs.get('schema_version')!r}, this code reads "
-                         f"versions {', '.join(map(str, READABLE_VERSIONS))}; recreate the cache with this version "
-                         "of otkd")
+        raise CacheError(
+            f"{path} has cache schema version {attrs.get('schema_version')!r}, this code reads "
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}; recreate the cache with this version "
+            "of otkd"
+        )
     return attrs
 
 
@@ -234,7 +278,7 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     """Inner chunks must tile a shard exactly, and shard_rows need not be a power of two."""
     cap = max(1, min(n, cap))
     best = 1
-    for d in range(1, int(n ** 0.5) + 1):
+    for d in range(1, int(n**0.5) + 1):
         if n % d == 0:
             for c in (d, n // d):
                 if best < c <= cap:
@@ -250,8 +294,9 @@ def read_basis(group, attrs: dict) -> "codecs.Basis | None":
     return codecs.Basis(*(group[n][...] for n in BASIS_ARRAYS))
 
 
-def array_specs(n_seq: int, n_tok: int, n_rows: int, *, k: int, logprob_dtype: str, hidden_codec,
-                hidden_size, shard_rows: int) -> dict:
+def array_specs(
+    n_seq: int, n_tok: int, n_rows: int, *, k: int, logprob_dtype: str, hidden_codec, hidden_size, shard_rows: int
+) -> dict:
     """name -> keyword arguments of zarr.create_array (minus store/name) for every array of the layout."""
     crc = [Crc32cCodec()] if CHUNK_CHECKSUMS else []
 
@@ -263,13 +308,21 @@ def array_specs(n_seq: int, n_tok: int, n_rows: int, *, k: int, logprob_dtype: s
         inner = _largest_divisor_at_most(shard_rows, target_bytes // row_bytes)
         tail = (width,) if width else ()
         attrs = {"logical_dtype": logical} if logical else {}
-        return dict(shape=(n_rows,) + tail, dtype=dtype, chunks=(inner,) + tail, shards=(shard_rows,) + tail,
-                    compressors=[codec, *crc], attributes={"axis": "row", **attrs})
+        return dict(
+            shape=(n_rows,) + tail,
+            dtype=dtype,
+            chunks=(inner,) + tail,
+            shards=(shard_rows,) + tail,
+            compressors=[codec, *crc],
+            attributes={"axis": "row", **attrs},
+        )
 
     lp_dtype, lp_codec = LOGPROB_DTYPES[logprob_dtype]
     specs = {
-        "sample_ids": seq(n_seq, np.uint64), "token_offsets": seq(n_seq + 1, np.int64),
-        "row_offsets": seq(n_seq + 1, np.int64), "input_ids": seq(n_tok, np.int32),
+        "sample_ids": seq(n_seq, np.uint64),
+        "token_offsets": seq(n_seq + 1, np.int64),
+        "row_offsets": seq(n_seq + 1, np.int64),
+        "input_ids": seq(n_tok, np.int32),
         "supervised": seq(n_tok, np.uint8),
         "topk_ids": rows(k, np.int32, ZSTD5, ROW_CHUNK_BYTES),
         "topk_logprobs": rows(k, lp_dtype, lp_codec, ROW_CHUNK_BYTES, LOGICAL[logprob_dtype]),
@@ -280,17 +333,22 @@ def array_specs(n_seq: int, n_tok: int, n_rows: int, *, k: int, logprob_dtype: s
     if hidden_codec is not None:
         kind, r = codecs.parse(hidden_codec)
         h_dtype, h_codec, logical = HIDDEN_STORAGE["low_rank" if r else kind]
-        specs["hidden"] = rows(codecs.stored_width(hidden_codec, hidden_size), h_dtype, h_codec, HIDDEN_CHUNK_BYTES,
-                               logical)
+        specs["hidden"] = rows(
+            codecs.stored_width(hidden_codec, hidden_size), h_dtype, h_codec, HIDDEN_CHUNK_BYTES, logical
+        )
         specs["hidden"]["fill_value"] = HIDDEN_FILL[logical]
         if kind == "int8":
             specs["hidden_scale"] = rows(None, np.float32, ZSTD5, ROW_CHUNK_BYTES // 16, "float32")
             specs["hidden_scale"]["fill_value"] = float("nan")
         if r:  # the basis: small, one chunk each, written at creation like the per-sequence arrays
-            for name, shape in (("hidden_mean", (hidden_size,)), ("hidden_encoder", (r, hidden_size)),
-                                ("hidden_decoder", (r, hidden_size))):
-                specs[name] = dict(shape=shape, dtype=np.float32, chunks=shape, compressors=[ZSTD5, *crc],
-                                   fill_value=float("nan"))
+            for name, shape in (
+                ("hidden_mean", (hidden_size,)),
+                ("hidden_encoder", (r, hidden_size)),
+                ("hidden_decoder", (r, hidden_size)),
+            ):
+                specs[name] = dict(
+                    shape=shape, dtype=np.float32, chunks=shape, compressors=[ZSTD5, *crc], fill_value=float("nan")
+                )
     specs["topk_logprobs"]["fill_value"] = NAN_FILL[logprob_dtype]
     for name, fill in FILL.items():
         specs[name]["fill_value"] = fill

@@ -14,6 +14,7 @@ repair(path, report) drops the completion records (shard_done, manifest, root `c
 with a problem, and the base manifest if the per-sequence data has one, so that the next Stage 1 run
 (CacheWriter.create_or_resume) rewrites exactly those shards and that data.
 """
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from cache.reader import STAGE1, VERIFY, decode_failure
 from cache.schema import BASIS_ARRAYS, decode_float, hidden_codec, read_root_attrs, shard_key
 
 # unit roundoff of each stored log-prob dtype: a stored log-prob is within u * |lp| of the computed one
-UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "fp32": 2.0 ** -24}
+UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11, "fp32": 2.0**-24}
 MASS_SLACK = 1e-4  # float32 arithmetic of the teacher's log-softmax, top-k and tail (measured: < 1e-5)
 CHECKS = ("files", "records", "chunks", "contract")
 
@@ -53,16 +54,21 @@ class Report:
     def text(self, max_lines: int = 12) -> str:
         a = self.attrs
         hidden = f"hidden {hidden_codec(a)} of {a['hidden_size']}" if hidden_codec(a) else "no hidden"
-        mode = ("quick: files stat-checked against the manifests, nothing read" if self.quick else
-                "full: every file's CRC-32, every chunk decoded, row contract")
+        mode = (
+            "quick: files stat-checked against the manifests, nothing read"
+            if self.quick
+            else "full: every file's CRC-32, every chunk decoded, row contract"
+        )
         mb = self.bytes_checked / 1e6
         size = f"{mb:.1f} MB" if mb >= 0.1 else f"{self.bytes_checked / 1e3:.1f} kB"
-        lines = [f"verify {self.path} ({mode})",
-                 f"  store     {a['n_sequences']} sequences, {a['n_tokens']} tokens, {a['n_rows']} rows in "
-                 f"{a['n_shards']} shards of {a['shard_rows']} rows; k={a['k']}, log-probs {a['logprob_dtype']}, "
-                 f"{hidden}",
-                 f"  checked   {self.shards_checked}/{a['n_shards']} shards + per-sequence data, {size} in "
-                 f"{self.seconds:.2f} s" + (f" ({mb / self.seconds:.0f} MB/s)" if mb >= 1 else "")]
+        lines = [
+            f"verify {self.path} ({mode})",
+            f"  store     {a['n_sequences']} sequences, {a['n_tokens']} tokens, {a['n_rows']} rows in "
+            f"{a['n_shards']} shards of {a['shard_rows']} rows; k={a['k']}, log-probs {a['logprob_dtype']}, "
+            f"{hidden}",
+            f"  checked   {self.shards_checked}/{a['n_shards']} shards + per-sequence data, {size} in "
+            f"{self.seconds:.2f} s" + (f" ({mb / self.seconds:.0f} MB/s)" if mb >= 1 else ""),
+        ]
         for check in CHECKS:
             if self.quick and check in ("chunks", "contract"):
                 lines.append(f"  {check:<9} not checked (--quick)")
@@ -70,8 +76,10 @@ class Report:
             n = sum(p.check == check for p in self.problems)
             lines.append(f"  {check:<9} {'OK' if n == 0 else f'{n} problem' + ('s' if n > 1 else '')}")
         if self.not_done or not a.get("complete"):
-            lines.append(f"  complete  no: {self.not_done} of {a['n_shards']} shards not written yet — rerun "
-                         f"`{STAGE1}` to finish it")
+            lines.append(
+                f"  complete  no: {self.not_done} of {a['n_shards']} shards not written yet — rerun "
+                f"`{STAGE1}` to finish it"
+            )
         if self.problems:
             lines.append(f"PROBLEMS ({len(self.problems)}):")
             lines += [f"  {p.line()}" for p in self.problems[:max_lines]]
@@ -79,10 +87,16 @@ class Report:
                 lines.append(f"  ... and {len(self.problems) - max_lines} more")
             shards = sorted({p.shard for p in self.problems if p.shard is not None})
             base = any(p.shard is None for p in self.problems)
-            what = ", ".join(filter(None, [f"shards {manifest.short_list(shards)}" if shards else "",
-                                           "per-sequence data" if base else ""]))
-            lines.append(f"result: {len(self.problems)} problem(s) in {what} — run `{VERIFY} {self.path} "
-                         f"--repair`, then rerun `{STAGE1}`, which rewrites exactly those")
+            what = ", ".join(
+                filter(
+                    None,
+                    [f"shards {manifest.short_list(shards)}" if shards else "", "per-sequence data" if base else ""],
+                )
+            )
+            lines.append(
+                f"result: {len(self.problems)} problem(s) in {what} — run `{VERIFY} {self.path} "
+                f"--repair`, then rerun `{STAGE1}`, which rewrites exactly those"
+            )
         else:
             lines.append("result: CLEAN" if self.ok else "result: no damage found, but the store is incomplete")
         return "\n".join(lines)
@@ -98,12 +112,15 @@ def verify(path, quick: bool = False, progress: bool = True) -> Report:
     rep = Report(path, quick, attrs)
     group = zarr.open_group(path, mode="r")
     done, unreadable = manifest.read_done(group)
-    rep.problems += [Problem("shard_done", s, f"shard_done/c/{s}", "completion record cannot be decoded", "records")
-                     for s in unreadable]
+    rep.problems += [
+        Problem("shard_done", s, f"shard_done/c/{s}", "completion record cannot be decoded", "records")
+        for s in unreadable
+    ]
     rep.not_done = int((~done).sum()) - len(unreadable)
     total = sum(_listed_bytes(path, key) for key in [manifest.BASE, *map(int, np.flatnonzero(done))])
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {location.name(path)}", disable=not progress,
-              leave=False) as bar:
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc=f"verify {location.name(path)}", disable=not progress, leave=False
+    ) as bar:
         found = manifest.check_base(path, attrs, hashes=not quick)
         rep.problems += found
         if not quick and not any(p.array == "manifest" for p in found):
@@ -171,8 +188,15 @@ def _check_shard_data(path: Path, group, attrs: dict, s: int) -> list[Problem]:
     def bad(name, mask, what):
         rows = np.flatnonzero(mask)
         if len(rows):
-            out.append(Problem(name, s, shard_key(name, s, manifest.ROW_NDIM[name]),
-                               f"{len(rows)} row(s) {what} (first: row {s0 + rows[0]})", "contract"))
+            out.append(
+                Problem(
+                    name,
+                    s,
+                    shard_key(name, s, manifest.ROW_NDIM[name]),
+                    f"{len(rows)} row(s) {what} (first: row {s0 + rows[0]})",
+                    "contract",
+                )
+            )
         return rows
 
     vocab = attrs.get("provenance", {}).get("tokenizer_size")
@@ -188,8 +212,11 @@ def _check_shard_data(path: Path, group, attrs: dict, s: int) -> list[Problem]:
         lp = decode_float(lp, group["topk_logprobs"].attrs.get("logical_dtype"))
         finite = bad("topk_logprobs", ~np.isfinite(lp).all(1), "with non-finite log-probs")
         if not len(finite):
-            bad("topk_logprobs", (np.diff(lp, axis=1) > 0).any(1) | (lp > 0).any(1),
-                "with log-probs not descending or above 0")
+            bad(
+                "topk_logprobs",
+                (np.diff(lp, axis=1) > 0).any(1) | (lp > 0).any(1),
+                "with log-probs not descending or above 0",
+            )
     tail = got["tail_logmass"]
     if tail is not None:
         tail_bad = bad("tail_logmass", ~np.isfinite(tail) | (tail > 0), "with a non-finite or positive tail")
@@ -197,13 +224,19 @@ def _check_shard_data(path: Path, group, attrs: dict, s: int) -> list[Problem]:
             p = np.exp(lp.astype(np.float64))
             total = p.sum(1) + np.exp(tail.astype(np.float64))
             tol = (p * np.expm1(UNIT_ROUNDOFF[attrs["logprob_dtype"]] * np.abs(lp))).sum(1) + MASS_SLACK
-            bad("topk_logprobs", np.abs(total - 1) > tol, "whose top-k + tail mass is not 1 within the "
-                                                          f"{attrs['logprob_dtype']} rounding bound")
+            bad(
+                "topk_logprobs",
+                np.abs(total - 1) > tol,
+                f"whose top-k + tail mass is not 1 within the {attrs['logprob_dtype']} rounding bound",
+            )
     if got.get("hidden") is not None:
         h, logical = got["hidden"], group["hidden"].attrs.get("logical_dtype")
         # int8 stores no NaN: the fill value -128 (a missing chunk) is what no encoder writes
-        bad("hidden", (h == -128).any(1) if logical == "int8" else ~np.isfinite(decode_float(h, logical)).all(1),
-            "with non-finite hidden states" if logical != "int8" else "with the int8 fill value -128 (missing data)")
+        bad(
+            "hidden",
+            (h == -128).any(1) if logical == "int8" else ~np.isfinite(decode_float(h, logical)).all(1),
+            "with non-finite hidden states" if logical != "int8" else "with the int8 fill value -128 (missing data)",
+        )
     if got.get("hidden_scale") is not None:
         sc = got["hidden_scale"]
         bad("hidden_scale", ~np.isfinite(sc) | (sc < 0), "with a non-finite or negative scale")
@@ -230,8 +263,11 @@ def _check_base_contract(path: Path, group, attrs: dict) -> list[Problem]:
     offs = {}
     for name, n in (("token_offsets", n_tok), ("row_offsets", n_rows)):
         o = got[name]
-        if o is not None and not bad(name, len(o) != n_seq + 1 or o[0] != 0 or o[-1] != n or (np.diff(o) < 0).any(),
-                                     f"not a monotone offset table from 0 to {n}"):
+        if o is not None and not bad(
+            name,
+            len(o) != n_seq + 1 or o[0] != 0 or o[-1] != n or (np.diff(o) < 0).any(),
+            f"not a monotone offset table from 0 to {n}",
+        ):
             offs[name] = o
     vocab = attrs.get("provenance", {}).get("tokenizer_size")
     ids = got["input_ids"]

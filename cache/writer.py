@@ -22,6 +22,7 @@ With background=True (the default) a full shard is compressed and written by one
 caller goes on (in Stage 1: while the GPU runs the next forward); at most one shard is in flight, so memory
 is two shard buffers. Blosc and file I/O release the GIL, so the write overlaps the teacher almost fully.
 """
+
 import os
 import re
 import shutil
@@ -36,11 +37,29 @@ import zarr
 from zarr.core.sync import sync
 
 from cache import codecs, location, manifest
-from cache.location import is_url, join
 from cache.errors import CacheMismatchError
-from cache.schema import (BASIS_ARRAYS, FORMAT, LOGPROB_DTYPES, ROW_ARRAYS, ROW_CONTRACT, SCHEMA_VERSION,
-                          array_specs, canonical, canonical_meta, encode_float, first_difference, hidden_codec,
-                          make_plan, n_shards, read_basis, read_root_attrs, short_repr, sid_to_u64, to_numpy)
+from cache.location import is_url, join
+from cache.schema import (
+    BASIS_ARRAYS,
+    FORMAT,
+    LOGPROB_DTYPES,
+    ROW_ARRAYS,
+    ROW_CONTRACT,
+    SCHEMA_VERSION,
+    array_specs,
+    canonical,
+    canonical_meta,
+    encode_float,
+    first_difference,
+    hidden_codec,
+    make_plan,
+    n_shards,
+    read_basis,
+    read_root_attrs,
+    short_repr,
+    sid_to_u64,
+    to_numpy,
+)
 
 # LocalStore's temp files: "<key>.<32 hex>.partial"; a SIGKILL mid-write leaves one behind.
 _TMP_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -78,10 +97,22 @@ class CacheWriter:
 
     # ---------------------------------------------------------------- creation / resume
     @classmethod
-    def create_or_resume(cls, path, *, sample_ids, input_ids_per_seq, supervised_per_seq, k: int,
-                         logprob_dtype: str = "bf16", hidden_size: int | None = None,
-                         hidden_codec: str | None = None, hidden_basis: codecs.Basis | None = None,
-                         provenance: dict, shard_rows: int = 65536, background: bool = True):
+    def create_or_resume(
+        cls,
+        path,
+        *,
+        sample_ids,
+        input_ids_per_seq,
+        supervised_per_seq,
+        k: int,
+        logprob_dtype: str = "bf16",
+        hidden_size: int | None = None,
+        hidden_codec: str | None = None,
+        hidden_basis: codecs.Basis | None = None,
+        provenance: dict,
+        shard_rows: int = 65536,
+        background: bool = True,
+    ):
         """Create the store (all per-sequence and token arrays written now) or resume a matching one.
 
         hidden_codec (cache/codecs.py) with hidden_size: how write_rows' hidden states are stored; a low-rank
@@ -98,8 +129,10 @@ class CacheWriter:
             raise ValueError("hidden_size and hidden_codec must be given together (or both None)")
         rank = codecs.parse(hidden_codec)[1] if hidden_codec else None  # ValueError for an unknown codec
         if rank and not (hidden_basis is not None and hidden_basis.encoder.shape == (rank, hidden_size)):
-            raise ValueError(f"hidden_codec={hidden_codec} needs a hidden_basis of rank {rank} and width "
-                             f"{hidden_size}, got {None if hidden_basis is None else hidden_basis.encoder.shape}")
+            raise ValueError(
+                f"hidden_codec={hidden_codec} needs a hidden_basis of rank {rank} and width "
+                f"{hidden_size}, got {None if hidden_basis is None else hidden_basis.encoder.shape}"
+            )
         if hidden_codec:
             codecs.stored_width(hidden_codec, hidden_size)
         basis = hidden_basis.arrays() if rank else {}
@@ -107,8 +140,10 @@ class CacheWriter:
             raise ValueError(f"k={k!r} and shard_rows={shard_rows!r} must be positive integers")
         n = len(sample_ids)
         if n == 0 or len(input_ids_per_seq) != n or len(supervised_per_seq) != n:
-            raise ValueError(f"need >= 1 sequence and equal counts: {n} sample_ids, {len(input_ids_per_seq)} "
-                             f"input_ids, {len(supervised_per_seq)} supervised masks")
+            raise ValueError(
+                f"need >= 1 sequence and equal counts: {n} sample_ids, {len(input_ids_per_seq)} "
+                f"input_ids, {len(supervised_per_seq)} supervised masks"
+            )
         sids = np.array([sid_to_u64(s) for s in sample_ids], dtype=np.uint64)
         if len(np.unique(sids)) != n:
             raise ValueError("sample_ids are not unique: rows are keyed by sample id")
@@ -118,15 +153,27 @@ class CacheWriter:
             if len(x) != len(m) or len(x) == 0:
                 raise ValueError(f"sequence {i}: {len(x)} input_ids but {len(m)} supervised flags")
             if m[-1]:  # row j predicts token j+1: the last position has nothing to predict
-                raise ValueError(f"sequence {i}: last position marked supervised; row j predicts token j+1, "
-                                 "so supervised[j] must be labels[j+1] != -100")
+                raise ValueError(
+                    f"sequence {i}: last position marked supervised; row j predicts token j+1, "
+                    "so supervised[j] must be labels[j+1] != -100"
+                )
         token_offsets = np.r_[0, np.cumsum([len(x) for x in ids])].astype(np.int64)
         row_offsets = np.r_[0, np.cumsum([m.sum() for m in sup])].astype(np.int64)
         input_ids = np.concatenate(ids).astype(np.int32)
         supervised = np.concatenate(sup).astype(np.uint8)
-        plan = make_plan(sids, token_offsets, row_offsets, input_ids, supervised, k=k,
-                         logprob_dtype=logprob_dtype, hidden_codec=hidden_codec, hidden_size=hidden_size,
-                         shard_rows=shard_rows, basis_arrays=basis)
+        plan = make_plan(
+            sids,
+            token_offsets,
+            row_offsets,
+            input_ids,
+            supervised,
+            k=k,
+            logprob_dtype=logprob_dtype,
+            hidden_codec=hidden_codec,
+            hidden_size=hidden_size,
+            shard_rows=shard_rows,
+            basis_arrays=basis,
+        )
         want = {"schema_version": SCHEMA_VERSION, "plan": plan, "provenance": canonical(provenance)}
 
         if location.exists(path):
@@ -138,24 +185,53 @@ class CacheWriter:
                 d = first_difference(ordered, want[section])
                 if d:
                     field, old, new = d
-                    what = ("another teacher" if "teacher" in field else "another tokenizer" if "tokenizer" in field
-                            else "other inputs")
+                    what = (
+                        "another teacher"
+                        if "teacher" in field
+                        else "another tokenizer"
+                        if "tokenizer" in field
+                        else "other inputs"
+                    )
                     raise CacheMismatchError(
                         f"output path {path} holds a cache from {what} ({section}.{field}: stored {short_repr(old)} "
-                        f"!= requested {short_repr(new)}); delete it or choose another path")
+                        f"!= requested {short_repr(new)}); delete it or choose another path"
+                    )
             if not is_url(path):
                 _remove_stale_temp_files(path)
-            _repair_on_resume(path, {"sample_ids": sids, "token_offsets": token_offsets, "row_offsets": row_offsets,
-                                     "input_ids": input_ids, "supervised": supervised, **basis})
+            _repair_on_resume(
+                path,
+                {
+                    "sample_ids": sids,
+                    "token_offsets": token_offsets,
+                    "row_offsets": row_offsets,
+                    "input_ids": input_ids,
+                    "supervised": supervised,
+                    **basis,
+                },
+            )
             return cls(path, zarr.open_group(path, mode="r+"), resumed=True, background=background)
 
-        attrs = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "row_contract": ROW_CONTRACT,
-                 **{key: plan[key] for key in ("k", "logprob_dtype", "hidden_codec", "hidden_size", "shard_rows")},
-                 "n_sequences": n, "n_tokens": plan["n_tokens"], "n_rows": plan["n_rows"],
-                 "n_shards": n_shards(plan["n_rows"], shard_rows), "plan": plan,
-                 "provenance": want["provenance"], "complete": False}
-        base = {"sample_ids": sids, "token_offsets": token_offsets, "row_offsets": row_offsets, "input_ids": input_ids,
-                "supervised": supervised, **basis}
+        attrs = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "row_contract": ROW_CONTRACT,
+            **{key: plan[key] for key in ("k", "logprob_dtype", "hidden_codec", "hidden_size", "shard_rows")},
+            "n_sequences": n,
+            "n_tokens": plan["n_tokens"],
+            "n_rows": plan["n_rows"],
+            "n_shards": n_shards(plan["n_rows"], shard_rows),
+            "plan": plan,
+            "provenance": want["provenance"],
+            "complete": False,
+        }
+        base = {
+            "sample_ids": sids,
+            "token_offsets": token_offsets,
+            "row_offsets": row_offsets,
+            "input_ids": input_ids,
+            "supervised": supervised,
+            **basis,
+        }
         if is_url(path):
             # Object storage has no directory rename: the store is created in place, `manifest/base` written last.
             # A creation killed midway leaves a store with the right attributes and a missing or short base
@@ -211,7 +287,7 @@ class CacheWriter:
         another rank's (so a batch producing them can be skipped)."""
         if end <= start:
             return True
-        return bool(self._skip[int(start) // self.shard_rows:(int(end) - 1) // self.shard_rows + 1].all())
+        return bool(self._skip[int(start) // self.shard_rows : (int(end) - 1) // self.shard_rows + 1].all())
 
     # ---------------------------------------------------------------- writing
     def write_rows(self, row_start: int, topk_ids, topk_logprobs, tail, hidden=None) -> None:
@@ -229,18 +305,24 @@ class CacheWriter:
             raise ValueError(f"topk_ids has shape {ids.shape}, expected ({n}, {self.k})")
         if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
             raise ValueError("topk_ids out of int32 range")
-        cols = {"topk_ids": ids.astype(np.int32, copy=False),
-                "topk_logprobs": encode_float(topk_logprobs, self.logprob_dtype),
-                "tail_logmass": encode_float(tail, "fp32")}
+        cols = {
+            "topk_ids": ids.astype(np.int32, copy=False),
+            "topk_logprobs": encode_float(topk_logprobs, self.logprob_dtype),
+            "tail_logmass": encode_float(tail, "fp32"),
+        }
         if "hidden" in self._arrays:
             if hidden is None:
                 raise ValueError("this cache stores hidden states: pass hidden=(n, D)")
             if tuple(hidden.shape) != (n, self.hidden_size):
                 raise ValueError(f"hidden has shape {tuple(hidden.shape)}, expected ({n}, {self.hidden_size})")
             cols.update(codecs.encode(hidden, self.hidden_codec, self._basis))
-        want = {"topk_ids": (n, self.k), "topk_logprobs": (n, self.k), "tail_logmass": (n,),
-                "hidden": (n, self._arrays["hidden"].shape[1]) if "hidden" in self._arrays else None,
-                "hidden_scale": (n,)}
+        want = {
+            "topk_ids": (n, self.k),
+            "topk_logprobs": (n, self.k),
+            "tail_logmass": (n,),
+            "hidden": (n, self._arrays["hidden"].shape[1]) if "hidden" in self._arrays else None,
+            "hidden_scale": (n,),
+        }
         for name, a in cols.items():
             if a.shape != want[name]:
                 raise ValueError(f"{name} has shape {a.shape}, expected {want[name]}")
@@ -260,11 +342,15 @@ class CacheWriter:
             if not self._skip[s]:
                 if self._buf_shard != s:
                     if self._buf_shard is not None and self._buf_fill:
-                        raise ValueError(f"rows jump to shard {s} while shard {self._buf_shard} has only "
-                                         f"{self._buf_fill} rows buffered")
+                        raise ValueError(
+                            f"rows jump to shard {s} while shard {self._buf_shard} has only "
+                            f"{self._buf_fill} rows buffered"
+                        )
                     if pos != s0:
-                        raise ValueError(f"write_rows starts at row {pos}, inside incomplete shard {s}; a "
-                                         f"resumed run must restart at row {s0} (see writer.rows_todo())")
+                        raise ValueError(
+                            f"write_rows starts at row {pos}, inside incomplete shard {s}; a "
+                            f"resumed run must restart at row {s0} (see writer.rows_todo())"
+                        )
                     self._buf_shard, self._buf_fill = s, 0
                 if pos != s0 + self._buf_fill:
                     raise ValueError(f"rows must be contiguous: got row {pos}, expected {s0 + self._buf_fill}")
@@ -275,7 +361,7 @@ class CacheWriter:
                     self._buf = {k: np.empty((size,) + a.shape[1:], a.dtype) for k, a in cols.items()}
                 lo = pos - row_start
                 for name, a in cols.items():
-                    self._buf[name][self._buf_fill:self._buf_fill + take] = a[lo:lo + take]
+                    self._buf[name][self._buf_fill : self._buf_fill + take] = a[lo : lo + take]
                 self._buf_fill += take
                 if self._buf_fill == s1 - s0:
                     self._flush(s, s0, s1)
@@ -300,7 +386,7 @@ class CacheWriter:
             # interrupted run (or a corrupt object on a store without atomic writes) must not be merged in.
             key = arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))
             sync(arr.store_path.store.delete(f"{arr.store_path.path}/{key}"))
-            arr[s0:s1] = buf[name][:s1 - s0]
+            arr[s0:s1] = buf[name][: s1 - s0]
         t0 = time.perf_counter()
         manifest.write_manifest(self.path, s, manifest.make_shard_manifest(self.path, self._attrs, s))
         self.manifest_seconds += time.perf_counter() - t0
@@ -323,8 +409,11 @@ class CacheWriter:
         finally:
             self._shutdown()
         if self._buf_fill:
-            warnings.warn(f"{self.path}: {self._buf_fill} buffered rows of shard {self._buf_shard} dropped at "
-                          "close (shard incomplete); rerun to finish the cache", stacklevel=2)
+            warnings.warn(
+                f"{self.path}: {self._buf_fill} buffered rows of shard {self._buf_shard} dropped at "
+                "close (shard incomplete); rerun to finish the cache",
+                stacklevel=2,
+            )
         self._buf, self._spare, self._buf_shard, self._buf_fill = None, None, None, 0
         return self.finish(reread=self._skip_others) if mark_complete else self.complete
 
@@ -367,12 +456,30 @@ def _remove_stale_temp_files(path: Path) -> None:
                 os.remove(os.path.join(root, f))
 
 
-def _create(root, attrs: dict, base: dict, n: int, plan: dict, k: int, logprob_dtype: str, hidden_codec, hidden_size,
-            shard_rows: int) -> None:
+def _create(
+    root,
+    attrs: dict,
+    base: dict,
+    n: int,
+    plan: dict,
+    k: int,
+    logprob_dtype: str,
+    hidden_codec,
+    hidden_size,
+    shard_rows: int,
+) -> None:
     """A new store at `root`: root attributes, every array, the per-sequence data and the base manifest (last)."""
     group = zarr.open_group(root, mode="w-", attributes=attrs)
-    specs = array_specs(n, plan["n_tokens"], plan["n_rows"], k=k, logprob_dtype=logprob_dtype,
-                        hidden_codec=hidden_codec, hidden_size=hidden_size, shard_rows=shard_rows)
+    specs = array_specs(
+        n,
+        plan["n_tokens"],
+        plan["n_rows"],
+        k=k,
+        logprob_dtype=logprob_dtype,
+        hidden_codec=hidden_codec,
+        hidden_size=hidden_size,
+        shard_rows=shard_rows,
+    )
     for name, spec in specs.items():
         group.create_array(name, **spec)
     group.create_group(manifest.MANIFEST)
@@ -404,8 +511,9 @@ def _repair_on_resume(path: Path, data: dict) -> None:
         _restore_metadata(path, attrs)
         _write_base(path, group, attrs, data)
     done, unreadable = manifest.read_done(group)
-    done_bad = sorted(set(unreadable) | {p.shard for p in manifest.check_store(path, attrs, done)
-                                         if p.shard is not None})
+    done_bad = sorted(
+        set(unreadable) | {p.shard for p in manifest.check_store(path, attrs, done) if p.shard is not None}
+    )
     if not done_bad:
         return
     for s in done_bad:
@@ -425,9 +533,16 @@ def _holds(group, name: str, values: np.ndarray) -> bool:
 
 def _restore_metadata(path: Path, attrs: dict) -> None:
     """Rewrite any array's zarr.json that differs from what creation writes (deleted or altered metadata)."""
-    specs = array_specs(attrs["n_sequences"], attrs["n_tokens"], attrs["n_rows"], k=attrs["k"],
-                        logprob_dtype=attrs["logprob_dtype"], hidden_codec=hidden_codec(attrs),
-                        hidden_size=attrs["hidden_size"], shard_rows=attrs["shard_rows"])
+    specs = array_specs(
+        attrs["n_sequences"],
+        attrs["n_tokens"],
+        attrs["n_rows"],
+        k=attrs["k"],
+        logprob_dtype=attrs["logprob_dtype"],
+        hidden_codec=hidden_codec(attrs),
+        hidden_size=attrs["hidden_size"],
+        shard_rows=attrs["shard_rows"],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         g = zarr.open_group(Path(tmp) / "m.zarr", mode="w")
         g.create_group(manifest.MANIFEST)

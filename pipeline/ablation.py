@@ -4,6 +4,7 @@ One run = one student: the task's params file, the variant's `distill.*` overrid
 student's initial weights, P's, and the batch order, so that variants with the same seed differ only in their
 losses).
 """
+
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,8 +14,10 @@ from typing import Any
 import yaml
 
 from cache.errors import OtkdError
-from pipeline.config import (HIDDEN_CODEC, Config, ConfigError, PathStr, _build, _check_fields, _require, apply_overrides,
-                             load_config, save_config)
+from pipeline.config.base import ConfigError, PathStr, apply_overrides, build, check_fields, require, save_config
+from pipeline.config.cache import HIDDEN_CODEC
+from pipeline.config.params import Config, load_config
+from pipeline.versions import versions
 
 METRICS = ("accuracy", "perplexity", "bits_per_char", "kl_teacher", "top1_agreement", "entropy", "train_seconds")
 
@@ -35,9 +38,9 @@ class DataEfficiencyConfig:
     """Shares of the training cache (distill.train_fraction); 1.0 is the main grid's run."""
 
     def __post_init__(self):
-        _check_fields(self)
+        check_fields(self)
         for f in self.fractions:
-            _require(0 < f < 1, "fractions", "in (0, 1) (1.0 is the main grid's run)", f)
+            require(0 < f < 1, "fractions", "in (0, 1) (1.0 is the main grid's run)", f)
 
 
 @dataclass(slots=True)
@@ -52,7 +55,7 @@ class SweepConfig:
     """Setting name -> `distill.*` overrides (on top of the task's params, like `variants`)."""
 
     def __post_init__(self):
-        _check_fields(self)
+        check_fields(self)
 
 
 @dataclass(slots=True)
@@ -72,10 +75,14 @@ class ExactTeacherConfig:
     cache."""
 
     def __post_init__(self):
-        _check_fields(self)
+        check_fields(self)
         for name, codec in self.codecs.items():
-            _require(HIDDEN_CODEC.fullmatch(codec) is not None and codec != "none", f"codecs.{name}",
-                     "a cache.hidden_codec with hidden states", codec)
+            require(
+                HIDDEN_CODEC.fullmatch(codec) is not None and codec != "none",
+                f"codecs.{name}",
+                "a cache.hidden_codec with hidden states",
+                codec,
+            )
 
 
 @dataclass(slots=True)
@@ -92,7 +99,7 @@ class CrossTokenizerConfig:
     an empty mapping trains no cross-tokenizer student)."""
 
     def __post_init__(self):
-        _check_fields(self)
+        check_fields(self)
 
 
 @dataclass(slots=True)
@@ -101,16 +108,19 @@ class AblationConfig:
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Seeds: each fixes the student's initial weights, P's and the batch order, shared by all variants."""
-    tasks: dict[str, PathStr] = field(default_factory=lambda: {
-        "split": "params/ablation/split.yaml", "digit_sum": "params/ablation/digit_sum.yaml"})
+    tasks: dict[str, PathStr] = field(
+        default_factory=lambda: {"split": "params/ablation/split.yaml", "digit_sum": "params/ablation/digit_sum.yaml"}
+    )
     """Task name -> the otkd params file of its pipeline (data, teacher cache, student, distill defaults)."""
-    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        "ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0},
-        "kl": {"w_ot": 0.0, "w_ot_logits": 0.0},
-        "ot_hidden": {"w_kl": 0.0, "w_ot_logits": 0.0},
-        "ot_logits": {"w_kl": 0.0, "w_ot": 0.0},
-        "kl_ot": {},
-    })
+    variants: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {
+            "ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0},
+            "kl": {"w_ot": 0.0, "w_ot_logits": 0.0},
+            "ot_hidden": {"w_kl": 0.0, "w_ot_logits": 0.0},
+            "ot_logits": {"w_kl": 0.0, "w_ot": 0.0},
+            "kl_ot": {},
+        }
+    )
     """Variant name -> `distill.*` overrides on the task's params (an empty mapping = the task's defaults)."""
     baseline: str = "ce"
     """The variant every other is compared with (paired by seed) and whose gap to the teacher is measured."""
@@ -130,17 +140,17 @@ class AblationConfig:
     """Folder of the report: ablation.{json,md,png} and ablation_data.png."""
 
     def __post_init__(self):
-        _check_fields(self)
-        _require(len(self.seeds) >= 1, "seeds", "non-empty", self.seeds)
-        _require(self.eval_examples >= 0, "eval_examples", ">= 0", self.eval_examples)
+        check_fields(self)
+        require(len(self.seeds) >= 1, "seeds", "non-empty", self.seeds)
+        require(self.eval_examples >= 0, "eval_examples", ">= 0", self.eval_examples)
         xt = self.cross_tokenizer
         clash = sorted(set(self.variants) & set(self.sweep.variants))
-        _require(not clash, "sweep.variants", "names other than the variants'", clash)
+        require(not clash, "sweep.variants", "names other than the variants'", clash)
         clash = sorted(set(xt.variants) & (set(self.variants) | set(self.sweep.variants)))
-        _require(not clash, "cross_tokenizer.variants", "names other than the variants' and the sweep's", clash)
+        require(not clash, "cross_tokenizer.variants", "names other than the variants' and the sweep's", clash)
         ex = self.exact_teacher
         clash = sorted(set(ex.variants) & (set(self.variants) | set(self.sweep.variants) | set(xt.variants)))
-        _require(not clash, "exact_teacher.variants", "names other than every other variant's", clash)
+        require(not clash, "exact_teacher.variants", "names other than every other variant's", clash)
         for name, over in {**self.variants, **self.sweep.variants, **xt.variants, **ex.variants}.items():
             if not isinstance(over, dict):
                 raise ConfigError(f"variants.{name} must be a mapping of distill fields, got {over!r}")
@@ -148,22 +158,27 @@ class AblationConfig:
                 apply_overrides(Config(), [f"distill.{k}={v}" for k, v in over.items()])
             except ConfigError as e:
                 raise ConfigError(f"variants.{name}: {e}") from None
-        _require(self.baseline in self.variants, "baseline", f"one of {sorted(self.variants)}", self.baseline)
+        require(self.baseline in self.variants, "baseline", f"one of {sorted(self.variants)}", self.baseline)
         de = self.data_efficiency
-        _require(de.task in self.tasks, "data_efficiency.task", f"one of {sorted(self.tasks)}", de.task)
+        require(de.task in self.tasks, "data_efficiency.task", f"one of {sorted(self.tasks)}", de.task)
         for v in de.variants:
-            _require(v in self.variants, "data_efficiency.variants", f"keys of variants {sorted(self.variants)}", v)
+            require(v in self.variants, "data_efficiency.variants", f"keys of variants {sorted(self.variants)}", v)
         sw = self.sweep
-        _require(sw.task in self.tasks, "sweep.task", f"one of {sorted(self.tasks)}", sw.task)
-        _require(sw.reference in self.variants, "sweep.reference", f"one of {sorted(self.variants)}", sw.reference)
+        require(sw.task in self.tasks, "sweep.task", f"one of {sorted(self.tasks)}", sw.task)
+        require(sw.reference in self.variants, "sweep.reference", f"one of {sorted(self.variants)}", sw.reference)
         if ex.variants or ex.codecs:
-            _require(ex.task in self.tasks, "exact_teacher.task", f"one of {sorted(self.tasks)}", ex.task)
-            _require(ex.reference in self.variants, "exact_teacher.reference", f"one of {sorted(self.variants)}",
-                     ex.reference)
+            require(ex.task in self.tasks, "exact_teacher.task", f"one of {sorted(self.tasks)}", ex.task)
+            require(
+                ex.reference in self.variants,
+                "exact_teacher.reference",
+                f"one of {sorted(self.variants)}",
+                ex.reference,
+            )
         if xt.variants:
-            _require(xt.task in self.tasks, "cross_tokenizer.task", f"one of {sorted(self.tasks)}", xt.task)
-            _require(xt.baseline in xt.variants, "cross_tokenizer.baseline", f"one of {sorted(xt.variants)}",
-                     xt.baseline)
+            require(xt.task in self.tasks, "cross_tokenizer.task", f"one of {sorted(self.tasks)}", xt.task)
+            require(
+                xt.baseline in xt.variants, "cross_tokenizer.baseline", f"one of {sorted(xt.variants)}", xt.baseline
+            )
 
     def overrides(self, variant: str) -> dict[str, Any]:
         """The `distill.*` overrides of a variant, a sweep setting or a cross-tokenizer variant (which adds
@@ -172,8 +187,9 @@ class AblationConfig:
             return {"cross_tokenizer": True, **self.cross_tokenizer.variants[variant]}
         every = {**self.variants, **self.sweep.variants, **self.exact_teacher.variants}
         if variant not in every:
-            raise AblationError(f"unknown variant {variant!r} (variants: "
-                                f"{', '.join([*every, *self.cross_tokenizer.variants])})")
+            raise AblationError(
+                f"unknown variant {variant!r} (variants: {', '.join([*every, *self.cross_tokenizer.variants])})"
+            )
         return every[variant]
 
 
@@ -182,7 +198,7 @@ def load_ablation(path: str | Path) -> AblationConfig:
     if not path.is_file():
         raise ConfigError(f"ablation params file {path} does not exist")
     try:
-        return _build(AblationConfig, yaml.safe_load(path.read_text()) or {}, "")
+        return build(AblationConfig, yaml.safe_load(path.read_text()) or {}, "")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
@@ -213,6 +229,7 @@ def student_config(abl: AblationConfig, task: str, variant: str, seed: int, frac
 def full_steps(cfg) -> int:
     """Optimizer steps of this Stage-2 config on ALL of its training cache (what Trainer would run)."""
     from cache.reader import open_cache
+
     d = cfg.distill
     if d.max_steps > 0:
         return d.max_steps
@@ -238,8 +255,13 @@ def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fractio
     embedded = Path(d.student) in (Path(cfg.prepare.out_models) / "student", Path(cfg.prepare.out_models) / "student_x")
     if embedded:
         tokenizer = load_tokenizer(d.student)
-        build_model(tokenizer, run / "base_student", **asdict(cfg.prepare.student),
-                    vocab_multiple=cfg.prepare.vocab_multiple, seed=seed + 1)
+        build_model(
+            tokenizer,
+            run / "base_student",
+            **asdict(cfg.prepare.student),
+            vocab_multiple=cfg.prepare.vocab_multiple,
+            seed=seed + 1,
+        )
         d.student = str(run / "base_student")
     start = time.perf_counter()
     train.run(cfg)
@@ -247,15 +269,24 @@ def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fractio
 
     tokenizer = load_tokenizer(d.out)
     test = load_splits(cfg.data, tokenizer, log=lambda *_: None)["test"].to_list()
-    gen = test[:abl.eval_examples] if abl.eval_examples else test
+    gen = test[: abl.eval_examples] if abl.eval_examples else test
     metrics, _ = evaluate_model(cfg, d.out, test, gen, Path(d.cache) / "validation.zarr", f"{task}/{variant}/s{seed}")
-    out = {"task": task, "variant": variant, "seed": seed, "fraction": fraction, **metrics,
-           "train_seconds": train_seconds, "steps": d.max_steps if d.max_steps > 0 else full_steps(cfg),
-           "reinitialised_student": embedded}
+    out = {
+        "task": task,
+        "variant": variant,
+        "seed": seed,
+        "fraction": fraction,
+        **metrics,
+        "train_seconds": train_seconds,
+        "steps": d.max_steps if d.max_steps > 0 else full_steps(cfg),
+        "reinitialised_student": embedded,
+        "versions": versions(),
+    }
     (run / "metrics.json").write_text(dump_metrics(out))
     save_config(cfg, run / "config.yaml")
-    print(f"ablation {task}/{variant}/s{seed} (fraction {fraction:g}): " +
-          ", ".join(f"{k} {out[k]:.4g}" for k in METRICS))
+    print(
+        f"ablation {task}/{variant}/s{seed} (fraction {fraction:g}): " + ", ".join(f"{k} {out[k]:.4g}" for k in METRICS)
+    )
     return out
 
 
@@ -269,9 +300,9 @@ def run_teacher(abl: AblationConfig, task: str) -> dict:
     cfg.evaluate.eval_examples = abl.eval_examples
     path = cfg.cache.teacher
     test = load_splits(cfg.data, load_tokenizer(path), log=lambda *_: None)["test"].to_list()
-    gen = test[:abl.eval_examples] if abl.eval_examples else test
+    gen = test[: abl.eval_examples] if abl.eval_examples else test
     metrics, _ = evaluate_model(cfg, path, test, gen, Path(cfg.distill.cache) / "validation.zarr", f"{task}/teacher")
-    out = {"task": task, **metrics}
+    out = {"task": task, **metrics, "versions": versions()}
     dest = Path(abl.out) / task / "teacher.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(dump_metrics(out))

@@ -1,4 +1,5 @@
 """Loading models and tokenizers: one code path for a local tiny checkpoint and for Qwen/Qwen2.5-7B on a GPU."""
+
 import functools
 import hashlib
 import json
@@ -26,7 +27,7 @@ def device() -> torch.device:
 
 
 def compute_dtype(name: str) -> torch.dtype:
-    """"auto" = bf16 where the hardware supports it (CUDA), fp32 on the CPU (bf16 matmuls are slow there)."""
+    """ "auto" = bf16 where the hardware supports it (CUDA), fp32 on the CPU (bf16 matmuls are slow there)."""
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     if name not in DTYPES:
@@ -84,11 +85,15 @@ def _from_pretrained(loader, path: str, **kwargs):
         if local:
             raise
         if offline:
-            why = ("nor in the local hub cache (HF_HUB_OFFLINE is set: the hub is not asked); give a local folder, "
-                   "or unset HF_HUB_OFFLINE to download it")
+            why = (
+                "nor in the local hub cache (HF_HUB_OFFLINE is set: the hub is not asked); give a local folder, "
+                "or unset HF_HUB_OFFLINE to download it"
+            )
         elif unreachable:
-            why = (f"nor in the local hub cache, and the hub is unreachable ({unreachable}); give a local folder, "
-                   "or check the network (HF_ENDPOINT, proxy, HF_HUB_ETAG_TIMEOUT)")
+            why = (
+                f"nor in the local hub cache, and the hub is unreachable ({unreachable}); give a local folder, "
+                "or check the network (HF_ENDPOINT, proxy, HF_HUB_ETAG_TIMEOUT)"
+            )
         else:
             why = f"and could not be loaded as a hub name ({_first_line(e)})"
         raise ModelLoadError(f"model path {path} does not exist locally {why}") from None
@@ -120,8 +125,10 @@ def check_vocab(logits_size: int, tokenizer_size: int, model: str) -> None:
     """Logits padded beyond the tokenizer are fine (both stages use only the first len(tokenizer) columns, e.g.
     151,665 of Qwen2.5's 151,936 / 152,064), fewer columns than tokens cannot represent every token."""
     if logits_size < tokenizer_size:
-        raise ModelLoadError(f"{model} has {logits_size} logit columns but its tokenizer has {tokenizer_size} tokens: "
-                             "the model does not belong to this tokenizer")
+        raise ModelLoadError(
+            f"{model} has {logits_size} logit columns but its tokenizer has {tokenizer_size} tokens: "
+            "the model does not belong to this tokenizer"
+        )
 
 
 def check_max_length(config_or_path, max_length: int, model: str, where: str = "") -> None:
@@ -136,15 +143,18 @@ def check_max_length(config_or_path, max_length: int, model: str, where: str = "
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and not isinstance(limit, bool) and max_length > limit:
         fix = f"recreate {where} with data.max_length <= {limit}" if where else f"set data.max_length <= {limit}"
-        raise ModelLoadError(f"data.max_length={max_length}{' of ' + where if where else ''} is longer than {model} "
-                             f"supports (max_position_embeddings={limit}): {fix}")
+        raise ModelLoadError(
+            f"data.max_length={max_length}{' of ' + where if where else ''} is longer than {model} "
+            f"supports (max_position_embeddings={limit}): {fix}"
+        )
 
 
 def quantization(load_in_bits: int, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     """bitsandbytes NF4 (4) or LLM.int8 (8); 16 means no quantisation."""
     if load_in_bits == 4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
     if load_in_bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     if load_in_bits == 16:

@@ -8,11 +8,13 @@ Bits per character is the likelihood to compare across tokenizers (perplexity co
 A missing value (null, or NaN in an older file: the cache metrics of a student with another tokenizer than the
 teacher's; a metric an older run did not record) is left out of means and differences and shown as "—".
 """
+
 import json
 import statistics
 from pathlib import Path
 
 from pipeline.ablation import METRICS, AblationConfig, AblationError, run_dir
+from pipeline.versions import versions, versions_line
 
 STATS = METRICS
 PAIRED = ("accuracy", "kl_teacher", "perplexity", "bits_per_char")
@@ -43,8 +45,7 @@ def paired(runs: list[dict], ref: list[dict], metric: str) -> dict:
 def _read(path: Path) -> dict:
     """A run's metrics; NaN (written by json.dumps for a missing value) is read as None, like null."""
     if not path.is_file():
-        raise AblationError(f"missing ablation result {path}: run its stage first (dvc repro "
-                            "params/ablation/dvc.yaml)")
+        raise AblationError(f"missing ablation result {path}: run its stage first (dvc repro params/ablation/dvc.yaml)")
     return json.loads(path.read_text(), parse_constant=lambda _: None)  # NaN, Infinity, -Infinity
 
 
@@ -62,8 +63,11 @@ def summarise(abl: AblationConfig) -> dict:
             stats = {m: per_seed(rs, m) for m in STATS}
             diffs = {m: paired(rs, base, m) for m in PAIRED}
             acc = stats["accuracy"]["mean"]
-            variants[v] = {**stats, "paired_vs_baseline": diffs,
-                           "gap_closed": (acc - base_acc) / gap if gap > 0 else None}
+            variants[v] = {
+                **stats,
+                "paired_vs_baseline": diffs,
+                "gap_closed": (acc - base_acc) / gap if gap > 0 else None,
+            }
         tasks[task] = {"teacher": teacher, "variants": variants}
     de = abl.data_efficiency
     curves = {}
@@ -79,15 +83,30 @@ def summarise(abl: AblationConfig) -> dict:
     if xt.variants:
         runs = {v: [_read(run_dir(abl, xt.task, v, s) / "metrics.json") for s in abl.seeds] for v in xt.variants}
         for v, rs in runs.items():
-            cross[v] = {"overrides": xt.variants[v], **{m: per_seed(rs, m) for m in STATS},
-                        "paired_vs_baseline": {m: paired(rs, runs[xt.baseline], m) for m in PAIRED}}
-    return {"seeds": abl.seeds, "baseline": abl.baseline, "variants": abl.variants, "tasks": tasks,
-            "data_efficiency": {"task": de.task, "curves": curves},
-            "sweep": {"task": sw.task, "reference": sw.reference,
-                      "settings": settings(abl, sw.task, sw.reference, sw.variants)},
-            "exact_teacher": {"task": ex.task, "reference": ex.reference, "codecs": ex.codecs,
-                              "settings": settings(abl, ex.task, ex.reference, ex.variants)},
-            "cross_tokenizer": {"task": xt.task, "baseline": xt.baseline, "variants": cross}}
+            cross[v] = {
+                "overrides": xt.variants[v],
+                **{m: per_seed(rs, m) for m in STATS},
+                "paired_vs_baseline": {m: paired(rs, runs[xt.baseline], m) for m in PAIRED},
+            }
+    return {
+        "seeds": abl.seeds,
+        "baseline": abl.baseline,
+        "variants": abl.variants,
+        "tasks": tasks,
+        "data_efficiency": {"task": de.task, "curves": curves},
+        "sweep": {
+            "task": sw.task,
+            "reference": sw.reference,
+            "settings": settings(abl, sw.task, sw.reference, sw.variants),
+        },
+        "exact_teacher": {
+            "task": ex.task,
+            "reference": ex.reference,
+            "codecs": ex.codecs,
+            "settings": settings(abl, ex.task, ex.reference, ex.variants),
+        },
+        "cross_tokenizer": {"task": xt.task, "baseline": xt.baseline, "variants": cross},
+    }
 
 
 def settings(abl: AblationConfig, task: str, reference: str, variants: dict) -> dict:
@@ -98,8 +117,11 @@ def settings(abl: AblationConfig, task: str, reference: str, variants: dict) -> 
     for v, over in variants.items():
         rs = [_read(run_dir(abl, task, v, s) / "metrics.json") for s in abl.seeds]
         swept = ("accuracy", "bits_per_char", "kl_teacher", "train_seconds")
-        out[v] = {"overrides": over, **{m: per_seed(rs, m) for m in swept},
-                  "paired_vs_reference": {m: paired(rs, ref, m) for m in swept}}
+        out[v] = {
+            "overrides": over,
+            **{m: per_seed(rs, m) for m in swept},
+            "paired_vs_reference": {m: paired(rs, ref, m) for m in swept},
+        }
     return out
 
 
@@ -108,7 +130,7 @@ def _num(x, fmt: str) -> str:
 
 
 def _pm(stat: dict, fmt: str, scale: float = 1.0, suffix: str = "", sign: str = "") -> str:
-    """"mean ± std" (both x scale, then suffix), "—" when no seed has a value; sign="+" signs the mean (a Δ)."""
+    """ "mean ± std" (both x scale, then suffix), "—" when no seed has a value; sign="+" signs the mean (a Δ)."""
     if stat["mean"] is None:
         return DASH
     return f"{format(scale * stat['mean'], sign + fmt)} ± {format(scale * stat['std'], fmt)}{suffix}"
@@ -116,16 +138,22 @@ def _pm(stat: dict, fmt: str, scale: float = 1.0, suffix: str = "", sign: str = 
 
 def markdown(summary: dict) -> str:
     """The report as Markdown tables: per task, mean ± std over seeds, per-seed accuracy, paired difference."""
-    lines = [f"Seeds {summary['seeds']}; ± is the sample std over seeds; \"paired Δ\" is the per-seed difference "
-             f"to `{summary['baseline']}` (same init and batch order), mean ± std.", ""]
+    lines = [
+        f'Seeds {summary["seeds"]}; ± is the sample std over seeds; "paired Δ" is the per-seed difference '
+        f"to `{summary['baseline']}` (same init and batch order), mean ± std.",
+        "",
+    ]
     for task, t in summary["tasks"].items():
         te = t["teacher"]
         bpc = "" if te.get("bits_per_char") is None else f", {te['bits_per_char']:.4f} bits per character"
-        lines += [f"### {task}: teacher accuracy {te['accuracy']:.1%}, perplexity {te['perplexity']:.3f}{bpc}, "
-                  f"entropy {te['entropy']:.3f} nats per answer token", "",
-                  "| variant | accuracy | per seed | paired Δ accuracy | gap closed | perplexity | bits/char "
-                  "| paired Δ bits/char | KL(teacher‖student) | paired Δ KL | top-1 agreement | train s |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"### {task}: teacher accuracy {te['accuracy']:.1%}, perplexity {te['perplexity']:.3f}{bpc}, "
+            f"entropy {te['entropy']:.3f} nats per answer token",
+            "",
+            "| variant | accuracy | per seed | paired Δ accuracy | gap closed | perplexity | bits/char "
+            "| paired Δ bits/char | KL(teacher‖student) | paired Δ KL | top-1 agreement | train s |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for v, s in t["variants"].items():
             p = s["paired_vs_baseline"]
             per_seed = " / ".join(_num(x, ".1%") for x in s["accuracy"]["per_seed"])
@@ -135,40 +163,55 @@ def markdown(summary: dict) -> str:
                 f"{_pm(s['perplexity'], '.3f')} | {_pm(s['bits_per_char'], '.4f')} | "
                 f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['kl_teacher'], '.4f')} | "
                 f"{_pm(p['kl_teacher'], '.4f', sign='+')} | {_pm(s['top1_agreement'], '.1f', 100, '%')} | "
-                f"{_pm(s['train_seconds'], '.0f')} |")
+                f"{_pm(s['train_seconds'], '.0f')} |"
+            )
         lines.append("")
     de = summary["data_efficiency"]
-    lines += [f"### data efficiency ({de['task']}): accuracy vs. share of the training data, equal steps", "",
-              "| variant | " + " | ".join(f"{p['fraction']:.0%} of the data" for p in
-                                         next(iter(de["curves"].values()))) + " |",
-              "|---|" + "---:|" * len(next(iter(de["curves"].values())))]
+    lines += [
+        f"### data efficiency ({de['task']}): accuracy vs. share of the training data, equal steps",
+        "",
+        "| variant | "
+        + " | ".join(f"{p['fraction']:.0%} of the data" for p in next(iter(de["curves"].values())))
+        + " |",
+        "|---|" + "---:|" * len(next(iter(de["curves"].values()))),
+    ]
     for v, pts in de["curves"].items():
         lines.append(f"| {v} | " + " | ".join(_pm(p, ".1f", 100, "%") for p in pts) + " |")
     lines += _settings_table(summary["sweep"], "sweep")
     ex = summary.get("exact_teacher") or {}
     if ex.get("settings"):
         codecs = ", ".join(f"{k} = {v}" for k, v in ex["codecs"].items())
-        lines += _settings_table(ex, "exact teacher from the cached hidden states (full-vocabulary KL)"
-                                 + (f"; hidden codecs {codecs}" if codecs else ""))
+        lines += _settings_table(
+            ex,
+            "exact teacher from the cached hidden states (full-vocabulary KL)"
+            + (f"; hidden codecs {codecs}" if codecs else ""),
+        )
     xt = summary.get("cross_tokenizer") or {}
     if xt.get("variants"):
         same = summary["tasks"][xt["task"]]["variants"][summary["baseline"]]
-        lines += ["", f"### cross-tokenizer students ({xt['task']}): their own tokenizer, the teacher's cache, paired "
-                  f"with `{xt['baseline']}`", "",
-                  f"The same-tokenizer `{summary['baseline']}` student: accuracy {_pm(same['accuracy'], '.1f', 100, '%')}"
-                  f", bits/char {_pm(same['bits_per_char'], '.4f')} (bits per character compare students across "
-                  "tokenizers; perplexity is per token of each student's own tokenizer).", "",
-                  "| variant | overrides | accuracy | per seed | paired Δ accuracy | bits/char | paired Δ bits/char "
-                  "| perplexity (own tokens) | train s |",
-                  "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"### cross-tokenizer students ({xt['task']}): their own tokenizer, the teacher's cache, paired "
+            f"with `{xt['baseline']}`",
+            "",
+            f"The same-tokenizer `{summary['baseline']}` student: accuracy {_pm(same['accuracy'], '.1f', 100, '%')}"
+            f", bits/char {_pm(same['bits_per_char'], '.4f')} (bits per character compare students across "
+            "tokenizers; perplexity is per token of each student's own tokenizer).",
+            "",
+            "| variant | overrides | accuracy | per seed | paired Δ accuracy | bits/char | paired Δ bits/char "
+            "| perplexity (own tokens) | train s |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
         for v, s in xt["variants"].items():
             p = s["paired_vs_baseline"]
             over = ", ".join(f"{k}={x}" for k, x in s["overrides"].items()) or "(the task's weights)"
-            lines.append(f"| {v} | {over} | {_pm(s['accuracy'], '.1f', 100, '%')} | "
-                         + " / ".join(_num(x, ".1%") for x in s["accuracy"]["per_seed"])
-                         + f" | {_pm(p['accuracy'], '.1f', 100, sign='+')} | {_pm(s['bits_per_char'], '.4f')} | "
-                         f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['perplexity'], '.3f')} | "
-                         f"{_pm(s['train_seconds'], '.0f')} |")
+            lines.append(
+                f"| {v} | {over} | {_pm(s['accuracy'], '.1f', 100, '%')} | "
+                + " / ".join(_num(x, ".1%") for x in s["accuracy"]["per_seed"])
+                + f" | {_pm(p['accuracy'], '.1f', 100, sign='+')} | {_pm(s['bits_per_char'], '.4f')} | "
+                f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['perplexity'], '.3f')} | "
+                f"{_pm(s['train_seconds'], '.0f')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -176,18 +219,24 @@ def _settings_table(sw: dict, title: str) -> list[str]:
     """Markdown lines of a settings table (the sweep, the exact teacher): each setting against its reference."""
     if not sw.get("settings"):
         return []
-    lines = ["", f"### {title} ({sw['task']}): each setting against `{sw['reference']}`, paired by seed", "",
-             "| setting | overrides | accuracy | per seed | paired Δ accuracy | bits/char | paired Δ bits/char "
-             "| KL | paired Δ KL | train s |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        f"### {title} ({sw['task']}): each setting against `{sw['reference']}`, paired by seed",
+        "",
+        "| setting | overrides | accuracy | per seed | paired Δ accuracy | bits/char | paired Δ bits/char "
+        "| KL | paired Δ KL | train s |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for v, s in sw["settings"].items():
         p = s["paired_vs_reference"]
         over = ", ".join(f"{k}={x}" for k, x in s["overrides"].items())
-        lines.append(f"| {v} | {over} | {_pm(s['accuracy'], '.1f', 100, '%')} | "
-                     + " / ".join(_num(x, ".1%") for x in s["accuracy"]["per_seed"])
-                     + f" | {_pm(p['accuracy'], '.1f', 100, sign='+')} | {_pm(s['bits_per_char'], '.4f')} | "
-                     f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['kl_teacher'], '.4f')} | "
-                     f"{_pm(p['kl_teacher'], '.4f', sign='+')} | {_pm(s['train_seconds'], '.0f')} |")
+        lines.append(
+            f"| {v} | {over} | {_pm(s['accuracy'], '.1f', 100, '%')} | "
+            + " / ".join(_num(x, ".1%") for x in s["accuracy"]["per_seed"])
+            + f" | {_pm(p['accuracy'], '.1f', 100, sign='+')} | {_pm(s['bits_per_char'], '.4f')} | "
+            f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['kl_teacher'], '.4f')} | "
+            f"{_pm(p['kl_teacher'], '.4f', sign='+')} | {_pm(s['train_seconds'], '.0f')} |"
+        )
     return lines
 
 
@@ -227,8 +276,14 @@ def plot(summary: dict, out: Path) -> None:
     de = summary["data_efficiency"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for v, pts in de["curves"].items():
-        ax.errorbar([p["fraction"] for p in pts], [p["mean"] for p in pts], yerr=[p["std"] for p in pts],
-                    marker="o", capsize=4, label=v)
+        ax.errorbar(
+            [p["fraction"] for p in pts],
+            [p["mean"] for p in pts],
+            yerr=[p["std"] for p in pts],
+            marker="o",
+            capsize=4,
+            label=v,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("share of the training data (equal steps)")
     ax.set_ylabel("task accuracy")
@@ -247,18 +302,29 @@ def exact_teacher_report(abl: AblationConfig) -> dict:
         raise AblationError("exact_teacher.variants is empty: nothing to report")
     against_ref = settings(abl, ex.task, ex.reference, ex.variants)
     against_base = settings(abl, ex.task, abl.baseline, {ex.reference: abl.variants[ex.reference], **ex.variants})
-    summary = {"seeds": abl.seeds, "task": ex.task, "codecs": ex.codecs,
-               "vs_reference": {"task": ex.task, "reference": ex.reference, "settings": against_ref},
-               "vs_baseline": {"task": ex.task, "reference": abl.baseline, "settings": against_base}}
+    summary = {
+        "seeds": abl.seeds,
+        "task": ex.task,
+        "codecs": ex.codecs,
+        "vs_reference": {"task": ex.task, "reference": ex.reference, "settings": against_ref},
+        "vs_baseline": {"task": ex.task, "reference": abl.baseline, "settings": against_base},
+    }
     codecs = ", ".join(f"{k} = {v}" for k, v in ex.codecs.items())
-    text = "\n".join([f"Seeds {abl.seeds}; ± is the sample std over seeds; paired Δ is per seed (same init and batch "
-                      f"order). Hidden codecs of the extra caches: {codecs or 'none'}.",
-                      *_settings_table(summary["vs_reference"], "exact teacher against the top-k KL"),
-                      *_settings_table(summary["vs_baseline"], "the same students against CE only")]) + "\n"
+    text = (
+        "\n".join(
+            [
+                f"Seeds {abl.seeds}; ± is the sample std over seeds; paired Δ is per seed (same init and batch "
+                f"order). Hidden codecs of the extra caches: {codecs or 'none'}.",
+                *_settings_table(summary["vs_reference"], "exact teacher against the top-k KL"),
+                *_settings_table(summary["vs_baseline"], "the same students against CE only"),
+            ]
+        )
+        + "\n"
+    )
     out = Path(abl.report)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation_exact.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
-    (out / "ablation_exact.md").write_text(text)
+    (out / "ablation_exact.json").write_text(json.dumps({**summary, "versions": versions()}, indent=2, allow_nan=False))
+    (out / "ablation_exact.md").write_text(f"{text}\n{versions_line()}\n")
     print(text)
     return summary
 
@@ -268,10 +334,11 @@ def report(abl: AblationConfig) -> dict:
     summary = summarise(abl)
     out = Path(abl.report)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(summary, indent=2, allow_nan=False))  # DVC metrics: no NaN
+    (out / "ablation.json").write_text(
+        json.dumps({**summary, "versions": versions()}, indent=2, allow_nan=False)
+    )  # DVC metrics: no NaN
     text = markdown(summary)
-    (out / "ablation.md").write_text(text)
+    (out / "ablation.md").write_text(f"{text}\n{versions_line()}\n")
     plot(summary, out)
     print(text)
     return summary
-

@@ -1,20 +1,22 @@
 """What every stage CLI shares: loading params.yaml with overrides, and turning user errors into one line."""
+
 import sys
 from contextlib import contextmanager
 
 import typer
 
 from cache.errors import OtkdError
-from pipeline.config import Config, load_config
+from pipeline.config.base import load_sections
 
 PARAMS = typer.Option("params.yaml", "--params", help="Params file (the one DVC tracks).")
 SET = typer.Option([], "--set", help="Override one value, e.g. --set cache.k=32 (repeatable).")
 
 
-def config(params: str, overrides: list[str], named: dict[str, object]) -> Config:
-    """params.yaml, then --set overrides, then the stage's named options (those given on the command line)."""
+def config(cls, params: str, overrides: list[str], named: dict[str, object]):
+    """The sections of params.yaml that the stage's `cls` reads (e.g. CacheParams: seed, data, cache), then --set
+    overrides, then the stage's named options (those given on the command line)."""
     extra = [f"{k}={v}" for k, v in named.items() if v is not None]
-    return load_config(params, [*overrides, *extra])
+    return load_sections(cls, params, [*overrides, *extra])
 
 
 @contextmanager

@@ -5,17 +5,22 @@
     python -m stages.ablation student split ce 1 --fraction 0.1   # on 10% of the data, same steps
 The report is its own stage (python -m stages.ablation_report), so that editing it reruns no student.
 """
+
 import typer
 
 from stages._cli import clear_errors
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
-ABLATION = typer.Option("params/ablation/params.yaml", "--ablation",
-                        help="The ablation's params: seeds, tasks (-> their params files), variants, report.")
+ABLATION = typer.Option(
+    "params/ablation/params.yaml",
+    "--ablation",
+    help="The ablation's params: seeds, tasks (-> their params files), variants, report.",
+)
 
 
 def _load(path: str):
     from pipeline.ablation import load_ablation
+
     return load_ablation(path)
 
 
@@ -30,11 +35,13 @@ def teacher(task: str = typer.Argument(..., help="A key of `tasks`."), ablation:
 
 
 @app.command()
-def student(task: str = typer.Argument(..., help="A key of `tasks`."),
-            variant: str = typer.Argument(..., help="A key of `variants`."),
-            seed: int = typer.Argument(..., help="Seed: initial weights, P and batch order."),
-            fraction: float = typer.Option(1.0, help="Share of the training cache, at the steps of all of it."),
-            ablation: str = ABLATION):
+def student(
+    task: str = typer.Argument(..., help="A key of `tasks`."),
+    variant: str = typer.Argument(..., help="A key of `variants`."),
+    seed: int = typer.Argument(..., help="Seed: initial weights, P and batch order."),
+    fraction: float = typer.Option(1.0, help="Share of the training cache, at the steps of all of it."),
+    ablation: str = ABLATION,
+):
     """Train one student with the variant's losses, then evaluate it (<out>/<task>/<variant>/s<seed>/)."""
     with clear_errors():
         abl = _load(ablation)

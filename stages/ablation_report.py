@@ -6,6 +6,7 @@ Writes <report>/ablation.{json,md,png} and ablation_data.png: mean ± std over s
 differences to the baseline variant, the share of the baseline -> teacher gap each variant closes
 (--only exact_teacher: <report>/ablation_exact.{json,md}).
 """
+
 import typer
 
 from stages._cli import clear_errors
@@ -14,9 +15,14 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command()
-def main(ablation: str = typer.Option("params/ablation/params.yaml", "--ablation", help="The ablation's params."),
-         only: str = typer.Option(None, help="exact_teacher: only that section (needs only its runs and the task's "
-                                             "reference and baseline students), into ablation_exact.{json,md}.")):
+def main(
+    ablation: str = typer.Option("params/ablation/params.yaml", "--ablation", help="The ablation's params."),
+    only: str = typer.Option(
+        None,
+        help="exact_teacher: only that section (needs only its runs and the task's "
+        "reference and baseline students), into ablation_exact.{json,md}.",
+    ),
+):
     """Gather every run into ablation.{json,md,png} and ablation_data.png under `report`."""
     with clear_errors():
         from pipeline.ablation import AblationError, load_ablation

@@ -9,8 +9,10 @@
     # data-parallel, one process per GPU: global batch = distill.batch_size x GPUs x distill.grad_accum
     torchrun --nproc_per_node=8 -m stages.distill_student      # or: accelerate launch -m stages.distill_student
 """
+
 import typer
 
+from pipeline.config.distill import DistillParams
 from stages._cli import PARAMS, SET, clear_errors, config
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -21,25 +23,46 @@ def main(
     params: str = PARAMS,
     overrides: list[str] = SET,
     student: str = typer.Option(None, help="Student checkpoint: local folder or hub name (distill.student)."),
-    cache: str = typer.Option(None, help="Folder (or fsspec URL, e.g. s3://bucket/prefix) with Stage 1's train.zarr / "
-                                         "validation.zarr (distill.cache)."),
-    out: str = typer.Option(None, help="Where the student (or its adapter) + projection go (distill.out); the "
-                                       "loss curves go to <distill.plots>/train_<name of out>.tsv."),
+    cache: str = typer.Option(
+        None,
+        help="Folder (or fsspec URL, e.g. s3://bucket/prefix) with Stage 1's train.zarr / "
+        "validation.zarr (distill.cache).",
+    ),
+    out: str = typer.Option(
+        None,
+        help="Where the student (or its adapter) + projection go (distill.out); the "
+        "loss curves go to <distill.plots>/train_<name of out>.tsv.",
+    ),
     mode: str = typer.Option(None, help="full or lora (distill.mode)."),
     load_in_bits: int = typer.Option(None, help="4 (NF4 QLoRA, needs --mode lora), 8 or 16 (distill.load_in_bits)."),
     max_steps: int = typer.Option(None, help="Stop after this many optimizer steps (distill.max_steps)."),
-    teacher_head: str = typer.Option(None, help="Teacher checkpoint whose lm_head rebuilds the exact teacher from the "
-                                                "cached hidden states: full-vocabulary KL (distill.teacher_head)."),
-    resume: bool = typer.Option(None, "--resume/--no-resume",
-                                help="Continue from the newest checkpoint in <out>/checkpoints (distill.resume)."),
+    teacher_head: str = typer.Option(
+        None,
+        help="Teacher checkpoint whose lm_head rebuilds the exact teacher from the "
+        "cached hidden states: full-vocabulary KL (distill.teacher_head).",
+    ),
+    resume: bool = typer.Option(
+        None, "--resume/--no-resume", help="Continue from the newest checkpoint in <out>/checkpoints (distill.resume)."
+    ),
 ):
     """Distil the cached teacher into the student; the teacher model itself is never loaded. Data-parallel under
     torchrun or accelerate launch (global batch = distill.batch_size x processes x distill.grad_accum)."""
     with clear_errors():
-        cfg = config(params, overrides, {
-            "distill.student": student, "distill.cache": cache, "distill.out": out, "distill.mode": mode,
-            "distill.load_in_bits": load_in_bits, "distill.max_steps": max_steps, "distill.resume": resume,
-            "distill.teacher_head": teacher_head})
+        cfg = config(
+            DistillParams,
+            params,
+            overrides,
+            {
+                "distill.student": student,
+                "distill.cache": cache,
+                "distill.out": out,
+                "distill.mode": mode,
+                "distill.load_in_bits": load_in_bits,
+                "distill.max_steps": max_steps,
+                "distill.resume": resume,
+                "distill.teacher_head": teacher_head,
+            },
+        )
         from pipeline.distill import train as distill  # imported late so --help answers without loading torch
 
         distill.run(cfg)

@@ -3,8 +3,10 @@
     python -m stages.evaluate [--set evaluate.eval_examples=0]
 Writes <evaluate.out>/metrics.json (DVC metrics), metrics.md and curves.png.
 """
+
 import typer
 
+from pipeline.config.evaluate import EvalParams
 from stages._cli import PARAMS, SET, clear_errors, config
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -19,7 +21,7 @@ def main(
 ):
     """Compare teacher, base student, CE-only student and distilled student."""
     with clear_errors():
-        cfg = config(params, overrides, {"evaluate.out": out, "evaluate.eval_examples": eval_examples})
+        cfg = config(EvalParams, params, overrides, {"evaluate.out": out, "evaluate.eval_examples": eval_examples})
         from pipeline.evaluation import evaluate  # imported late so --help answers without loading torch
 
         evaluate.run(cfg)

@@ -1,9 +1,11 @@
 """Fine-tune the teacher on the task (LoRA + merge, or full), save a plain checkpoint, report its accuracy.
 
-    python -m stages.finetune_teacher [--base Qwen/Qwen2.5-3B-Instruct --mode lora]
+python -m stages.finetune_teacher [--base Qwen/Qwen2.5-3B-Instruct --mode lora]
 """
+
 import typer
 
+from pipeline.config.finetune import FinetuneParams
 from stages._cli import PARAMS, SET, clear_errors, config
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -19,7 +21,9 @@ def main(
 ):
     """SFT the teacher on the training split; held-out accuracy goes to <out>/metrics.json."""
     with clear_errors():
-        cfg = config(params, overrides, {"finetune.base": base, "finetune.out": out, "finetune.mode": mode})
+        cfg = config(
+            FinetuneParams, params, overrides, {"finetune.base": base, "finetune.out": out, "finetune.mode": mode}
+        )
         from pipeline.teacher import finetune
 
         finetune.run(cfg)

@@ -1,10 +1,12 @@
 """VRAM plan: the GPU memory Stage 1 and Stage 2 need for a params file, and whether they fit - no GPU needed.
 
-    python -m stages.plan --params params/qwen2.5-7b_to_1.5b.yaml [--gpu-gb 24] [--max-length 4096]
-        [--out artifacts/qwen2.5-7b_to_1.5b/plan.json]
+python -m stages.plan --params params/qwen2.5-7b_to_1.5b.yaml [--gpu-gb 24] [--max-length 4096]
+    [--out artifacts/qwen2.5-7b_to_1.5b/plan.json]
 """
+
 import typer
 
+from pipeline.config.params import Config
 from stages._cli import PARAMS, SET, clear_errors, config
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -20,7 +22,7 @@ def main(
 ):
     """Print the memory budget of both stages on one GPU, the verdict and the longest sequence that fits."""
     with clear_errors():
-        cfg = config(params, overrides, {"data.max_length": max_length})
+        cfg = config(Config, params, overrides, {"data.max_length": max_length})
         from pipeline.planning import plan  # imported late so --help answers at once
 
         plan.run(cfg, gpu_gb, out)

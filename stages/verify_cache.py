@@ -5,6 +5,7 @@
 Exit code 0: every store is clean and complete; 1: a problem (each listed). --repair drops the completion
 records of the bad shards, so that the next `python -m stages.cache_teacher` rewrites exactly those.
 """
+
 import typer
 
 from stages._cli import clear_errors
@@ -16,8 +17,9 @@ app = typer.Typer(add_completion=False, help=__doc__)
 def main(
     stores: list[str] = typer.Argument(..., help="Cache store(s), e.g. artifacts/cache/train.zarr."),
     quick: bool = typer.Option(False, help="Only stat every file against the manifests' sizes (no reading)."),
-    repair: bool = typer.Option(False, help="Drop the completion records of bad shards (Stage 1 then rewrites "
-                                            "only those)."),
+    repair: bool = typer.Option(
+        False, help="Drop the completion records of bad shards (Stage 1 then rewrites only those)."
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar (on stderr)."),
 ):
     """Check each store; print a one-screen report per store; exit 1 if any has a problem."""

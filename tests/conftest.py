@@ -1,5 +1,6 @@
 """Shared fixtures: the embedded default built once per session at test size, in a temp folder; float64 test
 references used by several test files; the Stage-2 helpers and the plain full-logits reference of its loss."""
+
 import copy
 import csv
 import math
@@ -14,7 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cache import CacheWriter
-from pipeline.config import Config, ModelShape
+from pipeline.config.params import Config
+from pipeline.config.prepare import ModelShape
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach a model hub
@@ -115,8 +117,11 @@ class NewAllocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor)
+        }
         for o in torch.utils._pytree.tree_leaves(out):
             if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
                 self.shapes.append(tuple(o.shape))
@@ -126,8 +131,9 @@ class NewAllocations(TorchDispatchMode):
 def stage(name: str, *args: str, check=True, **kw) -> subprocess.CompletedProcess:
     """Run `python -m stages.<name>` from the repo root, as DVC and users do."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=ROOT, env=env, text=True,
-                       capture_output=True, **kw)
+    p = subprocess.run(
+        [sys.executable, "-m", f"stages.{name}", *args], cwd=ROOT, env=env, text=True, capture_output=True, **kw
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"stages.{name} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p
@@ -136,6 +142,7 @@ def stage(name: str, *args: str, check=True, **kw) -> subprocess.CompletedProces
 # ---------------------------------------------------------------------------------------------------------
 # Stage 2 helpers shared by test_distill, test_evaluate and test_presets
 # ---------------------------------------------------------------------------------------------------------
+
 
 def make_cache(tiny: Config, out: Path, teacher: str | None = None) -> Config:
     """Stage 1 (in process) into `out` with the tiny random teacher, or another `teacher`."""
@@ -175,26 +182,34 @@ def reference_loss(model, batch: dict, num_items=None) -> tuple[torch.Tensor, di
     d, V = model.d, model.vocab_size
     pos, mask = batch["row_pos"], batch["row_mask"]  # (B, M)
     n = mask.sum() if num_items is None else num_items
-    out = model.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_hidden_states=True)
+    out = model.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     rows = gather_rows(out.logits, pos)  # (B, M, V_logits) the logits at the teacher's rows
-    ot_kw = dict(eps=d.ot_eps, objective=d.ot_objective, max_iter=d.ot_max_iter, eps_scale=d.ot_eps_scale,
-                 tol=d.ot_tol)
+    ot_kw = dict(eps=d.ot_eps, objective=d.ot_objective, max_iter=d.ot_max_iter, eps_scale=d.ot_eps_scale, tol=d.ot_tol)
     parts, weights = {}, {}
     if d.w_ce:
         parts["ce"], weights["ce"] = ce_loss(out.logits, batch["labels"], n, vocab_size=V), d.w_ce
     if d.w_kl:
-        parts["kl"] = topk_kl_loss(rows, batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_tail"],
-                                   mask, temperature=d.temperature, tail=d.kl_tail, reverse=d.kl_reverse,
-                                   vocab_size=V, num_items=n)
+        parts["kl"] = topk_kl_loss(
+            rows,
+            batch["teacher_ids"],
+            batch["teacher_logprobs"],
+            batch["teacher_tail"],
+            mask,
+            temperature=d.temperature,
+            tail=d.kl_tail,
+            reverse=d.kl_reverse,
+            vocab_size=V,
+            num_items=n,
+        )
         weights["kl"] = d.w_kl
     if d.w_ot:
         x = gather_rows(out.hidden_states[-1], pos).float()  # (B, M, d) final (post-norm) states
         parts["ot_hidden"], _ = ot_hidden_loss(x, mask, batch["teacher_hidden"], mask, model.projection, **ot_kw)
         weights["ot_hidden"] = d.w_ot
     if d.w_ot_logits:
-        parts["ot_logits"], _ = ot_logits_loss(rows, batch["teacher_ids"], batch["teacher_logprobs"], mask, mask,
-                                               vocab_size=V, **ot_kw)
+        parts["ot_logits"], _ = ot_logits_loss(
+            rows, batch["teacher_ids"], batch["teacher_logprobs"], mask, mask, vocab_size=V, **ot_kw
+        )
         weights["ot_logits"] = d.w_ot_logits
     loss = sum(weights[k] * v for k, v in parts.items())
     return loss, {k: v.detach().float() for k, v in parts.items()}
@@ -242,8 +257,13 @@ def write_all(w, rows, step=None):
 
 def sh(*cmd: str, cwd: Path) -> str:
     # `python` in dvc.yaml must be this interpreter (the one with otkd installed)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(cwd)}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(cwd),
+    }
     p = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True)
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -252,8 +272,9 @@ def sh(*cmd: str, cwd: Path) -> str:
 
 def copy_project(dst: Path, keep=lambda f: f != "dvc.lock") -> Path:
     """The project's files (tracked or not, minus .gitignore'd ones) that `keep` accepts, copied to `dst`."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, text=True,
-                           capture_output=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, text=True, capture_output=True, check=True
+    ).stdout.split()
     for f in files:
         if keep(f) and (ROOT / f).is_file():
             (dst / f).parent.mkdir(parents=True, exist_ok=True)

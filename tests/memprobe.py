@@ -7,6 +7,7 @@ set just before the step; steady memory is the growth of anonymous resident memo
 mapped files). Run with MALLOC_MMAP_THRESHOLD_ set (see `run`) so glibc maps every large tensor on its own and
 returns it on free: the resident set then follows the live tensors. One thread: no per-thread buffers.
 """
+
 import gc
 import json
 import os
@@ -54,7 +55,7 @@ def fused(R, d, V, w_ce, w_kl, chunk_rows=None, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(R, d, generator=g).requires_grad_()
-    W = torch.randn(V, d, generator=g) / d ** 0.5
+    W = torch.randn(V, d, generator=g) / d**0.5
     targets = torch.randint(0, V, (R,), generator=g)
     k = 16
     ids = torch.randint(0, V, (R, k), generator=g)
@@ -62,9 +63,11 @@ def fused(R, d, V, w_ce, w_kl, chunk_rows=None, seed=0):
     mask = torch.ones(R, dtype=torch.bool)
 
     def step():
-        loss, _ = fused_ce_kl(h, W, targets, ids, lp[:, :k], lp[:, k], mask, w_ce=w_ce, w_kl=w_kl,
-                              chunk_rows=chunk_rows)
+        loss, _ = fused_ce_kl(
+            h, W, targets, ids, lp[:, :k], lp[:, k], mask, w_ce=w_ce, w_kl=w_kl, chunk_rows=chunk_rows
+        )
         loss.backward()
+
     return {"peak": peak_of(step)}
 
 
@@ -77,15 +80,16 @@ def exact(R, d, D, V, w_ce, jsd_beta=0.0, teacher_dtype="float32", seed=0):
 
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(R, d, generator=g).requires_grad_()
-    W = torch.randn(V, d, generator=g) / d ** 0.5
+    W = torch.randn(V, d, generator=g) / d**0.5
     t_h = torch.randn(R, D, generator=g)
-    t_W = (torch.randn(V, D, generator=g) / D ** 0.5).to(getattr(torch, teacher_dtype))
+    t_W = (torch.randn(V, D, generator=g) / D**0.5).to(getattr(torch, teacher_dtype))
     targets = torch.randint(0, V, (R,), generator=g)
     mask = torch.ones(R, dtype=torch.bool)
 
     def step():
         loss, _ = fused_ce_exact_kl(h, W, t_h, t_W, targets, mask, w_ce=w_ce, w_kl=1.0, jsd_beta=jsd_beta)
         loss.backward()
+
     return {"peak": peak_of(step)}
 
 
@@ -98,7 +102,7 @@ def ot(B, N, V, d, D, k, hidden, logits, max_iter=50, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, N, d, generator=g).requires_grad_()
-    W = torch.randn(V, d, generator=g) / d ** 0.5
+    W = torch.randn(V, d, generator=g) / d**0.5
     y = torch.randn(B, N, D, generator=g)
     P = init_projection(D, d, g).requires_grad_()
     # distinct ids within every block of teacher tokens (as long as V allows): the planner's worst case
@@ -113,6 +117,7 @@ def ot(B, N, V, d, D, k, hidden, logits, max_iter=50, seed=0):
         if logits:
             loss = loss + ot_logits_loss_from_hidden(x, W, ids, lp, mask, mask, max_iter=max_iter)[0]
         return loss
+
     return {"peak": peak_of(lambda: losses().backward())}
 
 
@@ -126,13 +131,14 @@ def tok_ot(R, n, k, d, D, V, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     E_s, E_t = torch.randn(V, d, generator=g), torch.randn(V, D, generator=g)
-    P = (torch.randn(D, d, generator=g) / D ** 0.5).requires_grad_()
+    P = (torch.randn(D, d, generator=g) / D**0.5).requires_grad_()
     z = torch.randn(R, n, generator=g).requires_grad_()  # the student's logits at its own top n
     own, ids = torch.randint(0, V, (R, n), generator=g), torch.randint(0, V, (R, k), generator=g)
     lb, mask = torch.randn(R, k, generator=g), torch.ones(R, dtype=torch.bool)
 
     def loss():
         return token_ot_loss(z.log_softmax(-1), E_s[own], lb, E_t[ids], P, mask, max_iter=50)
+
     out, saved = growth_of(loss)
     del out
     return {"saved": saved, "peak": peak_of(lambda: loss().backward())}
@@ -156,14 +162,24 @@ def forward(B, L, hidden, intermediate, heads, kv_heads, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=hidden, intermediate_size=intermediate,
-                                         num_hidden_layers=2, num_attention_heads=heads,
-                                         num_key_value_heads=kv_heads)).eval()
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=512,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+        )
+    ).eval()
     ids, mask = torch.randint(0, 512, (B, L)), torch.ones(B, L, dtype=torch.long)
     mask[1:, -5:] = 0
     with torch.inference_mode():
-        return {"peak": peak_of(lambda: model.get_decoder()(input_ids=ids, attention_mask=mask,
-                                                           use_cache=False).last_hidden_state)}
+        return {
+            "peak": peak_of(
+                lambda: model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            )
+        }
 
 
 def student(path, r, targets, optims):
@@ -172,22 +188,31 @@ def student(path, r, targets, optims):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments
 
-    from pipeline.models import load_causal_lm
     from pipeline.distill.student import cpu_4bit_guard
+    from pipeline.models import load_causal_lm
 
     plain, weights16 = growth_of(lambda: load_causal_lm(path, "fp32", 16))  # the checkpoint is bf16: a copy
     del plain
-    model, weights = growth_of(lambda: prepare_model_for_kbit_training(
-        cpu_4bit_guard(load_causal_lm(path, "fp32", 4)), use_gradient_checkpointing=False))
+    model, weights = growth_of(
+        lambda: prepare_model_for_kbit_training(
+            cpu_4bit_guard(load_causal_lm(path, "fp32", 4)), use_gradient_checkpointing=False
+        )
+    )
     model, lora = growth_of(lambda: get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=targets)))
     params = [p for p in model.parameters() if p.requires_grad]
 
     def set_grads():
         for p in params:
             p.grad = torch.zeros_like(p)
+
     _, grads = growth_of(set_grads)
-    out = {"weights16": weights16, "weights": weights, "lora": lora, "grads": grads,
-           "n_lora": sum(p.numel() for p in params)}
+    out = {
+        "weights16": weights16,
+        "weights": weights,
+        "lora": lora,
+        "grads": grads,
+        "n_lora": sum(p.numel() for p in params),
+    }
     for optim in optims:  # the optimizer transformers' Trainer builds for distill.optim, stepped once
         args = TrainingArguments(output_dir="/tmp/unused", optim=optim, report_to=[], learning_rate=1e-4)
         opt = Trainer(model=model, args=args).create_optimizer()
@@ -198,11 +223,22 @@ def student(path, r, targets, optims):
 
 def run(case: str, **kwargs) -> dict:
     """Run one case in a fresh interpreter with the allocator settings above; returns its measurements."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "-m", "tests.memprobe", case, json.dumps(kwargs)], cwd=root, env=env,
-                       capture_output=True, text=True, check=False)
+    p = subprocess.run(
+        [sys.executable, "-m", "tests.memprobe", case, json.dumps(kwargs)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if p.returncode != 0:
         raise RuntimeError(f"memprobe {case} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -213,5 +249,16 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     case, args = sys.argv[1], json.loads(sys.argv[2])
-    print(json.dumps({"fused": fused, "exact": exact, "ot": ot, "tok_ot": tok_ot, "topk": topk, "forward": forward,
-                      "student": student}[case](**args)))
+    print(
+        json.dumps(
+            {
+                "fused": fused,
+                "exact": exact,
+                "ot": ot,
+                "tok_ot": tok_ot,
+                "topk": topk,
+                "forward": forward,
+                "student": student,
+            }[case](**args)
+        )
+    )

@@ -6,6 +6,7 @@ mid-way (tests/test_stage1.py). The test seam lives here, not in pipeline/.
 Env SLOW_STAGE1_OPEN_DELAY=<seconds>: ranks > 0 of a torchrun job wait that long before opening the store, so rank 0
 is far ahead of them (tests/test_parallel_stage1.py).
 """
+
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ def slowed(delay: float):
         out = rows(*args, **kw)
         time.sleep(delay)
         return out
+
     cache_teacher.teacher_rows = teacher_rows
 
 
@@ -33,6 +35,7 @@ def late_ranks(delay: float):
     def open_late(cls, *args, **kw):
         time.sleep(delay)
         return opened(cls, *args, **kw)
+
     CacheWriter.open = classmethod(open_late)
 
 

@@ -1,4 +1,5 @@
 """The ablation: its params, the report's statistics, and the DVC pipeline end to end on a 1-seed toy grid."""
+
 import dataclasses
 import json
 import statistics
@@ -8,16 +9,30 @@ import pytest
 import yaml
 
 from cache.reader import CacheBlocks, open_cache
-from pipeline.ablation import (AblationConfig, AblationError, CrossTokenizerConfig, DataEfficiencyConfig,
-                               ExactTeacherConfig, SweepConfig, load_ablation, run_dir)
+from pipeline.ablation import (
+    AblationConfig,
+    AblationError,
+    CrossTokenizerConfig,
+    DataEfficiencyConfig,
+    ExactTeacherConfig,
+    SweepConfig,
+    load_ablation,
+    run_dir,
+)
+from pipeline.config.base import ConfigError, save_config
+from pipeline.config.params import load_config
 from pipeline.report import exact_teacher_report, markdown, report, summarise
-from pipeline.config import ConfigError, load_config, save_config
 from tests.conftest import ROOT, commit_all, copy_project, sh, small_config
 from tests.conftest import ran as ran_stages
 
-PATH_FIELDS = {"prepare": ["out_data", "out_models"], "data": ["path"],
-               "finetune": ["base", "out", "metrics"], "cache": ["teacher", "out"],
-               "distill": ["student", "cache", "out", "plots"], "evaluate": ["models", "cache", "plots", "out"]}
+PATH_FIELDS = {
+    "prepare": ["out_data", "out_models"],
+    "data": ["path"],
+    "finetune": ["base", "out", "metrics"],
+    "cache": ["teacher", "out"],
+    "distill": ["student", "cache", "out", "plots"],
+    "evaluate": ["models", "cache", "plots", "out"],
+}
 
 
 def without_paths(cfg) -> dict:
@@ -32,8 +47,12 @@ def test_params_file_is_the_dataclass_default_plus_the_sweep_that_was_run():
     loaded = load_ablation(ROOT / "params/ablation/params.yaml")
     assert loaded.sweep.variants  # the committed report's sweep; the class default sweeps nothing
     assert loaded.exact_teacher.variants and loaded.exact_teacher.codecs
-    assert dataclasses.replace(loaded, sweep=SweepConfig(), cross_tokenizer=CrossTokenizerConfig(),
-                               exact_teacher=ExactTeacherConfig()) == AblationConfig()
+    assert (
+        dataclasses.replace(
+            loaded, sweep=SweepConfig(), cross_tokenizer=CrossTokenizerConfig(), exact_teacher=ExactTeacherConfig()
+        )
+        == AblationConfig()
+    )
 
 
 def test_the_split_task_is_the_embedded_default_with_its_own_paths():
@@ -46,19 +65,22 @@ def test_the_split_task_is_the_embedded_default_with_its_own_paths():
                 assert p.startswith("artifacts/ablation/split/"), (section, n, p)
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"variants": {"ce": {"w_kl": 0.0}, "bad": {"w_kll": 1.0}}}, "variants.bad: unknown parameter distill.w_kll"),
-    ({"variants": {"ce": {"ot_eps_scale": "mean"}}}, "variants.ce"),
-    ({"baseline": "nope"}, "baseline must be one of"),
-    ({"data_efficiency": {"variants": ["ce", "typo"]}}, "data_efficiency.variants"),
-    ({"data_efficiency": {"fractions": [0.1, 1.0]}}, "fractions must be in (0, 1)"),
-    ({"seeds": []}, "seeds must be non-empty"),
-    ({"exact_teacher": {"codecs": {"x": "int4"}}}, "codecs.x must be a cache.hidden_codec"),
-    ({"exact_teacher": {"variants": {"ce": {}}}}, "exact_teacher.variants must be names other than"),
-    ({"sweep": {"variants": {"ce": {}}}}, "sweep.variants must be names other than"),
-    ({"sweep": {"variants": {"t9": {"temperature": -1.0}}}}, "variants.t9"),
-    ({"sweep": {"reference": "best"}}, "sweep.reference must be one of"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"variants": {"ce": {"w_kl": 0.0}, "bad": {"w_kll": 1.0}}}, "variants.bad: unknown parameter distill.w_kll"),
+        ({"variants": {"ce": {"ot_eps_scale": "mean"}}}, "variants.ce"),
+        ({"baseline": "nope"}, "baseline must be one of"),
+        ({"data_efficiency": {"variants": ["ce", "typo"]}}, "data_efficiency.variants"),
+        ({"data_efficiency": {"fractions": [0.1, 1.0]}}, "fractions must be in (0, 1)"),
+        ({"seeds": []}, "seeds must be non-empty"),
+        ({"exact_teacher": {"codecs": {"x": "int4"}}}, "codecs.x must be a cache.hidden_codec"),
+        ({"exact_teacher": {"variants": {"ce": {}}}}, "exact_teacher.variants must be names other than"),
+        ({"sweep": {"variants": {"ce": {}}}}, "sweep.variants must be names other than"),
+        ({"sweep": {"variants": {"t9": {"temperature": -1.0}}}}, "variants.t9"),
+        ({"sweep": {"reference": "best"}}, "sweep.reference must be one of"),
+    ],
+)
 def test_a_typo_fails_before_anything_runs(tmp_path, values, message):
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(values))
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -67,6 +89,7 @@ def test_a_typo_fails_before_anything_runs(tmp_path, values, message):
 
 def test_cache_blocks_fraction_is_nested_and_contiguous(tiny, tmp_path):
     from pipeline.teacher import cache_teacher
+
     cfg = small_config(tmp_path)
     cfg.prepare, cfg.data, cfg.cache.teacher = tiny.prepare, tiny.data, tiny.cache.teacher
     cfg.cache.splits = ["train"]
@@ -88,20 +111,34 @@ def fake_results(abl: AblationConfig, acc: dict) -> None:
     for (task, variant, seed, fraction), a in acc.items():
         d = run_dir(abl, task, variant, seed, fraction)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "metrics.json").write_text(json.dumps({
-            "accuracy": a, "perplexity": 2 - a, "bits_per_char": 1.5 - a, "kl_teacher": 1 - a,
-            "top1_agreement": a / 2, "entropy": 0.5, "train_seconds": 10.0 + seed}))
+        (d / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "accuracy": a,
+                    "perplexity": 2 - a,
+                    "bits_per_char": 1.5 - a,
+                    "kl_teacher": 1 - a,
+                    "top1_agreement": a / 2,
+                    "entropy": 0.5,
+                    "train_seconds": 10.0 + seed,
+                }
+            )
+        )
     for task in abl.tasks:
-        (Path(abl.out) / task / "teacher.json").write_text(json.dumps({"accuracy": 0.9, "perplexity": 1.1,
-                                                                         "entropy": 0.7}))
+        (Path(abl.out) / task / "teacher.json").write_text(
+            json.dumps({"accuracy": 0.9, "perplexity": 1.1, "entropy": 0.7})
+        )
 
 
 def test_report_pairs_by_seed_and_measures_the_gap(tmp_path):
-    abl = AblationConfig(seeds=[0, 1, 2], tasks={"t": "x.yaml"},
-                         variants={"ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}, "kl": {}},
-                         data_efficiency=DataEfficiencyConfig(task="t", variants=["ce", "kl"], fractions=[0.5]),
-                         sweep=SweepConfig(task="t", reference="kl", variants={"kl_t2": {"temperature": 2.0}}),
-                         out=str(tmp_path))
+    abl = AblationConfig(
+        seeds=[0, 1, 2],
+        tasks={"t": "x.yaml"},
+        variants={"ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}, "kl": {}},
+        data_efficiency=DataEfficiencyConfig(task="t", variants=["ce", "kl"], fractions=[0.5]),
+        sweep=SweepConfig(task="t", reference="kl", variants={"kl_t2": {"temperature": 2.0}}),
+        out=str(tmp_path),
+    )
     # seeds differ a lot, the paired gain is steady: what the report must make visible
     ce, kl = [0.2, 0.5, 0.3], [0.3, 0.62, 0.39]
     acc = {("t", "ce", s, 1.0): a for s, a in enumerate(ce)} | {("t", "kl", s, 1.0): a for s, a in enumerate(kl)}
@@ -128,7 +165,8 @@ def test_report_pairs_by_seed_and_measures_the_gap(tmp_path):
     assert curve[0]["mean"] == pytest.approx(statistics.fmean(kl) / 2)
     setting = summary["sweep"]["settings"]["kl_t2"]
     assert setting["paired_vs_reference"]["accuracy"]["mean"] == pytest.approx(
-        statistics.fmean(b - a for a, b in zip(kl, t2)))
+        statistics.fmean(b - a for a, b in zip(kl, t2))
+    )
     assert setting["accuracy"]["per_seed"] == t2 and setting["overrides"] == {"temperature": 2.0}
     text = markdown(summary)
     assert "| kl_t2 | temperature=2.0 |" in text
@@ -138,15 +176,22 @@ def test_report_pairs_by_seed_and_measures_the_gap(tmp_path):
 def test_exact_teacher_section_reports_from_its_runs_alone(tmp_path):
     """--only exact_teacher: the exact-teacher students paired with the top-k KL reference and with CE only, from
     those runs alone (no other section's run exists here)."""
-    abl = AblationConfig(seeds=[0, 1], tasks={"t": "x.yaml"}, variants={"ce": {"w_kl": 0.0}, "kl": {}},
-                         data_efficiency=DataEfficiencyConfig(task="t", variants=["ce"], fractions=[0.5]),
-                         sweep=SweepConfig(task="t", reference="kl"),
-                         exact_teacher=ExactTeacherConfig(task="t", reference="kl", codecs={"i8": "int8"},
-                                                          variants={"ex": {"teacher_head": "t/teacher"}}),
-                         out=str(tmp_path / "runs"), report=str(tmp_path / "report"))
+    abl = AblationConfig(
+        seeds=[0, 1],
+        tasks={"t": "x.yaml"},
+        variants={"ce": {"w_kl": 0.0}, "kl": {}},
+        data_efficiency=DataEfficiencyConfig(task="t", variants=["ce"], fractions=[0.5]),
+        sweep=SweepConfig(task="t", reference="kl"),
+        exact_teacher=ExactTeacherConfig(
+            task="t", reference="kl", codecs={"i8": "int8"}, variants={"ex": {"teacher_head": "t/teacher"}}
+        ),
+        out=str(tmp_path / "runs"),
+        report=str(tmp_path / "report"),
+    )
     ce, kl, ex = [0.2, 0.5], [0.3, 0.55], [0.4, 0.6]
-    fake_results(abl, {("t", v, s, 1.0): a for v, accs in (("ce", ce), ("kl", kl), ("ex", ex))
-                       for s, a in enumerate(accs)})
+    fake_results(
+        abl, {("t", v, s, 1.0): a for v, accs in (("ce", ce), ("kl", kl), ("ex", ex)) for s, a in enumerate(accs)}
+    )
     summary = exact_teacher_report(abl)
     got = summary["vs_reference"]["settings"]["ex"]
     assert got["accuracy"]["per_seed"] == ex
@@ -162,10 +207,15 @@ def test_exact_teacher_section_reports_from_its_runs_alone(tmp_path):
 def test_report_leaves_missing_values_out(tmp_path):
     """A student with another tokenizer than the teacher's has no cache metrics (null, or NaN from an older
     json.dumps): "—" in the tables, left out of means and paired differences; ablation.json stays strict JSON."""
-    abl = AblationConfig(seeds=[0, 1, 2], tasks={"t": "x.yaml"}, variants={"ce": {"w_kl": 0.0}, "x": {}},
-                         data_efficiency=DataEfficiencyConfig(task="t", variants=["ce"], fractions=[0.5]),
-                         sweep=SweepConfig(task="t", reference="ce"), out=str(tmp_path / "runs"),
-                         report=str(tmp_path / "report"))
+    abl = AblationConfig(
+        seeds=[0, 1, 2],
+        tasks={"t": "x.yaml"},
+        variants={"ce": {"w_kl": 0.0}, "x": {}},
+        data_efficiency=DataEfficiencyConfig(task="t", variants=["ce"], fractions=[0.5]),
+        sweep=SweepConfig(task="t", reference="ce"),
+        out=str(tmp_path / "runs"),
+        report=str(tmp_path / "report"),
+    )
     fake_results(abl, {("t", v, s, f): 0.2 + 0.1 * s for v in ("ce", "x") for s in range(3) for f in (1.0, 0.5)})
     for s in range(3):
         f = run_dir(abl, "t", "x", s) / "metrics.json"
@@ -194,8 +244,13 @@ def test_report_leaves_missing_values_out(tmp_path):
 
 
 def test_report_names_a_missing_run(tmp_path):
-    abl = AblationConfig(seeds=[0], tasks={"t": "x.yaml"}, out=str(tmp_path),
-                         data_efficiency=DataEfficiencyConfig(task="t"), sweep=SweepConfig(task="t"))
+    abl = AblationConfig(
+        seeds=[0],
+        tasks={"t": "x.yaml"},
+        out=str(tmp_path),
+        data_efficiency=DataEfficiencyConfig(task="t"),
+        sweep=SweepConfig(task="t"),
+    )
     fake_results(abl, {("t", v, 0, 1.0): 0.5 for v in abl.variants if v != "kl"})
     with pytest.raises(Exception, match=r"missing ablation result .*t/kl/s0/metrics.json"):
         summarise(abl)
@@ -224,23 +279,44 @@ def toy_task(root: str):
 @pytest.fixture(scope="module")
 def toy_repo(tmp_path_factory) -> Path:
     """The project's code in a fresh git repo with a 1-seed, 2-variant, 1-task ablation."""
-    dst = copy_project(tmp_path_factory.mktemp("ablation_repo"),
-                       lambda f: f.split("/")[0] in ("pipeline", "stages", "cache", "params") and
-                       not f.endswith("dvc.lock"))
+    dst = copy_project(
+        tmp_path_factory.mktemp("ablation_repo"),
+        lambda f: f.split("/")[0] in ("pipeline", "stages", "cache", "params") and not f.endswith("dvc.lock"),
+    )
     for f in (dst / "params/ablation").glob("*.yaml"):
         if f.name != "dvc.yaml":
             f.unlink()
     save_config(toy_task("artifacts/ablation/toy"), dst / "params/ablation/toy.yaml")
-    (dst / "params/ablation/params.yaml").write_text(yaml.safe_dump({
-        "seeds": [0], "tasks": {"toy": "params/ablation/toy.yaml"},
-        "variants": {"ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}, "kl_ot": {}},
-        "data_efficiency": {"task": "toy", "variants": ["ce", "kl_ot"], "fractions": [0.5]},
-        "sweep": {"task": "toy", "reference": "kl_ot", "variants": {"t2": {"temperature": 2.0}}},
-        "cross_tokenizer": {"task": "toy", "baseline": "x_ce", "variants": {
-            "x_ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}}},  # its losses: tests/test_crosstok.py
-        "exact_teacher": {"task": "toy", "reference": "kl_ot", "codecs": {"i8": "int8"}, "variants": {
-            "exact_i8": {"teacher_head": "artifacts/ablation/toy/teacher", "cache": "artifacts/ablation/toy/codecs/i8"}}},
-        "eval_examples": 8, "out": "artifacts/ablation", "report": "bench/results"}))
+    (dst / "params/ablation/params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "seeds": [0],
+                "tasks": {"toy": "params/ablation/toy.yaml"},
+                "variants": {"ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}, "kl_ot": {}},
+                "data_efficiency": {"task": "toy", "variants": ["ce", "kl_ot"], "fractions": [0.5]},
+                "sweep": {"task": "toy", "reference": "kl_ot", "variants": {"t2": {"temperature": 2.0}}},
+                "cross_tokenizer": {
+                    "task": "toy",
+                    "baseline": "x_ce",
+                    "variants": {"x_ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}},
+                },  # its losses: tests/test_crosstok.py
+                "exact_teacher": {
+                    "task": "toy",
+                    "reference": "kl_ot",
+                    "codecs": {"i8": "int8"},
+                    "variants": {
+                        "exact_i8": {
+                            "teacher_head": "artifacts/ablation/toy/teacher",
+                            "cache": "artifacts/ablation/toy/codecs/i8",
+                        }
+                    },
+                },
+                "eval_examples": 8,
+                "out": "artifacts/ablation",
+                "report": "bench/results",
+            }
+        )
+    )
     commit_all(dst)
     return dst
 
@@ -253,9 +329,22 @@ def test_ablation_pipeline_end_to_end(toy_repo):
     log = sh("dvc", "repro", "params/ablation/dvc.yaml", cwd=toy_repo)
     students = {"student@toy-ce-0", "student@toy-kl_ot-0"}
     data = {"student_data@0.5-ce-0", "student_data@0.5-kl_ot-0"}
-    assert ran(log) == {"prepare@toy", "finetune_teacher@toy", "cache_teacher@toy", "teacher@toy", "report",
-                        "student_sweep@t2-0", "student_x@x_ce-0", "codec_cache@i8", "student_exact@exact_i8-0"
-                        } | students | data
+    assert (
+        ran(log)
+        == {
+            "prepare@toy",
+            "finetune_teacher@toy",
+            "cache_teacher@toy",
+            "teacher@toy",
+            "report",
+            "student_sweep@t2-0",
+            "student_x@x_ce-0",
+            "codec_cache@i8",
+            "student_exact@exact_i8-0",
+        }
+        | students
+        | data
+    )
     summary = json.loads((toy_repo / "bench/results/ablation.json").read_text())
     assert set(summary["tasks"]["toy"]["variants"]) == {"ce", "kl_ot"}
     # the cross-tokenizer students: their own tokenizer, no cache metrics (other vocabulary), bits per character
@@ -272,10 +361,16 @@ def test_ablation_pipeline_end_to_end(toy_repo):
     exact = yaml.safe_load((toy_repo / "artifacts/ablation/toy/exact_i8/s0/config.yaml").read_text())["distill"]
     assert exact["cache"] == "artifacts/ablation/toy/codecs/i8" and exact["teacher_head"].endswith("toy/teacher")
     assert "exact_i8" in summary["exact_teacher"]["settings"]
-    assert json.loads((toy_repo / "artifacts/ablation/toy/codecs/i8/train.zarr/zarr.json").read_text())[
-        "attributes"]["hidden_codec"] == "int8"
-    assert yaml.safe_load((toy_repo / "artifacts/ablation/toy/t2/s0/config.yaml").read_text())["distill"][
-        "temperature"] == 2.0
+    assert (
+        json.loads((toy_repo / "artifacts/ablation/toy/codecs/i8/train.zarr/zarr.json").read_text())["attributes"][
+            "hidden_codec"
+        ]
+        == "int8"
+    )
+    assert (
+        yaml.safe_load((toy_repo / "artifacts/ablation/toy/t2/s0/config.yaml").read_text())["distill"]["temperature"]
+        == 2.0
+    )
     for v in ("ce", "kl_ot"):
         m = json.loads((toy_repo / f"artifacts/ablation/toy/{v}/s0/metrics.json").read_text())
         assert summary["tasks"]["toy"]["variants"][v]["accuracy"]["per_seed"] == [m["accuracy"]]
@@ -295,7 +390,10 @@ def test_ablation_pipeline_end_to_end(toy_repo):
     values["variants"]["kl_ot"] = {"temperature": 2.0}  # one variant changes: only its students rerun
     p.write_text(yaml.safe_dump(values))
     assert ran(sh("dvc", "repro", "params/ablation/dvc.yaml", cwd=toy_repo)) == {
-        "student@toy-kl_ot-0", "student_data@0.5-kl_ot-0", "report"}
+        "student@toy-kl_ot-0",
+        "student_data@0.5-kl_ot-0",
+        "report",
+    }
 
 
 def test_cli_arguments_reach_the_run(monkeypatch):

@@ -1,4 +1,5 @@
 """Teacher cache: round trips at awkward sizes, plain-zarr readability, crash/resume bit-identity, refusals."""
+
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import zarr
 
 from cache import CacheDataset, CacheError, CacheMismatchError, describe, open_cache
 from cache.schema import canonical_meta
-from tests.conftest import D, K, PROV, SHARD, create, make_inputs, make_rows, write_all
+from tests.conftest import PROV, SHARD, D, K, create, make_inputs, make_rows, write_all
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,12 +30,15 @@ def stored(x, dtype):
     return t.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]).float().numpy()
 
 
-@pytest.mark.parametrize("lp_dtype,h_dtype,bf16_input", [("bf16", "bf16", True), ("bf16", "fp16", False),
-                                                         ("fp16", None, False), ("fp32", "bf16", False)])
+@pytest.mark.parametrize(
+    "lp_dtype,h_dtype,bf16_input",
+    [("bf16", "bf16", True), ("bf16", "fp16", False), ("fp16", None, False), ("fp32", "bf16", False)],
+)
 def test_roundtrip_exact(tmp_path, lp_dtype, h_dtype, bf16_input):
     inputs = make_inputs()
-    w = create(tmp_path / "c.zarr", inputs, logprob_dtype=lp_dtype, hidden_codec=h_dtype,
-               hidden_size=D if h_dtype else None)
+    w = create(
+        tmp_path / "c.zarr", inputs, logprob_dtype=lp_dtype, hidden_codec=h_dtype, hidden_size=D if h_dtype else None
+    )
     assert w.n_shards == -(-w.n_rows // SHARD) >= 3  # several shards, last one partial
     ids, lp, tail, hid = make_rows(w.n_rows)
     if bf16_input:  # what a bf16 teacher hands over: must be stored bit for bit
@@ -51,11 +55,11 @@ def test_roundtrip_exact(tmp_path, lp_dtype, h_dtype, bf16_input):
         assert got["sample_id"] == inputs["sample_ids"][i] and c.index_of(got["sample_id"]) == i
         np.testing.assert_array_equal(got["input_ids"], inputs["input_ids_per_seq"][i])
         np.testing.assert_array_equal(got["supervised"], inputs["supervised_per_seq"][i])
-        np.testing.assert_array_equal(got["topk_ids"], ids[r0:r0 + n].numpy())
-        np.testing.assert_array_equal(got["topk_logprobs"], stored(lp[r0:r0 + n], lp_dtype))
-        np.testing.assert_array_equal(got["tail_logmass"], tail[r0:r0 + n].numpy())
+        np.testing.assert_array_equal(got["topk_ids"], ids[r0 : r0 + n].numpy())
+        np.testing.assert_array_equal(got["topk_logprobs"], stored(lp[r0 : r0 + n], lp_dtype))
+        np.testing.assert_array_equal(got["tail_logmass"], tail[r0 : r0 + n].numpy())
         if h_dtype:
-            np.testing.assert_array_equal(got["hidden"], stored(hid[r0:r0 + n], h_dtype))
+            np.testing.assert_array_equal(got["hidden"], stored(hid[r0 : r0 + n], h_dtype))
         else:
             assert "hidden" not in got
         assert got["topk_logprobs"].dtype == np.float32 and got["topk_ids"].dtype == np.int64
@@ -196,8 +200,11 @@ def test_mismatch_refused_naming_field(tmp_path):
     w = create(path)
     with w:
         write_all(w, make_rows(w.n_rows))
-    with pytest.raises(CacheMismatchError, match=r"another teacher \(provenance.teacher_hash: stored 'a1b2' "
-                                                 r"!= requested 'c3d4'\); delete it"):
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"another teacher \(provenance.teacher_hash: stored 'a1b2' "
+        r"!= requested 'c3d4'\); delete it",
+    ):
         create(path, provenance={**PROV, "teacher_hash": "c3d4"})
     with pytest.raises(CacheMismatchError, match=r"plan.k: stored 5 != requested 4"):
         create(path, k=4)
@@ -217,8 +224,9 @@ def test_mismatch_refused_naming_field(tmp_path):
         open_cache(path, expect={"k": 8})
     assert len(open_cache(path, expect={"teacher_hash": "a1b2", "k": 5, "params": {"k": K}})) == 7
     # canonical form: key order, tuples and numpy ints do not matter
-    assert canonical_meta({"provenance": {"b": (1, 2), "a": np.int64(3)}}) == \
-        canonical_meta({"provenance": {"a": 3, "b": [1, 2]}})
+    assert canonical_meta({"provenance": {"b": (1, 2), "a": np.int64(3)}}) == canonical_meta(
+        {"provenance": {"a": 3, "b": [1, 2]}}
+    )
 
 
 def test_not_a_cache_and_missing_refused(tmp_path):
@@ -244,8 +252,10 @@ def test_not_a_cache_and_missing_refused(tmp_path):
 
 def test_bad_writes_rejected(tmp_path):
     with pytest.raises(ValueError, match="last position marked supervised"):
-        create(tmp_path / "a.zarr", dict(make_inputs(), supervised_per_seq=[np.ones(n, bool) for n in
-                                                                            (5, 9, 1, 12, 7, 20, 4)]))
+        create(
+            tmp_path / "a.zarr",
+            dict(make_inputs(), supervised_per_seq=[np.ones(n, bool) for n in (5, 9, 1, 12, 7, 20, 4)]),
+        )
     w = create(tmp_path / "b.zarr")
     ids, lp, tail, hid = make_rows(w.n_rows)
     with pytest.raises(ValueError, match="inside incomplete shard"):
@@ -267,6 +277,7 @@ def test_failed_background_write_surfaces_and_records_nothing(tmp_path, monkeypa
 
     def boom(*a):
         raise OSError("disk full")
+
     monkeypatch.setattr(w, "_write_shard", boom)
     with pytest.raises(OSError, match="disk full"):
         with w:

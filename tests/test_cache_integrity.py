@@ -1,6 +1,7 @@
 """Cache integrity: faults injected for real into written stores are detected at open or read with a one-line
 message (never read as fill values), `stages.verify_cache` finds each (exit 1), and --repair + a Stage-1
 style resume restores the store bit for bit."""
+
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from cache import CacheError, open_cache
 from cache.errors import CacheCorruptError
 from stages.verify_cache import app
-from tests.conftest import K, PROV, create, make_inputs, write_all
+from tests.conftest import PROV, K, create, make_inputs, write_all
 
 V = 1000  # the tokenizer size the stores record; make_rows-style ids are drawn below it
 PROV_V = {**PROV, "tokenizer_size": V}
@@ -90,26 +91,45 @@ def test_clean_store_is_clean(store):
     assert code == 0 and "not checked (--quick)" in out
     g = zarr.open_group(store, mode="r")  # manifests are plain Zarr groups
     m = g["manifest/1"].attrs.asdict()
-    assert m["shard"] == 1 and m["rows"] == [16, 32] and {e["file"] for e in m["files"]} == {
-        "topk_ids/c/1/0", "topk_logprobs/c/1/0", "tail_logmass/c/1", "hidden/c/1/0"}
+    assert (
+        m["shard"] == 1
+        and m["rows"] == [16, 32]
+        and {e["file"] for e in m["files"]}
+        == {"topk_ids/c/1/0", "topk_logprobs/c/1/0", "tail_logmass/c/1", "hidden/c/1/0"}
+    )
     assert all(e["bytes"] == (store / e["file"]).stat().st_size for e in m["files"])
     assert g["topk_ids"].fill_value == -1 and np.isnan(g["tail_logmass"].fill_value)
 
 
 # fault -> (inject(path), regex of the one-line error at open (CacheError) or on reading everything)
 FILE_FAULTS = {
-    "deleted shard file": (lambda p: (p / "topk_ids/c/1/0").unlink(),
-                           r"incomplete teacher cache .*: topk_ids shard 1 \(file topk_ids/c/1/0\): file missing"),
-    "truncated shard": (lambda p: (p / "hidden/c/2/0").write_bytes((p / "hidden/c/2/0").read_bytes()[:-9]),
-                        r"incomplete teacher cache .*: hidden shard 2 \(file hidden/c/2/0\): \d+ bytes, manifest says"),
-    "deleted manifest": (lambda p: (p / "manifest/1/zarr.json").unlink(),
-                         r"incomplete .*manifest shard 1 \(file manifest/1/zarr.json\): completion record without"),
-    "deleted token file": (lambda p: (p / "input_ids/c/0").unlink(),
-                           r"incomplete .*input_ids per-sequence data \(file input_ids/c/0\): file missing"),
+    "deleted shard file": (
+        lambda p: (p / "topk_ids/c/1/0").unlink(),
+        r"incomplete teacher cache .*: topk_ids shard 1 \(file topk_ids/c/1/0\): file missing",
+    ),
+    "truncated shard": (
+        lambda p: (p / "hidden/c/2/0").write_bytes((p / "hidden/c/2/0").read_bytes()[:-9]),
+        r"incomplete teacher cache .*: hidden shard 2 \(file hidden/c/2/0\): \d+ bytes, manifest says",
+    ),
+    "deleted manifest": (
+        lambda p: (p / "manifest/1/zarr.json").unlink(),
+        r"incomplete .*manifest shard 1 \(file manifest/1/zarr.json\): completion record without",
+    ),
+    "deleted token file": (
+        lambda p: (p / "input_ids/c/0").unlink(),
+        r"incomplete .*input_ids per-sequence data \(file input_ids/c/0\): file missing",
+    ),
 }
-FLIPS = {"topk_ids": "topk_ids/c/1/0", "topk_logprobs": "topk_logprobs/c/0/0", "tail_logmass": "tail_logmass/c/2",
-         "hidden": "hidden/c/1/0", "input_ids": "input_ids/c/0", "supervised": "supervised/c/0",
-         "sample_ids": "sample_ids/c/0", "row_offsets": "row_offsets/c/0"}
+FLIPS = {
+    "topk_ids": "topk_ids/c/1/0",
+    "topk_logprobs": "topk_logprobs/c/0/0",
+    "tail_logmass": "tail_logmass/c/2",
+    "hidden": "hidden/c/1/0",
+    "input_ids": "input_ids/c/0",
+    "supervised": "supervised/c/0",
+    "sample_ids": "sample_ids/c/0",
+    "row_offsets": "row_offsets/c/0",
+}
 
 
 @pytest.mark.parametrize("fault", FILE_FAULTS)
@@ -156,8 +176,11 @@ def test_out_of_range_ids_fail_on_read(tmp_path):
     with w:
         write_all(w, (ids, lp, tail, hid))
     c = open_cache(path)
-    with pytest.raises(CacheCorruptError, match=r"topk_ids shard \d \(file topk_ids/c/\d/0\) holds id 9\d\d "
-                                                r"outside \[0, 900\)") as e:
+    with pytest.raises(
+        CacheCorruptError,
+        match=r"topk_ids shard \d \(file topk_ids/c/\d/0\) holds id 9\d\d "
+        r"outside \[0, 900\)",
+    ) as e:
         c.read_many(range(len(c)))
     one_line(e)
     code, out = verify(path)
@@ -167,6 +190,7 @@ def test_out_of_range_ids_fail_on_read(tmp_path):
 def test_verify_contract_checks(store):
     """Values rewritten through Zarr itself (valid checksums, manifest updated): only the contract finds them."""
     from cache import manifest
+
     g = zarr.open_group(store, mode="r+")
     attrs = g.attrs.asdict()
     ids = g["topk_ids"][16:32]
@@ -183,8 +207,10 @@ def test_verify_contract_checks(store):
     assert "files     OK" in out and "chunks    OK" in out
 
 
-REPAIRABLE = {**{f"flip {a}": (lambda p, rel=rel: flip(p, rel)) for a, rel in FLIPS.items()},
-              **{k: v[0] for k, v in FILE_FAULTS.items()}}
+REPAIRABLE = {
+    **{f"flip {a}": (lambda p, rel=rel: flip(p, rel)) for a, rel in FLIPS.items()},
+    **{k: v[0] for k, v in FILE_FAULTS.items()},
+}
 
 
 @pytest.mark.parametrize("fault", REPAIRABLE)

@@ -1,5 +1,6 @@
 """pipeline/config.py: params.yaml and the dataclass defaults are one source of truth, and every value is
 validated (type, choices, range) before any stage imports torch or loads a model."""
+
 import dataclasses
 import subprocess
 import sys
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from cache.errors import OtkdError
-from pipeline.config import Config, ConfigError, DistillConfig, LoraSettings, apply_overrides, load_config
+from pipeline.config.base import ConfigError, LoraSettings, apply_overrides
+from pipeline.config.distill import DistillConfig
+from pipeline.config.params import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p for p in (ROOT / "params").glob("*.yaml") if p.name != "dvc.yaml")
@@ -36,49 +39,52 @@ def test_config_error_is_a_user_error():
     assert issubclass(ConfigError, OtkdError) and issubclass(ConfigError, ValueError)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("distill.kl_tail=buckt", "distill.kl_tail must be one of 'bucket', 'none', got 'buckt'"),
-    ("distill.ot_objective=regularised", "distill.ot_objective must be one of 'linear', 'regularized'"),
-    ("distill.mode=qlora", "distill.mode must be one of 'full', 'lora'"),
-    ("distill.optim=adam", "distill.optim must be one of 'adamw_torch', 'adamw_8bit', 'paged_adamw_8bit'"),
-    ("distill.report_to=wandb", "distill.report_to must be one of 'none', 'tensorboard'"),
-    ("distill.dtype=float16", "distill.dtype must be one of 'auto', 'bf16', 'fp16', 'fp32'"),
-    ("evaluate.load_in_bits=5", "evaluate.load_in_bits must be one of 4, 8, 16, got 5"),
-    ("data.metric=accuracy", "data.metric must be one of 'exact', 'split', 'embedded_task'"),
-    ("data.template=chatml", "data.template must be one of 'alpaca', 'chat'"),
-    ("finetune.mode=qlora", "finetune.mode must be one of 'lora', 'full'"),
-    ("cache.logprob_dtype=none", "cache.logprob_dtype must be one of 'bf16', 'fp16', 'fp32'"),
-    ("cache.hidden_codec=fp32", "cache.hidden_codec must be bf16, fp16, int8, pca:<r>"),
-    ("cache.splits=[train, valid]", "cache.splits[1] must be one of 'train', 'validation', 'test'"),
-    ("distill.temperature=0", "distill.temperature must be > 0, got 0.0"),
-    ("distill.ot_eps=-0.1", "distill.ot_eps must be > 0"),
-    ("distill.w_kl=-1", "distill.w_kl must be >= 0"),
-    ("distill.load_in_bits=4", "distill.load_in_bits=4 needs mode='lora'"),
-    ("distill.ot_max_iter=0", "distill.ot_max_iter must be >= 1"),
-    ("distill.epochs=0", "distill.epochs must be > 0"),
-    ("distill.max_steps=0", "distill.max_steps must be -1 (all epochs) or >= 1"),
-    ("distill.train_fraction=0", "distill.train_fraction must be in (0, 1], got 0.0"),
-    ("distill.train_fraction=1.5", "distill.train_fraction must be in (0, 1]"),
-    ("prepare.task=sum", "prepare.task must be one of 'digit_sum', 'split'"),
-    ("prepare.n_digits=1", "prepare.n_digits must be >= 2 for the split task"),
-    ("distill.warmup_ratio=1", "distill.warmup_ratio must be in [0, 1)"),
-    ("distill.batch_size=0", "distill.batch_size must be >= 1"),
-    ("distill.lora.r=0", "distill.lora.r must be >= 1"),
-    ("distill.lora.dropout=1.5", "distill.lora.dropout must be in [0, 1)"),
-    ("distill.student=", "distill.student must not be empty"),
-    ("cache.k=0", "cache.k must be >= 1"),
-    ("cache.chunk_rows=0", "cache.chunk_rows must be >= 1"),
-    ("cache.shard_rows=-1", "cache.shard_rows must be >= 1"),
-    ("cache.batch_tokens=0", "cache.batch_tokens must be >= 1"),
-    ("cache.load_in_bits=2", "cache.load_in_bits must be one of 4, 8, 16"),
-    ("data.val_fraction=1.0", "data.val_fraction must be in [0, 1)"),
-    ("data.test_fraction=0.96", "data.val_fraction + test_fraction must be < 1"),
-    ("data.max_length=0", "data.max_length must be >= 1"),
-    ("finetune.batch_size=0", "finetune.batch_size must be >= 1"),
-    ("finetune.lora.target_modules=[]", "finetune.lora.target_modules must be a non-empty list"),
-    ("evaluate.models={}", "evaluate.models must be a non-empty mapping"),
-    ("prepare.student.num_heads=3", "prepare.student.hidden_size must be a multiple of num_heads=3"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("distill.kl_tail=buckt", "distill.kl_tail must be one of 'bucket', 'none', got 'buckt'"),
+        ("distill.ot_objective=regularised", "distill.ot_objective must be one of 'linear', 'regularized'"),
+        ("distill.mode=qlora", "distill.mode must be one of 'full', 'lora'"),
+        ("distill.optim=adam", "distill.optim must be one of 'adamw_torch', 'adamw_8bit', 'paged_adamw_8bit'"),
+        ("distill.report_to=wandb", "distill.report_to must be one of 'none', 'tensorboard'"),
+        ("distill.dtype=float16", "distill.dtype must be one of 'auto', 'bf16', 'fp16', 'fp32'"),
+        ("evaluate.load_in_bits=5", "evaluate.load_in_bits must be one of 4, 8, 16, got 5"),
+        ("data.metric=accuracy", "data.metric must be one of 'exact', 'split', 'embedded_task'"),
+        ("data.template=chatml", "data.template must be one of 'alpaca', 'chat'"),
+        ("finetune.mode=qlora", "finetune.mode must be one of 'lora', 'full'"),
+        ("cache.logprob_dtype=none", "cache.logprob_dtype must be one of 'bf16', 'fp16', 'fp32'"),
+        ("cache.hidden_codec=fp32", "cache.hidden_codec must be bf16, fp16, int8, pca:<r>"),
+        ("cache.splits=[train, valid]", "cache.splits[1] must be one of 'train', 'validation', 'test'"),
+        ("distill.temperature=0", "distill.temperature must be > 0, got 0.0"),
+        ("distill.ot_eps=-0.1", "distill.ot_eps must be > 0"),
+        ("distill.w_kl=-1", "distill.w_kl must be >= 0"),
+        ("distill.load_in_bits=4", "distill.load_in_bits=4 needs mode='lora'"),
+        ("distill.ot_max_iter=0", "distill.ot_max_iter must be >= 1"),
+        ("distill.epochs=0", "distill.epochs must be > 0"),
+        ("distill.max_steps=0", "distill.max_steps must be -1 (all epochs) or >= 1"),
+        ("distill.train_fraction=0", "distill.train_fraction must be in (0, 1], got 0.0"),
+        ("distill.train_fraction=1.5", "distill.train_fraction must be in (0, 1]"),
+        ("prepare.task=sum", "prepare.task must be one of 'digit_sum', 'split'"),
+        ("prepare.n_digits=1", "prepare.n_digits must be >= 2 for the split task"),
+        ("distill.warmup_ratio=1", "distill.warmup_ratio must be in [0, 1)"),
+        ("distill.batch_size=0", "distill.batch_size must be >= 1"),
+        ("distill.lora.r=0", "distill.lora.r must be >= 1"),
+        ("distill.lora.dropout=1.5", "distill.lora.dropout must be in [0, 1)"),
+        ("distill.student=", "distill.student must not be empty"),
+        ("cache.k=0", "cache.k must be >= 1"),
+        ("cache.chunk_rows=0", "cache.chunk_rows must be >= 1"),
+        ("cache.shard_rows=-1", "cache.shard_rows must be >= 1"),
+        ("cache.batch_tokens=0", "cache.batch_tokens must be >= 1"),
+        ("cache.load_in_bits=2", "cache.load_in_bits must be one of 4, 8, 16"),
+        ("data.val_fraction=1.0", "data.val_fraction must be in [0, 1)"),
+        ("data.test_fraction=0.96", "data.val_fraction + test_fraction must be < 1"),
+        ("data.max_length=0", "data.max_length must be >= 1"),
+        ("finetune.batch_size=0", "finetune.batch_size must be >= 1"),
+        ("finetune.lora.target_modules=[]", "finetune.lora.target_modules must be a non-empty list"),
+        ("evaluate.models={}", "evaluate.models must be a non-empty mapping"),
+        ("prepare.student.num_heads=3", "prepare.student.hidden_size must be a multiple of num_heads=3"),
+    ],
+)
 def test_bad_override_names_the_field_and_what_it_allows(override, message):
     cfg = Config()
     with pytest.raises(ConfigError) as e:
@@ -145,8 +151,13 @@ def test_direct_construction_is_validated_and_fields_cannot_be_misspelt():
 def test_cli_typo_fails_fast_in_one_line():
     """The stage CLIs validate before importing torch: a typo is a one-line error well within a second of work."""
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "stages.distill_student", "--set", "distill.kl_tail=buckt"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "stages.distill_student", "--set", "distill.kl_tail=buckt"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     elapsed = time.perf_counter() - t
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip() == "error: distill.kl_tail must be one of 'bucket', 'none', got 'buckt'"

@@ -2,6 +2,7 @@
 references (bucket log-probs, mapped KL, ULD, token-level OT, hidden-state OT with N != M), the identity case
 (cross mode with the teacher's own tokenizer = the same-tokenizer losses), the real entry points end to end, and
 the refusals."""
+
 import copy
 import json
 import math
@@ -18,10 +19,23 @@ from pipeline.data.records import ALPACA_TEMPLATE, render, tokenizer_hash
 from pipeline.data.tiny import build_tokenizer
 from pipeline.distill import train as distill
 from pipeline.distill.batches import BlockCollator, cache_fields
-from pipeline.distill.crosstok import (StudentSide, align, load_teacher_tokenizer, response_positions,
-                                       token_bytes, token_map)
-from pipeline.losses.crosstok import (bucket_kl, bucket_logprobs, entropic_ot, mapped_teacher_buckets, student_topk,
-                                      token_ot_loss, uld_loss)
+from pipeline.distill.crosstok import (
+    StudentSide,
+    align,
+    load_teacher_tokenizer,
+    response_positions,
+    token_bytes,
+    token_map,
+)
+from pipeline.losses.crosstok import (
+    bucket_kl,
+    bucket_logprobs,
+    entropic_ot,
+    mapped_teacher_buckets,
+    student_topk,
+    token_ot_loss,
+    uld_loss,
+)
 from pipeline.losses.kl import LOG_FLOOR
 from pipeline.losses.ot import ot_hidden_loss
 from tests.conftest import distill_cfg, make_cache, read_tsv, rel_err, stage
@@ -47,6 +61,7 @@ def positions(tok, output):
 # Alignment and the token map
 # ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("output", TEXTS[:3] + ["x9", "丫"])
 def test_positions_are_the_byte_offsets_of_the_tokens_in_the_answer(two_tokenizers, output):
     for tok in two_tokenizers:
@@ -55,7 +70,7 @@ def test_positions_are_the_byte_offsets_of_the_tokens_in_the_answer(two_tokenize
         table = token_bytes(tok)
         body = [i for i in ids if table[i] is not None]
         assert b"".join(table[i] for i in body) == raw  # the answer's bytes, token by token
-        assert list(starts[:len(body)]) == list(np.cumsum([0] + [len(table[i]) for i in body[:-1]]))
+        assert list(starts[: len(body)]) == list(np.cumsum([0] + [len(table[i]) for i in body[:-1]]))
         assert starts[-1] == len(raw) and ids[-1] == tok.eos_token_id  # the end sits at the answer's length
 
 
@@ -101,6 +116,7 @@ def test_a_model_folder_tokenizes_as_its_tokenizer_json_says(two_tokenizers, tmp
 
     from pipeline.data.tiny import build_model
     from pipeline.models import load_tokenizer
+
     _, b = two_tokenizers
     build_model(b, tmp_path / "m", hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=16)
     text = "the answer is 123456"
@@ -194,12 +210,13 @@ def test_mapped_kl_matches_the_bucket_reference_and_is_zero_for_the_teacher_itse
     got = bucket_kl(s, t, valid, mask, temperature=tau)
     # reference: unmapped teacher mass joins its tail; buckets = mapped ids + everything else
     s64 = ref_buckets(h64, W64, b64, ids, valid, torch.full((R,), tau, dtype=torch.float64))
-    P_t = torch.cat([torch.where(valid, t_lp.exp(), 0.0),
-                     (t_tail.exp() + torch.where(valid, 0.0, t_lp.exp()).sum(-1))[:, None]], -1)
+    P_t = torch.cat(
+        [torch.where(valid, t_lp.exp(), 0.0), (t_tail.exp() + torch.where(valid, 0.0, t_lp.exp()).sum(-1))[:, None]], -1
+    )
     ok = torch.cat([valid, torch.ones(R, 1, dtype=torch.bool)], -1)
     lt = torch.where(ok, P_t.log() / tau, float("-inf")).log_softmax(-1)
     kl = torch.where(ok, lt.exp() * (lt - torch.where(ok, s64, 0.0)), 0.0).sum(-1)
-    want = tau ** 2 * kl[mask].sum() / mask.sum()
+    want = tau**2 * kl[mask].sum() / mask.sum()
     torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-6)
     got.backward()
     want.backward()
@@ -219,8 +236,17 @@ def test_uld_matches_the_sorted_probability_reference():
     mask = torch.rand(R, generator=g) < 0.6
     got = uld_loss(s, t, mask)
     q = s.detach().exp()
-    want = sum((np.abs(np.sort(q[r, :K].numpy())[::-1] - t[r, :K].exp().numpy()).sum()
-                + abs(q[r, K].item() - t[r, K].exp().item())) for r in range(R) if mask[r]) / mask.sum().item()
+    want = (
+        sum(
+            (
+                np.abs(np.sort(q[r, :K].numpy())[::-1] - t[r, :K].exp().numpy()).sum()
+                + abs(q[r, K].item() - t[r, K].exp().item())
+            )
+            for r in range(R)
+            if mask[r]
+        )
+        / mask.sum().item()
+    )
     assert abs(got.item() - want) < 1e-12
     got.backward()
     assert (s.grad[~mask] == 0).all() and s.grad[mask].abs().sum() > 0
@@ -235,8 +261,9 @@ def test_entropic_ot_with_weighted_marginals_matches_pot():
     b = torch.rand(4, m, generator=g, dtype=torch.float64).softmax(-1)
     value, T, f, gg = entropic_ot(C, a.log(), b.log(), eps, tol=1e-12, max_iter=5000)
     for r in range(4):
-        T_pot = ot.sinkhorn(a[r].numpy(), b[r].numpy(), C[r].numpy(), eps, method="sinkhorn_log", stopThr=1e-13,
-                            numItermax=100000)
+        T_pot = ot.sinkhorn(
+            a[r].numpy(), b[r].numpy(), C[r].numpy(), eps, method="sinkhorn_log", stopThr=1e-13, numItermax=100000
+        )
         np.testing.assert_allclose(T[r].numpy(), T_pot, atol=1e-10)
         Tp = torch.as_tensor(T_pot)
         primal = (Tp * C[r]).sum() + eps * (Tp * (Tp / (a[r][:, None] * b[r][None])).log()).sum()
@@ -282,8 +309,8 @@ def test_ot_hidden_with_n_not_m_matches_reference(N_, M_):
     p64.requires_grad_()
     x_mask = torch.ones(3, N_, dtype=torch.bool)
     y_mask = torch.ones(3, M_, dtype=torch.bool)
-    x_mask[1, N_ // 2 + 1:] = False  # another length per sequence on each side
-    y_mask[2, M_ // 3 + 1:] = False
+    x_mask[1, N_ // 2 + 1 :] = False  # another length per sequence on each side
+    y_mask[2, M_ // 3 + 1 :] = False
     x, proj = x64.detach().float().requires_grad_(), p64.detach().float().requires_grad_()
     loss, _ = ot_hidden_loss(x, x_mask, y64.float(), y_mask, proj, eps=0.05, tol=1e-6)
     ref = ref_ot_from_similarity(x64 @ (y64 @ p64).transpose(1, 2) / math.sqrt(x64.shape[-1]), x_mask, y_mask, 0.05)
@@ -299,6 +326,7 @@ def test_ot_hidden_with_n_not_m_matches_reference(N_, M_):
 # ---------------------------------------------------------------------------------------------------------
 # Stage 2 across tokenizers
 # ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def cached(tiny, tmp_path_factory):
@@ -317,11 +345,20 @@ def test_stage1_saves_the_teacher_tokenizer_and_embedding_rows(cached):
     tok = load_teacher_tokenizer(out, store.provenance["tokenizer_hash"])
     assert len(tok) == store.provenance["tokenizer_size"]
     emb = distill.load_teacher_embeddings(str(out))
-    ids = np.unique(np.concatenate([open_cache(out / f"{s}.zarr").read_many(range(len(open_cache(out / f"{s}.zarr"))),
-                                                                         ["topk_ids"])[i]["topk_ids"].ravel()
-                                    for s in ("train", "validation") for i in range(3)]))
+    ids = np.unique(
+        np.concatenate(
+            [
+                open_cache(out / f"{s}.zarr")
+                .read_many(range(len(open_cache(out / f"{s}.zarr"))), ["topk_ids"])[i]["topk_ids"]
+                .ravel()
+                for s in ("train", "validation")
+                for i in range(3)
+            ]
+        )
+    )
     assert set(ids) <= set(emb[0].tolist())
     from transformers import AutoModelForCausalLM
+
     teacher = AutoModelForCausalLM.from_pretrained(cached.cache.teacher)
     torch.testing.assert_close(emb[1], teacher.get_input_embeddings().weight[emb[0]].detach().float())
 
@@ -339,8 +376,10 @@ def test_cross_mode_with_the_teachers_own_tokenizer_equals_the_same_tokenizer_lo
     cross = BlockCollator(tok.pad_token_id, token_map(tok, tok))([[{**r, **side.example(r)} for r in reads]])
     for k in ("input_ids", "row_pos", "row_mask", "teacher_ids"):
         assert torch.equal(same[k], cross[k]), k
-    assert (cross["aligned"][cross["row_mask"]] == torch.arange(cross["row_mask"].shape[1]).expand_as(
-        cross["row_mask"])[cross["row_mask"]]).all()
+    assert (
+        cross["aligned"][cross["row_mask"]]
+        == torch.arange(cross["row_mask"].shape[1]).expand_as(cross["row_mask"])[cross["row_mask"]]
+    ).all()
     model = distill.build_model(d, cache.provenance["hidden_size"], len(tok), 0)
     _, a = model(**same)
     d.cross_tokenizer = True
@@ -354,7 +393,8 @@ def test_cross_tokenizer_stage2_end_to_end(cached, tmp_path):
     """Stage 2 through `python -m stages.distill_student` with the other tokenizer: every term finite, the loss goes
     down, most rows align, the student's own tokenizer is saved."""
     cfg = cross_cfg(cached, tmp_path / "sx", w_uld=0.1, w_tok_ot=0.1, max_steps=12, lr=2e-2)
-    from pipeline.config import save_config
+    from pipeline.config.base import save_config
+
     save_config(cfg, tmp_path / "params.yaml")
     p = stage("distill_student", "--params", str(tmp_path / "params.yaml"))
     assert "cross-tokenizer:" in p.stdout
@@ -368,6 +408,7 @@ def test_cross_tokenizer_stage2_end_to_end(cached, tmp_path):
     out = Path(cfg.distill.out)
     assert (out / "tok_projection.pt").exists() and (out / "projection.pt").exists()
     from pipeline.models import load_tokenizer
+
     assert tokenizer_hash(load_tokenizer(str(out))) == tokenizer_hash(load_tokenizer(cfg.distill.student))
 
 
@@ -377,6 +418,7 @@ def test_student_sequences_differ_in_length_from_the_teachers(cached):
     cache = open_cache(Path(cfg.distill.cache) / "train.zarr")
     tok_t = load_teacher_tokenizer(cfg.distill.cache, cache.provenance["tokenizer_hash"])
     from pipeline.models import load_tokenizer
+
     side = StudentSide(cfg.data, load_tokenizer(cfg.distill.student), tok_t)
     reads = cache.read_many(range(40), ["input_ids", "supervised"])
     diff = [len(side.example(r)["student_rows"]) < int(r["supervised"].sum()) for r in reads]
@@ -390,6 +432,7 @@ def test_truncated_student_keeps_only_the_text_both_sides_cover(cached, tmp_path
     cache = open_cache(Path(cfg.distill.cache) / "train.zarr")
     tok_t = load_teacher_tokenizer(cfg.distill.cache, cache.provenance["tokenizer_hash"])
     from pipeline.models import load_tokenizer
+
     tok_s = load_tokenizer(cfg.distill.student)
     data = copy.deepcopy(cfg.data)
     r = cache.read(0, ["input_ids", "supervised"])
@@ -408,17 +451,18 @@ def test_teacher_truncated_before_the_student_keeps_only_the_text_both_sides_cov
     cache = open_cache(Path(cfg.distill.cache) / "train.zarr")
     tok_t = load_teacher_tokenizer(cfg.distill.cache, cache.provenance["tokenizer_hash"])
     from pipeline.models import load_tokenizer
+
     side = StudentSide(cfg.data, load_tokenizer(cfg.distill.student), tok_t)
     r = cache.read(5, ["input_ids", "supervised"])
     full = side.example(r)
     first = int(np.flatnonzero(r["supervised"])[0])
-    cut = {**r, "input_ids": r["input_ids"][:first + 4], "supervised": r["supervised"][:first + 4].copy()}
+    cut = {**r, "input_ids": r["input_ids"][: first + 4], "supervised": r["supervised"][: first + 4].copy()}
     cut["supervised"][-1] = False  # the teacher saw 4 answer tokens: 3 rows predict within them
     ex = side.example(cut)
     assert ex["teacher_keep"].all() and len(ex["teacher_keep"]) == 3
     assert 0 < ex["student_keep"].sum() < len(full["student_rows"])
     assert (ex["aligned"][~ex["student_keep"]] == -1).all()
-    kept = full["aligned"][:len(ex["aligned"])][ex["student_keep"]]
+    kept = full["aligned"][: len(ex["aligned"])][ex["student_keep"]]
     assert (ex["aligned"][ex["student_keep"]] == np.where(kept < 3, kept, -1)).all()
 
 
@@ -426,7 +470,8 @@ def test_refusals(cached, tmp_path):
     # another tokenizer without cross_tokenizer: refused, naming the option
     cfg = cross_cfg(cached, tmp_path / "a")
     cfg.distill.cross_tokenizer = False
-    from pipeline.config import save_config
+    from pipeline.config.base import save_config
+
     save_config(cfg, tmp_path / "p.yaml")
     p = stage("distill_student", "--params", str(tmp_path / "p.yaml"), check=False)
     assert p.returncode != 0 and "distill.cross_tokenizer=true" in p.stderr and "Traceback" not in p.stderr
@@ -448,6 +493,7 @@ def test_student_tokenizer_without_pad_token_is_handled(cached, tmp_path):
     conf["pad_token"] = None  # (a missing key would get Qwen2Tokenizer's default, <|endoftext|>)
     (student / "tokenizer_config.json").write_text(json.dumps(conf))
     from transformers import AutoTokenizer
+
     assert AutoTokenizer.from_pretrained(str(student)).pad_token_id is None  # as Llama-3 ships
     cfg = cross_cfg(cached, tmp_path / "c", max_steps=2)
     cfg.distill.student = str(student)

@@ -1,12 +1,24 @@
 """Data reading, label masking, sample ids, splits and config loading."""
+
 import json
 
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.config import Config, DataConfig, apply_overrides, load_config, save_config
-from pipeline.data.records import (IGNORE, DataError, load_splits, read_records, render, sample_id, split_of,
-                           tokenize, tokenizer_hash)
+from pipeline.config.base import apply_overrides, save_config
+from pipeline.config.data import DataConfig
+from pipeline.config.params import Config, load_config
+from pipeline.data.records import (
+    IGNORE,
+    DataError,
+    load_splits,
+    read_records,
+    render,
+    sample_id,
+    split_of,
+    tokenize,
+    tokenizer_hash,
+)
 
 REC = {"instruction": "2631", "input": "", "output": "2164 + 467"}
 
@@ -66,15 +78,20 @@ def test_sample_id_is_content_hash_and_split_is_order_free():
 
 def test_records_sharing_a_prompt_share_a_split(tmp_path, tok):
     """Several answers to one prompt (the split task's random splits) never straddle train and test."""
-    recs = [{"instruction": str(n), "input": "", "output": f"{a} + {n - a}"} for n in range(100, 160)
-            for a in (1, 2, 3, 4)]
+    recs = [
+        {"instruction": str(n), "input": "", "output": f"{a} + {n - a}"} for n in range(100, 160) for a in (1, 2, 3, 4)
+    ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    splits = load_splits(DataConfig(path=str(tmp_path / "d.jsonl"), val_fraction=0.2, test_fraction=0.3), tok,
-                         log=lambda _: None)
+    splits = load_splits(
+        DataConfig(path=str(tmp_path / "d.jsonl"), val_fraction=0.2, test_fraction=0.3), tok, log=lambda _: None
+    )
     where = {name: {r["instruction"] for r in splits[name]} for name in ("train", "validation", "test")}
     assert all(where[name] for name in where)  # every split got prompts...
-    assert not (where["train"] & where["test"] or where["train"] & where["validation"]  # ...and none is shared
-                or where["validation"] & where["test"])
+    assert not (
+        where["train"] & where["test"]
+        or where["train"] & where["validation"]  # ...and none is shared
+        or where["validation"] & where["test"]
+    )
     assert sum(len(splits[name]) for name in where) == len(recs)
 
 
@@ -127,8 +144,9 @@ def test_tokenizer_hash_tracks_vocab_not_size(tok):
 
 
 def test_config_overrides_and_round_trip(tmp_path):
-    cfg = apply_overrides(Config(), ["cache.k=32", "finetune.lr=1e-4", "cache.teacher=Qwen/Qwen2.5-7B",
-                                     "data.max_length=64"])
+    cfg = apply_overrides(
+        Config(), ["cache.k=32", "finetune.lr=1e-4", "cache.teacher=Qwen/Qwen2.5-7B", "data.max_length=64"]
+    )
     assert (cfg.cache.k, cfg.finetune.lr, cfg.cache.teacher, cfg.data.max_length) == (32, 1e-4, "Qwen/Qwen2.5-7B", 64)
     save_config(cfg, tmp_path / "p.yaml")
     assert load_config(tmp_path / "p.yaml") == cfg

@@ -2,6 +2,7 @@
 the 4-bit + LoRA student trains, P is checkpointed, restored and read back, resume, TensorBoard logs, Sinkhorn
 diagnostics, and the refusals (tokenizer, missing cache, NaN loss) through the real
 `python -m stages.distill_student`."""
+
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from cache.manifest import make_shard_manifest, write_manifest
 from cache.reader import CacheBlocks, open_cache
 from cache.schema import n_shards, read_root_attrs
-from pipeline.config import save_config
+from pipeline.config.base import save_config
 from pipeline.data.records import ALPACA_TEMPLATE, IGNORE, load_splits, read_records
 from pipeline.data.tiny import build_model, build_tokenizer
 from pipeline.distill import train as distill
@@ -68,8 +69,9 @@ def test_collator_puts_row_j_at_position_j(cached):
         assert j.tolist() == [p for p in range(n - 1) if ex["labels"][p + 1] != IGNORE]
         lp = out.logits[i, j, :V].log_softmax(-1)  # teacher at position j: predicts token j+1
         assert (b["teacher_ids"][i, :r, 0] == lp.argmax(-1)).float().mean() > 0.95
-        torch.testing.assert_close(b["teacher_logprobs"][i, :r], lp.gather(-1, b["teacher_ids"][i, :r]),
-                                   atol=3e-2, rtol=1e-2)  # bf16 storage
+        torch.testing.assert_close(
+            b["teacher_logprobs"][i, :r], lp.gather(-1, b["teacher_ids"][i, :r]), atol=3e-2, rtol=1e-2
+        )  # bf16 storage
         torch.testing.assert_close(b["teacher_hidden"][i, :r], out.hidden_states[-1][i, j], atol=5e-2, rtol=2e-2)
         assert not b["row_mask"][i, r:].any() and b["row_mask"][i, :r].all()
 
@@ -96,8 +98,7 @@ def test_ce_only_reads_no_teacher_rows(cached):
 
 def test_qlora_student_trains_and_loss_decreases(cached, tmp_path):
     """Real bitsandbytes NF4 base + LoRA on CPU: the loss goes down, only adapters and P train, P is saved."""
-    cfg = distill_cfg(cached, tmp_path / "student", mode="lora", load_in_bits=4, lr=2e-2, max_steps=10,
-                      logging_steps=1)
+    cfg = distill_cfg(cached, tmp_path / "student", mode="lora", load_in_bits=4, lr=2e-2, max_steps=10, logging_steps=1)
     cfg.distill.lora.r, cfg.distill.lora.dropout = 8, 0.0
     model = load_student(cfg.distill)
     for name in cfg.distill.lora.target_modules:
@@ -147,8 +148,11 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(cached, tmp_path):
     torch.testing.assert_close(p, ref_p, atol=1e-6, rtol=0)
     rows = read_tsv(curves_path(cfg.distill))
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == ["1", "2", "4", "6", "8"]
-    assert not any(torch.equal(w[k], v) for k, v in load_file(
-        Path(cfg.distill.student) / "model.safetensors").items() if "layers" in k)  # it did train
+    assert not any(
+        torch.equal(w[k], v)
+        for k, v in load_file(Path(cfg.distill.student) / "model.safetensors").items()
+        if "layers" in k
+    )  # it did train
 
     ckpt = load_file(out / "checkpoints/checkpoint-8/model.safetensors")  # what trains, P included
     torch.testing.assert_close(ckpt["projection"], p)
@@ -165,15 +169,15 @@ def test_gradient_accumulation_adds_up_to_the_whole_batch(cached, tmp_path):
     tok = load_tokenizer(cfg.distill.student)
     reads = c.read_many(range(3, 11), cache_fields(cfg.distill))
     D, d = c.provenance["hidden_size"], AutoConfig.from_pretrained(cfg.distill.student).hidden_size
-    model = DistillModel(load_student(cfg.distill), cfg.distill, len(tok),
-                         init_projection(D, d, torch.Generator().manual_seed(0)))
+    model = DistillModel(
+        load_student(cfg.distill), cfg.distill, len(tok), init_projection(D, d, torch.Generator().manual_seed(0))
+    )
     whole = collate(reads, tok.pad_token_id)
     n = whole["row_mask"].sum()
     got = []
     for parts in ([reads], [reads[:4], reads[4:]]):
         model.zero_grad()
-        loss = sum(model(**collate(r, tok.pad_token_id), num_items_in_batch=n, n_micro=len(parts))[0]
-                   for r in parts)
+        loss = sum(model(**collate(r, tok.pad_token_id), num_items_in_batch=n, n_micro=len(parts))[0] for r in parts)
         loss.backward()
         got.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-5, atol=1e-6)
@@ -191,15 +195,23 @@ def test_tensorboard_logs_every_loss_component_offline(cached, tmp_path):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/ce", "train/kl", "train/ot_hidden", "train/ot_logits",
-            "train/sinkhorn_capped_hidden"} <= tags, tags
+    assert {
+        "train/loss",
+        "train/ce",
+        "train/kl",
+        "train/ot_hidden",
+        "train/ot_logits",
+        "train/sinkhorn_capped_hidden",
+    } <= tags, tags
     assert len(acc.Scalars("train/kl")) == 2 and all(np.isfinite(e.value) for e in acc.Scalars("train/kl"))
     assert {"eval/loss", "eval/ce", "eval/kl", "eval/ot_hidden"} <= tags, tags  # eval_steps: the validation cache
 
 
 def test_unconverged_sinkhorn_is_logged_and_warned_once(cached, tmp_path):
     cfg = distill_cfg(cached, tmp_path / "student", max_steps=3, ot_max_iter=2)
-    with pytest.warns(UserWarning, match="Sinkhorn did not reach distill.ot_tol=1e-05 within distill.ot_max_iter=2") as caught:
+    with pytest.warns(
+        UserWarning, match="Sinkhorn did not reach distill.ot_tol=1e-05 within distill.ot_max_iter=2"
+    ) as caught:
         distill.run(cfg)
     assert sum("Sinkhorn did not reach" in str(w.message) for w in caught) == 1
     rows = read_tsv(curves_path(cfg.distill))
@@ -227,8 +239,17 @@ def test_cache_from_another_tokenizer_is_refused(tiny, cached, tmp_path):
     # same texts, other vocabulary size: a genuinely different tokenizer (it maps ids to other strings)
     texts = [ALPACA_TEMPLATE.format(**r) + r["output"] for r in read_records(tiny.data.path)]
     tok = build_tokenizer(texts, tmp_path / "tok", tiny.prepare.tokenizer_vocab - 40)
-    build_model(tok, tmp_path / "other", hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                intermediate_size=32, vocab_multiple=64, seed=0)
+    build_model(
+        tok,
+        tmp_path / "other",
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=32,
+        vocab_multiple=64,
+        seed=0,
+    )
     other = make_cache(tiny, tmp_path / "cache", teacher=str(tmp_path / "other"))
     cfg = distill_cfg(other, tmp_path / "student")
     msg = one_error_line(stage("distill_student", "--params", params(cfg, tmp_path / "p.yaml"), check=False))
@@ -238,8 +259,9 @@ def test_cache_from_another_tokenizer_is_refused(tiny, cached, tmp_path):
 
 def test_missing_cache_names_the_stage_to_run(cached, tmp_path):
     cfg = distill_cfg(cached, tmp_path / "student")
-    p = stage("distill_student", "--params", params(cfg, tmp_path / "p.yaml"), "--cache", str(tmp_path / "nope"),
-              check=False)
+    p = stage(
+        "distill_student", "--params", params(cfg, tmp_path / "p.yaml"), "--cache", str(tmp_path / "nope"), check=False
+    )
     msg = one_error_line(p)
     assert str(tmp_path / "nope") in msg and STAGE1 in msg
 
@@ -257,8 +279,9 @@ def test_nan_loss_stops_training_naming_the_step(cached, tmp_path):
     attrs = read_root_attrs(store)  # as if the teacher had emitted NaN: Stage 1 would have recorded these files
     for s in range(n_shards(int(arr.shape[0]), attrs["shard_rows"])):
         write_manifest(store, s, make_shard_manifest(store, attrs, s))
-    p = stage("distill_student", "--params", params(cfg, tmp_path / "p.yaml"), "--resume", "--max-steps", "8",
-              check=False)
+    p = stage(
+        "distill_student", "--params", params(cfg, tmp_path / "p.yaml"), "--resume", "--max-steps", "8", check=False
+    )
     msg = one_error_line(p)
     assert "non-finite loss at training step 3" in msg and "kl=nan" in msg
 
@@ -269,8 +292,10 @@ def test_help(name, option):
     assert "--params" in p.stdout and option in p.stdout
 
 
-@pytest.mark.parametrize("weights", [dict(w_ce=1.0, w_kl=1.0, w_ot=0.5, w_ot_logits=0.5),
-                                     dict(w_ce=1.0, w_kl=0.0, w_ot=0.0, w_ot_logits=0.0)])
+@pytest.mark.parametrize(
+    "weights",
+    [dict(w_ce=1.0, w_kl=1.0, w_ot=0.5, w_ot_logits=0.5), dict(w_ce=1.0, w_kl=0.0, w_ot=0.0, w_ot_logits=0.0)],
+)
 def test_fused_step_equals_the_full_logits_reference(cached, tmp_path, weights):
     """DistillModel's step (no [tokens x vocab] logits) equals the plain full-logits losses (tests/conftest.py
     reference_loss): loss, parts and gradients of the student and of P, with every term on, and for the CE
@@ -299,8 +324,9 @@ def test_fused_step_equals_the_full_logits_reference(cached, tmp_path, weights):
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype, bf16, fp16", [("bf16", True, False), ("fp32", False, False),
-                                               ("auto", torch.cuda.is_available(), False)])
+@pytest.mark.parametrize(
+    "dtype, bf16, fp16", [("bf16", True, False), ("fp32", False, False), ("auto", torch.cuda.is_available(), False)]
+)
 def test_mixed_precision_follows_distill_dtype(tiny, tmp_path, dtype, bf16, fp16):
     cfg = distill_cfg(tiny, tmp_path / "s", dtype=dtype)
     args = distill.training_args(cfg.distill, seed=0)
@@ -317,8 +343,9 @@ def test_sharp_ot_on_the_embedded_data_is_finite_and_converges(cached, tmp_path,
     tok = load_tokenizer(cfg.distill.student)
     batch = collate(c.read_many(range(0, len(c), len(c) // 16), cache_fields(cfg.distill)), tok.pad_token_id)
     D, d = c.provenance["hidden_size"], AutoConfig.from_pretrained(cfg.distill.student).hidden_size
-    model = DistillModel(load_student(cfg.distill), cfg.distill, len(tok),
-                         init_projection(D, d, torch.Generator().manual_seed(0)))
+    model = DistillModel(
+        load_student(cfg.distill), cfg.distill, len(tok), init_projection(D, d, torch.Generator().manual_seed(0))
+    )
     loss, logs = model(**batch)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logs["ot_hidden"]) and torch.isfinite(logs["ot_logits"])

@@ -1,10 +1,14 @@
 """`dvc repro` end to end in a temporary copy of the repo: every stage, the metrics, and what reruns."""
+
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config, save_config
+from pipeline.config.base import save_config
+from pipeline.config.params import load_config
 from tests.conftest import ROOT, commit_all, copy_project, ran, sh, small_config
 
 STAGE2 = {"distill_student", "distill_student_ce", "distill_student_x", "distill_student_x_ce", "evaluate"}
@@ -30,11 +34,23 @@ def repo(tmp_path_factory) -> Path:
     return dst
 
 
+def changed(repo: Path) -> set[str]:
+    """Stages of the embedded default that `dvc status` reports as changed."""
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "status", "--json"],
+        cwd=repo,
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout  # stdout alone: the JSON
+    return {k for k in json.loads(out or "{}") if ":" not in k}
+
+
 @pytest.mark.slow
 def test_repro_runs_everything_then_nothing_then_only_stage2(repo):
     log = sh("dvc", "repro", cwd=repo)
     assert ran(log) == {"prepare", "finetune_teacher", "cache_teacher"} | STAGE2
-    m = json.loads((repo / "artifacts/metrics/metrics.json").read_text())
+    m = metrics = json.loads((repo / "artifacts/metrics/metrics.json").read_text())
     base, distilled = m["student_base"], m["student_distilled"]
     assert distilled["kl_teacher"] < base["kl_teacher"] and distilled["perplexity"] < base["perplexity"]
     assert all(0 <= v["accuracy"] <= 1 for v in m.values() if isinstance(v, dict) and "accuracy" in v)
@@ -44,6 +60,21 @@ def test_repro_runs_everything_then_nothing_then_only_stage2(repo):
     assert (repo / "dvc.lock").exists()
 
     assert ran(sh("dvc", "repro", cwd=repo)) == set()  # nothing changed, nothing runs
+    assert all(metrics["versions"][k] for k in ("python", "torch", "transformers", "tokenizers", "peft", "zarr"))
+
+    # what a change marks as changed (dvc status: no training needed to tell)
+    cfg = load_config(repo / "params.yaml")
+    cfg.distill.w_ot = 0.2  # read by the distilled students only, not by the CE-only baselines or Stage 1
+    save_config(cfg, repo / "params.yaml")
+    assert changed(repo) == {"distill_student", "distill_student_x"}
+    cfg.distill.w_ot = 0.1
+    save_config(cfg, repo / "params.yaml")
+    assert changed(repo) == set()
+    kl = repo / "pipeline/losses/kl.py"  # a Stage-2 loss edited: every Stage-2 stage and evaluate, never Stage 1
+    original = kl.read_text()
+    kl.write_text(original + "\n# an edit\n")
+    assert changed(repo) == STAGE2
+    kl.write_text(original)
 
     cfg = load_config(repo / "params.yaml")
     cfg.distill.max_steps = 3  # a Stage-2 parameter only (and a short rerun of the five Stage-2 stages)

@@ -1,6 +1,7 @@
 """Environment errors (issue "Cache integrity"): an output path that is a file or read-only, undecodable or
 malformed data, data.max_length beyond the model's positions, a hub name without network. Each is one `error:`
 line naming what to fix, and leaves nothing behind in the output path that a later run could trust."""
+
 import copy
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cache.errors import CacheError
-from pipeline.config import save_config
+from pipeline.config.base import save_config
 from pipeline.data.records import DataError, read_records
 from pipeline.models import ModelLoadError, check_max_length, load_tokenizer
 from tests.conftest import ROOT, stage
@@ -64,13 +65,20 @@ def test_output_path_below_a_file(tiny, tmp_path):
 
 
 def _chattr(folder: Path, flag: str) -> bool:
-    return shutil.which("chattr") is not None and subprocess.run(
-        ["chattr", flag, str(folder)], capture_output=True).returncode == 0
+    return (
+        shutil.which("chattr") is not None
+        and subprocess.run(["chattr", flag, str(folder)], capture_output=True).returncode == 0
+    )
 
 
 def _ro_mount_works(folder: Path) -> bool:
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro none {folder}"], capture_output=True).returncode == 0
+    return (
+        shutil.which("unshare") is not None
+        and subprocess.run(
+            ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro none {folder}"], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_read_only_output_folder(tiny, tmp_path):
@@ -93,8 +101,13 @@ def test_read_only_output_folder(tiny, tmp_path):
     elif _ro_mount_works(ro):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         cmd = f'mount -t tmpfs -o ro none {ro} && exec "$0" -m stages.cache_teacher "$@"'
-        p = subprocess.run(["unshare", "-rm", "sh", "-c", cmd, sys.executable, *args], cwd=ROOT, env=env,
-                           text=True, capture_output=True)
+        p = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", cmd, sys.executable, *args],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            capture_output=True,
+        )
     else:
         pytest.skip("running as root without chattr +i or unprivileged mounts: no way to make a folder read-only")
     msg = one_error_line(p)
@@ -111,17 +124,26 @@ def test_jsonl_bad_byte_names_file_and_line(tiny, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("content, expected", [
-    # one JSON document, broken on its second line
-    (f"[{GOOD},\n {{\"instruction\": \"x\", \"output\": }}]".encode(),
-     ":2: not valid JSON (Expecting value at column 33, position 80)"),
-    # JSON Lines in a .json file (datasets reads those too): the line that does not parse
-    (f"{GOOD}\n{GOOD}\n{{\"instruction\": \"x\",\n".encode(),
-     ":3: not valid JSON (Expecting property name enclosed in double quotes at column 21, position 112)"),
-    (f"[{GOOD},\n".encode() + b' {"instruction": "x\xff", "output": "y"}]',
-     ":2: not UTF-8 text (byte 0xff at column 20, byte position 67); save the file as UTF-8"),
-    (b"  \n", ": the dataset is empty"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        # one JSON document, broken on its second line
+        (
+            f'[{GOOD},\n {{"instruction": "x", "output": }}]'.encode(),
+            ":2: not valid JSON (Expecting value at column 33, position 80)",
+        ),
+        # JSON Lines in a .json file (datasets reads those too): the line that does not parse
+        (
+            f'{GOOD}\n{GOOD}\n{{"instruction": "x",\n'.encode(),
+            ":3: not valid JSON (Expecting property name enclosed in double quotes at column 21, position 112)",
+        ),
+        (
+            f"[{GOOD},\n".encode() + b' {"instruction": "x\xff", "output": "y"}]',
+            ":2: not UTF-8 text (byte 0xff at column 20, byte position 67); save the file as UTF-8",
+        ),
+        (b"  \n", ": the dataset is empty"),
+    ],
+)
 def test_bad_json(tmp_path, content, expected):
     data = tmp_path / "d.json"
     data.write_bytes(content)
@@ -133,8 +155,11 @@ def test_bad_json(tmp_path, content, expected):
 def test_good_json_and_json_lines_still_load(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([json.loads(GOOD)] * 2))
     (tmp_path / "b.json").write_text(f"{GOOD}\n{GOOD}\n")
-    assert read_records(tmp_path / "a.json") == read_records(tmp_path / "b.json") == [
-        {"instruction": "add 1 and 2", "input": "", "output": "3"}] * 2
+    assert (
+        read_records(tmp_path / "a.json")
+        == read_records(tmp_path / "b.json")
+        == [{"instruction": "add 1 and 2", "input": "", "output": "3"}] * 2
+    )
 
 
 def test_corrupt_parquet(tmp_path):
@@ -148,16 +173,21 @@ def test_corrupt_parquet(tmp_path):
 def test_max_length_beyond_the_teacher_positions(tiny, tmp_path):
     msg = stage1(tiny, tmp_path, {"max_length": 4096}, out=str(tmp_path / "cache"))
     teacher = tiny.cache.teacher
-    assert msg == (f"error: data.max_length=4096 is longer than {teacher} supports (max_position_embeddings=512): "
-                   "set data.max_length <= 512")
+    assert msg == (
+        f"error: data.max_length=4096 is longer than {teacher} supports (max_position_embeddings=512): "
+        "set data.max_length <= 512"
+    )
     assert not (tmp_path / "cache").exists()
 
 
 def test_max_length_of_a_cache(tiny):
     student = str(Path(tiny.prepare.out_models) / "student")
     check_max_length(student, 512, student)  # equal is fine
-    with pytest.raises(ModelLoadError, match=r"data.max_length=513 of the cache c is longer than .* recreate the "
-                                             r"cache c with data.max_length <= 512"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"data.max_length=513 of the cache c is longer than .* recreate the "
+        r"cache c with data.max_length <= 512",
+    ):
         check_max_length(student, 513, student, "the cache c")
 
 
@@ -166,8 +196,11 @@ def test_hub_name_offline_fails_at_once():
 
     if not is_offline_mode():
         pytest.skip("HF_HUB_OFFLINE is not set in this process")
-    with pytest.raises(ModelLoadError, match="Org/Nope does not exist locally nor in the local hub cache "
-                                             r"\(HF_HUB_OFFLINE is set"):
+    with pytest.raises(
+        ModelLoadError,
+        match="Org/Nope does not exist locally nor in the local hub cache "
+        r"\(HF_HUB_OFFLINE is set",
+    ):
         load_tokenizer("Org/Nope")
 
 
@@ -176,9 +209,23 @@ def test_hub_name_with_the_hub_unreachable_fails_fast(tiny, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_ENDPOINT="http://127.0.0.1:9")  # discard port: refused
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "stages.cache_teacher", "--params", params(tiny, tmp_path),
-                        "--teacher", "Org/Nope", "--out", str(tmp_path / "cache")],
-                       cwd=ROOT, env=env, text=True, capture_output=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.cache_teacher",
+            "--params",
+            params(tiny, tmp_path),
+            "--teacher",
+            "Org/Nope",
+            "--out",
+            str(tmp_path / "cache"),
+        ],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+    )
     elapsed = time.perf_counter() - t
     msg = one_error_line(p)
     assert "Org/Nope does not exist locally nor in the local hub cache, and the hub is unreachable" in msg, msg

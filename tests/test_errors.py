@@ -1,6 +1,7 @@
 """The stage CLIs' error boundary: an OtkdError (a problem the user can fix) is one `error:` line and exit 1;
 anything else, even a ValueError, keeps its traceback so that a bug in otkd, torch or transformers shows
 where it happened."""
+
 import importlib
 import os
 import subprocess
@@ -10,13 +11,19 @@ import pytest
 from typer.testing import CliRunner
 
 from cache.errors import CacheError, CacheMismatchError, OtkdError
-from pipeline.config import Config, save_config
+from pipeline.config.base import save_config
+from pipeline.config.params import Config
 from tests.conftest import ROOT
 
 # stage CLI -> the module whose `run` it calls
-STAGES = {"prepare": "pipeline.data.prepare", "finetune_teacher": "pipeline.teacher.finetune",
-          "cache_teacher": "pipeline.teacher.cache_teacher", "distill_student": "pipeline.distill.train",
-          "evaluate": "pipeline.evaluation.evaluate", "plan": "pipeline.planning.plan"}
+STAGES = {
+    "prepare": "pipeline.data.prepare",
+    "finetune_teacher": "pipeline.teacher.finetune",
+    "cache_teacher": "pipeline.teacher.cache_teacher",
+    "distill_student": "pipeline.distill.train",
+    "evaluate": "pipeline.evaluation.evaluate",
+    "plan": "pipeline.planning.plan",
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +35,7 @@ def params(tmp_path_factory) -> str:
 
 def invoke(name: str, params: str, monkeypatch, exc: BaseException):
     """Run stage `name` in process with its pipeline `run` replaced by one that raises `exc`."""
+
     def boom(*args, **kwargs):
         raise exc
 
@@ -53,15 +61,18 @@ def test_other_errors_are_not_swallowed(name, exc, params, monkeypatch):
 
 def run_plan(params: str, exc: str) -> subprocess.CompletedProcess:
     """The real `python -m stages.plan` (the lightest stage) with plan.run raising `exc`."""
-    code = (f"import pipeline.planning.plan as p\n"
-            f"from cache.errors import CacheError\n"
-            f"def boom(*a, **k): raise {exc}\n"
-            f"p.run = boom\n"
-            f"from stages.plan import app\n"
-            f"app()\n")
+    code = (
+        f"import pipeline.planning.plan as p\n"
+        f"from cache.errors import CacheError\n"
+        f"def boom(*a, **k): raise {exc}\n"
+        f"p.run = boom\n"
+        f"from stages.plan import app\n"
+        f"app()\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", code, "--params", params], cwd=ROOT, env=env, text=True,
-                          capture_output=True)
+    return subprocess.run(
+        [sys.executable, "-c", code, "--params", params], cwd=ROOT, env=env, text=True, capture_output=True
+    )
 
 
 def test_traceback_through_the_real_cli(params):
@@ -85,7 +96,15 @@ def test_user_errors_are_otkd_errors():
     from pipeline.models import ModelLoadError
     from pipeline.planning.memory import ModelConfigNotFoundError, PlanError
 
-    for cls in (CacheError, CacheMismatchError, DataError, TaskSizeError, EvaluationError, ModelLoadError,
-                PlanError, ModelConfigNotFoundError):
+    for cls in (
+        CacheError,
+        CacheMismatchError,
+        DataError,
+        TaskSizeError,
+        EvaluationError,
+        ModelLoadError,
+        PlanError,
+        ModelConfigNotFoundError,
+    ):
         assert issubclass(cls, OtkdError) and issubclass(cls, ValueError), cls
     assert issubclass(ModelConfigNotFoundError, FileNotFoundError)

@@ -1,11 +1,12 @@
 """`python -m stages.evaluate`: metrics for teacher, base, CE-only and distilled students; table; curves PNG."""
+
 import json
 from pathlib import Path
 
 import pytest
 
+from pipeline.config.base import save_config
 from pipeline.distill import train as distill
-from pipeline.config import save_config
 from pipeline.distill.batches import curves_path
 from pipeline.evaluation.evaluate import KEYS, made_by_stage2
 from tests.conftest import distill_cfg, make_cache, read_tsv, stage
@@ -14,8 +15,7 @@ from tests.conftest import distill_cfg, make_cache, read_tsv, stage
 def test_evaluate_writes_metrics_table_and_curves(tiny, tmp_path):
     cfg = make_cache(tiny, tmp_path / "cache")
     kd = distill_cfg(cfg, tmp_path / "student", max_steps=6, logging_steps=2)
-    ce = distill_cfg(cfg, tmp_path / "student_ce", max_steps=6, logging_steps=2, w_kl=0.0, w_ot=0.0,
-                     w_ot_logits=0.0)
+    ce = distill_cfg(cfg, tmp_path / "student_ce", max_steps=6, logging_steps=2, w_kl=0.0, w_ot=0.0, w_ot_logits=0.0)
     distill.run(kd)
     distill.run(ce)
     assert curves_path(kd.distill) != curves_path(ce.distill)
@@ -23,8 +23,12 @@ def test_evaluate_writes_metrics_table_and_curves(tiny, tmp_path):
     assert "ce" in header and not header & {"kl", "ot_hidden", "ot_logits"}  # skipped, not computed as 0
 
     base = str(Path(cfg.prepare.out_models) / "student")
-    cfg.evaluate.models = {"teacher": cfg.cache.teacher, "student_base": base,
-                           "student_ce": ce.distill.out, "student_distilled": kd.distill.out}
+    cfg.evaluate.models = {
+        "teacher": cfg.cache.teacher,
+        "student_base": base,
+        "student_ce": ce.distill.out,
+        "student_distilled": kd.distill.out,
+    }
     cfg.evaluate.cache, cfg.evaluate.plots = cfg.cache.out, kd.distill.plots
     cfg.evaluate.out, cfg.evaluate.eval_examples = str(tmp_path / "metrics"), 4
     save_config(cfg, tmp_path / "p.yaml")
@@ -130,8 +134,10 @@ def test_a_model_with_another_tokenizer_is_scored_in_its_own_tokens(tiny, tmp_pa
     assert all(math.isfinite(teacher[k]) for k in KEYS) and m["n"]["validation_rows"] > 0
     ppl, _, bpc = perplexity(load_causal_lm(other, "fp32"), test_x, tok_x, tiny.data.max_length, batch_size=8)
     assert x["perplexity"] == pytest.approx(ppl, rel=1e-4) and x["bits_per_char"] == pytest.approx(bpc, rel=1e-4)
-    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in
-            (tmp_path / "m/metrics.md").read_text().splitlines()[2:]}
+    rows = {
+        line.split(" | ")[0][2:]: line.split(" | ") for line in (tmp_path / "m/metrics.md").read_text().splitlines()[2:]
+    }
     assert rows["student_x"][4:6] == ["—", "—"] and "—" not in rows["teacher"] and "nan" not in str(rows)
-    assert "| — | — | 0.5" in markdown_table({"y": {**teacher, "top1_agreement": math.nan, "kl_teacher": None,
-                                                     "entropy": 0.5}})
+    assert "| — | — | 0.5" in markdown_table(
+        {"y": {**teacher, "top1_agreement": math.nan, "kl_teacher": None, "entropy": 0.5}}
+    )

@@ -1,6 +1,7 @@
 """Fused chunked lm-head + CE + exact full-vocabulary KL / reverse KL / JSD against a float64 autograd reference
 on full logits, written here, on awkward shapes: R=41 rows, student d=13 with 401 logit columns, teacher D=17
 with 397 columns, of which the first 389 are tokens on both sides."""
+
 import math
 
 import pytest
@@ -36,8 +37,22 @@ def make(seed=0):
     return h, W, th, Wt, targets, mask
 
 
-def reference(h, W, y, targets, mask, *, bias=None, w_ce=1.0, w_kl=1.0, temperature=1.0, reverse=False, jsd_beta=0.0,
-              vocab_size=V, num_items=None):
+def reference(
+    h,
+    W,
+    y,
+    targets,
+    mask,
+    *,
+    bias=None,
+    w_ce=1.0,
+    w_kl=1.0,
+    temperature=1.0,
+    reverse=False,
+    jsd_beta=0.0,
+    vocab_size=V,
+    num_items=None,
+):
     """Float64 autograd on full logits; y: the teacher's full logits (R, VT), a constant."""
     x = (h @ W.T + (0 if bias is None else bias))[:, :vocab_size]  # (R, V)
     valid = targets != -100
@@ -54,7 +69,7 @@ def reference(h, W, y, targets, mask, *, bias=None, w_ce=1.0, w_kl=1.0, temperat
         div = (lq.exp() * (lq - lp)).sum(-1)
     else:
         div = (lp.exp() * (lp - lq)).sum(-1)
-    kl = tau ** 2 * div.sum() / max(mask.sum().item() if num_items is None else num_items, 1)
+    kl = tau**2 * div.sum() / max(mask.sum().item() if num_items is None else num_items, 1)
     return w_ce * ce + w_kl * kl, {"ce": ce.detach(), "kl": kl.detach()}
 
 
@@ -80,8 +95,16 @@ def compare(kw, *, seed=0, bias=False, data=None, tol=1e-5):
     b, tb = (torch.randn(VS, generator=g), torch.randn(VT, generator=g)) if bias else (None, None)
     loss, parts, gh, gw, gb = run(fused_ce_exact_kl, h, W, th, Wt, targets, mask, bias=b, teacher_bias=tb, **kw)
     kw64 = {k: v for k, v in kw.items() if k in ("w_ce", "w_kl", "temperature", "reverse", "jsd_beta", "num_items")}
-    ref, rparts, rh, rw, rb = run(reference, h.double(), W.double(), teacher_logits(th, Wt, tb), targets, mask,
-                                  bias=None if b is None else b.double(), **kw64)
+    ref, rparts, rh, rw, rb = run(
+        reference,
+        h.double(),
+        W.double(),
+        teacher_logits(th, Wt, tb),
+        targets,
+        mask,
+        bias=None if b is None else b.double(),
+        **kw64,
+    )
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=tol, atol=1e-7)
     assert parts.keys() == {k for k in ("ce", "kl") if kw.get(f"w_{k}", 1.0)}
     for k in parts:
@@ -121,8 +144,15 @@ def test_naive_matches_reference(mode):
     h, W, th, Wt, targets, mask = make(3)
     kw = dict(BASE, temperature=2.0, **MODES[mode])
     loss, parts, gh, gw, _ = run(naive_ce_exact_kl, h.double(), W.double(), th, Wt.double(), targets, mask, **kw)
-    ref, rparts, rh, rw, _ = run(reference, h.double(), W.double(), teacher_logits(th, Wt.double()), targets,
-                                 mask, **{k: v for k, v in kw.items() if k != "chunk_rows"})
+    ref, rparts, rh, rw, _ = run(
+        reference,
+        h.double(),
+        W.double(),
+        teacher_logits(th, Wt.double()),
+        targets,
+        mask,
+        **{k: v for k, v in kw.items() if k != "chunk_rows"},
+    )
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
     assert rel_err(gh, rh) < 1e-10 and rel_err(gw, rw) < 1e-10
 
@@ -132,8 +162,9 @@ def test_all_masked_is_zero(mode):
     h, W, th, Wt, targets, mask = make()
     targets[:] = -100
     th[:] = math.nan
-    loss, parts, gh, gw, _ = run(fused_ce_exact_kl, h, W, th, Wt, targets, torch.zeros_like(mask),
-                                 **dict(BASE, temperature=2.0, **MODES[mode]))
+    loss, parts, gh, gw, _ = run(
+        fused_ce_exact_kl, h, W, th, Wt, targets, torch.zeros_like(mask), **dict(BASE, temperature=2.0, **MODES[mode])
+    )
     assert loss.item() == 0 and parts["ce"].item() == 0 and parts["kl"].item() == 0
     assert (gh == 0).all() and (gw == 0).all()
 
@@ -142,8 +173,9 @@ def test_all_masked_is_zero(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_teacher_equal_to_student_gives_zero(mode, tau):
     h, W, _, _, targets, mask = make()
-    loss, parts, gh, gw, _ = run(fused_ce_exact_kl, h, W, h, W, targets, mask,
-                                 **dict(BASE, w_ce=0.0, temperature=tau, **MODES[mode]))
+    loss, parts, gh, gw, _ = run(
+        fused_ce_exact_kl, h, W, h, W, targets, mask, **dict(BASE, w_ce=0.0, temperature=tau, **MODES[mode])
+    )
     assert abs(parts["kl"].item()) < 1e-6
     assert gh.abs().max() < 1e-6 and gw.abs().max() < 1e-6
 
@@ -154,11 +186,12 @@ def test_divergence_nonnegative_and_jsd_bounded(mode):
         h, W, th, Wt, targets, mask = make(seed)
         for tau in (0.5, 1.0, 3.0):
             with torch.no_grad():
-                _, parts = fused_ce_exact_kl(3 * h, W, th, Wt, targets, mask,
-                                             **dict(BASE, temperature=tau, **MODES[mode]))
+                _, parts = fused_ce_exact_kl(
+                    3 * h, W, th, Wt, targets, mask, **dict(BASE, temperature=tau, **MODES[mode])
+                )
             assert parts["kl"] >= 0
             if beta := MODES[mode].get("jsd_beta"):  # generalised JSD <= H(beta): reached for disjoint supports
-                assert parts["kl"] <= tau ** 2 * -(beta * math.log(beta) + (1 - beta) * math.log(1 - beta))
+                assert parts["kl"] <= tau**2 * -(beta * math.log(beta) + (1 - beta) * math.log(1 - beta))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -174,12 +207,21 @@ def test_banned_tokens(mode):
         b[student_only] = -math.inf
     targets[torch.isin(targets, torch.cat([both, student_only]))] = -100  # CE of a banned target is +inf
     kw = dict(BASE, temperature=2.0, **MODES[mode])
-    loss, parts, gh, gw, gb = run(fused_ce_exact_kl, h, W, th, Wt, targets, mask, bias=b.float(),
-                                  teacher_bias=tb.float(), **kw)
+    loss, parts, gh, gw, gb = run(
+        fused_ce_exact_kl, h, W, th, Wt, targets, mask, bias=b.float(), teacher_bias=tb.float(), **kw
+    )
     assert all(torch.isfinite(x).all() for x in (loss, gh, gw, gb))
     kw64 = {k: v for k, v in kw.items() if k not in ("chunk_rows", "vocab_size")}
-    ref, rparts, rh, rw, rb = run(reference, h.double(), W.double(), teacher_logits(th, Wt, tb.clamp_min(-1e4)),
-                                  targets, mask, bias=b.clamp_min(-1e4), **kw64)
+    ref, rparts, rh, rw, rb = run(
+        reference,
+        h.double(),
+        W.double(),
+        teacher_logits(th, Wt, tb.clamp_min(-1e4)),
+        targets,
+        mask,
+        bias=b.clamp_min(-1e4),
+        **kw64,
+    )
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
     assert rel_err(gh, rh) < 1e-5 and rel_err(gw, rw) < 1e-5 and rel_err(gb, rb) < 1e-5
     assert (gb[b.isinf()] == 0).all()
@@ -200,9 +242,17 @@ def test_bf16_frozen_student_head():
     loss, _ = fused_ce_exact_kl(hb, Wb, th, Wt.bfloat16(), targets, mask, **BASE)
     loss.backward()
     assert hb.grad.dtype == torch.bfloat16 and Wb.grad is None
-    ref, _, rh, _, _ = run(reference, hb.detach().double(), Wb.double(), teacher_logits(th, Wt.bfloat16()),
-                           targets, mask, train_w=False,
-                           w_ce=BASE["w_ce"], w_kl=BASE["w_kl"])
+    ref, _, rh, _, _ = run(
+        reference,
+        hb.detach().double(),
+        Wb.double(),
+        teacher_logits(th, Wt.bfloat16()),
+        targets,
+        mask,
+        train_w=False,
+        w_ce=BASE["w_ce"],
+        w_kl=BASE["w_kl"],
+    )
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-2, atol=1e-3)
     assert rel_err(hb.grad.float() * 3, rh) < 3e-2
 
@@ -237,11 +287,18 @@ class LiveWide(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.live = [e for e in self.live if not e[0].expired()]
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor)
+        }
         for o in torch.utils._pytree.tree_leaves(out):  # new (R, >= V) allocations: no views, no in-place results
-            if (isinstance(o, torch.Tensor) and o.dim() == 2 and o.shape[1] >= V
-                    and o.untyped_storage().data_ptr() not in inputs):
+            if (
+                isinstance(o, torch.Tensor)
+                and o.dim() == 2
+                and o.shape[1] >= V
+                and o.untyped_storage().data_ptr() not in inputs
+            ):
                 kind = "chunk" if o.shape[0] > fk.SLICE else "slice"
                 self.live.append((StorageWeakRef(o.untyped_storage()), kind, o.untyped_storage().nbytes()))
         for kind in self.peak:
@@ -264,8 +321,10 @@ def test_peak_two_chunk_buffers(case, monkeypatch):
     with LiveWide() as mode:
         loss, _ = fused_ce_exact_kl(h, W, th, Wt, targets, mask, **kw)
         loss.backward()
-    print(f"{case}: chunk buffers {mode.peak['chunk']}, {mode.peak_bytes / (7 * V * 4):.2f} x (C, V) float32; "
-          f"slice temporaries {mode.peak['slice']}")
+    print(
+        f"{case}: chunk buffers {mode.peak['chunk']}, {mode.peak_bytes / (7 * V * 4):.2f} x (C, V) float32; "
+        f"slice temporaries {mode.peak['slice']}"
+    )
     assert mode.peak["chunk"] <= 2 and mode.peak_bytes <= 2 * 7 * V * 4
     assert mode.peak["slice"] <= 4
 

@@ -1,6 +1,7 @@
 """The exact teacher of Stage 2 (distill.teacher_head): the teacher rebuilt from its cached hidden state and its
 lm_head equals the teacher model's own log-softmax, the training step's exact KL equals a float64 full-vocabulary
 reference, and Stage 2 runs with it (and refuses what cannot work) through `python -m stages.distill_student`."""
+
 import copy
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from cache.errors import CacheMismatchError
 from cache.reader import open_cache
-from pipeline.config import save_config
+from pipeline.config.base import save_config
 from pipeline.distill import train as distill
 from pipeline.distill.batches import cache_fields, collate
 from pipeline.distill.model import DistillModel
@@ -58,22 +59,30 @@ def test_rebuilt_teacher_equals_the_teachers_own_log_softmax(cached):
     torch.testing.assert_close(exact, ref, rtol=0, atol=2e-5)  # float32 rounding of the logits
     h = torch.as_tensor(np.concatenate([x["hidden"] for x in c.read_many(idx, ["hidden"])])).double()  # (R, D)
     rebuilt = (h @ W.double().T).log_softmax(-1)
-    e = 2.0 ** -8 * h.abs() @ W.double().abs().T  # (R, V) per-logit bound
+    e = 2.0**-8 * h.abs() @ W.double().abs().T  # (R, V) per-logit bound
     bound = e + e.max(-1, keepdim=True).values + 1e-5
     err = (rebuilt - ref).abs()
     assert (err <= bound).all()
     assert err.max() > 0  # the cache is bf16: the bound is not checked against nothing
     # and the cached top-k are the same distribution's top-k (bf16 log-probs)
     top = torch.cat([torch.as_tensor(x["topk_logprobs"]) for x in c.read_many(idx, ["topk_logprobs"])]).double()
-    torch.testing.assert_close(top, ref.topk(top.shape[1], -1).values, rtol=2 ** -8, atol=1e-6)
+    torch.testing.assert_close(top, ref.topk(top.shape[1], -1).values, rtol=2**-8, atol=1e-6)
 
 
 def test_exact_kl_step_equals_a_float64_reference(cached, tmp_path):
     """DistillModel with teacher_head: its KL equals the float64 full-vocabulary KL(teacher || student) from the
     cached hidden states, with the gradients of the student's weights; and with the top-k covering the whole
     vocabulary, the top-k path gives the same value (no tail left to approximate)."""
-    cfg = distill_cfg(cached, tmp_path / "s", w_ce=0.0, w_kl=1.0, w_ot=0.0, w_ot_logits=0.0, temperature=2.0,
-                      teacher_head=cached.cache.teacher)
+    cfg = distill_cfg(
+        cached,
+        tmp_path / "s",
+        w_ce=0.0,
+        w_kl=1.0,
+        w_ot=0.0,
+        w_ot_logits=0.0,
+        temperature=2.0,
+        teacher_head=cached.cache.teacher,
+    )
     c = open_cache(Path(cached.cache.out) / "train.zarr")
     tok = load_tokenizer(cfg.distill.student)
     assert cache_fields(cfg.distill) == ["input_ids", "supervised", "hidden"]  # no top-k read
@@ -86,12 +95,14 @@ def test_exact_kl_step_equals_a_float64_reference(cached, tmp_path):
 
     model.zero_grad()
     V, tau, m = len(tok), 2.0, batch["row_mask"]
-    h = model.student.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    h = model.student.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
     rows = h.gather(1, batch["row_pos"][..., None].expand(-1, -1, h.shape[-1]))[m].double()  # (R, d)
     Ws = model.student.get_output_embeddings().weight
     q = (rows @ Ws.double()[:V].T / tau).log_softmax(-1)  # (R, V)
     p = (batch["teacher_hidden"][m].double() @ head[0].double().T / tau).log_softmax(-1)
-    ref = tau ** 2 * (p.exp() * (p - q)).sum(-1).mean()
+    ref = tau**2 * (p.exp() * (p - q)).sum(-1).mean()
     ref.backward()
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(parts["kl"].double(), ref.detach(), rtol=1e-5, atol=1e-7)
@@ -100,8 +111,15 @@ def test_exact_kl_step_equals_a_float64_reference(cached, tmp_path):
         torch.testing.assert_close(g, ref_g.to(g.dtype), rtol=1e-4, atol=1e-6)
     # top-k over the whole vocabulary (no tail): the top-k KL is the same number
     ids = p.argsort(-1, descending=True)
-    topk = topk_kl_loss(rows @ Ws.double()[:V].T, ids, p.gather(-1, ids) * tau, None, torch.ones(len(ids), dtype=bool),
-                        temperature=tau, tail="none")
+    topk = topk_kl_loss(
+        rows @ Ws.double()[:V].T,
+        ids,
+        p.gather(-1, ids) * tau,
+        None,
+        torch.ones(len(ids), dtype=bool),
+        temperature=tau,
+        tail="none",
+    )
     torch.testing.assert_close(topk, ref.detach(), rtol=1e-9, atol=1e-12)
 
 
@@ -145,8 +163,10 @@ def test_low_rank_cache_folds_the_basis_into_the_head(cached, tmp_path):
     head = load_teacher_head(d.teacher_head, c.provenance)
     student = load_student(d)
     got = {}
-    for name, fields, t_head in (("decoded", cache_fields(d), head),
-                                 ("folded", cache_fields(d, folded=True), fold(*head, c.basis))):
+    for name, fields, t_head in (
+        ("decoded", cache_fields(d), head),
+        ("folded", cache_fields(d, folded=True), fold(*head, c.basis)),
+    ):
         batch = collate(c.read_many(idx, fields), tok.pad_token_id)
         model = DistillModel(student, d, len(tok), None, teacher_head=t_head)
         model.zero_grad()

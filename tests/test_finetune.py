@@ -1,4 +1,5 @@
 """Teacher SFT: LoRA + merge gives a plain checkpoint that loads without peft; metrics are written."""
+
 import copy
 import json
 from pathlib import Path

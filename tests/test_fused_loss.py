@@ -1,5 +1,6 @@
 """Fused chunked lm-head + CE + top-k KL against the plain losses on full logits, run in float64 (the
 reference), on awkward shapes: R=41 rows, d=13, 401 logit columns of which 389 are tokens, k=7."""
+
 import copy
 import math
 
@@ -12,8 +13,6 @@ from tests.conftest import NewAllocations, rel_err
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 R, D, VL, V, K = 41, 13, 401, 389, 7
-
-
 
 
 def make(seed=0):
@@ -110,8 +109,17 @@ def test_peaked_student_tail_stays_exact(reverse):
 def test_all_masked_is_zero(tail):
     h, W, targets, ids, t_lp, t_tail, mask = make()
     targets[:] = -100
-    loss, parts, gh, gw, _ = run(fused_ce_kl, h, W, targets, ids, t_lp, t_tail, torch.zeros_like(mask),
-                                 **dict(BASE, tail=tail, reverse=True, temperature=2.0))
+    loss, parts, gh, gw, _ = run(
+        fused_ce_kl,
+        h,
+        W,
+        targets,
+        ids,
+        t_lp,
+        t_tail,
+        torch.zeros_like(mask),
+        **dict(BASE, tail=tail, reverse=True, temperature=2.0),
+    )
     assert loss.item() == 0 and parts["ce"].item() == 0 and parts["kl"].item() == 0
     assert (gh == 0).all() and (gw == 0).all()
 
@@ -146,8 +154,9 @@ def test_no_grad_allocates_no_gradients():
     with torch.no_grad(), NewAllocations() as mode:
         loss, _ = fused_ce_kl(h.requires_grad_(), W.requires_grad_(), *rest, **BASE)
     assert not any(s in ((R, D), (VL, D)) for s in mode.shapes)
-    torch.testing.assert_close(loss.double(), naive_ce_kl(h.double(), W.double(), *rest, **BASE)[0].detach(),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        loss.double(), naive_ce_kl(h.double(), W.double(), *rest, **BASE)[0].detach(), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_bf16_frozen_head():
@@ -158,8 +167,14 @@ def test_bf16_frozen_head():
     loss, parts = fused_ce_kl(hb, Wb, *rest, **BASE)
     loss.backward()
     assert hb.grad.dtype == torch.bfloat16 and Wb.grad is None
-    ref, _, rh, _, _ = run(naive_ce_kl, hb.detach().double(), Wb.double(), *rest, train_w=False,
-                           **{k: v for k, v in BASE.items() if k != "chunk_rows"})
+    ref, _, rh, _, _ = run(
+        naive_ce_kl,
+        hb.detach().double(),
+        Wb.double(),
+        *rest,
+        train_w=False,
+        **{k: v for k, v in BASE.items() if k != "chunk_rows"},
+    )
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-2, atol=1e-3)
     assert rel_err(hb.grad.float() * 3, rh) < 3e-2
 
@@ -214,8 +229,9 @@ def test_reverse_kl_with_minus_inf_logit(tail):
     loss, parts, gh, gw, gb = run(fused_ce_kl, h, W, targets, ids, t_lp, tail_lp, mask, bias=b.float(), **kw)
     assert all(torch.isfinite(x).all() for x in (loss, gh, gw, gb))
     kw.pop("chunk_rows")
-    ref, rparts, rh, rw, rb = run(naive_ce_kl, h.double(), W.double(), targets, ids, t_lp, tail_lp, mask,
-                                  bias=b.clamp_min(-1e4), **kw)
+    ref, rparts, rh, rw, rb = run(
+        naive_ce_kl, h.double(), W.double(), targets, ids, t_lp, tail_lp, mask, bias=b.clamp_min(-1e4), **kw
+    )
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(parts["kl"].double(), rparts["kl"], rtol=1e-5, atol=1e-7)
     assert rel_err(gh, rh) < 1e-5 and rel_err(gw, rw) < 1e-5 and rel_err(gb, rb) < 1e-5

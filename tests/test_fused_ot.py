@@ -1,5 +1,6 @@
 """OT on logits from hidden states (only the teacher's top-k columns of the lm_head) against `ot_logits_loss`
 on full float64 logits: awkward shapes B=3, N=41, M=37, k=7, d=13, 401 logit columns of which 389 are tokens."""
+
 import math
 
 import pytest
@@ -35,8 +36,17 @@ def reference(h, W, bias, t_ids, t_lp, x_mask, y_mask):
     """ot_logits_loss on the full float64 logits (ids of padding rows made valid: it gathers them)."""
     ids = torch.where(y_mask[..., None], t_ids, 0)
     logits = h @ W.T + (bias if bias is not None else 0)  # (B, N, VL)
-    return ot_logits_loss(logits, ids, torch.where(y_mask[..., None], t_lp, 0.0), x_mask, y_mask, eps=EPS,
-                          vocab_size=V, tol=1e-12, max_iter=20000)[0]
+    return ot_logits_loss(
+        logits,
+        ids,
+        torch.where(y_mask[..., None], t_lp, 0.0),
+        x_mask,
+        y_mask,
+        eps=EPS,
+        vocab_size=V,
+        tol=1e-12,
+        max_iter=20000,
+    )[0]
 
 
 @pytest.mark.parametrize("block", [1, 5, 64])
@@ -51,8 +61,9 @@ def test_matches_full_logits_reference(block, train_w, use_bias):
     h = h64.detach().float().requires_grad_()
     W = W64.detach().float().requires_grad_(train_w)
     b = b64.detach().float().requires_grad_() if use_bias else None
-    loss, res = ot_logits_loss_from_hidden(h, W, t_ids, t_lp.float(), x_mask, y_mask, eps=EPS, block=block,
-                                           vocab_size=V, bias=b, chunk_rows=16)
+    loss, res = ot_logits_loss_from_hidden(
+        h, W, t_ids, t_lp.float(), x_mask, y_mask, eps=EPS, block=block, vocab_size=V, bias=b, chunk_rows=16
+    )
     (2 * loss).backward()
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
     assert rel_err(h.grad, h64.grad) < 1e-4
@@ -71,8 +82,9 @@ def test_chunk_and_block_sizes_change_only_rounding():
     outs = []
     for block, chunk in ((1, 1), (7, 16), (64, 1000)):
         hh = h.clone().requires_grad_()
-        loss, _ = ot_logits_loss_from_hidden(hh, W, t_ids, t_lp, x_mask, y_mask, eps=EPS, block=block,
-                                             vocab_size=V, chunk_rows=chunk)
+        loss, _ = ot_logits_loss_from_hidden(
+            hh, W, t_ids, t_lp, x_mask, y_mask, eps=EPS, block=block, vocab_size=V, chunk_rows=chunk
+        )
         loss.backward()
         outs.append((loss.detach(), hh.grad))
     for loss, g in outs[1:]:
@@ -86,8 +98,9 @@ def test_no_vocabulary_wide_tensor_when_the_head_is_frozen():
     h, W, t_ids, t_lp, x_mask, y_mask = (t.float() if t.is_floating_point() else t for t in make())
     h.requires_grad_()
     with NewAllocations() as mode:
-        loss, _ = ot_logits_loss_from_hidden(h, W, t_ids, t_lp, x_mask, y_mask, eps=EPS, block=4,
-                                             vocab_size=V, chunk_rows=4)
+        loss, _ = ot_logits_loss_from_hidden(
+            h, W, t_ids, t_lp, x_mask, y_mask, eps=EPS, block=4, vocab_size=V, chunk_rows=4
+        )
         loss.backward()
     limit = min(N * V, VL * D)
     big = [s for s in mode.shapes if math.prod(s) >= limit]
@@ -98,8 +111,7 @@ def test_no_vocabulary_wide_tensor_when_the_head_is_frozen():
 def test_all_masked_is_zero():
     h, W, t_ids, t_lp, x_mask, y_mask = (t.float() if t.is_floating_point() else t for t in make())
     h.requires_grad_()
-    loss, _ = ot_logits_loss_from_hidden(h, W, t_ids, t_lp, x_mask, torch.zeros_like(y_mask), eps=EPS,
-                                         vocab_size=V)
+    loss, _ = ot_logits_loss_from_hidden(h, W, t_ids, t_lp, x_mask, torch.zeros_like(y_mask), eps=EPS, vocab_size=V)
     loss.backward()
     assert loss.item() == 0 and (h.grad == 0).all()
 
@@ -114,12 +126,12 @@ def test_plain_and_fused_sanitise_padding_alike():
     t_ids[1, 20:, 3] = VL + 5  # not a column at all
     t_lp[2, -3:] = math.nan
     h64.requires_grad_()
-    ref, _ = ot_logits_loss(h64 @ W64.T, t_ids, t_lp, x_mask, y_mask, eps=EPS, vocab_size=V, tol=1e-12,
-                            max_iter=20000)
+    ref, _ = ot_logits_loss(h64 @ W64.T, t_ids, t_lp, x_mask, y_mask, eps=EPS, vocab_size=V, tol=1e-12, max_iter=20000)
     (2 * ref).backward()
     h = h64.detach().float().requires_grad_()
-    loss, _ = ot_logits_loss_from_hidden(h, W64.float(), t_ids, t_lp.float(), x_mask, y_mask, eps=EPS,
-                                         vocab_size=V, block=5, chunk_rows=16)
+    loss, _ = ot_logits_loss_from_hidden(
+        h, W64.float(), t_ids, t_lp.float(), x_mask, y_mask, eps=EPS, vocab_size=V, block=5, chunk_rows=16
+    )
     (2 * loss).backward()
     assert torch.isfinite(ref) and torch.isfinite(h64.grad).all() and torch.isfinite(h.grad).all()
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)

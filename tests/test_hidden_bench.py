@@ -1,4 +1,5 @@
 """bench/hidden_bench.py: its byte count is what the store writes, and its --quick run gives sane numbers."""
+
 import importlib.util
 import json
 
@@ -33,8 +34,11 @@ def test_bytes_match_a_zarr_write(bench, codec):
     specs = array_specs(1, 1, n, k=1, logprob_dtype="bf16", hidden_codec=codec, hidden_size=D, shard_rows=shard)
     for name, a in stored.items():
         zarr.create_array(store, name=name, **specs[name])[...] = a
-    on_disk = sum(len(v.to_bytes()) for k, v in store._store_dict.items()
-                  if k.split("/")[0] in stored and not k.endswith("zarr.json"))
+    on_disk = sum(
+        len(v.to_bytes())
+        for k, v in store._store_dict.items()
+        if k.split("/")[0] in stored and not k.endswith("zarr.json")
+    )
     assert got["zstd"] == pytest.approx(on_disk / n, rel=0.01)
     assert got["raw"] == sum(a.nbytes for a in stored.values()) / n
 

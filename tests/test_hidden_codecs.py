@@ -1,5 +1,6 @@
 """Hidden-state codecs (cache/codecs.py, pipeline/teacher/codecs.py): each round-trips within its stated bound, the
 fitted bases are what they claim to be, a store holds and decodes them, and Stage 1 writes them."""
+
 import copy
 
 import numpy as np
@@ -10,7 +11,7 @@ import zarr
 from cache import CacheError, CacheMismatchError, codecs, open_cache
 from cache.verify import verify
 from pipeline.teacher.codecs import fisher_basis, fit_basis, pca_basis, svd_basis
-from tests.conftest import D, SHARD, create, make_cache, make_inputs, make_rows, write_all
+from tests.conftest import D, create, make_cache, make_inputs, make_rows, write_all
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,8 +29,11 @@ def hidden_rows(n=203, d=37, seed=0):
 
 def random_basis(d=37, r=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return codecs.Basis(torch.randn(d, generator=g).numpy(), torch.randn(r, d, generator=g).numpy(),
-                        torch.randn(r, d, generator=g).numpy())
+    return codecs.Basis(
+        torch.randn(d, generator=g).numpy(),
+        torch.randn(r, d, generator=g).numpy(),
+        torch.randn(r, d, generator=g).numpy(),
+    )
 
 
 @pytest.mark.parametrize("codec", ["bf16", "fp16", "int8", "pca:5"])
@@ -81,6 +85,7 @@ def test_parse_and_refusals():
 # fitted bases
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_pca_basis_finds_the_data_subspace():
     g = torch.Generator().manual_seed(2)
     h = 3 + torch.randn(500, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 29, generator=g, dtype=torch.float64)
@@ -89,8 +94,11 @@ def test_pca_basis_finds_the_data_subspace():
     np.testing.assert_allclose(b.encoder @ b.encoder.T, np.eye(6), atol=1e-5)
     lossy = pca_basis(h, 3)  # fewer directions than the data has: loses, but keeps the most variance
     kept = ((codecs.project(h.numpy(), lossy) - b.mean) ** 2).sum()
-    rand = codecs.Basis(b.mean, np.linalg.qr(np.random.default_rng(0).normal(size=(29, 3)))[0].T,
-                        np.linalg.qr(np.random.default_rng(0).normal(size=(29, 3)))[0].T)
+    rand = codecs.Basis(
+        b.mean,
+        np.linalg.qr(np.random.default_rng(0).normal(size=(29, 3)))[0].T,
+        np.linalg.qr(np.random.default_rng(0).normal(size=(29, 3)))[0].T,
+    )
     assert kept > ((codecs.project(h.numpy(), rand) - b.mean) ** 2).sum()
 
 
@@ -133,6 +141,7 @@ def test_fisher_basis_keeps_what_moves_the_distribution():
 # in a store
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("codec", ["int8", "pca:4"])
 def test_store_roundtrip_and_verify(tmp_path, codec):
     basis = random_basis(D, 4) if codec == "pca:4" else None
@@ -146,7 +155,9 @@ def test_store_roundtrip_and_verify(tmp_path, codec):
     got = np.concatenate([x["hidden"] for x in c.read_many(range(len(c)))])
     np.testing.assert_array_equal(got, want)
     report = verify(tmp_path / "c.zarr")  # (make_rows' log-probs break the row contract: only hidden* counts here)
-    assert report.shards_checked == w.n_shards and not [p for p in report.problems if "hidden" in p.array], report.text()
+    assert report.shards_checked == w.n_shards and not [p for p in report.problems if "hidden" in p.array], (
+        report.text()
+    )
     stored = zarr.open_group(tmp_path / "c.zarr", mode="r")
     assert stored["hidden"].shape[1] == (4 if basis else D) and stored.attrs["hidden_codec"] == codec
 
@@ -181,6 +192,7 @@ def test_missing_int8_chunk_is_found_by_verify(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 1
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_stage1_writes_each_codec(tiny, tmp_path):
     """One teacher, three caches: int8 and fisher:16 decode to the bf16 cache's hidden states within their loss,

@@ -1,6 +1,7 @@
 """One Stage-1 run per store (cache/lock.py): the lease refuses a second run while the first is alive, is free
 again once its holder dies (SIGKILL included), is shared by the ranks of one job, and keeps two real Stage-1
 processes on one output from racing."""
+
 import os
 import re
 import signal
@@ -42,8 +43,9 @@ def wait_for(cond, what: str, timeout: float = 60.0, proc=None):
 def holder(tmp_path):
     """Start a process holding the lease of tmp_path/s.zarr as run "r1"; yields (store, process)."""
     store = tmp_path / "s.zarr"
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(store), "r1"], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(store), "r1"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         yield store, proc
@@ -193,8 +195,13 @@ def slow_stage1(params: str, delay: str, log: Path) -> subprocess.Popen:
     """Stage 1 pausing `delay` s per batch (tests/slow_stage1.py); stderr (tqdm included) to `log`, not a pipe
     nobody drains."""
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, str(ROOT / "tests/slow_stage1.py"), delay, "--params", params],
-                                cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=f)
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "tests/slow_stage1.py"), delay, "--params", params],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+        )
 
 
 def shards_done(store: Path) -> int:

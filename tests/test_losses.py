@@ -1,5 +1,6 @@
 """Losses against float64 references written here: dense per-token CE, the exact KL of the coarse-grained
 (k+1)-bucket distributions from full logits, and OT on the unpadded problems with unrolled Sinkhorn."""
+
 import math
 
 import pytest
@@ -14,11 +15,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 V, K = 401, 7
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------
 # CE
 # ---------------------------------------------------------------------------------------------------------
+
 
 def ref_ce(logits, labels, n=None):
     """Token by token: -log softmax(logits[b, t])[labels[b, t + 1]] over supervised targets, float64."""
@@ -72,6 +72,7 @@ def test_ce_all_masked_is_zero():
 # KL on top-k + tail bucket
 # ---------------------------------------------------------------------------------------------------------
 
+
 def make_kl(seed=0, R=53, t_scale=3.0, s_scale=2.0):
     """Full teacher/student logits (float64), the teacher's cached top-k view, and a row mask."""
     g = torch.Generator().manual_seed(seed)
@@ -100,7 +101,7 @@ def ref_bucket_kl(s_logits, t_logits, ids, mask, *, tau=1.0, tail="bucket", reve
     if reverse:
         P, Q = Q, P
     kl = (P * (P.log() - Q.log())).sum(-1)  # (R,)
-    return kl[mask].sum() * tau ** 2 / max(mask.sum().item(), 1)
+    return kl[mask].sum() * tau**2 / max(mask.sum().item(), 1)
 
 
 @pytest.mark.parametrize("tail", ["bucket", "none"])
@@ -153,22 +154,28 @@ def test_topk_kl_options():
     x = s_logits.float()
     base = topk_kl_loss(x, ids, t_lp, t_tail, mask)
     # num_items: global normalisation across micro-batches
-    torch.testing.assert_close(topk_kl_loss(x, ids, t_lp, t_tail, mask, num_items=1000),
-                               base * mask.sum() / 1000)
+    torch.testing.assert_close(topk_kl_loss(x, ids, t_lp, t_tail, mask, num_items=1000), base * mask.sum() / 1000)
     # padded vocabulary columns are not tokens
     padded = torch.cat([x, torch.full((x.shape[0], 9), 30.0)], -1)
     torch.testing.assert_close(topk_kl_loss(padded, ids, t_lp, t_tail, mask, vocab_size=V), base)
     # any leading dims: (B, L, V) with a (B, L) mask is the same as the flattened rows
     R = x.shape[0] - 1
     torch.testing.assert_close(
-        topk_kl_loss(x[:R].view(4, R // 4, V), ids[:R].view(4, -1, K), t_lp[:R].view(4, -1, K),
-                     t_tail[:R].view(4, -1), mask[:R].view(4, -1)),
-        topk_kl_loss(x[:R], ids[:R], t_lp[:R], t_tail[:R], mask[:R]))
+        topk_kl_loss(
+            x[:R].view(4, R // 4, V),
+            ids[:R].view(4, -1, K),
+            t_lp[:R].view(4, -1, K),
+            t_tail[:R].view(4, -1),
+            mask[:R].view(4, -1),
+        ),
+        topk_kl_loss(x[:R], ids[:R], t_lp[:R], t_tail[:R], mask[:R]),
+    )
     # k covering the whole vocabulary: no tail bucket, "bucket" is the same as "none"
     full_lp, full_ids = t_logits.float().log_softmax(-1).topk(V, dim=-1)
     floor = torch.full((x.shape[0],), -80.0)
-    torch.testing.assert_close(topk_kl_loss(x, full_ids, full_lp, floor, mask),
-                               topk_kl_loss(x, full_ids, full_lp, None, mask, tail="none"))
+    torch.testing.assert_close(
+        topk_kl_loss(x, full_ids, full_lp, floor, mask), topk_kl_loss(x, full_ids, full_lp, None, mask, tail="none")
+    )
 
 
 @pytest.mark.parametrize("tail", ["bucket", "none"])
@@ -177,8 +184,7 @@ def test_topk_kl_all_masked_is_zero(tail, reverse):
     _, s_logits, ids, t_lp, t_tail, mask = make_kl()
     t_lp[:] = -math.inf  # garbage in masked rows must not leak
     x = s_logits.float().requires_grad_()
-    loss = topk_kl_loss(x, ids, t_lp, t_tail, torch.zeros_like(mask), tail=tail, reverse=reverse,
-                        temperature=2.0)
+    loss = topk_kl_loss(x, ids, t_lp, t_tail, torch.zeros_like(mask), tail=tail, reverse=reverse, temperature=2.0)
     loss.backward()
     assert loss.item() == 0 and (x.grad == 0).all()
 
@@ -232,8 +238,7 @@ def test_ot_hidden_matches_reference(objective):
 
     # tol below the float32 default (1e-5), which alone gives ~5e-5 relative gradient error here
     loss, res = ot_hidden_loss(x, x_mask, y, y_mask, proj, eps=eps, objective=objective, tol=1e-6)
-    ref = ref_ot_from_similarity(x64 @ (y64 @ p64).transpose(1, 2) / math.sqrt(d), x_mask, y_mask, eps,
-                                 objective)
+    ref = ref_ot_from_similarity(x64 @ (y64 @ p64).transpose(1, 2) / math.sqrt(d), x_mask, y_mask, eps, objective)
     loss.backward()
     ref.backward()
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
@@ -270,8 +275,9 @@ def make_logits(seed=0, V_pad=V):
     g = torch.Generator().manual_seed(seed)
     t_logits = 6 * torch.randn(B, M, V, generator=g, dtype=torch.float64)
     src = torch.randint(0, M, (B, N), generator=g)
-    s_logits = t_logits.gather(1, src[..., None].expand(B, N, V)) + 2 * torch.randn(B, N, V, generator=g,
-                                                                                      dtype=torch.float64)
+    s_logits = t_logits.gather(1, src[..., None].expand(B, N, V)) + 2 * torch.randn(
+        B, N, V, generator=g, dtype=torch.float64
+    )
     s_logits = torch.cat([s_logits, torch.full((B, N, V_pad - V), 20.0, dtype=torch.float64)], -1)
     t_lp, t_ids = t_logits.log_softmax(-1).topk(K, dim=-1)  # (B, M, K)
     return s_logits, t_ids, t_lp
@@ -309,6 +315,7 @@ def test_ot_logits_all_masked_is_zero():
 # What the losses refuse or survive
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_integer_masks_are_refused():
     # a 0/1 integer mask would index rows 0 and 1 (x[mask]) instead of selecting: a silently wrong value
     t_logits, s_logits, ids, t_lp, t_tail, mask = make_kl()
@@ -343,6 +350,7 @@ def ref_reverse_kl_logspace(s_logits, t_logits, ids, mask, *, tail="bucket"):
     """Dense float64 KL(student || teacher) of the (k+1)-bucket distributions, in log space: a student
     bucket of probability exactly 0 has a finite log-prob here (its logit is very negative, not -inf), so
     the reference needs no 0 log 0 convention of its own."""
+
     def buckets(logits):
         lp = logits.log_softmax(-1)  # (R, V)
         b = lp.gather(-1, ids)  # (R, k)
@@ -350,6 +358,7 @@ def ref_reverse_kl_logspace(s_logits, t_logits, ids, mask, *, tail="bucket"):
             rest = lp.masked_fill(torch.zeros_like(lp, dtype=torch.bool).scatter(-1, ids, True), -math.inf)
             return torch.cat([b, rest.logsumexp(-1, keepdim=True)], -1)
         return b.log_softmax(-1)
+
     s, t = buckets(s_logits), buckets(t_logits)
     kl = (s.exp() * (s - t)).sum(-1)  # (R,)
     return kl[mask].sum() / max(mask.sum().item(), 1)

@@ -2,6 +2,7 @@
 byte-identical to a single process's for 1, 2 and 3 ranks; a job whose rank is SIGKILLed resumes at another world
 size and ends byte-identical; shards are dealt out by cost; two writers of one store, each owning its shards, make
 the single writer's store."""
+
 import copy
 import filecmp
 import os
@@ -30,8 +31,9 @@ def torchrun(nproc: int, *target: str, **kw) -> subprocess.Popen | subprocess.Co
     """`torchrun --standalone --nproc_per_node=nproc <target>` from the repo root (its own free port per job)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
     if kw.pop("background", False):
-        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                **kw)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+        )
     p = subprocess.run(cmd, cwd=ROOT, env=kw.pop("env", ENV), capture_output=True, text=True, **kw)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p
@@ -59,8 +61,9 @@ def single(tiny, tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 3])
 def test_any_world_size_writes_the_single_process_store(tiny, single, tmp_path, world):
     out = tmp_path / "cache"
-    p = torchrun(world, "-m", "stages.cache_teacher", "--params", params_file(tiny, tmp_path / "p.yaml", out=str(out),
-                                                                              **COMMON))
+    p = torchrun(
+        world, "-m", "stages.cache_teacher", "--params", params_file(tiny, tmp_path / "p.yaml", out=str(out), **COMMON)
+    )
     log = p.stdout + p.stderr
     assert sum(f"rank {r}/{world}: " in log for r in range(world)) == world, log[-2000:]
     assert "imbalance (max/mean)" in log and log.count("basis fitted") == 1  # rank 0 fits, the others receive it
@@ -76,8 +79,7 @@ def test_ranks_that_open_the_store_late_still_write_every_shard(tiny, single, tm
     had finished meanwhile and leave one unwritten)."""
     out = tmp_path / "cache"
     params = params_file(tiny, tmp_path / "p.yaml", out=str(out), **COMMON)
-    torchrun(2, str(ROOT / "tests/slow_stage1.py"), "0", "--params", params,
-             env={**ENV, "SLOW_STAGE1_OPEN_DELAY": "3"})
+    torchrun(2, str(ROOT / "tests/slow_stage1.py"), "0", "--params", params, env={**ENV, "SLOW_STAGE1_OPEN_DELAY": "3"})
     assert same_tree(single / "train.zarr", out / "train.zarr") == []
 
 

@@ -3,6 +3,7 @@ process that takes the same two blocks per optimizer step, with all four loss te
 states and on logits): the same loss curve, every loss part, gradient norm and final weights, within float32
 rounding. That needs each rank to read other blocks (Trainer's sampler, sharded by accelerate), the loss scaled to
 DDP's averaging, the parts averaged over ranks for the curves, P inside the trained module, rank 0 alone writing."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +12,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import save_config
+from pipeline.config.base import save_config
 from pipeline.distill.model import PROJECTION_FILE
 from tests.conftest import ROOT, distill_cfg, make_cache, read_tsv, stage
 from tests.test_parallel_stage1 import ENV, torchrun
 
 COLUMNS = ("loss", "ce", "kl", "ot_hidden", "ot_logits", "grad_norm", "learning_rate", "epoch")
 # `accelerate launch --multi_gpu` is accelerate's torchrun launcher; without CUDA the ranks run on the CPU (gloo)
-ACCELERATE = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-              "--mixed_precision=no", "--dynamo_backend=no"]
+ACCELERATE = [
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes=2",
+    "--num_machines=1",
+    "--mixed_precision=no",
+    "--dynamo_backend=no",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +49,14 @@ def one_process(cached, tmp_path_factory):
         if mode not in runs:
             runs[mode] = train(cached, tmp_path_factory.mktemp(f"ddp1_{mode}"), None, mode, grad_accum=2)
         return runs[mode]
+
     return get
 
 
 def train(cached, tmp: Path, launcher: str | None, mode: str, **kw) -> Path:
-    d = distill_cfg(cached, tmp / "s", batch_size=8, max_steps=4, w_kl=1.0, w_ot=0.5, w_ot_logits=0.5, **MODES[mode],
-                    **kw)
+    d = distill_cfg(
+        cached, tmp / "s", batch_size=8, max_steps=4, w_kl=1.0, w_ot=0.5, w_ot_logits=0.5, **MODES[mode], **kw
+    )
     d.distill.lora.dropout = 0.0
     save_config(d, tmp / "p.yaml")
     args = ("-m", "stages.distill_student", "--params", str(tmp / "p.yaml"))

@@ -5,6 +5,7 @@ published counts; memory measured on the CPU in fresh processes (tests/memprobe.
 step, or growth of anonymous memory) within +-15%; tensors saved for the backward (autograd's saved-tensor
 hooks) for the activation formula. Measurements use fp32 (a = 4): the formulas take the dtype width.
 """
+
 import json
 import shutil
 import subprocess
@@ -15,9 +16,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from pipeline.config.params import load_config
 from pipeline.planning import memory as mm
 from pipeline.planning import plan
-from pipeline.config import load_config
 from tests import memprobe
 from tests.conftest import ROOT
 
@@ -28,15 +29,26 @@ PRESETS = sorted(p for p in ROOT.glob("params/*.yaml") if p.name != "dvc.yaml")
 # Model cards: "Number of Parameters" and "(Non-Embedding)", in billions, as printed (they round 7.6156 to 7.61);
 # None where the card prints no non-embedding count. Llama 3.2's card: "1B (1.23B)"; SmolLM2's: "1.7B"; Llama 3.1's:
 # "8B".
-CARDS = {"Qwen/Qwen2.5-7B": ("7.61", "6.53"), "Qwen/Qwen2.5-1.5B": ("1.54", "1.31"),
-         "Qwen/Qwen2.5-1.5B-Instruct": ("1.54", "1.31"), "meta-llama/Llama-3.1-8B-Instruct": ("8", None),
-         "unsloth/Qwen2.5-1.5B-bnb-4bit": ("1.54", "1.31"), "Qwen/Qwen2.5-3B-Instruct": ("3.09", "2.77"),
-         "Qwen/Qwen2.5-0.5B-Instruct": ("0.49", "0.36"), "Qwen/Qwen3-4B": ("4.0", "3.6"), "Qwen/Qwen3-0.6B": ("0.6", "0.44"),
-         "meta-llama/Llama-3.2-1B": ("1.23", None), "HuggingFaceTB/SmolLM2-1.7B": ("1.7", None)}
+CARDS = {
+    "Qwen/Qwen2.5-7B": ("7.61", "6.53"),
+    "Qwen/Qwen2.5-1.5B": ("1.54", "1.31"),
+    "Qwen/Qwen2.5-1.5B-Instruct": ("1.54", "1.31"),
+    "meta-llama/Llama-3.1-8B-Instruct": ("8", None),
+    "unsloth/Qwen2.5-1.5B-bnb-4bit": ("1.54", "1.31"),
+    "Qwen/Qwen2.5-3B-Instruct": ("3.09", "2.77"),
+    "Qwen/Qwen2.5-0.5B-Instruct": ("0.49", "0.36"),
+    "Qwen/Qwen3-4B": ("4.0", "3.6"),
+    "Qwen/Qwen3-0.6B": ("0.6", "0.44"),
+    "meta-llama/Llama-3.2-1B": ("1.23", None),
+    "HuggingFaceTB/SmolLM2-1.7B": ("1.7", None),
+}
 # Exact totals of the shipped Llama-family configs (= the meta-device model's count, checked below): the planner's
 # Llama support must not drift from these published architectures.
-LLAMA_PARAMS = {"meta-llama/Llama-3.2-1B": 1_235_814_400, "HuggingFaceTB/SmolLM2-1.7B": 1_711_376_384,
-                "meta-llama/Llama-3.1-8B-Instruct": 8_030_261_248}
+LLAMA_PARAMS = {
+    "meta-llama/Llama-3.2-1B": 1_235_814_400,
+    "HuggingFaceTB/SmolLM2-1.7B": 1_711_376_384,
+    "meta-llama/Llama-3.1-8B-Instruct": 8_030_261_248,
+}
 
 
 def name_of(folder) -> str:
@@ -44,8 +56,9 @@ def name_of(folder) -> str:
 
 
 def near(formula: float, measured: float, what: str):
-    assert measured > 0 and abs(formula / measured - 1) <= TOL, \
+    assert measured > 0 and abs(formula / measured - 1) <= TOL, (
         f"{what}: formula {formula / 1e6:.2f} MB, measured {measured / 1e6:.2f} MB ({formula / measured - 1:+.1%})"
+    )
 
 
 @pytest.mark.parametrize("folder", SHIPPED, ids=name_of)
@@ -59,11 +72,13 @@ def test_parameter_counts_equal_a_model_built_on_meta(folder):
         params = list(model.parameters())  # a tied embedding is one parameter
         assert arch.params == sum(p.numel() for p in params)
         assert sorted(arch.tensor_sizes()) == sorted(p.numel() for p in params)
-        assert arch.linear_weights == sum(m.weight.numel() for n, m in model.named_modules()
-                                          if isinstance(m, torch.nn.Linear) and ".layers." in n)
+        assert arch.linear_weights == sum(
+            m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n
+        )
         lora = get_peft_model(model, LoraConfig(r=16, target_modules=ALL[:4] + ["down_proj"]))
-        assert sum(mm.lora_sizes(arch, 16, ALL[:4] + ["down_proj"])) == \
-            sum(p.numel() for p in lora.parameters() if p.requires_grad)
+        assert sum(mm.lora_sizes(arch, 16, ALL[:4] + ["down_proj"])) == sum(
+            p.numel() for p in lora.parameters() if p.requires_grad
+        )
     assert arch.vocab == cfg.vocab_size and arch.prequantized == (4 if "bnb-4bit" in folder.name else 16)
     assert LLAMA_PARAMS.get(arch.name, arch.params) == arch.params
 
@@ -72,21 +87,40 @@ def test_the_llama_family_is_shipped():
     assert set(LLAMA_PARAMS) <= {name_of(f) for f in SHIPPED}
 
 
-@pytest.mark.parametrize("model_type, attention_bias, mlp_bias", [
-    ("qwen2", True, False), ("qwen3", True, False), ("llama", True, False), ("llama", False, True),
-    ("llama", True, True)])
+@pytest.mark.parametrize(
+    "model_type, attention_bias, mlp_bias",
+    [
+        ("qwen2", True, False),
+        ("qwen3", True, False),
+        ("llama", True, False),
+        ("llama", False, True),
+        ("llama", True, True),
+    ],
+)
 def test_bias_flags_follow_transformers(model_type, attention_bias, mlp_bias):
     """Which projections have a bias: Qwen2 q/k/v always (attention_bias ignored), Qwen3 and Llama all four
     attention projections with attention_bias, Llama's MLP with mlp_bias (Qwen's MLPs never)."""
-    cfg = AutoConfig.for_model(model_type, vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
-                               attention_bias=attention_bias, mlp_bias=mlp_bias)
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        tie_word_embeddings=False,
+        attention_bias=attention_bias,
+        mlp_bias=mlp_bias,
+    )
     arch = mm.Arch.from_config({**cfg.to_dict(), "model_type": model_type}, model_type)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     assert sorted(arch.tensor_sizes()) == sorted(p.numel() for p in model.parameters())
     layer = model.model.layers[0]
-    biased = {n.split(".")[-1] for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
+    biased = {
+        n.split(".")[-1] for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None
+    }
     assert biased == {n for n, (_, _, b) in arch.linears().items() if b}
 
 
@@ -112,12 +146,20 @@ def test_constants_follow_the_fused_loss():
 # Formulas against measured CPU memory
 # ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A bf16 Qwen2 checkpoint whose projections dominate its weights (NF4 must show), saved once."""
     path = tmp_path_factory.mktemp("plan") / "m"
-    cfg = Qwen2Config(vocab_size=2048, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=2048,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
@@ -139,44 +181,57 @@ def test_weights_lora_gradients_and_optimizer_states(checkpoint):
         near(mm.optimizer_bytes(sizes, 4, optim), m[optim], f"{optim} states")
 
 
-@pytest.mark.parametrize("R, V, w_ce, w_kl", [
-    (1024, 32768, 1.0, 1.0),  # one chunk: logits + gradient + a 128-row temporary
-    (4096, 32768, 1.0, 1.0),  # two chunks: a chunk's buffers are freed before the next chunk's
-    (300, 151936, 0.0, 1.0),  # the real vocabulary, KL only
-])
+@pytest.mark.parametrize(
+    "R, V, w_ce, w_kl",
+    [
+        (1024, 32768, 1.0, 1.0),  # one chunk: logits + gradient + a 128-row temporary
+        (4096, 32768, 1.0, 1.0),  # two chunks: a chunk's buffers are freed before the next chunk's
+        (300, 151936, 0.0, 1.0),  # the real vocabulary, KL only
+    ],
+)
 def test_fused_loss_peak(R, V, w_ce, w_kl):
     measured = memprobe.run("fused", R=R, d=64, V=V, w_ce=w_ce, w_kl=w_kl)["peak"]
     near(mm.fused_loss_bytes(R, V, V, 64, 4, w_ce, w_kl, False), measured, "fused CE+KL")
 
 
-@pytest.mark.parametrize("R, V, w_ce, jsd_beta, teacher_dtype", [
-    (1024, 32768, 1.0, 0.0, "float32"),  # one chunk: two (C, V) buffers + 3 SLICE-row temporaries + teacher rows
-    (4096, 32768, 1.0, 0.0, "bfloat16"),  # two chunks, a bf16 teacher head (S x V bf16 matmul outputs)
-    (1024, 32768, 1.0, 0.5, "float32"),  # the JSD: a 4th SLICE-row temporary (log m)
-    (300, 151936, 0.0, 0.0, "float32"),  # the real vocabulary, KL only
-])
+@pytest.mark.parametrize(
+    "R, V, w_ce, jsd_beta, teacher_dtype",
+    [
+        (1024, 32768, 1.0, 0.0, "float32"),  # one chunk: two (C, V) buffers + 3 SLICE-row temporaries + teacher rows
+        (4096, 32768, 1.0, 0.0, "bfloat16"),  # two chunks, a bf16 teacher head (S x V bf16 matmul outputs)
+        (1024, 32768, 1.0, 0.5, "float32"),  # the JSD: a 4th SLICE-row temporary (log m)
+        (300, 151936, 0.0, 0.0, "float32"),  # the real vocabulary, KL only
+    ],
+)
 def test_exact_loss_peak(R, V, w_ce, jsd_beta, teacher_dtype):
     """fused_ce_exact_kl (distill.teacher_head): the teacher's head and hidden states are inputs, not measured."""
-    measured = memprobe.run("exact", R=R, d=64, D=128, V=V, w_ce=w_ce, jsd_beta=jsd_beta,
-                            teacher_dtype=teacher_dtype)["peak"]
+    measured = memprobe.run("exact", R=R, d=64, D=128, V=V, w_ce=w_ce, jsd_beta=jsd_beta, teacher_dtype=teacher_dtype)[
+        "peak"
+    ]
     near(mm.exact_loss_bytes(R, V, V, 64, 128, False, bool(jsd_beta)), measured, "fused CE + exact KL")
 
 
-@pytest.mark.parametrize("B, N, V, k, hidden, logits", [
-    (2, 512, 4096, 16, True, False),  # B x N x M dominated: Sinkhorn's working set
-    (1, 1024, 4096, 16, True, True),  # both terms, B x N x M dominated
-    (1, 256, 65536, 64, False, True),  # the vocabulary pass of OT on logits
-    (1, 512, 8192, 64, False, True),  # OT on logits' blocks of teacher tokens (distinct ids)
-])
+@pytest.mark.parametrize(
+    "B, N, V, k, hidden, logits",
+    [
+        (2, 512, 4096, 16, True, False),  # B x N x M dominated: Sinkhorn's working set
+        (1, 1024, 4096, 16, True, True),  # both terms, B x N x M dominated
+        (1, 256, 65536, 64, False, True),  # the vocabulary pass of OT on logits
+        (1, 512, 8192, 64, False, True),  # OT on logits' blocks of teacher tokens (distinct ids)
+    ],
+)
 def test_ot_peak(B, N, V, k, hidden, logits):
     measured = memprobe.run("ot", B=B, N=N, V=V, d=64, D=128, k=k, hidden=hidden, logits=logits)["peak"]
     near(mm.ot_bytes(B, N, N, V, k, hidden, logits), measured, "OT")
 
 
-@pytest.mark.parametrize("R, n, k, d, D", [
-    (256, 8, 64, 1536, 4096),  # the preset's widths: the teacher rows and their projection dominate
-    (2048, 16, 32, 128, 1024),  # many rows, a wider student top-n
-])
+@pytest.mark.parametrize(
+    "R, n, k, d, D",
+    [
+        (256, 8, 64, 1536, 4096),  # the preset's widths: the teacher rows and their projection dominate
+        (2048, 16, 32, 128, 1024),  # many rows, a wider student top-n
+    ],
+)
 def test_token_level_ot_saved_and_peak(R, n, k, d, D):
     m = memprobe.run("tok_ot", R=R, n=n, k=k, d=d, D=D, V=4096)
     saved, work = mm.tok_ot_bytes(R, n, k, d, D)
@@ -193,15 +248,35 @@ def test_stage1_topk_peak():
 def test_stage1_forward_working_set(B, L):
     """One decoder layer's no-grad working set (+ the decoder's output), one long sequence or a padded batch."""
     measured = memprobe.run("forward", B=B, L=L, hidden=512, intermediate=2048, heads=8, kv_heads=2)["peak"]
-    arch = mm.Arch.from_config({"model_type": "qwen2", "hidden_size": 512, "num_hidden_layers": 2,
-                                "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 2048,
-                                "vocab_size": 512}, "qwen2")
+    arch = mm.Arch.from_config(
+        {
+            "model_type": "qwen2",
+            "hidden_size": 512,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "intermediate_size": 2048,
+            "vocab_size": 512,
+        },
+        "qwen2",
+    )
     near(B * L * (mm.infer_layer_bytes(arch, 4, B > 1, L) + 4 * 512), measured, "Stage 1 forward")
 
 
-@pytest.mark.parametrize("model_type, mode, B", [("qwen2", "full", 2), ("qwen2", "lora", 1), ("qwen2", "kbit", 2),
-                                                 ("qwen3", "full", 1), ("qwen3", "lora", 2), ("qwen3", "kbit", 1),
-                                                 ("llama", "full", 1), ("llama", "lora", 2), ("llama", "kbit", 2)])
+@pytest.mark.parametrize(
+    "model_type, mode, B",
+    [
+        ("qwen2", "full", 2),
+        ("qwen2", "lora", 1),
+        ("qwen2", "kbit", 2),
+        ("qwen3", "full", 1),
+        ("qwen3", "lora", 2),
+        ("qwen3", "kbit", 1),
+        ("llama", "full", 1),
+        ("llama", "lora", 2),
+        ("llama", "kbit", 2),
+    ],
+)
 def test_saved_activations_per_layer(model_type, mode, B, tmp_path):
     """Bytes a decoder layer saves for the backward (deduplicated storages, parameters excluded), per token.
     kbit = the QLoRA path: NF4 projections, prepare_model_for_kbit_training, bf16 autocast (on the CPU here)."""
@@ -211,17 +286,29 @@ def test_saved_activations_per_layer(model_type, mode, B, tmp_path):
     from pipeline.distill.student import cpu_4bit_guard
 
     L, r = 128, 16
-    cfg = AutoConfig.for_model(model_type, vocab_size=512, hidden_size=256, intermediate_size=768,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               head_dim=64 if model_type == "qwen2" else 32, tie_word_embeddings=True)
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64 if model_type == "qwen2" else 32,
+        tie_word_embeddings=True,
+    )
     arch = mm.Arch.from_config({**cfg.to_dict(), "model_type": model_type}, model_type)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg)
     if mode == "kbit":
         model.save_pretrained(tmp_path)
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
         model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map={"": "cpu"})
         model = prepare_model_for_kbit_training(cpu_4bit_guard(model), use_gradient_checkpointing=False)
     if mode != "full":
@@ -234,18 +321,22 @@ def test_saved_activations_per_layer(model_type, mode, B, tmp_path):
         if where[0] is not None and ptr not in params and not any(ptr in s for s in saved.values()):
             saved.setdefault(where[0], {})[ptr] = t.untyped_storage().nbytes()
         return t
+
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(lambda *_, i=i: where.__setitem__(0, i))
         layer.register_forward_hook(lambda *_: where.__setitem__(0, None))
     ids = torch.randint(0, 512, (B, L))
     mask = torch.ones(B, L, dtype=torch.long)
     mask[1:, -7:] = 0  # padding in every batch of more than one sequence
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "kbit"):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "kbit"),
+    ):
         model.model(input_ids=ids, attention_mask=mask)
     measured = sum(saved[1].values()) / (B * L)  # layer 1: what layer 0 shares with it (rotary tables) excluded
-    formula = mm.train_layer_bytes(arch, 2 if mode == "kbit" else 4, mode == "kbit", None if mode == "full" else
-                                   tuple(ALL), r, 0.0, B > 1, L)
+    formula = mm.train_layer_bytes(
+        arch, 2 if mode == "kbit" else 4, mode == "kbit", None if mode == "full" else tuple(ALL), r, 0.0, B > 1, L
+    )
     near(formula, measured, f"{model_type} {mode} layer")
 
 
@@ -253,22 +344,26 @@ def test_saved_activations_per_layer(model_type, mode, B, tmp_path):
 # The plan
 # ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_presets_fit_on_24_gib_and_the_longest_fit_is_the_edge(preset):
     cfg = load_config(preset)
     p = plan.plan(cfg, 24.0)
     t = mm.Arch.from_config(plan.find_config(plan.teacher_name(cfg)), "t")
     s = mm.Arch.from_config(plan.find_config(cfg.distill.student), "s")
-    for name, at, arch in (("stage1", lambda n: plan.stage1(cfg, t, n), t),
-                           ("stage2", lambda n: plan.stage2(cfg, s, t, n), s)):
+    for name, at, arch in (
+        ("stage1", lambda n: plan.stage1(cfg, t, n), t),
+        ("stage2", lambda n: plan.stage2(cfg, s, t, n), s),
+    ):
         st = p[name]
         assert st["fits"] and st["total_gib"] <= 24 and st["max_seq_len"] >= cfg.data.max_length
         n = st["max_seq_len"]
         assert at(n).total <= 24 * plan.GIB
         assert n + 128 > arch.max_positions or at(n + 128).total > 24 * plan.GIB
         resident = sum(v for k, v in st["gib"].items() if k not in st["transient"] + ["context", "margin"])
-        assert st["total_gib"] == pytest.approx(resident + st["gib"][st["peak"]] + st["gib"]["context"]
-                                                + st["gib"]["margin"])
+        assert st["total_gib"] == pytest.approx(
+            resident + st["gib"][st["peak"]] + st["gib"]["context"] + st["gib"]["margin"]
+        )
 
 
 def test_main_case_numbers():
@@ -304,8 +399,10 @@ def test_a_llama_pair_is_planned():
     assert p["stage1"]["gib"]["weights"] * plan.GIB == 2 * 1_235_814_400  # bf16, the tied embedding once
     with pytest.raises(ValueError, match="cannot share a tokenizer"):
         plan.plan(load_config(preset, llama[:1] + ["distill.student=HuggingFaceTB/SmolLM2-1.7B"]), 24.0)
-    cross = plan.plan(load_config(preset, llama[:1] + ["distill.student=HuggingFaceTB/SmolLM2-1.7B",
-                                                       "distill.cross_tokenizer=true"]), 24.0)
+    cross = plan.plan(
+        load_config(preset, llama[:1] + ["distill.student=HuggingFaceTB/SmolLM2-1.7B", "distill.cross_tokenizer=true"]),
+        24.0,
+    )
     assert cross["cross_tokenizer"] and cross["vocab"] == {"teacher": 128256, "student": 49152}
 
 
@@ -324,8 +421,9 @@ def test_cross_tokenizer_plan_uses_each_sides_vocabulary():
     assert p["stage1"]["gib"]["head"] * plan.GIB == head and "1,024 x 128,256" in p["stage1"]["labels"]["head"]
     assert "441 rows x 151,936" in p["stage2"]["labels"]["loss"]  # 2^26 // 151,936 rows per fused chunk
     assert "cross-tokenizer" in p["stage2"]["title"]
-    assert ("cross-tokenizer: Stage 1 on the teacher's vocabulary (128,256 logits), Stage 2 on the student's "
-            "(151,936)") in plan.table(p)
+    assert (
+        "cross-tokenizer: Stage 1 on the teacher's vocabulary (128,256 logits), Stage 2 on the student's (151,936)"
+    ) in plan.table(p)
     assert "cross-tokenizer:" not in plan.table(plan.plan(load_config(ROOT / "params/qwen2.5-7b_to_1.5b.yaml")))
     with pytest.raises(ValueError, match="cannot share a tokenizer"):
         plan.plan(load_config(CROSS, ["distill.cross_tokenizer=false"]), 24.0)
@@ -367,19 +465,23 @@ def test_model_configs_are_found_locally_or_shipped(tmp_path):
     with pytest.raises(FileNotFoundError, match="Qwen/Qwen2.5-7B.*pipeline/planning/models/Org--Nope"):
         plan.find_config("Org/Nope")
     # a teacher SFT output that does not exist yet is planned as its base model
-    assert plan.teacher_name(load_config(ROOT / "params/qwen2.5-3b-instruct_sft_to_0.5b-instruct.yaml")) == \
-        "Qwen/Qwen2.5-3B-Instruct"
+    assert (
+        plan.teacher_name(load_config(ROOT / "params/qwen2.5-3b-instruct_sft_to_0.5b-instruct.yaml"))
+        == "Qwen/Qwen2.5-3B-Instruct"
+    )
 
 
 def run_plan(*args):
-    return subprocess.run([sys.executable, "-m", "stages.plan", *args], cwd=ROOT, capture_output=True, text=True,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "stages.plan", *args], cwd=ROOT, capture_output=True, text=True, check=False
+    )
 
 
 def test_cli_prints_the_table_and_writes_the_metric(tmp_path):
     out = tmp_path / "plan.json"
-    p = run_plan("--params", "params/qwen2.5-7b_to_1.5b.yaml", "--max-length", "4096", "--gpu-gb", "16",
-                 "--out", str(out))
+    p = run_plan(
+        "--params", "params/qwen2.5-7b_to_1.5b.yaml", "--max-length", "4096", "--gpu-gb", "16", "--out", str(out)
+    )
     assert p.returncode == 0, p.stderr
     assert "Stage 1 - teacher Qwen/Qwen2.5-7B" in p.stdout and "DOES NOT FIT" in p.stdout  # 17.8 GiB > 16
     m = json.loads(out.read_text())
@@ -402,7 +504,9 @@ def test_preset_pipeline_matches_the_presets():
     for stage in ("plan", "distill_student", "evaluate"):
         assert set(preset_items(stage)) == names, stage
     cached = {**preset_items("cache_teacher"), **preset_items("cache_finetuned_teacher")}
-    assert set(cached) == names and set(preset_items("finetune_teacher")) <= set(preset_items("cache_finetuned_teacher"))
+    assert set(cached) == names and set(preset_items("finetune_teacher")) <= set(
+        preset_items("cache_finetuned_teacher")
+    )
     for stage in ("cache_teacher", "cache_finetuned_teacher", "finetune_teacher", "evaluate"):
         for name, item in preset_items(stage).items():
             assert item["data"] == load_config(ROOT / f"params/{name}.yaml").data.path, (stage, name)
@@ -411,8 +515,9 @@ def test_preset_pipeline_matches_the_presets():
 @pytest.mark.slow
 def test_dvc_runs_a_presets_plan_and_only_its_params_rerun_it(tmp_path):
     """`dvc repro params/dvc.yaml:plan@<preset>` in a copy of the repo; distill.lr does not rerun it."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, text=True,
-                           capture_output=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, text=True, capture_output=True, check=True
+    ).stdout.split()
     for f in files:
         if (ROOT / f).is_file() and f != "dvc.lock":
             (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
@@ -424,6 +529,7 @@ def test_dvc_runs_a_presets_plan_and_only_its_params_rerun_it(tmp_path):
         p = subprocess.run(cmd, cwd=tmp_path, env=env, text=True, capture_output=True, check=False)
         assert p.returncode == 0, f"{cmd}: {p.stdout[-2000:]}{p.stderr[-2000:]}"
         return p.stdout + p.stderr
+
     sh("git", "init", "-q")
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
@@ -444,8 +550,11 @@ MAIN = ROOT / "params/qwen2.5-7b_to_1.5b.yaml"
 def write_provenance(cache, **prov):
     """A cache's train split as far as the planner reads it: its root zarr.json with the provenance."""
     (cache / "train.zarr").mkdir(parents=True)
-    (cache / "train.zarr/zarr.json").write_text(json.dumps(
-        {"zarr_format": 3, "node_type": "group", "attributes": {"format": "otkd-teacher-cache", "provenance": prov}}))
+    (cache / "train.zarr/zarr.json").write_text(
+        json.dumps(
+            {"zarr_format": 3, "node_type": "group", "attributes": {"format": "otkd-teacher-cache", "provenance": prov}}
+        )
+    )
 
 
 def test_exact_teacher_adds_its_lm_head_to_stage2(tmp_path):
@@ -466,7 +575,7 @@ def test_exact_teacher_adds_its_lm_head_to_stage2(tmp_path):
     assert set(two) - set(one) == {"teacher_head"} and not two["teacher_head"].transient
     assert two["teacher_head"].nbytes == 2 * 152064 * D  # 1.09 GB
     assert two["teacher_head"].label == "teacher lm_head (exact KL): 152,064 (config vocab_size) x 3,584, bf16"
-    C = 2 ** 26 // V  # 441
+    C = 2**26 // V  # 441
     assert two["loss"].nbytes == 8 * C * V + 3 * 4 * 128 * V + 4 * C * D + 4 * rows * 1536 + 4 * rows * D
     assert two["loss"].label == "fused CE + exact KL (441 rows x 151,936 per chunk) + teacher rows"
     assert all(two[k].nbytes == one[k].nbytes for k in one if k != "loss")
@@ -491,11 +600,14 @@ def test_exact_teacher_adds_its_lm_head_to_stage2(tmp_path):
     # from a low-rank cache the head is folded into the basis (cache/codecs.py fold): r columns, a float32 bias-sized
     # offset, and the exact KL's teacher rows are r coefficients (the batch carries them beside the hidden states OT
     # decodes)
-    low = load_config(MAIN, [f"distill.cache={cache}", "distill.teacher_head=Qwen/Qwen2.5-7B",
-                             "cache.hidden_codec=fisher:512"])
+    low = load_config(
+        MAIN, [f"distill.cache={cache}", "distill.teacher_head=Qwen/Qwen2.5-7B", "cache.hidden_codec=fisher:512"]
+    )
     three = {i.key: i for i in plan.stage2(low, s, t, L).items}
     assert three["teacher_head"].nbytes == 2 * 151665 * (512 + 1)
-    assert three["teacher_head"].label == "teacher lm_head (exact KL) folded: 151,665 (cache's tokenizer size) x 512, bf16"
+    assert (
+        three["teacher_head"].label == "teacher lm_head (exact KL) folded: 151,665 (cache's tokenizer size) x 512, bf16"
+    )
     assert three["loss"].nbytes == two["loss"].nbytes - 4 * C * (D - 512) - 4 * rows * (D - 512)
     assert three["batch"].nbytes == two["batch"].nbytes + 4 * L * 512
 
@@ -526,10 +638,16 @@ def test_exact_teacher_rows_dtype_and_batch(tmp_path):
 
     L, k, D = 2048, 64, 3584
     no_ot = [f"distill.cache={other}", "distill.w_ot=0", "distill.w_ot_logits=0"]
-    topk, exact = ({i.key: i for i in plan.stage2(load_config(MAIN, no_ot + x), s, t, L).items}
-                   for x in ([], ["distill.teacher_head=Qwen/Qwen2.5-7B"]))
+    topk, exact = (
+        {i.key: i for i in plan.stage2(load_config(MAIN, no_ot + x), s, t, L).items}
+        for x in ([], ["distill.teacher_head=Qwen/Qwen2.5-7B"])
+    )
     assert exact["batch"].nbytes - topk["batch"].nbytes == L * (4 * D - 2 * (12 * k + 4))
     assert topk["batch"].label.endswith("top-k targets)") and exact["batch"].label.endswith("labels, teacher hidden)")
-    jsd = {i.key: i for i in plan.stage2(load_config(MAIN, no_ot + ["distill.teacher_head=Qwen/Qwen2.5-7B",
-                                                                    "distill.jsd_beta=0.5"]), s, t, L).items}
+    jsd = {
+        i.key: i
+        for i in plan.stage2(
+            load_config(MAIN, no_ot + ["distill.teacher_head=Qwen/Qwen2.5-7B", "distill.jsd_beta=0.5"]), s, t, L
+        ).items
+    }
     assert jsd["loss"].nbytes - exact["loss"].nbytes == 4 * 128 * 151936 and "exact JSD" in jsd["loss"].label

@@ -7,6 +7,7 @@ preset runs its Stage 1 the same way, on the teacher's own tokenizer (Llama 3: 1
 Padded vocabulary: the teachers' and students' padded lm_head rows are set so that they would win every
 softmax; Stage 1 must never store such an id and Stage 2 must put no probability on them.
 """
+
 import copy
 import json
 import shutil
@@ -24,26 +25,46 @@ from transformers import (
 )
 
 from cache.reader import open_cache
-from pipeline.distill import train as distill
-from pipeline.teacher import finetune
-from pipeline.teacher import cache_teacher as teacher_cache
-from pipeline.config import load_config
+from pipeline.config.params import load_config
 from pipeline.data.records import ALPACA_TEMPLATE
+from pipeline.data.task import generate_examples
+from pipeline.data.tiny import CHAT_TEMPLATE, build_tokenizer
+from pipeline.distill import train as distill
 from pipeline.distill.batches import cache_fields, collate, curves_path
 from pipeline.distill.model import DistillModel
+from pipeline.distill.student import load_student
 from pipeline.losses.ot import init_projection
 from pipeline.models import ModelLoadError, check_vocab, load_tokenizer
 from pipeline.planning.plan import MODELS_DIR
-from pipeline.distill.student import load_student
-from pipeline.data.task import generate_examples
-from pipeline.data.tiny import CHAT_TEMPLATE, build_tokenizer
+from pipeline.teacher import cache_teacher as teacher_cache
+from pipeline.teacher import finetune
 from tests.conftest import ROOT, reference_loss
 
 # Qwen2.5's 22 added tokens (ids 151,643-151,664); Qwen3 appends 4 more (151,665-151,668).
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
-                 "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
 QWEN3_EXTRA = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
 REGULAR = 151643  # Qwen's byte-level BPE entries before the added tokens
 PRESETS = {  # preset -> (teacher, student) as named in it (the teacher SFT preset starts from finetune.base)
@@ -56,9 +77,19 @@ CROSS_PRESETS = {  # distill.cross_tokenizer: the teacher and the student each h
 }
 # Llama 3.1's tokenizer: 128,000 byte-level BPE entries, then 256 special tokens (128,000-128,255) = its 128,256 logits
 LLAMA_REGULAR = 128000
-LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
-                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+LLAMA_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+]
 LLAMA_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(LLAMA_SPECIALS))]
 # Llama 3.1's chat template without its tool and date system block: the header tokens around each role
 LLAMA_CHAT_TEMPLATE = (
@@ -75,8 +106,12 @@ def padded_bpe(texts: list[str], out: Path, regular: int, filler: str = "zzfill"
     filler entries (`filler` + number) to `regular` entries."""
     small = json.loads(build_tokenizer(texts, out / "small", 400).backend_tokenizer.to_str())
     specials = {t["content"] for t in small["added_tokens"]}
-    vocab = {tok: i for i, (tok, _) in enumerate(sorted(((t, i) for t, i in small["model"]["vocab"].items()
-                                                         if t not in specials), key=lambda x: x[1]))}
+    vocab = {
+        tok: i
+        for i, (tok, _) in enumerate(
+            sorted(((t, i) for t, i in small["model"]["vocab"].items() if t not in specials), key=lambda x: x[1])
+        )
+    }
     vocab.update({f"{filler}{i}": i for i in range(len(vocab), regular)})  # no merge ever builds these
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in small["model"]["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
@@ -90,8 +125,13 @@ def qwen_sized_tokenizer(texts: list[str], out: Path, qwen3: bool) -> PreTrained
     151,643 regular tokens, then Qwen's added tokens at their real ids: len() is 151,665 (Qwen3: 151,669)."""
     tok = padded_bpe(texts, out, REGULAR)
     tok.add_special_tokens(QWEN_SPECIALS + (QWEN3_EXTRA if qwen3 else []))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                 additional_special_tokens=QWEN_SPECIALS[1:3], clean_up_tokenization_spaces=False)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN_SPECIALS[1:3],
+        clean_up_tokenization_spaces=False,
+    )
     hf.chat_template = CHAT_TEMPLATE
     assert len(hf) == REGULAR + len(QWEN_SPECIALS) + (4 if qwen3 else 0)
     return hf
@@ -103,8 +143,9 @@ def llama_sized_tokenizer(texts: list[str], out: Path) -> PreTrainedTokenizerFas
     not Qwen's: only the learnt entries have an identical string in qwen_sized_tokenizer."""
     tok = padded_bpe(texts, out, LLAMA_REGULAR, "yyllama")
     tok.add_special_tokens(LLAMA_SPECIALS)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                 clean_up_tokenization_spaces=False)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", clean_up_tokenization_spaces=False
+    )
     hf.chat_template = LLAMA_CHAT_TEMPLATE
     assert len(hf) == 128256 and hf.convert_tokens_to_ids("<|eot_id|>") == 128009
     return hf
@@ -115,8 +156,14 @@ def shrunk(name: str) -> AutoConfig:
     tying, biases and the rest unchanged."""
     cfg = json.loads((MODELS_DIR / name.replace("/", "--") / "config.json").read_text())
     cfg.pop("quantization_config", None)
-    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, max_window_layers=1,
-               num_attention_heads=2, num_key_value_heads=1)
+    cfg.update(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        max_window_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     if "head_dim" in cfg:
         cfg["head_dim"] = 32
     return AutoConfig.for_model(**cfg)
@@ -144,8 +191,12 @@ def build(name: str, tok, out: Path, seed: int, prequantize: bool = False) -> Pa
     model.save_pretrained(out)
     tok.save_pretrained(out)
     if prequantize:  # like unsloth/Qwen2.5-1.5B-bnb-4bit: the NF4 weights and quantization_config on disk
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
         AutoModelForCausalLM.from_pretrained(out, quantization_config=q, device_map={"": "cpu"}).save_pretrained(out)
     return out
 
@@ -166,8 +217,10 @@ def world(tmp_path_factory):
     models_ = {}
     for i, (preset, (teacher, student)) in enumerate(PRESETS.items()):
         tok = toks["qwen3" in preset]
-        models_[preset] = (build(teacher, tok, tmp / preset / "teacher_base", 2 * i),
-                           build(student, tok, tmp / preset / "student_base", 2 * i + 1, "bnb-4bit" in student))
+        models_[preset] = (
+            build(teacher, tok, tmp / preset / "teacher_base", 2 * i),
+            build(student, tok, tmp / preset / "student_base", 2 * i + 1, "bnb-4bit" in student),
+        )
     return tmp, toks, models_
 
 
@@ -176,13 +229,28 @@ def preset_config(world, preset: str):
     tmp, _, built = world
     teacher, student = built[preset]
     out = tmp / preset / "run"
-    sets = {"data.path": tmp / "data.jsonl", "distill.student": student, "distill.max_steps": 3,
-            "distill.num_workers": 0, "distill.logging_steps": 1, "distill.save_steps": 0,
-            "distill.cache": out / "cache", "distill.out": out / "student", "distill.plots": out / "plots",
-            "cache.out": out / "cache"}
+    sets = {
+        "data.path": tmp / "data.jsonl",
+        "distill.student": student,
+        "distill.max_steps": 3,
+        "distill.num_workers": 0,
+        "distill.logging_steps": 1,
+        "distill.save_steps": 0,
+        "distill.cache": out / "cache",
+        "distill.out": out / "student",
+        "distill.plots": out / "plots",
+        "cache.out": out / "cache",
+    }
     if "sft" in preset:  # Stage 1 caches the SFT output
-        sets.update({"finetune.base": teacher, "finetune.out": out / "teacher", "cache.teacher": out / "teacher",
-                     "finetune.metrics": out / "teacher.json", "finetune.eval_examples": 4})
+        sets.update(
+            {
+                "finetune.base": teacher,
+                "finetune.out": out / "teacher",
+                "cache.teacher": out / "teacher",
+                "finetune.metrics": out / "teacher.json",
+                "finetune.eval_examples": 4,
+            }
+        )
     else:
         sets["cache.teacher"] = teacher
     return load_config(ROOT / f"params/{preset}.yaml", [f"{k}={v}" for k, v in sets.items()])
@@ -238,8 +306,10 @@ def test_preset_models_are_shipped_and_their_vocabularies_match_its_mode(preset)
     assert (cfg.finetune.base if "sft" in preset else cfg.cache.teacher, cfg.distill.student) == (teacher, student)
     assert cfg.evaluate.models["student_base"] == student
     assert cfg.distill.cross_tokenizer == (preset in CROSS_PRESETS)
-    vocab = [json.loads((MODELS_DIR / n.replace("/", "--") / "config.json").read_text())["vocab_size"]
-             for n in (teacher, student)]
+    vocab = [
+        json.loads((MODELS_DIR / n.replace("/", "--") / "config.json").read_text())["vocab_size"]
+        for n in (teacher, student)
+    ]
     assert (abs(vocab[0] - vocab[1]) > 512) == cfg.distill.cross_tokenizer, vocab
 
 
@@ -253,8 +323,11 @@ def cross_world(tmp_path_factory):
     texts = write_task(tmp, 40)
     teacher, student = CROSS_PRESETS[CROSS]
     llama, qwen = llama_sized_tokenizer(texts, tmp / "tok_llama"), qwen_sized_tokenizer(texts, tmp / "tok_qwen", False)
-    return tmp, None, {CROSS: (build(teacher, llama, tmp / "teacher_base", 8),
-                               build(student, qwen, tmp / "student_base", 9))}
+    return (
+        tmp,
+        None,
+        {CROSS: (build(teacher, llama, tmp / "teacher_base", 8), build(student, qwen, tmp / "student_base", 9))},
+    )
 
 
 @pytest.mark.slow
@@ -299,8 +372,9 @@ def test_student_losses_ignore_padded_columns(world):
     tok, d = toks[False], cfg.distill
     c = open_cache(cache)
     batch = collate(c.read_many(range(0, len(c), max(1, len(c) // 4)), cache_fields(d)), tok.pad_token_id)
-    P0 = init_projection(c.provenance["hidden_size"], AutoConfig.from_pretrained(d.student).hidden_size,
-                         torch.Generator().manual_seed(0))
+    P0 = init_projection(
+        c.provenance["hidden_size"], AutoConfig.from_pretrained(d.student).hidden_size, torch.Generator().manual_seed(0)
+    )
     model = DistillModel(load_student(d), d, len(tok), P0)
     emb = model.student.get_output_embeddings().weight  # tied: the embedding matrix, fp32 after k-bit preparation
     assert emb.shape[0] == 151936 and not emb.requires_grad
@@ -308,7 +382,7 @@ def test_student_losses_ignore_padded_columns(world):
     for fused in (True, False):
         for sign in (1, -1):
             with torch.no_grad():
-                emb[len(tok):] = sign * emb[len(tok):].abs()  # +: padded columns would take all the mass
+                emb[len(tok) :] = sign * emb[len(tok) :].abs()  # +: padded columns would take all the mass
             model.zero_grad()
             loss, logs = model(**batch) if fused else reference_loss(model, batch)
             loss.backward()

@@ -3,6 +3,7 @@ started here on localhost; credentials and endpoint from the environment only) h
 through fsspec with the same completion-record semantics: killed mid-run (SIGKILL), rerun with 2 torchrun ranks,
 every object is byte-identical to the files of a local single-process store. open_cache, verify_cache and Stage 2
 read it by URL."""
+
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import pytest
 
 from cache import open_cache
 from cache.verify import repair, verify
-from pipeline.config import save_config
+from pipeline.config.base import save_config
 from tests.conftest import ROOT, distill_cfg, read_tsv, stage
 from tests.test_parallel_stage1 import ENV, torchrun
 from tests.test_stage1 import params_file
@@ -36,10 +37,17 @@ def s3():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    creds = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     saved = {k: os.environ.get(k) for k in creds}
     os.environ.update(creds)
     ENV.update(creds)
@@ -69,7 +77,7 @@ def s3():
 def objects(fs, url: str) -> dict[str, bytes]:
     root = url.removeprefix("s3://")
     fs.invalidate_cache()
-    return {f[len(root) + 1:]: fs.cat_file(f) for f in fs.find(root)}
+    return {f[len(root) + 1 :]: fs.cat_file(f) for f in fs.find(root)}
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -88,8 +96,14 @@ def test_stage1_to_s3_killed_then_resumed_by_two_ranks_is_byte_identical(tiny, s
 
     url = f"s3://{BUCKET}/run1/cache"
     params = params_file(tiny, tmp_path / "s3.yaml", out=url, **COMMON)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/slow_stage1.py"), "0.1", "--params", params],
-                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests/slow_stage1.py"), "0.1", "--params", params],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         s3.invalidate_cache()
@@ -161,13 +175,17 @@ def test_a_remote_creation_killed_midway_is_repaired_on_resume(s3, tmp_path, mon
 
     url = f"s3://{BUCKET}/half/s.zarr"
     with monkeypatch.context() as m:
+
         def killed(*a, **kw):
             raise KeyboardInterrupt("killed after the arrays, before the data and the base manifest")
+
         m.setattr(writer_mod, "_write_base", killed)
         with pytest.raises(KeyboardInterrupt):
             create(url, inputs)
     s3.invalidate_cache()
-    assert s3.exists(f"{BUCKET}/half/s.zarr/zarr.json") and not s3.exists(f"{BUCKET}/half/s.zarr/manifest/base/zarr.json")
+    assert s3.exists(f"{BUCKET}/half/s.zarr/zarr.json") and not s3.exists(
+        f"{BUCKET}/half/s.zarr/manifest/base/zarr.json"
+    )
     with pytest.raises(Exception, match="incomplete"):
         open_cache(url)
     w = create(url, inputs)  # resumes and repairs

@@ -1,5 +1,6 @@
 """Sinkhorn solver and OT gradients against float64 references written here (plain per-sequence loops on the
 unpadded problem, unrolled autograd, POT)."""
+
 import functools
 
 import numpy as np
@@ -14,7 +15,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 B, N, M = 3, 41, 37  # awkward on purpose: N != M, both prime
 W = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)  # non-unit upstream gradient per sequence
-
 
 
 def make_problem(dtype=torch.float64, seed=0, peaked=False):
@@ -57,7 +57,6 @@ def ref_value_and_grad(eps, peaked, objective):
     return value.detach(), C.grad
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("eps", [0.05, 0.2])
 def test_marginals_and_padding(dtype, eps):
@@ -87,8 +86,9 @@ def test_matches_pot():
     for i in range(B):
         c = C[i][a_mask[i]][:, b_mask[i]].numpy()
         n, m = c.shape
-        T_pot = ot.sinkhorn(np.full(n, 1 / n), np.full(m, 1 / m), c, eps, method="sinkhorn_log",
-                            numItermax=5000, stopThr=1e-14)
+        T_pot = ot.sinkhorn(
+            np.full(n, 1 / n), np.full(m, 1 / m), c, eps, method="sinkhorn_log", numItermax=5000, stopThr=1e-14
+        )
         np.testing.assert_allclose(res.plan[i][a_mask[i]][:, b_mask[i]].numpy(), T_pot, rtol=1e-7, atol=1e-12)
 
 
@@ -116,7 +116,7 @@ def test_batch_mates_do_not_matter(domain):
     assert len(set(res.n_iters.tolist())) == B  # the sequences really did stop at different iterations
     assert res.converged.all()
     for i in range(B):
-        alone = sinkhorn(C[i:i + 1], a_mask[i:i + 1], b_mask[i:i + 1], eps[i].item(), domain=domain)
+        alone = sinkhorn(C[i : i + 1], a_mask[i : i + 1], b_mask[i : i + 1], eps[i].item(), domain=domain)
         assert alone.n_iters.item() == res.n_iters[i].item()
         atol = 0 if domain == "log" else 1e-7
         torch.testing.assert_close(alone.plan[0], res.plan[i], rtol=0, atol=atol)
@@ -197,6 +197,7 @@ def test_unconverged_peaked_problems_give_finite_gradients():
 
 # ------------------------------------------------------------------ solver options: domain, over-relaxation
 
+
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 @pytest.mark.parametrize("overrelax", [False, True])
 def test_kernel_and_log_domains_agree(dtype, atol, overrelax):
@@ -264,6 +265,7 @@ def test_broken_kernel_stage_is_redone_in_the_log_domain(monkeypatch):
     # a kernel whose products go non-finite (simulated: NaN in sequence 1's kernel) must not leak: that
     # sequence redoes the stage in the log domain and ends at the same plan as a clean solve
     import pipeline.losses.sinkhorn as sk
+
     C, a_mask, b_mask = make_problem(torch.float64, peaked=True)
     clean = sinkhorn(C, a_mask, b_mask, 0.05, tol=1e-10)
     real = sk._Kernel.build
@@ -307,6 +309,7 @@ def test_relative_eps_is_invariant_to_the_scale_of_the_cost():
     assert (r1.plan - r2.plan).abs().sum((1, 2)).max() <= 1e-9
     assert (r1.plan - r3.plan).abs().sum((1, 2)).max() > 1e-2
     from pipeline.losses.implicit import relative_eps
+
     std = torch.stack([C[i][a_mask[i]][:, b_mask[i]].std() for i in range(B)])
     torch.testing.assert_close(relative_eps(C, a_mask, b_mask, 0.5), 0.5 * std)
     with pytest.raises(ValueError, match="eps_scale"):
@@ -330,6 +333,7 @@ def test_overrelaxation_backs_off_when_it_diverges(monkeypatch):
     # force a wildly unstable omega: the solver must notice the error growing, return to its last checked
     # state and still converge to the plain Sinkhorn plan
     import pipeline.losses.sinkhorn as sk
+
     monkeypatch.setattr(sk, "OMEGA_MAX", 10.0)
     monkeypatch.setattr(sk, "_young_omega", lambda mu2: torch.full_like(mu2, 3.0))
     C, a_mask, b_mask = make_problem(torch.float64, peaked=True)

@@ -1,4 +1,5 @@
 """Stage 1 end to end: the real `python -m stages.cache_teacher` on the tiny embedded default."""
+
 import copy
 import os
 import signal
@@ -14,12 +15,21 @@ import zarr
 from transformers import AutoModelForCausalLM
 
 from cache.reader import open_cache
-from pipeline.config import save_config
+from pipeline.config.base import save_config
 from pipeline.data.records import IGNORE
 from tests.conftest import ROOT, stage
 
-ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "hidden", "input_ids", "supervised", "sample_ids",
-          "token_offsets", "row_offsets")
+ARRAYS = (
+    "topk_ids",
+    "topk_logprobs",
+    "tail_logmass",
+    "hidden",
+    "input_ids",
+    "supervised",
+    "sample_ids",
+    "token_offsets",
+    "row_offsets",
+)
 
 
 def params_file(cfg, path: Path, **cache) -> str:
@@ -117,8 +127,13 @@ def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path, codec):
     killed = params_file(cfg, tmp_path / "killed.yaml", out=str(tmp_path / "killed"), **common)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # the stage with a 0.05 s pause per batch (tests/slow_stage1.py), so the kill lands mid-run
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/slow_stage1.py"), "0.05", "--params", killed],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests/slow_stage1.py"), "0.05", "--params", killed],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     done = tmp_path / "killed/train.zarr/shard_done"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

@@ -3,6 +3,7 @@
 Tiny Qwen2 checkpoints (96 logit rows for a 90-token "tokenizer", as Qwen2.5 pads its logits) saved in several
 shards, so that reading only the head's shard, the row slicing and the tied/biased/prefixed variants are real.
 """
+
 import json
 import os
 import shutil
@@ -22,9 +23,16 @@ V_LOGITS, V_TOK, D = 96, 90, 32
 
 
 def build(out: Path, tied: bool, shard: str | None = "8KB") -> Qwen2ForCausalLM:
-    config = Qwen2Config(vocab_size=V_LOGITS, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tied)
+    config = Qwen2Config(
+        vocab_size=V_LOGITS,
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1 if tied else 0)
         model = Qwen2ForCausalLM(config)
@@ -35,8 +43,14 @@ def build(out: Path, tied: bool, shard: str | None = "8KB") -> Qwen2ForCausalLM:
 def provenance(path: Path, **kw) -> dict:
     """As cache_teacher.run builds it (the fields load_teacher_head reads), with a 90-token tokenizer."""
     cfg = json.loads((path / "config.json").read_text())
-    return {"teacher": str(path), "teacher_hash": model_hash(str(path)), "tokenizer_size": V_TOK,
-            "logits_size": cfg["vocab_size"], "hidden_size": cfg["hidden_size"], **kw}
+    return {
+        "teacher": str(path),
+        "teacher_hash": model_hash(str(path)),
+        "tokenizer_size": V_TOK,
+        "logits_size": cfg["vocab_size"],
+        "hidden_size": cfg["hidden_size"],
+        **kw,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +130,11 @@ def test_prefixed_names_and_bias(untied, tmp_path, reads):
     path.mkdir()
     shutil.copy(src / "config.json", path)
     g = torch.Generator().manual_seed(3)
-    t = {"language_model.lm_head.weight": torch.randn(V_LOGITS, D, generator=g),
-         "language_model.lm_head.bias": torch.randn(V_LOGITS, generator=g),
-         "language_model.model.embed_tokens.weight": torch.randn(V_LOGITS, D, generator=g)}
+    t = {
+        "language_model.lm_head.weight": torch.randn(V_LOGITS, D, generator=g),
+        "language_model.lm_head.bias": torch.randn(V_LOGITS, generator=g),
+        "language_model.model.embed_tokens.weight": torch.randn(V_LOGITS, D, generator=g),
+    }
     save_file(t, str(path / "model.safetensors"))
     w, b = load_teacher_head(str(path), provenance(path))
     assert sorted(reads) == ["language_model.lm_head.bias", "language_model.lm_head.weight"]
@@ -166,9 +182,9 @@ def test_missing_weights(untied, tmp_path):
 @pytest.mark.parametrize("sharded", [True, False])
 def test_hub_name_fetches_only_the_heads_file(untied, tied, monkeypatch, reads, sharded):
     """A hub name: the index and the head's shard only (hf_hub_download faked with a local folder, no hub here)."""
+    import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    import huggingface_hub
     import pipeline.models
 
     path, model = untied if sharded else tied

@@ -1,7 +1,9 @@
 """Teacher top-k log-probs and tail mass against a float64 dense reference."""
+
 import torch
 
-from pipeline.losses.kl import LOG_FLOOR
+from cache.schema import LOG_FLOOR
+from pipeline.losses import kl
 from pipeline.teacher.topk import topk_from_hidden, topk_logprobs
 
 
@@ -67,3 +69,8 @@ def test_k_out_of_range():
 
     with pytest.raises(ValueError, match="k=20 must be between 1 and the vocabulary size 16"):
         topk_logprobs(torch.zeros(2, 32), 20, vocab_size=16)
+
+
+def test_the_losses_floor_is_the_caches():
+    """Stage 1 stores tails floored at cache.schema.LOG_FLOOR, Stage 2 clamps to kl.LOG_FLOOR: one value."""
+    assert kl.LOG_FLOOR == LOG_FLOOR

@@ -3,17 +3,19 @@
 Everything downstream reads these exactly as it would read a user's data and Qwen/Qwen2.5-* checkpoints:
 a JSONL file and `from_pretrained(folder)`.
 """
+
 import json
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import Config, save_config
+from pipeline.config.base import save_config
+from pipeline.config.prepare import PrepareParams
 from pipeline.data.records import ALPACA_TEMPLATE
 from pipeline.data.task import generate_examples
 from pipeline.data.tiny import build_model, build_tokenizer
 
 
-def run(cfg: Config) -> None:
+def run(cfg: PrepareParams) -> None:
     p = cfg.prepare
     records = generate_examples(p.n_examples, cfg.seed, p.n_digits, p.task)
     data = Path(p.out_data)
@@ -29,5 +31,7 @@ def run(cfg: Config) -> None:
     other = build_tokenizer(texts, models / "tokenizer_x", p.other_tokenizer_vocab, digits=2)
     build_model(other, models / "student_x", **asdict(p.student), vocab_multiple=p.vocab_multiple, seed=cfg.seed + 1)
     save_config(cfg, models / "config.yaml")
-    print(f"prepare: {len(records)} examples -> {data}; tokenizers ({len(tokenizer)} and {len(other)} tokens), "
-          f"teacher, student and student_x -> {models}")
+    print(
+        f"prepare: {len(records)} examples -> {data}; tokenizers ({len(tokenizer)} and {len(other)} tokens), "
+        f"teacher, student and student_x -> {models}"
+    )

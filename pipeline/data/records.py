@@ -3,6 +3,7 @@
 Every example gets a `sample_id` derived from its content (not its row number): cached teacher targets are
 keyed by it, so shuffling, filtering or resuming can never pair a student row with another example's targets.
 """
+
 import hashlib
 import json
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 import datasets
 
 from cache.errors import OtkdError
-from pipeline.config import DataConfig
+from pipeline.config.data import DataConfig
 
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -69,8 +70,9 @@ def _utf8(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                        "save the file as UTF-8") from None
+        raise DataError(
+            f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
+        ) from None
 
 
 def _check_json(path: Path) -> None:
@@ -82,8 +84,10 @@ def _check_json(path: Path) -> None:
     except UnicodeDecodeError as e:
         start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # offsets of utf-8-sig skip the BOM
         lineno, line_start = data.count(b"\n", 0, start) + 1, data.rfind(b"\n", 0, start) + 1
-        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{data[start]:02x} at "
-                        f"column {start - line_start + 1}, byte position {start}); save the file as UTF-8") from None
+        raise DataError(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{data[start]:02x} at "
+            f"column {start - line_start + 1}, byte position {start}); save the file as UTF-8"
+        ) from None
     if not text.strip():
         raise DataError(f"{path}: the dataset is empty")
     try:
@@ -104,8 +108,9 @@ def _check_json(path: Path) -> None:
             try:
                 json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}, position "
-                                f"{offset + e.pos})") from None
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}, position {offset + e.pos})"
+                ) from None
         offset += len(line) + 1
 
 
@@ -162,11 +167,10 @@ def render(rec: dict, tokenizer, template: str) -> tuple[str, str]:
         user = rec["instruction"] + (f"\n\n{rec['input']}" if rec["input"] else "")
         msgs = [{"role": "user", "content": user}]
         prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": rec["output"]}],
-                                             tokenize=False)
+        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": rec["output"]}], tokenize=False)
         if not full.startswith(prompt):
             raise DataError("the chat template renders the prompt differently with and without the answer")
-        return prompt, full[len(prompt):]
+        return prompt, full[len(prompt) :]
     raise DataError(f"unknown template {template!r} (use 'alpaca' or 'chat')")
 
 
@@ -199,7 +203,7 @@ def load_splits(cfg: DataConfig, tokenizer, log=print) -> Splits:
     if cfg.limit < 0:
         raise DataError(f"data.limit must be >= 0 (0 = all records), got {cfg.limit}")
     # like the train[:N] slice of a public dataset in the user's original design notes
-    records = records[:cfg.limit] if cfg.limit else records
+    records = records[: cfg.limit] if cfg.limit else records
     rows = {name: [] for name in ("train", "validation", "test")}
     seen, n_trunc, n_drop = set(), 0, 0
     for rec in records:
@@ -214,9 +218,12 @@ def load_splits(cfg: DataConfig, tokenizer, log=print) -> Splits:
             continue
         rows[split_of(prompt_id(rec), cfg.val_fraction, cfg.test_fraction)].append({"sample_id": sid, **ex, **rec})
     n_dup = len(records) - len(seen)
-    log(f"data: {len(records)} records from {cfg.path}: " + ", ".join(f"{k} {len(v)}" for k, v in rows.items())
+    log(
+        f"data: {len(records)} records from {cfg.path}: "
+        + ", ".join(f"{k} {len(v)}" for k, v in rows.items())
         + f"; truncated to {cfg.max_length} tokens: {n_trunc}; dropped (no response left): {n_drop}"
-        + f"; duplicates removed: {n_dup}")
+        + f"; duplicates removed: {n_dup}"
+    )
     if n_drop == len(seen):
         raise DataError(f"{cfg.path}: no example keeps a response token within max_length={cfg.max_length}")
     cols = ["sample_id", "input_ids", "labels", "instruction", "input", "output"]
@@ -230,9 +237,11 @@ def tokenizer_hash(tokenizer) -> str:
     Compared instead of `vocab_size`: Qwen2.5 models with 151,936 and 152,064 logit columns share one
     151,665-entry tokenizer, while two tokenizers of equal size may map ids to different strings.
     """
-    data = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
-            "special": sorted(map(str, tokenizer.all_special_tokens)),
-            "chat_template": tokenizer.chat_template or ""}
+    data = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+        "special": sorted(map(str, tokenizer.all_special_tokens)),
+        "chat_template": tokenizer.chat_template or "",
+    }
     return hashlib.sha256(json.dumps(data, ensure_ascii=False).encode()).hexdigest()[:16]
 
 

@@ -16,6 +16,7 @@ checker does not care how a split was made: any a + b = N is right.
 Why digit sum: the answer depends on all the digits at once, and a teacher that is unsure puts its mass on
 neighbouring sums ("19" vs "18"/"20"). Multi-digit addition is too hard at this size, digit reversal too easy.
 """
+
 import random
 import re
 
@@ -31,7 +32,7 @@ class TaskSizeError(OtkdError, ValueError):
 
 def _n_distinct(task: str, n_digits: int) -> int:
     if task == "digit_sum":
-        return 10 ** n_digits
+        return 10**n_digits
     return 36 * 55 ** (n_digits - 1)  # split: sum over N's leading digit (n - 1 choices) and the others (n + 1)
 
 
@@ -59,8 +60,10 @@ def generate_examples(n: int, seed: int, n_digits: int = 6, task: str = "digit_s
         raise TaskSizeError(f"prepare.task must be one of {', '.join(TASKS)}, got {task!r}")
     limit = _n_distinct(task, n_digits)
     if not 0 <= n <= limit // 2:  # rejection sampling below stays cheap while at most half are taken
-        raise TaskSizeError(f"n={n} examples must be between 0 and {limit // 2} for the {task} task with "
-                            f"{n_digits}-digit instructions (prepare.n_examples, prepare.n_digits)")
+        raise TaskSizeError(
+            f"n={n} examples must be between 0 and {limit // 2} for the {task} task with "
+            f"{n_digits}-digit instructions (prepare.n_examples, prepare.n_digits)"
+        )
     rng = random.Random(seed)
     seen: set[str] = set()
     out = []
@@ -76,7 +79,7 @@ def generate_examples(n: int, seed: int, n_digits: int = 6, task: str = "digit_s
 def _after_marker(text: str) -> str | None:
     """What follows the marker when the text starts with it (after leading whitespace), else None."""
     text = text.lstrip()
-    return text[len(MARKER):] if text.startswith(MARKER) else None
+    return text[len(MARKER) :] if text.startswith(MARKER) else None
 
 
 _SPLIT_RE = re.compile(r"(\d+) *\+ *(\d+)")

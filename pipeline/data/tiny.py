@@ -4,6 +4,7 @@ The tiny models are real `Qwen2ForCausalLM`s (GQA attention, RoPE, SwiGLU, RMSNo
 pipeline takes with Qwen2.5-7B / 1.5B (loading, chat template, padded logits, generation) is exercised on
 CPU in seconds. Only the sizes differ. Imports only tokenizers / transformers / torch.
 """
+
 from pathlib import Path
 
 import torch
@@ -20,9 +21,7 @@ SPECIAL_TOKENS = [EOS, IM_START, IM_END]  # ids 0, 1, 2 (Qwen2.5 has them at 151
 # Qwen2's pre-tokenizer regex, verbatim (transformers' tokenization_qwen2.PRETOKENIZE_REGEX). `\p{N}` on its
 # own matches ONE digit, so numbers are always split into single digits: "2631" -> 2 6 3 1. That is what
 # makes arithmetic-style tasks learnable digit by digit, and it is how the real teacher sees numbers.
-QWEN_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 
 # Qwen2.5-Instruct's template, minus tool calling: a default system turn is inserted when the conversation
 # does not start with one, and add_generation_prompt opens the assistant turn. Kept so that
@@ -54,17 +53,26 @@ def build_tokenizer(texts: list[str], out_dir, vocab_size: int, digits: int = 1)
     embedded cross-tokenizer student's, so that its sequences are shorter than the teacher's).
     """
     if vocab_size <= 256 + len(SPECIAL_TOKENS):
-        raise ModelLoadError(f"prepare.tokenizer_vocab={vocab_size} must exceed the 256 byte symbols + "
-                             f"{len(SPECIAL_TOKENS)} specials")
-    tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
-                               fuse_unk=False, byte_fallback=False))
+        raise ModelLoadError(
+            f"prepare.tokenizer_vocab={vocab_size} must exceed the 256 byte symbols + {len(SPECIAL_TOKENS)} specials"
+        )
+    tok = Tokenizer(
+        models.BPE(
+            unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False
+        )
+    )
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX.replace(r"|\p{N}|", r"|\p{N}{1,%d}|" % digits)),
-                             behavior="isolated", invert=False),
-        # use_regex=False: the split above already did GPT-2's job; this only maps bytes to printable chars
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(QWEN_PRETOKENIZE_REGEX.replace(r"|\p{N}|", r"|\p{N}{1,%d}|" % digits)),  # noqa: UP031
+                behavior="isolated",
+                invert=False,
+            ),
+            # use_regex=False: the split above already did GPT-2's job; this only maps bytes to printable chars
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -102,18 +110,31 @@ def padded_vocab_size(n_tokens: int, multiple: int) -> int:
     return -(-n_tokens // multiple) * multiple
 
 
-def build_model(tokenizer, out_dir, *, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
-                intermediate_size: int, vocab_multiple: int = 64, seed: int = 0,
-                tie_word_embeddings: bool = True, max_position_embeddings: int = 512) -> None:
+def build_model(
+    tokenizer,
+    out_dir,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    vocab_multiple: int = 64,
+    seed: int = 0,
+    tie_word_embeddings: bool = True,
+    max_position_embeddings: int = 512,
+) -> None:
     """Save a random-init Qwen2ForCausalLM (+ the tokenizer) to `out_dir`, loadable with from_pretrained.
 
     tie_word_embeddings defaults to True like Qwen2.5-0.5B/1.5B: at tiny sizes the embedding matrix is a
     large share of the parameters and tying halves it. Weights are float32 (CPU training).
     """
     if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ModelLoadError(f"model shape hidden_size={hidden_size}, num_heads={num_heads}, "
-                             f"num_kv_heads={num_kv_heads}: hidden_size must divide by num_heads and num_heads by "
-                             "num_kv_heads (GQA groups)")
+        raise ModelLoadError(
+            f"model shape hidden_size={hidden_size}, num_heads={num_heads}, "
+            f"num_kv_heads={num_kv_heads}: hidden_size must divide by num_heads and num_heads by "
+            "num_kv_heads (GQA groups)"
+        )
     n_tok = len(tokenizer)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     config = Qwen2Config(

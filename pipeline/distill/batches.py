@@ -10,6 +10,7 @@ Batches keep the teacher rows compact, in row order, with their positions:
 The per-token losses read rows flattened to (R, ...) = x[row_mask], the sequence-level OT losses read them
 per sequence (B, M, ...); neither needs them scattered over all L positions.
 """
+
 from pathlib import Path
 from typing import TypedDict
 
@@ -18,7 +19,7 @@ import torch
 
 from cache.errors import CacheMismatchError
 from cache.reader import TeacherCache, describe, open_cache
-from pipeline.config import DistillConfig
+from pipeline.config.distill import DistillConfig
 from pipeline.data.records import IGNORE, tokenizer_hash
 from pipeline.losses.kl import LOG_FLOOR
 
@@ -29,22 +30,22 @@ COMPONENTS = ("ce", "kl", "ot_hidden", "ot_logits")
 class Batch(TypedDict, total=False):
     """One Stage-2 batch (a plain dict at run time, so Trainer / accelerate move it between devices)."""
 
-    input_ids: torch.Tensor         # (B, L) long, right-padded with the tokenizer's pad id
-    attention_mask: torch.Tensor    # (B, L) long
-    labels: torch.Tensor            # (B, L) long: input_ids at p_r + 1 for every row r, else IGNORE
-    row_pos: torch.Tensor           # (B, M) long: the student position of each teacher row
-    row_mask: torch.Tensor          # (B, M) bool
-    teacher_ids: torch.Tensor       # (B, M, k) long        only when KL or OT on logits is on
+    input_ids: torch.Tensor  # (B, L) long, right-padded with the tokenizer's pad id
+    attention_mask: torch.Tensor  # (B, L) long
+    labels: torch.Tensor  # (B, L) long: input_ids at p_r + 1 for every row r, else IGNORE
+    row_pos: torch.Tensor  # (B, M) long: the student position of each teacher row
+    row_mask: torch.Tensor  # (B, M) bool
+    teacher_ids: torch.Tensor  # (B, M, k) long        only when KL or OT on logits is on
     teacher_logprobs: torch.Tensor  # (B, M, k) float32     (log-softmax over the full vocabulary)
-    teacher_tail: torch.Tensor      # (B, M) float32        log of the mass outside the top-k
-    teacher_hidden: torch.Tensor    # (B, M, D) float32     only for OT on hidden states or the exact teacher (decoded)
-    teacher_code: torch.Tensor      # (B, M, r) float32     the exact teacher from a low-rank cache's coefficients
+    teacher_tail: torch.Tensor  # (B, M) float32        log of the mass outside the top-k
+    teacher_hidden: torch.Tensor  # (B, M, D) float32     only for OT on hidden states or the exact teacher (decoded)
+    teacher_code: torch.Tensor  # (B, M, r) float32     the exact teacher from a low-rank cache's coefficients
     # cross-tokenizer batches only (pipeline/distill/crosstok.py): input_ids / labels / row_pos are the student's
     # own tokens and rows (B, N); the teacher rows keep their cache order (B, M)
-    teacher_mask: torch.Tensor      # (B, M) bool: teacher row exists and lies in the text both sides cover
-    student_keep: torch.Tensor      # (B, N) bool: student row lies in the text both sides cover
-    aligned: torch.Tensor           # (B, N) long: the teacher row aligned with student row i, or -1
-    teacher_sids: torch.Tensor      # (B, M, k) long: teacher top-k ids mapped to student ids, -1 = unmapped
+    teacher_mask: torch.Tensor  # (B, M) bool: teacher row exists and lies in the text both sides cover
+    student_keep: torch.Tensor  # (B, N) bool: student row lies in the text both sides cover
+    aligned: torch.Tensor  # (B, N) long: the teacher row aligned with student row i, or -1
+    teacher_sids: torch.Tensor  # (B, M, k) long: teacher top-k ids mapped to student ids, -1 = unmapped
 
 
 def cache_fields(d: DistillConfig, folded: bool = False) -> list[str]:
@@ -70,11 +71,13 @@ def collate(reads: list[dict], pad_id: int, token_map: torch.Tensor | None = Non
     L = max(len(x["input_ids"]) for x in reads)
     pos = [np.flatnonzero(x["supervised"]) for x in reads]
     M = max(len(p) for p in pos)
-    out = Batch(input_ids=torch.full((B, L), pad_id, dtype=torch.long),
-                attention_mask=torch.zeros(B, L, dtype=torch.long),
-                labels=torch.full((B, L), IGNORE, dtype=torch.long),
-                row_pos=torch.zeros(B, M, dtype=torch.long),
-                row_mask=torch.zeros(B, M, dtype=torch.bool))
+    out = Batch(
+        input_ids=torch.full((B, L), pad_id, dtype=torch.long),
+        attention_mask=torch.zeros(B, L, dtype=torch.long),
+        labels=torch.full((B, L), IGNORE, dtype=torch.long),
+        row_pos=torch.zeros(B, M, dtype=torch.long),
+        row_mask=torch.zeros(B, M, dtype=torch.bool),
+    )
     teacher_rows(out, reads, M)
     for b, (x, p) in enumerate(zip(reads, pos)):
         n, r = len(x["input_ids"]), len(p)
@@ -106,7 +109,7 @@ def teacher_rows(out: Batch, reads: list[dict], M: int) -> None:
         if field in reads[0]:
             out[key] = torch.zeros(B, M, reads[0][field].shape[1])
             for b, x in enumerate(reads):
-                out[key][b, :len(x[field])] = torch.as_tensor(x[field])
+                out[key][b, : len(x[field])] = torch.as_tensor(x[field])
 
 
 def collate_cross(reads: list[dict], pad_id: int, token_map: torch.Tensor | None) -> Batch:
@@ -117,12 +120,16 @@ def collate_cross(reads: list[dict], pad_id: int, token_map: torch.Tensor | None
     N = max(max(len(x["student_rows"]) for x in reads), 1)
     t_pos = [np.flatnonzero(x["supervised"]) for x in reads]
     M = max(max(len(p) for p in t_pos), 1)
-    out = Batch(input_ids=torch.full((B, L), pad_id, dtype=torch.long),
-                attention_mask=torch.zeros(B, L, dtype=torch.long),
-                labels=torch.full((B, L), IGNORE, dtype=torch.long),
-                row_pos=torch.zeros(B, N, dtype=torch.long), row_mask=torch.zeros(B, N, dtype=torch.bool),
-                student_keep=torch.zeros(B, N, dtype=torch.bool), aligned=torch.full((B, N), -1, dtype=torch.long),
-                teacher_mask=torch.zeros(B, M, dtype=torch.bool))
+    out = Batch(
+        input_ids=torch.full((B, L), pad_id, dtype=torch.long),
+        attention_mask=torch.zeros(B, L, dtype=torch.long),
+        labels=torch.full((B, L), IGNORE, dtype=torch.long),
+        row_pos=torch.zeros(B, N, dtype=torch.long),
+        row_mask=torch.zeros(B, N, dtype=torch.bool),
+        student_keep=torch.zeros(B, N, dtype=torch.bool),
+        aligned=torch.full((B, N), -1, dtype=torch.long),
+        teacher_mask=torch.zeros(B, M, dtype=torch.bool),
+    )
     teacher_rows(out, reads, M)
     for b, (x, p) in enumerate(zip(reads, t_pos)):
         n, rows, r = len(x["student_ids"]), torch.as_tensor(x["student_rows"], dtype=torch.long), len(p)
@@ -130,10 +137,10 @@ def collate_cross(reads: list[dict], pad_id: int, token_map: torch.Tensor | None
         out["input_ids"][b, :n] = ids
         out["attention_mask"][b, :n] = 1
         out["labels"][b, rows + 1] = ids[rows + 1]
-        out["row_pos"][b, :len(rows)] = rows
-        out["row_mask"][b, :len(rows)] = True
-        out["student_keep"][b, :len(rows)] = torch.as_tensor(x["student_keep"])
-        out["aligned"][b, :len(rows)] = torch.as_tensor(x["aligned"])
+        out["row_pos"][b, : len(rows)] = rows
+        out["row_mask"][b, : len(rows)] = True
+        out["student_keep"][b, : len(rows)] = torch.as_tensor(x["student_keep"])
+        out["aligned"][b, : len(rows)] = torch.as_tensor(x["aligned"])
         out["teacher_mask"][b, :r] = torch.as_tensor(x["teacher_keep"])
     if "teacher_ids" in out and token_map is not None:
         ids = out["teacher_ids"]
@@ -169,7 +176,8 @@ def open_checked(path: Path, tokenizer, student: str) -> TeacherCache:
         raise CacheMismatchError(
             f"teacher cache at {path} was made with another tokenizer (hash {got}) than the student {student} "
             f"uses (hash {want}); the teacher and the student must share one tokenizer, or set "
-            "distill.cross_tokenizer=true to distil across tokenizers") from None
+            "distill.cross_tokenizer=true to distil across tokenizers"
+        ) from None
 
 
 def curves_path(d: DistillConfig) -> Path:

@@ -11,14 +11,16 @@ ALIGNMENT RULE. Positions are byte offsets into the record's answer (`output`, U
 answer (end of sequence, a template's end-of-turn) sits at its length. A row predicts the token after its position,
 so a row is placed at the offset where its predicted token starts. Student row i and teacher row j are aligned iff
 both start their predicted token at the same byte offset (and it is the first token placed there). Aligned rows
-condition on the same answer bytes and predict the same next bytes, even inside a multi-byte character. Each side's rows are kept for the sequence-
-level terms only up to the text both sides cover (one side may be truncated at data.max_length).
+condition on the same answer bytes and predict the same next bytes, even inside a multi-byte character. Each side's
+rows are kept for the sequence-level terms only up to the text both sides cover (one side may be truncated at
+data.max_length).
 
 TOKEN MAP. Teacher id -> student id whose token is the identical byte string (byte-level BPE symbols and
 SentencePiece's "▁" / <0xNN> decoded to bytes first); strings that are not unique in either vocabulary are left out,
 and special tokens map only to a student special token, of the same spelling or the same role (eos, pad, bos,
 unk), never to an ordinary token. -1 = unmapped.
 """
+
 import tempfile
 from pathlib import Path
 
@@ -117,12 +119,16 @@ def response_positions(tokenizer, table: list[bytes | None], rec: dict, template
     answer = rec["output"] if rec["output"] in response else rec["output"].strip()  # chat templates may trim it
     base = response.find(answer)
     if base < 0:
-        raise CrossTokenizerError(f"sample {rec.get('sample_id', '?')}: the template {template!r} changes the answer "
-                                  "text, so the two tokenizations cannot be aligned by it")
+        raise CrossTokenizerError(
+            f"sample {rec.get('sample_id', '?')}: the template {template!r} changes the answer "
+            "text, so the two tokenizations cannot be aligned by it"
+        )
     enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    pieces = [table[i] if i < len(table) and table[i] is not None else response[a:b].encode()
-              for i, (a, b) in zip(ids, offsets)]
+    pieces = [
+        table[i] if i < len(table) and table[i] is not None else response[a:b].encode()
+        for i, (a, b) in zip(ids, offsets)
+    ]
     if b"".join(pieces) == response.encode():
         starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
     else:  # character offsets in bytes; a token sharing its start with the previous one is inside a character
@@ -163,36 +169,48 @@ class StudentSide:
         self.student_tok, self.teacher_tok = student_tok, teacher_tok
         self.student_bytes, self.teacher_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
         self._positions: dict[str, tuple] = {}
-        log(f"cross-tokenizer: {len(self.by_sid)} records tokenized by the student ({len(student_tok)} tokens), "
-            f"teacher tokenizer {len(teacher_tok)} tokens")
+        log(
+            f"cross-tokenizer: {len(self.by_sid)} records tokenized by the student ({len(student_tok)} tokens), "
+            f"teacher tokenizer {len(teacher_tok)} tokens"
+        )
 
     def example(self, read: dict) -> dict:
         """Student fields for one cache read (needs its input_ids and supervised): checked, aligned."""
         sid = read["sample_id"]
         ex = self.by_sid.get(sid)
         if ex is None:
-            raise CrossTokenizerError(f"sample {sid} of the teacher cache is not among the records of data.path (the "
-                                      "data file changed since Stage 1?); the cross-tokenizer student needs its text")
+            raise CrossTokenizerError(
+                f"sample {sid} of the teacher cache is not among the records of data.path (the "
+                "data file changed since Stage 1?); the cross-tokenizer student needs its text"
+            )
         rec = {k: ex[k] for k in ("instruction", "input", "output")}
         if sid not in self._positions:  # tokenized once per record, not once per epoch
-            self._positions[sid] = (response_positions(self.teacher_tok, self.teacher_bytes, rec, self.template),
-                                    response_positions(self.student_tok, self.student_bytes, rec, self.template)[1])
+            self._positions[sid] = (
+                response_positions(self.teacher_tok, self.teacher_bytes, rec, self.template),
+                response_positions(self.student_tok, self.student_bytes, rec, self.template)[1],
+            )
         (t_ids, t_starts), s_starts = self._positions[sid]
         pos = np.flatnonzero(read["supervised"])  # teacher rows
         M = len(pos)
         cached = np.asarray(read["input_ids"])[pos + 1]
         if M > len(t_ids) or not np.array_equal(cached, np.asarray(t_ids[:M])):
-            raise CacheMismatchError(f"sample {sid}: the cached teacher tokens differ from the saved teacher "
-                                     "tokenizer's tokens of the record's answer (another tokenizer, template or data "
-                                     "since Stage 1); recreate the cache")
+            raise CacheMismatchError(
+                f"sample {sid}: the cached teacher tokens differ from the saved teacher "
+                "tokenizer's tokens of the record's answer (another tokenizer, template or data "
+                "since Stage 1); recreate the cache"
+            )
         labels = np.asarray(ex["labels"])
         s_rows = np.flatnonzero(labels[1:] != -100)  # student positions whose next token is supervised
         N = len(s_rows)
         end = max(t_starts.max(initial=0), s_starts.max(initial=0))  # the answer's length in bytes
         cov = min(covered(t_starts, M, end), covered(s_starts, N, end))
-        return {"student_ids": np.asarray(ex["input_ids"]), "student_rows": s_rows,
-                "aligned": align(t_starts[:M], s_starts[:N]),
-                "student_keep": s_starts[:N] < cov, "teacher_keep": t_starts[:M] < cov}
+        return {
+            "student_ids": np.asarray(ex["input_ids"]),
+            "student_rows": s_rows,
+            "aligned": align(t_starts[:M], s_starts[:N]),
+            "student_keep": s_starts[:N] < cov,
+            "teacher_keep": t_starts[:M] < cov,
+        }
 
 
 class CrossBlocks(torch.utils.data.Dataset):
@@ -214,14 +232,18 @@ def load_teacher_tokenizer(cache_dir: str | Path, want_hash: str):
 
     path = join(loc(cache_dir), TOKENIZER_DIR)
     if not location.exists(join(path, "tokenizer_config.json")):
-        raise CacheMismatchError(f"the teacher cache at {cache_dir} has no saved teacher tokenizer ({path}); it was "
-                                 "made before cross-tokenizer support: rerun Stage 1 (python -m stages.cache_teacher)")
+        raise CacheMismatchError(
+            f"the teacher cache at {cache_dir} has no saved teacher tokenizer ({path}); it was "
+            "made before cross-tokenizer support: rerun Stage 1 (python -m stages.cache_teacher)"
+        )
     if is_url(path):  # a remote cache: the few tokenizer files are copied here first
         with tempfile.TemporaryDirectory() as tmp:
             tok = AutoTokenizer.from_pretrained(str(location.download(path, Path(tmp) / TOKENIZER_DIR)))
     else:
         tok = AutoTokenizer.from_pretrained(str(path))
     if tokenizer_hash(tok) != want_hash:
-        raise CacheMismatchError(f"the teacher tokenizer saved in {path} (hash {tokenizer_hash(tok)}) is not the one the "
-                                 f"cache was made with (hash {want_hash}); rerun Stage 1")
+        raise CacheMismatchError(
+            f"the teacher tokenizer saved in {path} (hash {tokenizer_hash(tok)}) is not the one the "
+            f"cache was made with (hash {want_hash}); rerun Stage 1"
+        )
     return tok

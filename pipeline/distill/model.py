@@ -7,22 +7,30 @@
 computed by the pure functions of pipeline/losses/ from the student's final hidden states: CE + KL chunked
 over rows (`fused_ce_kl` on the cached top-k, or `fused_ce_exact_kl` over the whole vocabulary against the
 teacher rebuilt from its cached hidden state when distill.teacher_head is set) and OT on logits built only at
-the teacher's top-k ids (`ot_logits_loss_from_hidden`), so no (tokens x vocab) tensor ever exists. Because P is a parameter of this module, Trainer (or DDP) optimises,
-clips, checkpoints and all-reduces it with the student; nothing about it is special-cased.
+the teacher's top-k ids (`ot_logits_loss_from_hidden`), so no (tokens x vocab) tensor ever exists. Because P is
+a parameter of this module, Trainer (or DDP) optimises, clips, checkpoints and all-reduces it with the student;
+nothing about it is special-cased.
 
 Adding a loss term: a pure function in pipeline/losses/, one line in `forward`, one weight in DistillConfig.
 """
+
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.config import DistillConfig
+from pipeline.config.distill import DistillConfig
 from pipeline.distill.batches import gather_rows
+from pipeline.losses.crosstok import (
+    bucket_kl,
+    bucket_logprobs,
+    mapped_teacher_buckets,
+    student_topk,
+    token_ot_loss,
+    uld_loss,
+)
 from pipeline.losses.exact_kl import fused_ce_exact_kl
 from pipeline.losses.fused_ce_kl import fused_ce_kl
-from pipeline.losses.crosstok import (bucket_kl, bucket_logprobs, mapped_teacher_buckets, student_topk,
-                                      token_ot_loss, uld_loss)
 from pipeline.losses.fused_ot import ot_logits_loss_from_hidden
 from pipeline.losses.kl import LOG_FLOOR
 from pipeline.losses.ot import ot_hidden_loss
@@ -42,9 +50,16 @@ class DistillModel(nn.Module):
 
     accepts_loss_kwargs = True  # Trainer passes num_items_in_batch: the optimizer step's supervised tokens
 
-    def __init__(self, student: nn.Module, d: DistillConfig, vocab_size: int, projection: torch.Tensor | None,
-                 tok_projection: torch.Tensor | None = None, teacher_embeddings: tuple | None = None,
-                 teacher_head: tuple | None = None):
+    def __init__(
+        self,
+        student: nn.Module,
+        d: DistillConfig,
+        vocab_size: int,
+        projection: torch.Tensor | None,
+        tok_projection: torch.Tensor | None = None,
+        teacher_embeddings: tuple | None = None,
+        teacher_head: tuple | None = None,
+    ):
         super().__init__()
         self.student, self.d, self.vocab_size = student, d, vocab_size
         # the exact teacher (distill.teacher_head): its lm_head (V, D) (+ bias), or for a low-rank cache that head
@@ -63,10 +78,25 @@ class DistillModel(nn.Module):
             self.register_buffer("teacher_emb_index", index, persistent=False)
             self.register_buffer("teacher_emb", rows.float(), persistent=False)
 
-    def forward(self, input_ids, attention_mask, row_pos, row_mask, labels=None, teacher_ids=None,
-                teacher_logprobs=None, teacher_tail=None, teacher_hidden=None, teacher_code=None, teacher_mask=None,
-                student_keep=None, aligned=None, teacher_sids=None, num_items_in_batch=None,
-                n_micro: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        row_pos,
+        row_mask,
+        labels=None,
+        teacher_ids=None,
+        teacher_logprobs=None,
+        teacher_tail=None,
+        teacher_hidden=None,
+        teacher_code=None,
+        teacher_mask=None,
+        student_keep=None,
+        aligned=None,
+        teacher_sids=None,
+        num_items_in_batch=None,
+        n_micro: int = 1,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A `Batch` (pipeline/distill/batches.py) -> (loss, parts): the weighted loss, and every unweighted
         term plus Sinkhorn diagnostics, detached, for logging.
 
@@ -83,14 +113,28 @@ class DistillModel(nn.Module):
         rows = gather_rows(hidden, row_pos)  # (B, M, d) final (post-norm) state at each teacher row
         loss, parts = hidden.new_zeros((), dtype=torch.float32), {}
         if teacher_mask is not None:
-            return self._cross_terms(rows, row_mask, input_ids, row_pos, teacher_ids, teacher_logprobs, teacher_tail,
-                                     teacher_hidden, teacher_mask, student_keep, aligned, teacher_sids, n_items,
-                                     n_micro)
+            return self._cross_terms(
+                rows,
+                row_mask,
+                input_ids,
+                row_pos,
+                teacher_ids,
+                teacher_logprobs,
+                teacher_tail,
+                teacher_hidden,
+                teacher_mask,
+                student_keep,
+                aligned,
+                teacher_sids,
+                n_items,
+                n_micro,
+            )
         if d.w_uld or d.w_tok_ot:  # same tokenizer: every row is aligned with itself
             B, M = row_mask.shape
             same = torch.where(row_mask, torch.arange(M, device=row_mask.device), -1).expand(B, M)
-            loss, parts = self._token_terms(rows, same, same, teacher_ids, teacher_logprobs, teacher_tail, n_items,
-                                            n_micro)
+            loss, parts = self._token_terms(
+                rows, same, same, teacher_ids, teacher_logprobs, teacher_tail, n_items, n_micro
+            )
 
         if d.w_ce or d.w_kl:
             targets = gather_rows(input_ids, row_pos + 1)[row_mask]  # (R,) the token each row predicts
@@ -98,39 +142,99 @@ class DistillModel(nn.Module):
                 # (or from a low-rank code's coefficients, with the basis folded into teacher_weight: no D-wide h)
                 t_h = (teacher_code if teacher_code is not None else teacher_hidden)[row_mask]  # (R, D) or (R, r)
                 ce_kl, terms = fused_ce_exact_kl(
-                    rows[row_mask], head.weight, t_h, self.teacher_weight, targets,
-                    row_mask[row_mask], w_ce=d.w_ce, w_kl=d.w_kl, temperature=d.temperature, reverse=d.kl_reverse,
-                    jsd_beta=d.jsd_beta, vocab_size=V, num_items=n_items, bias=bias, teacher_bias=self.teacher_bias)
+                    rows[row_mask],
+                    head.weight,
+                    t_h,
+                    self.teacher_weight,
+                    targets,
+                    row_mask[row_mask],
+                    w_ce=d.w_ce,
+                    w_kl=d.w_kl,
+                    temperature=d.temperature,
+                    reverse=d.kl_reverse,
+                    jsd_beta=d.jsd_beta,
+                    vocab_size=V,
+                    num_items=n_items,
+                    bias=bias,
+                    teacher_bias=self.teacher_bias,
+                )
             else:
                 if teacher_ids is not None:  # (R, k), (R, k), (R,)
                     t_ids, t_lp, t_tail = teacher_ids[row_mask], teacher_logprobs[row_mask], teacher_tail[row_mask]
                 else:  # the CE baseline reads no teacher rows; KL is off, these are never used
                     t_ids = t_lp = t_tail = None
-                ce_kl, terms = fused_ce_kl(rows[row_mask], head.weight, targets, t_ids, t_lp, t_tail,
-                                           row_mask[row_mask], w_ce=d.w_ce, w_kl=d.w_kl, temperature=d.temperature,
-                                           tail=d.kl_tail, reverse=d.kl_reverse, vocab_size=V, num_items=n_items,
-                                           bias=bias)
+                ce_kl, terms = fused_ce_kl(
+                    rows[row_mask],
+                    head.weight,
+                    targets,
+                    t_ids,
+                    t_lp,
+                    t_tail,
+                    row_mask[row_mask],
+                    w_ce=d.w_ce,
+                    w_kl=d.w_kl,
+                    temperature=d.temperature,
+                    tail=d.kl_tail,
+                    reverse=d.kl_reverse,
+                    vocab_size=V,
+                    num_items=n_items,
+                    bias=bias,
+                )
             loss = loss + ce_kl
             # A micro-batch's share of the step's token mean; x n_micro reads as the step's mean in the logs.
             parts.update({k: v * n_micro for k, v in terms.items()})
         if d.w_ot:
-            parts["ot_hidden"], res = ot_hidden_loss(rows.float(), row_mask, teacher_hidden, row_mask,
-                                                     self.projection, eps=d.ot_eps, objective=d.ot_objective,
-                                                     eps_scale=d.ot_eps_scale, tol=d.ot_tol,
-                                                     max_iter=d.ot_max_iter)
+            parts["ot_hidden"], res = ot_hidden_loss(
+                rows.float(),
+                row_mask,
+                teacher_hidden,
+                row_mask,
+                self.projection,
+                eps=d.ot_eps,
+                objective=d.ot_objective,
+                eps_scale=d.ot_eps_scale,
+                tol=d.ot_tol,
+                max_iter=d.ot_max_iter,
+            )
             loss = loss + d.w_ot * parts["ot_hidden"] / n_micro
             parts.update(sinkhorn_report(res, row_mask, "hidden"))
         if d.w_ot_logits:
             parts["ot_logits"], res = ot_logits_loss_from_hidden(
-                rows, head.weight, teacher_ids, teacher_logprobs, row_mask, row_mask, bias=bias, eps=d.ot_eps,
-                vocab_size=V, objective=d.ot_objective, eps_scale=d.ot_eps_scale, tol=d.ot_tol,
-                max_iter=d.ot_max_iter)
+                rows,
+                head.weight,
+                teacher_ids,
+                teacher_logprobs,
+                row_mask,
+                row_mask,
+                bias=bias,
+                eps=d.ot_eps,
+                vocab_size=V,
+                objective=d.ot_objective,
+                eps_scale=d.ot_eps_scale,
+                tol=d.ot_tol,
+                max_iter=d.ot_max_iter,
+            )
             loss = loss + d.w_ot_logits * parts["ot_logits"] / n_micro
             parts.update(sinkhorn_report(res, row_mask, "logits"))
         return loss, {k: v.detach().float() for k, v in parts.items()}
 
-    def _cross_terms(self, rows, row_mask, input_ids, row_pos, teacher_ids, teacher_logprobs, teacher_tail,
-                     teacher_hidden, teacher_mask, student_keep, aligned, teacher_sids, n_items, n_micro):
+    def _cross_terms(
+        self,
+        rows,
+        row_mask,
+        input_ids,
+        row_pos,
+        teacher_ids,
+        teacher_logprobs,
+        teacher_tail,
+        teacher_hidden,
+        teacher_mask,
+        student_keep,
+        aligned,
+        teacher_sids,
+        n_items,
+        n_micro,
+    ):
         """The loss of a cross-tokenizer batch: student rows (B, N) against teacher rows (B, M), N != M.
 
         CE on the student's own labels; w_kl: KL at aligned rows over the teacher's top-k mapped to identical
@@ -145,12 +249,14 @@ class DistillModel(nn.Module):
         # ULD pairs rows by index (the anchors' rule), over the rows both sides keep
         n_keep_t = teacher_mask.sum(-1, keepdim=True)  # (B, 1)
         by_index = torch.where(row_mask & student_keep & (ar < n_keep_t), ar, -1)
-        loss, parts = self._token_terms(rows, aligned, by_index, teacher_ids, teacher_logprobs, teacher_tail,
-                                        n_items, n_micro)
+        loss, parts = self._token_terms(
+            rows, aligned, by_index, teacher_ids, teacher_logprobs, teacher_tail, n_items, n_micro
+        )
         if d.w_ce:
             targets = gather_rows(input_ids, row_pos + 1)[row_mask]  # (R,)
-            ce, terms = fused_ce_kl(rows[row_mask], W, targets, w_ce=1.0, w_kl=0.0, vocab_size=V, num_items=n_items,
-                                    bias=bias)
+            ce, terms = fused_ce_kl(
+                rows[row_mask], W, targets, w_ce=1.0, w_kl=0.0, vocab_size=V, num_items=n_items, bias=bias
+            )
             loss = loss + d.w_ce * ce
             parts["ce"] = terms["ce"] * n_micro
         if d.w_kl:
@@ -159,27 +265,49 @@ class DistillModel(nn.Module):
             j = aligned[sel]  # (R_a,)
             sids = teacher_sids[b_idx, j]  # (R_a, k)
             mapped = sids >= 0
-            s = bucket_logprobs(rows[sel], W, torch.where(mapped, sids, 0), mapped, vocab_size=V, bias=bias,
-                                scale=d.temperature)  # (R_a, k+1)
+            s = bucket_logprobs(
+                rows[sel], W, torch.where(mapped, sids, 0), mapped, vocab_size=V, bias=bias, scale=d.temperature
+            )  # (R_a, k+1)
             t = mapped_teacher_buckets(teacher_logprobs[b_idx, j], teacher_tail[b_idx, j], mapped)
-            parts["kl"] = bucket_kl(s, t, mapped, torch.ones_like(j, dtype=torch.bool), temperature=d.temperature,
-                                    num_items=n_items)
+            parts["kl"] = bucket_kl(
+                s, t, mapped, torch.ones_like(j, dtype=torch.bool), temperature=d.temperature, num_items=n_items
+            )
             loss = loss + d.w_kl * parts["kl"]
             parts["kl"] = parts["kl"] * n_micro
             parts["kl_aligned_rows"] = sel.sum() / row_mask.sum().clamp_min(1)  # share of student rows aligned
         x_mask = row_mask & student_keep
         if d.w_ot:
-            parts["ot_hidden"], res = ot_hidden_loss(rows.float(), x_mask, teacher_hidden, teacher_mask,
-                                                     self.projection, eps=d.ot_eps, objective=d.ot_objective,
-                                                     eps_scale=d.ot_eps_scale, tol=d.ot_tol, max_iter=d.ot_max_iter)
+            parts["ot_hidden"], res = ot_hidden_loss(
+                rows.float(),
+                x_mask,
+                teacher_hidden,
+                teacher_mask,
+                self.projection,
+                eps=d.ot_eps,
+                objective=d.ot_objective,
+                eps_scale=d.ot_eps_scale,
+                tol=d.ot_tol,
+                max_iter=d.ot_max_iter,
+            )
             loss = loss + d.w_ot * parts["ot_hidden"] / n_micro
             parts.update(sinkhorn_report(res, x_mask, "hidden"))
         if d.w_ot_logits:
             mapped = teacher_sids >= 0  # (B, M, k)
             parts["ot_logits"], res = ot_logits_loss_from_hidden(
-                rows, W, torch.where(mapped, teacher_sids, 0), torch.where(mapped, teacher_logprobs, LOG_FLOOR),
-                x_mask, teacher_mask, bias=bias, eps=d.ot_eps, vocab_size=V, objective=d.ot_objective,
-                eps_scale=d.ot_eps_scale, tol=d.ot_tol, max_iter=d.ot_max_iter)
+                rows,
+                W,
+                torch.where(mapped, teacher_sids, 0),
+                torch.where(mapped, teacher_logprobs, LOG_FLOOR),
+                x_mask,
+                teacher_mask,
+                bias=bias,
+                eps=d.ot_eps,
+                vocab_size=V,
+                objective=d.ot_objective,
+                eps_scale=d.ot_eps_scale,
+                tol=d.ot_tol,
+                max_iter=d.ot_max_iter,
+            )
             loss = loss + d.w_ot_logits * parts["ot_logits"] / n_micro
             parts.update(sinkhorn_report(res, x_mask, "logits"))
             mass = teacher_logprobs.float().exp()  # (B, M, k)
@@ -215,12 +343,21 @@ class DistillModel(nn.Module):
             t_ids = teacher_ids[b_idx, j]  # (R_a, k) teacher vocabulary
             row = self.teacher_emb_index[t_ids.clamp_max(len(self.teacher_emb_index) - 1)]  # (R_a, k)
             if bool((row < 0).any()) or bool((t_ids >= len(self.teacher_emb_index)).any()):
-                raise ValueError("a cached teacher id has no saved teacher embedding row (teacher_embeddings file "
-                                 "of another cache?)")
+                raise ValueError(
+                    "a cached teacher id has no saved teacher embedding row (teacher_embeddings file of another cache?)"
+                )
             yt = self.teacher_emb[row]  # (R_a, k, D)
             log_b = teacher_logprobs[b_idx, j].float() / d.temperature  # (R_a, k), renormalised inside
-            parts["tok_ot"] = token_ot_loss(s, xs, log_b, yt, self.tok_projection, torch.ones_like(j, dtype=torch.bool),
-                                            eps=d.tok_ot_eps, num_items=n_items)
+            parts["tok_ot"] = token_ot_loss(
+                s,
+                xs,
+                log_b,
+                yt,
+                self.tok_projection,
+                torch.ones_like(j, dtype=torch.bool),
+                eps=d.tok_ot_eps,
+                num_items=n_items,
+            )
             loss = loss + d.w_tok_ot * parts["tok_ot"]
             parts["tok_ot"] = parts["tok_ot"] * n_micro
         return loss, parts
@@ -239,8 +376,9 @@ class DistillModel(nn.Module):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         result = result._replace(missing_keys=[k for k in result.missing_keys if k in trainable])
         if strict and (result.missing_keys or result.unexpected_keys):
-            raise RuntimeError(f"DistillModel state: missing {result.missing_keys}, "
-                               f"unexpected {result.unexpected_keys}")
+            raise RuntimeError(
+                f"DistillModel state: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+            )
         return result
 
     def save_pretrained(self, out: str | Path, tokenizer=None) -> None:
@@ -260,9 +398,11 @@ def sinkhorn_report(res, row_mask: torch.Tensor, name: str) -> dict[str, torch.T
     worst L1 marginal error."""
     live = row_mask.any(-1)  # (B,) sequences with rows: the others are empty problems, never iterated
     n = live.sum().clamp_min(1)
-    return {f"sinkhorn_iters_{name}": (res.n_iters * live).sum() / n,
-            f"sinkhorn_capped_{name}": (~res.converged & live).sum() / n,
-            f"sinkhorn_err_{name}": torch.where(live, res.err, 0.0).max()}
+    return {
+        f"sinkhorn_iters_{name}": (res.n_iters * live).sum() / n,
+        f"sinkhorn_capped_{name}": (~res.converged & live).sum() / n,
+        f"sinkhorn_err_{name}": torch.where(live, res.err, 0.0).max(),
+    }
 
 
 def load_projection(path: str | Path, name: str = PROJECTION_FILE) -> torch.Tensor | None:

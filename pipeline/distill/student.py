@@ -2,13 +2,14 @@
 
 The teacher is never loaded here: Stage 2 sees the teacher only through its cache.
 """
+
 import json
 from pathlib import Path
 
 import yaml
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-from pipeline.config import DistillConfig
+from pipeline.config.distill import DistillConfig
 from pipeline.models import ModelLoadError, load_causal_lm
 
 
@@ -21,23 +22,36 @@ def load_student(d: DistillConfig):
     if d.mode not in ("full", "lora"):
         raise ModelLoadError(f"distill.mode must be 'full' or 'lora', got {d.mode!r}")
     if d.mode == "full" and d.load_in_bits != 16:
-        raise ModelLoadError(f"distill.mode=full cannot train {d.load_in_bits}-bit quantised weights; "
-                         "use distill.mode=lora (QLoRA) or distill.load_in_bits=16")
+        raise ModelLoadError(
+            f"distill.mode=full cannot train {d.load_in_bits}-bit quantised weights; "
+            "use distill.mode=lora (QLoRA) or distill.load_in_bits=16"
+        )
     model = cpu_4bit_guard(load_causal_lm(d.student, d.dtype, d.load_in_bits))
     if getattr(model, "is_loaded_in_4bit", False) and d.load_in_bits != 4:  # e.g. unsloth/Qwen2.5-1.5B-bnb-4bit
-        raise ModelLoadError(f"{d.student} is a pre-quantised 4-bit checkpoint: set distill.load_in_bits=4 (and "
-                         "distill.mode=lora) so that it is prepared for k-bit training")
+        raise ModelLoadError(
+            f"{d.student} is a pre-quantised 4-bit checkpoint: set distill.load_in_bits=4 (and "
+            "distill.mode=lora) so that it is prepared for k-bit training"
+        )
     model.config.use_cache = False  # the KV cache is useless in training and warns with checkpointing
     # Non-reentrant checkpointing needs no input that requires grad, so it also works with frozen embeddings.
     gc_kwargs = {"use_reentrant": False}
     if d.load_in_bits != 16:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=d.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=d.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
     elif d.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if d.mode == "lora":
-        model = get_peft_model(model, LoraConfig(r=d.lora.r, lora_alpha=d.lora.alpha, lora_dropout=d.lora.dropout,
-                                                 target_modules=list(d.lora.target_modules), task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=d.lora.r,
+                lora_alpha=d.lora.alpha,
+                lora_dropout=d.lora.dropout,
+                target_modules=list(d.lora.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
     return model
 
 

@@ -5,6 +5,7 @@ the whole loss. `DistillTrainer.compute_loss` only passes the batch and the step
 loss parts for logging. Batches are whole blocks of neighbouring cache entries (`cache.CacheBlocks`): one Zarr
 slice per field, shuffled and sharded by Trainer's own sampler.
 """
+
 import csv
 import math
 import sys
@@ -22,9 +23,10 @@ from cache.errors import CacheMismatchError, OtkdError
 from cache.location import join, loc
 from cache.reader import CacheBlocks, open_cache
 from cache.schema import EMBEDDINGS_FILE
-from pipeline.config import Config, DistillConfig, save_config
-from pipeline.distill.batches import COMPONENTS, BlockCollator, cache_fields, curves_path, open_checked
+from pipeline.config.base import save_config
+from pipeline.config.distill import DistillConfig, DistillParams
 from pipeline.distill import crosstok
+from pipeline.distill.batches import COMPONENTS, BlockCollator, cache_fields, curves_path, open_checked
 from pipeline.distill.crosstok import CrossBlocks, StudentSide, load_teacher_tokenizer
 from pipeline.distill.model import PROJECTION_FILE, TOK_PROJECTION_FILE, DistillModel, load_projection
 from pipeline.distill.student import load_student
@@ -57,8 +59,10 @@ class DistillTrainer(Trainer):
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items() if not k.startswith("sinkhorn_"))
             where = f"training step {self.state.global_step + 1}" if model.training else "evaluation"
-            raise NonFiniteLossError(f"non-finite loss at {where} ({values}); training stopped — check the "
-                                     f"teacher cache for NaN/inf values or lower distill.lr")
+            raise NonFiniteLossError(
+                f"non-finite loss at {where} ({values}); training stopped — check the "
+                f"teacher cache for NaN/inf values or lower distill.lr"
+            )
         mode = "train" if model.training else "eval"
         for k, v in parts.items():
             self._parts[mode][k].append(v.item())
@@ -88,12 +92,15 @@ class DistillTrainer(Trainer):
         if capped and not self._warned_capped:
             self._warned_capped = True
             d = self.model.d
-            warnings.warn(f"Sinkhorn did not reach distill.ot_tol={d.ot_tol} within "
-                          f"distill.ot_max_iter={d.ot_max_iter} for "
-                          + ", ".join(f"{v:.0%} of the {k.rsplit('_', 1)[1]} OT problems" for k, v in capped.items())
-                          + f" (ot_eps={d.ot_eps}); their gradients are approximate. Raise distill.ot_max_iter, "
-                          "distill.ot_eps or distill.ot_tol; the sinkhorn_capped_* / sinkhorn_err_* columns of the "
-                          "loss curves show how often and how far", stacklevel=2)
+            warnings.warn(
+                f"Sinkhorn did not reach distill.ot_tol={d.ot_tol} within "
+                f"distill.ot_max_iter={d.ot_max_iter} for "
+                + ", ".join(f"{v:.0%} of the {k.rsplit('_', 1)[1]} OT problems" for k, v in capped.items())
+                + f" (ot_eps={d.ot_eps}); their gradients are approximate. Raise distill.ot_max_iter, "
+                "distill.ot_eps or distill.ot_tol; the sinkhorn_capped_* / sinkhorn_err_* columns of the "
+                "loss curves show how often and how far",
+                stacklevel=2,
+            )
 
 
 class FiniteGradients(TrainerCallback):
@@ -103,9 +110,11 @@ class FiniteGradients(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if grads and not torch.stack([g.isfinite().all() for g in grads]).all():
-            raise NonFiniteLossError(f"non-finite gradient at training step {state.global_step + 1}; training "
-                                     "stopped — lower distill.lr or the OT weights, or try "
-                                     "distill.ot_objective=regularized")
+            raise NonFiniteLossError(
+                f"non-finite gradient at training step {state.global_step + 1}; training "
+                "stopped — lower distill.lr or the OT weights, or try "
+                "distill.ot_objective=regularized"
+            )
 
 
 class CurvesCallback(TrainerCallback):
@@ -133,8 +142,9 @@ def _fmt(v) -> str:
     return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def build_model(d: DistillConfig, teacher_hidden_size: int | None, vocab_size: int, seed: int,
-                teacher_head: tuple | None = None) -> DistillModel:
+def build_model(
+    d: DistillConfig, teacher_hidden_size: int | None, vocab_size: int, seed: int, teacher_head: tuple | None = None
+) -> DistillModel:
     """The student as distill.* says, P when hidden-state OT is on and P_e (+ the teacher's embedding rows) when
     token-level OT is: read back from distill.student when that is an earlier Stage-2 output with a projection of
     the right shape (continuing a distillation), else freshly drawn. teacher_head: (W, b) of the exact teacher."""
@@ -142,14 +152,23 @@ def build_model(d: DistillConfig, teacher_hidden_size: int | None, vocab_size: i
     projections = {}
     gen = torch.Generator().manual_seed(seed)
     teacher_emb = load_teacher_embeddings(d.cache) if d.w_tok_ot else None
-    for on, name, D in ((d.w_ot, PROJECTION_FILE, teacher_hidden_size),
-                        (d.w_tok_ot, TOK_PROJECTION_FILE, teacher_emb[1].shape[1] if teacher_emb else None)):
+    for on, name, D in (
+        (d.w_ot, PROJECTION_FILE, teacher_hidden_size),
+        (d.w_tok_ot, TOK_PROJECTION_FILE, teacher_emb[1].shape[1] if teacher_emb else None),
+    ):
         if on:
             shape = (D, student.config.hidden_size)
             p = load_projection(d.student, name)
             projections[name] = p if p is not None and tuple(p.shape) == shape else init_projection(*shape, gen)
-    return DistillModel(student, d, vocab_size, projections.get(PROJECTION_FILE),
-                        projections.get(TOK_PROJECTION_FILE), teacher_emb, teacher_head)
+    return DistillModel(
+        student,
+        d,
+        vocab_size,
+        projections.get(PROJECTION_FILE),
+        projections.get(TOK_PROJECTION_FILE),
+        teacher_emb,
+        teacher_head,
+    )
 
 
 def load_teacher_embeddings(cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +177,10 @@ def load_teacher_embeddings(cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]
 
     f = join(loc(cache_dir), EMBEDDINGS_FILE)
     if not location.exists(f):
-        raise CacheMismatchError(f"distill.w_tok_ot needs the teacher's embedding rows ({f}), which Stage 1 writes "
-                                 "since cross-tokenizer support: rerun Stage 1 (python -m stages.cache_teacher)")
+        raise CacheMismatchError(
+            f"distill.w_tok_ot needs the teacher's embedding rows ({f}), which Stage 1 writes "
+            "since cross-tokenizer support: rerun Stage 1 (python -m stages.cache_teacher)"
+        )
     t = load(location.read_bytes(f))
     return t["ids"], t["weight"]
 
@@ -174,27 +195,46 @@ def training_args(d: DistillConfig, seed: int) -> TrainingArguments:
     """Trainer's settings for distill.*; one Trainer "sample" is one block of distill.batch_size sequences."""
     dtype = compute_dtype(d.dtype)  # mixed precision follows distill.dtype ("auto": bf16 on a bf16 GPU)
     return TrainingArguments(
-        output_dir=str(Path(d.out) / "checkpoints"), num_train_epochs=d.epochs, max_steps=d.max_steps,
-        learning_rate=d.lr, per_device_train_batch_size=1, per_device_eval_batch_size=1,
-        gradient_accumulation_steps=d.grad_accum, lr_scheduler_type="cosine", optim=d.optim,
+        output_dir=str(Path(d.out) / "checkpoints"),
+        num_train_epochs=d.epochs,
+        max_steps=d.max_steps,
+        learning_rate=d.lr,
+        per_device_train_batch_size=1,
+        per_device_eval_batch_size=1,
+        gradient_accumulation_steps=d.grad_accum,
+        lr_scheduler_type="cosine",
+        optim=d.optim,
         warmup_steps=d.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
-        weight_decay=0.0, seed=seed, data_seed=seed, logging_steps=d.logging_steps,
-        save_strategy="steps" if d.save_steps else "no", save_steps=d.save_steps or 500, save_total_limit=2,
-        eval_strategy="steps" if d.eval_steps else "no", eval_steps=d.eval_steps or None,
-        prediction_loss_only=True, remove_unused_columns=False,  # the collator's teacher tensors must survive
+        weight_decay=0.0,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=d.logging_steps,
+        save_strategy="steps" if d.save_steps else "no",
+        save_steps=d.save_steps or 500,
+        save_total_limit=2,
+        eval_strategy="steps" if d.eval_steps else "no",
+        eval_steps=d.eval_steps or None,
+        prediction_loss_only=True,
+        remove_unused_columns=False,  # the collator's teacher tensors must survive
         # data-parallel (torchrun / accelerate launch): the buffers are constants (the exact teacher's lm_head is
         # 1 GB at 7B), DDP must not re-send them from rank 0 at every forward
         ddp_broadcast_buffers=False,
         average_tokens_across_devices=True,  # num_items_in_batch counts every rank's rows (see compute_loss)
-        dataloader_num_workers=d.num_workers, dataloader_pin_memory=torch.cuda.is_available(),
-        logging_first_step=True, report_to=[] if d.report_to == "none" else [d.report_to], disable_tqdm=False,
-        logging_nan_inf_filter=False, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        dataloader_num_workers=d.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        logging_first_step=True,
+        report_to=[] if d.report_to == "none" else [d.report_to],
+        disable_tqdm=False,
+        logging_nan_inf_filter=False,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         # without CUDA: the CPU, as pipeline.models.device() says (Trainer accepts bf16 autocast only when told, and
         # only then does accelerate join torchrun's processes as a multi-CPU gloo group)
-        use_cpu=not torch.cuda.is_available())
+        use_cpu=not torch.cuda.is_available(),
+    )
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: DistillParams) -> dict:
     """Stage 2 entry: check the caches, load only the student, train, save student + P + curves."""
     d = cfg.distill
     out = Path(d.out)
@@ -204,22 +244,28 @@ def run(cfg: Config) -> dict:
     if "max_length" in train_cache.provenance:  # the cached sequences are at most this long
         check_max_length(d.student, train_cache.provenance["max_length"], d.student, f"the cache {d.cache}")
     if d.w_ot and not train_cache.has_hidden:
-        raise CacheMismatchError(f"distill.w_ot={d.w_ot} needs teacher hidden states, but the cache at "
-                                 f"{train_cache.path} has none (cache.hidden_codec=none); recache with hidden "
-                                 "states or set distill.w_ot=0")
+        raise CacheMismatchError(
+            f"distill.w_ot={d.w_ot} needs teacher hidden states, but the cache at "
+            f"{train_cache.path} has none (cache.hidden_codec=none); recache with hidden "
+            "states or set distill.w_ot=0"
+        )
     teacher_head = None
     if d.teacher_head and d.w_kl:  # only lm_head, checked against the cache's teacher (pipeline/teacher/head.py)
         if not train_cache.has_hidden:
-            raise CacheMismatchError(f"distill.teacher_head rebuilds the teacher from its cached hidden states, but the "
-                                     f"cache at {train_cache.path} has none (cache.hidden_codec=none); recache with "
-                                     "hidden states or set distill.teacher_head=''")
+            raise CacheMismatchError(
+                f"distill.teacher_head rebuilds the teacher from its cached hidden states, but the "
+                f"cache at {train_cache.path} has none (cache.hidden_codec=none); recache with "
+                "hidden states or set distill.teacher_head=''"
+            )
         teacher_head = load_teacher_head(d.teacher_head, train_cache.provenance)
         shape = tuple(teacher_head[0].shape)
         if train_cache.basis is not None:  # a low-rank code: its r coefficients, never decoded to D
             teacher_head = fold(*teacher_head, train_cache.basis)
             shape = f"{shape} folded into the {train_cache.hidden_codec} basis: {tuple(teacher_head[0].shape)}"
-        print(f"exact teacher: lm_head {shape} {teacher_head[0].dtype} from {d.teacher_head}, hidden states "
-              f"{train_cache.hidden_codec}")
+        print(
+            f"exact teacher: lm_head {shape} {teacher_head[0].dtype} from {d.teacher_head}, hidden states "
+            f"{train_cache.hidden_codec}"
+        )
     folded = teacher_head is not None and train_cache.basis is not None
     fields = cache_fields(d, folded)
     train_ds = CacheBlocks(train_cache, d.batch_size, fields, d.train_fraction)
@@ -227,8 +273,10 @@ def run(cfg: Config) -> dict:
     if d.eval_steps:
         val_cache = open_stage2_cache(join(loc(d.cache), "validation.zarr"), tokenizer, d)
         if folded and (val_cache.basis is None or val_cache.plan_basis != train_cache.plan_basis):
-            raise CacheMismatchError(f"{val_cache.path} was not encoded with the basis of {train_cache.path}: "
-                                     "rerun Stage 1 for both splits in one run")
+            raise CacheMismatchError(
+                f"{val_cache.path} was not encoded with the basis of {train_cache.path}: "
+                "rerun Stage 1 for both splits in one run"
+            )
         eval_ds = CacheBlocks(val_cache, d.batch_size, fields)
     token_map = None
     if d.cross_tokenizer:  # the student's own tokens and rows, aligned with the teacher's by the text
@@ -237,22 +285,32 @@ def run(cfg: Config) -> dict:
         train_ds = CrossBlocks(train_ds, side)
         eval_ds = CrossBlocks(eval_ds, side) if eval_ds is not None else None
         token_map = crosstok.token_map(teacher_tok, tokenizer)
-        print(f"cross-tokenizer: {int((token_map >= 0).sum())} of {len(token_map)} teacher tokens map to an "
-              "identical student token")
+        print(
+            f"cross-tokenizer: {int((token_map >= 0).sum())} of {len(token_map)} teacher tokens map to an "
+            "identical student token"
+        )
 
     model = build_model(d, train_cache.provenance.get("hidden_size"), len(tokenizer), cfg.seed, teacher_head)
     check_vocab(model.student.config.vocab_size, len(tokenizer), d.student)  # the losses use len(tokenizer)
-    trainer = DistillTrainer(model=model, args=training_args(d, cfg.seed), train_dataset=train_ds,
-                             eval_dataset=eval_ds, processing_class=tokenizer,
-                             data_collator=BlockCollator(tokenizer.pad_token_id, token_map),
-                             callbacks=[CurvesCallback(curves_path(d)), FiniteGradients()])
+    trainer = DistillTrainer(
+        model=model,
+        args=training_args(d, cfg.seed),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        data_collator=BlockCollator(tokenizer.pad_token_id, token_map),
+        callbacks=[CurvesCallback(curves_path(d)), FiniteGradients()],
+    )
 
     ckpt_dir = out / "checkpoints"
     resume = get_last_checkpoint(str(ckpt_dir)) if d.resume and ckpt_dir.is_dir() else None
     used = f" (train_fraction={d.train_fraction:g})" if d.train_fraction < 1 else ""
-    print(f"distill: {len(train_cache)} cached sequences, {len(train_ds)} batches of {d.batch_size}{used}, "
-          f"mode={d.mode}, {d.load_in_bits}-bit, " + ", ".join(f"{k}={v:g}" for k, v in d.weights.items())
-          + (f"; resuming from {resume}" if resume else ""))
+    print(
+        f"distill: {len(train_cache)} cached sequences, {len(train_ds)} batches of {d.batch_size}{used}, "
+        f"mode={d.mode}, {d.load_in_bits}-bit, "
+        + ", ".join(f"{k}={v:g}" for k, v in d.weights.items())
+        + (f"; resuming from {resume}" if resume else "")
+    )
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except NonFiniteLossError:
@@ -262,11 +320,16 @@ def run(cfg: Config) -> dict:
         model.save_pretrained(out, tokenizer)
         save_config(cfg, out / "config.yaml")
     last = [r for r in trainer.state.log_history if "loss" in r]
-    metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
-               **{k: last[-1][k] for k in COMPONENTS if last and k in last[-1]}}
+    metrics = {
+        "train_loss": result.training_loss,
+        "steps": trainer.state.global_step,
+        **{k: last[-1][k] for k in COMPONENTS if last and k in last[-1]},
+    }
     if not all(math.isfinite(v) for v in metrics.values()):
         raise NonFiniteLossError(f"non-finite training metrics {metrics}")
     if trainer.is_world_process_zero():
-        print(f"distill: {trainer.state.global_step} steps, train loss {result.training_loss:.4f}; saved to {out}; "
-              f"curves in {curves_path(d)}")
+        print(
+            f"distill: {trainer.state.global_step} steps, train loss {result.training_loss:.4f}; saved to {out}; "
+            f"curves in {curves_path(d)}"
+        )
     return metrics

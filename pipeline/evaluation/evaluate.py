@@ -19,6 +19,7 @@ The last two read the model's logits at the cache's top-k ids, ids of the teache
 tokenizer is not the cache's they are NaN, null in metrics.json (strict JSON for DVC) and "—" in the table.
 Writes metrics.json (DVC metrics), metrics.md (a table) and curves.png (Stage 2 loss curves).
 """
+
 import csv
 import json
 import math
@@ -34,13 +35,16 @@ from tqdm import tqdm  # noqa: E402
 
 from cache.errors import OtkdError  # noqa: E402
 from cache.reader import describe  # noqa: E402
-from pipeline.config import Config, DataConfig, save_config  # noqa: E402
+from pipeline.config.base import save_config  # noqa: E402
+from pipeline.config.data import DataConfig  # noqa: E402
+from pipeline.config.evaluate import EvalParams  # noqa: E402
 from pipeline.data.records import IGNORE, load_splits, pad_collate, tokenize, tokenizer_hash  # noqa: E402
 from pipeline.distill.batches import COMPONENTS, collate, gather_rows, open_checked  # noqa: E402
+from pipeline.distill.student import load_trained  # noqa: E402
 from pipeline.evaluation.generate import checker, task_accuracy  # noqa: E402
 from pipeline.losses.kl import ce_loss, topk_kl_loss  # noqa: E402
 from pipeline.models import load_tokenizer  # noqa: E402
-from pipeline.distill.student import load_trained  # noqa: E402
+from pipeline.versions import versions, versions_line  # noqa: E402
 
 KEYS = ("perplexity", "bits_per_char", "accuracy", "top1_agreement", "kl_teacher", "entropy")
 
@@ -68,8 +72,7 @@ def supervised_chars(rec: dict, tokenizer, max_length: int) -> int:
 
 
 @torch.inference_mode()
-def perplexity(model, records: list[dict], tokenizer, max_length: int,
-               batch_size: int) -> tuple[float, float, float]:
+def perplexity(model, records: list[dict], tokenizer, max_length: int, batch_size: int) -> tuple[float, float, float]:
     """(exp(sum of NLL / supervised tokens), mean entropy in nats of the model's next-token distribution over the
     same tokens, sum of NLL in bits / the characters those tokens cover) over records tokenised with `tokenizer`
     (input_ids, labels) at data.max_length."""
@@ -77,10 +80,13 @@ def perplexity(model, records: list[dict], tokenizer, max_length: int,
     nll, ent, n = 0.0, 0.0, 0
     chars = sum(supervised_chars(r, tokenizer, max_length) for r in records)
     for i in range(0, len(records), batch_size):
-        batch = pad_collate(records[i:i + batch_size], pad_id)
+        batch = pad_collate(records[i : i + batch_size], pad_id)
         # use_cache=False: nothing is generated here, a KV cache of every layer would only take memory
-        logits = model(input_ids=batch["input_ids"].to(_device(model)),
-                       attention_mask=batch["attention_mask"].to(_device(model)), use_cache=False).logits
+        logits = model(
+            input_ids=batch["input_ids"].to(_device(model)),
+            attention_mask=batch["attention_mask"].to(_device(model)),
+            use_cache=False,
+        ).logits
         labels = batch["labels"].to(logits.device)
         nll += ce_loss(logits, labels, num_items_in_batch=1, vocab_size=vocab_size).item()  # a sum, not a mean
         rows = labels[:, 1:] != -100  # (B, T-1): positions whose next token is supervised
@@ -98,13 +104,15 @@ def cache_agreement(model, cache, pad_id: int, vocab_size: int, batch_size: int)
     for i in range(0, len(cache), batch_size):
         reads = cache.read_many(range(i, min(i + batch_size, len(cache))), fields)
         b = {k: v.to(_device(model)) for k, v in collate(reads, pad_id).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                       use_cache=False).logits  # (B, L, V)
+        logits = model(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False
+        ).logits  # (B, L, V)
         logits = gather_rows(logits, b["row_pos"])  # (B, M, V): the positions that predict the rows' tokens
         mask = b["row_mask"]  # (B, M)
         agree += int((logits[..., :vocab_size].argmax(-1) == b["teacher_ids"][..., 0])[mask].sum())
-        kl += topk_kl_loss(logits, b["teacher_ids"], b["teacher_logprobs"], b["teacher_tail"], mask,
-                           vocab_size=vocab_size, num_items=1).item()  # sum over rows
+        kl += topk_kl_loss(
+            logits, b["teacher_ids"], b["teacher_logprobs"], b["teacher_tail"], mask, vocab_size=vocab_size, num_items=1
+        ).item()  # sum over rows
         rows += int(mask.sum())
     return agree / max(rows, 1), kl / max(rows, 1), rows
 
@@ -177,12 +185,16 @@ def cell(x, fmt: str) -> str:
 
 
 def markdown_table(metrics: dict[str, dict]) -> str:
-    head = ("| model | perplexity ↓ | bits/char ↓ | accuracy ↑ | top-1 agreement ↑ | KL(teacher‖model) ↓ "
-            "| entropy (nats/token) |\n|---|---:|---:|---:|---:|---:|---:|\n")
-    return head + "".join(f"| {name} | {cell(m['perplexity'], '.3f')} | {cell(m['bits_per_char'], '.4f')} | "
-                          f"{cell(m['accuracy'], '.1%')} | {cell(m['top1_agreement'], '.1%')} | "
-                          f"{cell(m['kl_teacher'], '.4f')} | {cell(m['entropy'], '.3f')} |\n"
-                          for name, m in metrics.items())
+    head = (
+        "| model | perplexity ↓ | bits/char ↓ | accuracy ↑ | top-1 agreement ↑ | KL(teacher‖model) ↓ "
+        "| entropy (nats/token) |\n|---|---:|---:|---:|---:|---:|---:|\n"
+    )
+    return head + "".join(
+        f"| {name} | {cell(m['perplexity'], '.3f')} | {cell(m['bits_per_char'], '.4f')} | "
+        f"{cell(m['accuracy'], '.1%')} | {cell(m['top1_agreement'], '.1%')} | "
+        f"{cell(m['kl_teacher'], '.4f')} | {cell(m['entropy'], '.3f')} |\n"
+        for name, m in metrics.items()
+    )
 
 
 def retokenize(records: list[dict], tokenizer, data: DataConfig) -> list[dict]:
@@ -200,8 +212,15 @@ def cache_tokenizer(val_path: Path) -> str | None:
     return describe(val_path)["provenance"].get("tokenizer_hash")
 
 
-def evaluate_model(cfg: Config, path: str, test: list[dict], gen_records: list[dict], val_path: Path,
-                   name: str = "model", tokenized_with: str | None = None) -> tuple[dict, int]:
+def evaluate_model(
+    cfg: EvalParams,
+    path: str,
+    test: list[dict],
+    gen_records: list[dict],
+    val_path: Path,
+    name: str = "model",
+    tokenized_with: str | None = None,
+) -> tuple[dict, int]:
     """({perplexity, bits_per_char, accuracy, top1_agreement, kl_teacher, entropy}, validation rows) of the model in
     `path`: perplexity, bits per character and entropy on `test`, accuracy on `gen_records` (generated from their
     text), agreement and KL on the validation cache (NaN and 0 rows for a model whose tokenizer is not the cache's).
@@ -218,16 +237,30 @@ def evaluate_model(cfg: Config, path: str, test: list[dict], gen_records: list[d
     cache = open_checked(val_path, tok, path) if cache_tokenizer(val_path) == own else None
     model = load_trained(path, e.dtype, e.load_in_bits)
     ppl, entropy, bpc = perplexity(model, test, tok, cfg.data.max_length, e.batch_size)
-    acc = task_accuracy(model, tok, gen_records, cfg.data.template, check=checker(cfg.data.metric),
-                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, desc=f"{name} accuracy")
+    acc = task_accuracy(
+        model,
+        tok,
+        gen_records,
+        cfg.data.template,
+        check=checker(cfg.data.metric),
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        desc=f"{name} accuracy",
+    )
     top1, kl, n_rows = math.nan, math.nan, 0
     if cache is not None:
         top1, kl, n_rows = cache_agreement(model, cache, tok.pad_token_id, len(tok), e.batch_size)
-    return {"perplexity": ppl, "bits_per_char": bpc, "accuracy": acc, "top1_agreement": top1, "kl_teacher": kl,
-            "entropy": entropy}, n_rows
+    return {
+        "perplexity": ppl,
+        "bits_per_char": bpc,
+        "accuracy": acc,
+        "top1_agreement": top1,
+        "kl_teacher": kl,
+        "entropy": entropy,
+    }, n_rows
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: EvalParams) -> dict:
     """Stage entry: evaluate every configured model, write metrics.json / metrics.md / curves.png."""
     e = cfg.evaluate
     out = Path(e.out)
@@ -238,22 +271,26 @@ def run(cfg: Config) -> dict:
     splits = load_splits(cfg.data, tokenizer, log=lambda *_: None)
     test = splits["test"].to_list()
     test_tokenizer = tokenizer_hash(tokenizer)
-    gen_records = test[:e.eval_examples] if e.eval_examples else test
+    gen_records = test[: e.eval_examples] if e.eval_examples else test
     val_path = Path(e.cache) / "validation.zarr"
 
     results = {}
     n_rows = 0
     for name in names:
-        results[name], rows = evaluate_model(cfg, e.models[name], test, gen_records, val_path, name,
-                                             tokenized_with=test_tokenizer)
+        results[name], rows = evaluate_model(
+            cfg, e.models[name], test, gen_records, val_path, name, tokenized_with=test_tokenizer
+        )
         n_rows = max(n_rows, rows)  # 0 for a model the cache's ids mean nothing to
         tqdm.write(f"evaluate {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()))
 
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {**results, "n": {"test_sequences": len(test), "accuracy_examples": len(gen_records),
-                                "validation_rows": n_rows}}
+    metrics = {
+        **results,
+        "n": {"test_sequences": len(test), "accuracy_examples": len(gen_records), "validation_rows": n_rows},
+        "versions": versions(),
+    }
     (out / "metrics.json").write_text(dump_metrics(metrics))
-    (out / "metrics.md").write_text(markdown_table(results))
+    (out / "metrics.md").write_text(markdown_table(results) + f"\n{versions_line()}\n")
     save_config(cfg, out / "evaluate_config.yaml")  # the resolved config next to the output
     curves = {}
     for name in names:

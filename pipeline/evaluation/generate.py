@@ -1,6 +1,7 @@
 """Greedy generation on held-out prompts and the task accuracy it gives (the metric the user's original design notes
 ask for)."""
-from typing import Callable
+
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -18,6 +19,7 @@ def checker(metric: str) -> Callable[[dict, str], bool]:
     if metric == "exact":
         return exact_match
     from pipeline.data.task import is_correct, is_valid_split
+
     if metric == "split":
         return lambda rec, generated: is_valid_split(rec["instruction"], generated)
     if metric == "embedded_task":
@@ -26,8 +28,15 @@ def checker(metric: str) -> Callable[[dict, str], bool]:
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, records: list[dict], template: str, max_new_tokens: int = 32,
-             batch_size: int = 64, desc: str = "generate") -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    records: list[dict],
+    template: str,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    desc: str = "generate",
+) -> list[str]:
     """Greedy continuations of each record's prompt, special tokens stripped."""
     dev = next(model.parameters()).device
     prompts = [render(r, tokenizer, template)[0] for r in records]
@@ -35,18 +44,25 @@ def generate(model, tokenizer, records: list[dict], template: str, max_new_token
     outs = []
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(dev)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            enc = tokenizer(
+                prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(dev)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return outs
 
 
-def task_accuracy(model, tokenizer, records: list[dict], template: str,
-                  check: Callable[[dict, str], bool] = exact_match, **kwargs) -> float:
+def task_accuracy(
+    model, tokenizer, records: list[dict], template: str, check: Callable[[dict, str], bool] = exact_match, **kwargs
+) -> float:
     """Fraction of records whose greedy answer passes `check` (0.0 for no records)."""
     if not records:
         return 0.0

@@ -1,5 +1,6 @@
 """Argument checks shared by the loss functions: what they cannot survive is refused with a clear error
 instead of turning into a wrong value or a NaN. Imports only torch."""
+
 import torch
 
 
@@ -12,8 +13,9 @@ def check_mask(mask: torch.Tensor, name: str) -> torch.Tensor:
     """
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"{name} must be a bool tensor (True = counts), got {got}; use {name}.bool() or "
-                        f"{name} != 0 if it holds 0/1")
+        raise TypeError(
+            f"{name} must be a bool tensor (True = counts), got {got}; use {name}.bool() or {name} != 0 if it holds 0/1"
+        )
     return mask
 
 

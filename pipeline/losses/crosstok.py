@@ -15,6 +15,7 @@ computed chunk by chunk over rows (two (chunk, V) float32 buffers, as in fused_c
                    OT_eps(a, b) = <T, C> + eps KL(T || a b^T), whose gradients are the envelope's: T, f, g.
 Imports only torch.
 """
+
 import torch
 
 from pipeline.losses.checks import check_mask, check_positive
@@ -106,13 +107,32 @@ class _BucketLogprobs(torch.autograd.Function):
                 if need_b:
                     db[:V] += dz.sum(0)
                 dz = z = None
-        return (dh.to(h.dtype) if need_h else None, dW.to(weight.dtype) if need_w else None,
-                db.to(bias.dtype) if need_b else None, None, None, None, None, None, None, None, None)
+        return (
+            dh.to(h.dtype) if need_h else None,
+            dW.to(weight.dtype) if need_w else None,
+            db.to(bias.dtype) if need_b else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def bucket_logprobs(h: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor | None = None, *,
-                    vocab_size: int | None = None, bias: torch.Tensor | None = None,
-                    scale: torch.Tensor | float | None = None, chunk_rows: int | None = None) -> torch.Tensor:
+def bucket_logprobs(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    vocab_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | float | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
     """Student log-probabilities of buckets, from hidden states: (R, k+1) = [log q(ids_c)]_c ++ [log q(rest)].
 
     h: (R, d) final hidden states; weight: (V_logits, d) lm_head (its gradient only if it requires grad); ids: (R, k)
@@ -140,8 +160,15 @@ def bucket_logprobs(h: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, va
 
 
 @torch.no_grad()
-def student_topk(h: torch.Tensor, weight: torch.Tensor, k: int, *, vocab_size: int | None = None,
-                 bias: torch.Tensor | None = None, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def student_topk(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    *,
+    vocab_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's own top-k ids per row (R, k), in descending order, and the std of its logits (R,) over the
     vocabulary (for the adaptive temperature); chunked, no gradient (bucket_logprobs then differentiates at them)."""
     V = vocab_size or weight.shape[0]
@@ -150,7 +177,7 @@ def student_topk(h: torch.Tensor, weight: torch.Tensor, k: int, *, vocab_size: i
     rows = chunk_rows or default_chunk_rows(V)
     ids, std = [], []
     for r0 in range(0, h.shape[0], rows):
-        z = _logits(h[r0:r0 + rows], W, b, weight.dtype, None)  # (C, V)
+        z = _logits(h[r0 : r0 + rows], W, b, weight.dtype, None)  # (C, V)
         ids.append(z.topk(min(k, V), -1).indices)
         std.append(z.std(-1))
     return torch.cat(ids), torch.cat(std)
@@ -166,8 +193,15 @@ def mapped_teacher_buckets(t_logprobs: torch.Tensor, t_tail: torch.Tensor, mappe
     return torch.cat([torch.where(mapped, t, LOG_FLOOR), rest[:, None]], -1)
 
 
-def bucket_kl(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0,
-              num_items=None) -> torch.Tensor:
+def bucket_kl(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    valid: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    num_items=None,
+) -> torch.Tensor:
     """KL(teacher || student) over buckets, summed over rows in `mask` / (num_items or their count), x tau^2.
 
     s: (R, k+1) student bucket log-probs (from `bucket_logprobs` with scale = tau), t: (R, k+1) teacher bucket
@@ -183,7 +217,7 @@ def bucket_kl(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, mask: torch
     P = tt.exp()
     kl = torch.where(ok, P * (tt - torch.where(ok, s, 0.0)), 0.0).sum(-1)  # (R,)
     n = mask.sum() if num_items is None else num_items
-    return kl.sum() * temperature ** 2 / torch.as_tensor(n, device=kl.device).clamp_min(1).to(kl.dtype)
+    return kl.sum() * temperature**2 / torch.as_tensor(n, device=kl.device).clamp_min(1).to(kl.dtype)
 
 
 def uld_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, num_items=None) -> torch.Tensor:
@@ -201,8 +235,9 @@ def uld_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, num_items=Non
     return torch.where(mask, d, 0.0).sum() / torch.as_tensor(n, device=d.device).clamp_min(1).to(d.dtype)
 
 
-def entropic_ot(C: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: float, tol: float = 1e-6,
-                max_iter: int = 1000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def entropic_ot(
+    C: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, eps: float, tol: float = 1e-6, max_iter: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-domain Sinkhorn with weighted marginals, batched: C (R, n, m), log_a (R, n), log_b (R, m) (-inf = no
     mass; each row needs some mass on both sides). Returns (value (R,), plan (R, n, m), f (R, n), g (R, m)) of
         OT_eps = min_T <T, C> + eps KL(T || a b^T),  T = a_i b_j exp((f_i + g_j - C_ij) / eps),
@@ -238,9 +273,19 @@ class _TokenOT(torch.autograd.Function):
         return dv[:, None, None] * T, dv[:, None] * fa, dv[:, None] * gb, None, None, None
 
 
-def token_ot_loss(log_a: torch.Tensor, xs: torch.Tensor, log_b: torch.Tensor, yt: torch.Tensor, proj: torch.Tensor,
-                  mask: torch.Tensor, *, eps: float = 0.1, tol: float = 1e-6, max_iter: int = 1000,
-                  num_items=None) -> torch.Tensor:
+def token_ot_loss(
+    log_a: torch.Tensor,
+    xs: torch.Tensor,
+    log_b: torch.Tensor,
+    yt: torch.Tensor,
+    proj: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps: float = 0.1,
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+    num_items=None,
+) -> torch.Tensor:
     """Token-level OT in embedding geometry, summed over rows in `mask` / (num_items or their count).
 
     log_a: (R, n) the student's log-probs over its own top-n tokens (renormalised; gradients flow), xs: (R, n, d)

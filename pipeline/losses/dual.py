@@ -2,6 +2,7 @@
 solved by batched preconditioned CG. Newton steps of the Sinkhorn solver (pipeline/losses/sinkhorn.py) and
 the exact implicit gradient of <T*, C> (pipeline/losses/implicit.py) both solve it. Imports only torch.
 """
+
 import torch
 
 

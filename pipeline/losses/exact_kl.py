@@ -35,6 +35,7 @@ matmuls included (a bf16 head never leaves a (C, V) bf16 tensor, except the (C, 
 for a bf16 student's grad_h, taken after x is freed). Plus grad_h (R, d) and grad_W (V_logits, d) float32 only
 when W requires grad. The same budget as fused_ce_kl, hence the same default chunk (2^26 logits per buffer).
 """
+
 import math
 
 import torch
@@ -42,9 +43,19 @@ import torch.nn.functional as F
 
 from pipeline.losses import fused_ce_kl as _fk  # _fk.SLICE read at call time, as chunked_logsumexp does
 from pipeline.losses.checks import check_mask, check_positive
-from pipeline.losses.fused_ce_kl import (_ce_chunk, _count, add_chunk_grads, chunked_logsumexp, default_chunk_rows,
-                                        grad_buffers, grad_needs, loss_parts, save_grads, scaled_grads,
-                                        targets_and_counts)
+from pipeline.losses.fused_ce_kl import (
+    _ce_chunk,
+    _count,
+    add_chunk_grads,
+    chunked_logsumexp,
+    default_chunk_rows,
+    grad_buffers,
+    grad_needs,
+    loss_parts,
+    save_grads,
+    scaled_grads,
+    targets_and_counts,
+)
 
 
 def _logits_into(out: torch.Tensor, h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -66,8 +77,16 @@ def _check_divergence(reverse: bool, jsd_beta: float) -> None:
         raise ValueError(f"jsd_beta must be in (0, 1) (0 = plain KL), got {jsd_beta!r}")
 
 
-def _divergence_(x: torch.Tensor, lp: torch.Tensor, m: torch.Tensor, coef: torch.Tensor, tau: float,
-                 reverse: bool, beta: float, need_grad: bool) -> torch.Tensor:
+def _divergence_(
+    x: torch.Tensor,
+    lp: torch.Tensor,
+    m: torch.Tensor,
+    coef: torch.Tensor,
+    tau: float,
+    reverse: bool,
+    beta: float,
+    need_grad: bool,
+) -> torch.Tensor:
     """Sum over the rows in m of the divergence between teacher log-probs lp (C, V) and softmax(x / tau) (x: raw
     student logits, (C, V)); if need_grad, lp is overwritten in place with coef * d div / dz (coef: (C, 1)).
 
@@ -106,8 +125,29 @@ def _divergence_(x: torch.Tensor, lp: torch.Tensor, m: torch.Tensor, coef: torch
 
 class _FusedCEExactKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, t_h, t_w, t_b, kl_mask, w_ce, w_kl, tau, reverse, beta, V,
-                n_ce, n_kl, chunk_rows, need_h, need_w, need_b):
+    def forward(
+        ctx,
+        h,
+        weight,
+        bias,
+        targets,
+        t_h,
+        t_w,
+        t_b,
+        kl_mask,
+        w_ce,
+        w_kl,
+        tau,
+        reverse,
+        beta,
+        V,
+        n_ce,
+        n_kl,
+        chunk_rows,
+        need_h,
+        need_w,
+        need_b,
+    ):
         R, d = h.shape
         dev = h.device
         W, Wt = weight[:V], t_w[:V]  # (V, d), (V, D) views: padded vocab rows are never multiplied
@@ -123,16 +163,16 @@ class _FusedCEExactKL(torch.autograd.Function):
         c_kl = w_kl * tau / n_kl  # d(tau^2 div / n)/dx = tau^2 / n * d div/dz / tau
 
         for r0 in range(0, R, chunk_rows):
-            hc = h[r0:r0 + chunk_rows]  # (C, d)
+            hc = h[r0 : r0 + chunk_rows]  # (C, d)
             C = hc.shape[0]
             x = _logits_into(torch.empty(C, V, device=dev), hc, W, b)  # (C, V) student logits, buffer 1 of 2
             dx = None
 
             if w_kl:
-                m = kl_mask[r0:r0 + chunk_rows]  # (C,)
+                m = kl_mask[r0 : r0 + chunk_rows]  # (C,)
                 # Rows that do not count may hold anything (NaN): zero them before the matmul, so their teacher
                 # logits are the bias alone, finite; their coefficient below is 0.
-                th = torch.where(m[:, None], t_h[r0:r0 + chunk_rows], 0.0)  # (C, D)
+                th = torch.where(m[:, None], t_h[r0 : r0 + chunk_rows], 0.0)  # (C, D)
                 lp = _logits_into(torch.empty(C, V, device=dev), th, Wt, bt)  # (C, V) buffer 2 of 2
                 if tau != 1.0:
                     lp.div_(tau)
@@ -143,7 +183,7 @@ class _FusedCEExactKL(torch.autograd.Function):
                 lp = None
 
             if w_ce:  # CE gradient added into the divergence's buffer (or a new one without the divergence)
-                nll, dx = _ce_chunk(x, targets[r0:r0 + chunk_rows], c_ce, need_grad, dx)
+                nll, dx = _ce_chunk(x, targets[r0 : r0 + chunk_rows], c_ce, need_grad, dx)
                 ce_sum += nll
             x = None  # before dx's bf16 copy and the next chunk's logits: at most two (C, V) buffers live
 
@@ -151,7 +191,7 @@ class _FusedCEExactKL(torch.autograd.Function):
                 add_chunk_grads(grads, dx, hc, W, r0)
             dx = None
 
-        ce, kl = ce_sum / n_ce, tau ** 2 * kl_sum / n_kl
+        ce, kl = ce_sum / n_ce, tau**2 * kl_sum / n_kl
         save_grads(ctx, grads, ce, kl, h, weight, bias)
         return w_ce * ce + w_kl * kl, ce, kl
 
@@ -160,13 +200,25 @@ class _FusedCEExactKL(torch.autograd.Function):
         return scaled_grads(ctx, g, "fused_ce_exact_kl")
 
 
-def fused_ce_exact_kl(h: torch.Tensor, weight: torch.Tensor, teacher_h: torch.Tensor | None,
-                      teacher_weight: torch.Tensor | None, targets: torch.Tensor | None = None,
-                      kl_mask: torch.Tensor | None = None, *, w_ce: float = 1.0, w_kl: float = 1.0,
-                      temperature: float = 1.0, reverse: bool = False, jsd_beta: float = 0.0,
-                      vocab_size: int | None = None, num_items=None, chunk_rows: int | None = None,
-                      bias: torch.Tensor | None = None,
-                      teacher_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def fused_ce_exact_kl(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_h: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    targets: torch.Tensor | None = None,
+    kl_mask: torch.Tensor | None = None,
+    *,
+    w_ce: float = 1.0,
+    w_kl: float = 1.0,
+    temperature: float = 1.0,
+    reverse: bool = False,
+    jsd_beta: float = 0.0,
+    vocab_size: int | None = None,
+    num_items=None,
+    chunk_rows: int | None = None,
+    bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
     """w_ce * CE + w_kl * exact full-vocabulary divergence, from hidden states, without any (R, V) tensor.
 
     h: (R, d) student final hidden states, fp32 or bf16 (leading dims flattened); weight: (V_s_logits, d)
@@ -206,16 +258,50 @@ def fused_ce_exact_kl(h: torch.Tensor, weight: torch.Tensor, teacher_h: torch.Te
         t_h, t_w, t_b = torch.zeros(R, 1, device=h.device), torch.zeros(V, 1, device=h.device), None
     targets, n_ce, n_kl = targets_and_counts(targets, kl_mask, w_ce, R, h.device, num_items)
     need_h, need_w, need_b = grad_needs(h, weight, bias)
-    loss, ce, kl = _FusedCEExactKL.apply(h, weight, bias, targets, t_h, t_w, t_b, kl_mask, float(w_ce),
-                                         float(w_kl), float(temperature), bool(reverse), float(jsd_beta), V,
-                                         n_ce, n_kl, int(chunk_rows or default_chunk_rows(V)), need_h, need_w,
-                                         need_b)
+    loss, ce, kl = _FusedCEExactKL.apply(
+        h,
+        weight,
+        bias,
+        targets,
+        t_h,
+        t_w,
+        t_b,
+        kl_mask,
+        float(w_ce),
+        float(w_kl),
+        float(temperature),
+        bool(reverse),
+        float(jsd_beta),
+        V,
+        n_ce,
+        n_kl,
+        int(chunk_rows or default_chunk_rows(V)),
+        need_h,
+        need_w,
+        need_b,
+    )
     return loss, loss_parts(w_ce, w_kl, ce, kl)
 
 
-def naive_ce_exact_kl(h, weight, teacher_h, teacher_weight, targets=None, kl_mask=None, *, w_ce=1.0, w_kl=1.0,
-                      temperature=1.0, reverse=False, jsd_beta=0.0, vocab_size=None, num_items=None,
-                      chunk_rows=None, bias=None, teacher_bias=None):
+def naive_ce_exact_kl(
+    h,
+    weight,
+    teacher_h,
+    teacher_weight,
+    targets=None,
+    kl_mask=None,
+    *,
+    w_ce=1.0,
+    w_kl=1.0,
+    temperature=1.0,
+    reverse=False,
+    jsd_beta=0.0,
+    vocab_size=None,
+    num_items=None,
+    chunk_rows=None,
+    bias=None,
+    teacher_bias=None,
+):
     """Same contract as `fused_ce_exact_kl` on plain full (R, V) logits (autograd; for comparison)."""
     check_positive(temperature, "temperature")
     _check_divergence(reverse, jsd_beta)
@@ -245,6 +331,6 @@ def naive_ce_exact_kl(h, weight, teacher_h, teacher_weight, targets=None, kl_mas
             div = (lq.exp() * (lq - lp)).sum(-1)
         else:
             div = (lp.exp() * (lp - lq)).sum(-1)
-        parts["kl"] = tau ** 2 * div.sum() / _count(num_items, m.sum()).to(x.dtype)
+        parts["kl"] = tau**2 * div.sum() / _count(num_items, m.sum()).to(x.dtype)
         loss = loss + w_kl * parts["kl"]
     return loss, {k: v.detach() for k, v in parts.items()}

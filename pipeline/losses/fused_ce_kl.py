@@ -19,6 +19,7 @@ For a top-k slot j, q_v / Q_j = 1; for a tail token, P_T q_v / Q_T = exp(z_v - l
 in log space so a student tail of e^-55 never divides anything. tail="none": s is renormalised over the k
 ids, only those columns get gradient, and the same formulas hold with Q the renormalised probs.
 """
+
 import torch
 
 from pipeline.losses.checks import check_mask, check_positive
@@ -31,7 +32,7 @@ def _count(n, default: torch.Tensor) -> torch.Tensor:
 
 
 SLICE = 128  # rows per full-width temporary inside a chunk (logsumexp, exp): 128 x V floats, not chunk x V
-CHUNK_ELEMS = 2 ** 26  # default chunk = this many logits (256 MB float32): ~441 rows at V = 151,936
+CHUNK_ELEMS = 2**26  # default chunk = this many logits (256 MB float32): ~441 rows at V = 151,936
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -56,8 +57,9 @@ def _add_exp(dst: torch.Tensor | None, x: torch.Tensor, shift: torch.Tensor, coe
     return dst
 
 
-def _ce_chunk(x: torch.Tensor, tgt: torch.Tensor, c_ce: float, need_grad: bool,
-              dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _ce_chunk(
+    x: torch.Tensor, tgt: torch.Tensor, c_ce: float, need_grad: bool, dx: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hard-label CE of one chunk of raw logits x (C, V), targets tgt (C,) with -100 = no CE.
 
     Returns (sum of the valid rows' NLL, dx) with dx += c_ce * (softmax(x) - onehot(tgt)) on the valid rows when
@@ -76,8 +78,29 @@ def _ce_chunk(x: torch.Tensor, tgt: torch.Tensor, c_ce: float, need_grad: bool,
 
 class _FusedCEKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ids, t_lp, t_tail, kl_mask, w_ce, w_kl, tau, tail, reverse, V,
-                n_ce, n_kl, chunk_rows, need_h, need_w, need_b):
+    def forward(
+        ctx,
+        h,
+        weight,
+        bias,
+        targets,
+        ids,
+        t_lp,
+        t_tail,
+        kl_mask,
+        w_ce,
+        w_kl,
+        tau,
+        tail,
+        reverse,
+        V,
+        n_ce,
+        n_kl,
+        chunk_rows,
+        need_h,
+        need_w,
+        need_b,
+    ):
         R, d = h.shape
         k = ids.shape[-1]
         dev = h.device
@@ -95,7 +118,7 @@ class _FusedCEKL(torch.autograd.Function):
         c_kl = w_kl * tau / n_kl  # d(tau^2 KL / n)/d logits = tau^2 / n * dKL/dz / tau
 
         for r0 in range(0, R, chunk_rows):
-            hc = h[r0:r0 + chunk_rows]  # (C, d)
+            hc = h[r0 : r0 + chunk_rows]  # (C, d)
             x = (hc.to(mm_dtype) @ W.T).float()  # (C, V) float32 logits: the only full-width tensors are per chunk
             if b is not None:
                 x += b
@@ -104,20 +127,20 @@ class _FusedCEKL(torch.autograd.Function):
             dx = None
 
             if w_ce:
-                nll, dx = _ce_chunk(x, targets[r0:r0 + chunk_rows], c_ce, need_grad, dx)
+                nll, dx = _ce_chunk(x, targets[r0 : r0 + chunk_rows], c_ce, need_grad, dx)
                 ce_sum += nll
 
             if w_kl:
-                m = kl_mask[r0:r0 + chunk_rows]  # (C,)
+                m = kl_mask[r0 : r0 + chunk_rows]  # (C,)
                 # Rows that do not count may hold anything (ids -1, log-probs -inf): make them harmless.
-                idc = torch.where(m[:, None], ids[r0:r0 + chunk_rows], torch.arange(k, device=dev))  # (C, k)
+                idc = torch.where(m[:, None], ids[r0 : r0 + chunk_rows], torch.arange(k, device=dev))  # (C, k)
                 z = x.div_(tau) if tau != 1.0 else x  # (C, V) in place: CE is done with the raw logits
                 lse = chunked_logsumexp(z)  # (C, 1)
                 zk = z.gather(-1, idc)  # (C, k)
                 s = zk - lse  # (C, k) student log-probs at the teacher's top-k
-                t = torch.where(m[:, None], t_lp[r0:r0 + chunk_rows].float(), 0.0)  # (C, k)
+                t = torch.where(m[:, None], t_lp[r0 : r0 + chunk_rows].float(), 0.0)  # (C, k)
                 if bucket:
-                    tt = torch.where(m, t_tail[r0:r0 + chunk_rows].float(), 0.0)[:, None]  # (C, 1)
+                    tt = torch.where(m, t_tail[r0 : r0 + chunk_rows].float(), 0.0)[:, None]  # (C, 1)
                     t = torch.cat([t, tt], -1)  # (C, k+1)
                 t = (t.clamp_min(LOG_FLOOR) / tau).log_softmax(-1)  # (C, k[+1]) tempered teacher buckets
                 P = t.exp()
@@ -157,7 +180,7 @@ class _FusedCEKL(torch.autograd.Function):
                 add_chunk_grads(grads, dx, hc, W, r0)
             dx = None  # before the next chunk's matmul, so at most two (C, V) buffers ever live
 
-        ce, kl = ce_sum / n_ce, tau ** 2 * kl_sum / n_kl
+        ce, kl = ce_sum / n_ce, tau**2 * kl_sum / n_kl
         save_grads(ctx, grads, ce, kl, h, weight, bias)
         return w_ce * ce + w_kl * kl, ce, kl
 
@@ -169,9 +192,11 @@ class _FusedCEKL(torch.autograd.Function):
 def grad_buffers(h, weight, bias, need_h: bool, need_w: bool, need_b: bool) -> list:
     """float32 gradient accumulators of the fused losses: h (R, d), and W (V_logits, d) / bias (V_logits,) only
     when they train (a frozen lm-head under QLoRA: no V x d buffer at all)."""
-    return [torch.zeros(h.shape, device=h.device, dtype=torch.float32) if need_h else None,
-            torch.zeros_like(weight, dtype=torch.float32) if need_w else None,
-            torch.zeros_like(bias, dtype=torch.float32) if need_b else None]
+    return [
+        torch.zeros(h.shape, device=h.device, dtype=torch.float32) if need_h else None,
+        torch.zeros_like(weight, dtype=torch.float32) if need_w else None,
+        torch.zeros_like(bias, dtype=torch.float32) if need_b else None,
+    ]
 
 
 def add_chunk_grads(grads: list, dx: torch.Tensor, hc: torch.Tensor, W: torch.Tensor, r0: int) -> None:
@@ -179,7 +204,7 @@ def add_chunk_grads(grads: list, dx: torch.Tensor, hc: torch.Tensor, W: torch.Te
     grad_h, grad_w, grad_b = grads
     V = W.shape[0]
     if grad_h is not None:
-        grad_h[r0:r0 + len(hc)] = (dx.to(W.dtype) @ W).float()  # (C, d), the matmul in W's dtype
+        grad_h[r0 : r0 + len(hc)] = (dx.to(W.dtype) @ W).float()  # (C, d), the matmul in W's dtype
     if grad_w is not None:
         grad_w[:V].addmm_(dx.T, hc.float())  # (V, d) += (V, C) @ (C, d), in float32
     if grad_b is not None:
@@ -198,19 +223,34 @@ def scaled_grads(ctx, g: torch.Tensor, name: str) -> tuple:
     """The backward of a fused loss: its stored gradients times the upstream g, scaled in place (so no second
     V x d buffer exists); hence once per forward."""
     if ctx.done:
-        raise RuntimeError(f"{name}: backward runs once per forward (its stored gradients are scaled in place so "
-                           "no second V x d buffer exists); recompute the loss instead of retain_graph=True")
+        raise RuntimeError(
+            f"{name}: backward runs once per forward (its stored gradients are scaled in place so "
+            "no second V x d buffer exists); recompute the loss instead of retain_graph=True"
+        )
     ctx.done = True
     grads = [None if x is None else x.mul_(g).to(dt) for x, dt in zip(ctx.saved_tensors, ctx.dtypes)]
     return (*grads, *[None] * 17)
 
 
-def fused_ce_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None,
-                teacher_ids: torch.Tensor | None = None, teacher_logprobs: torch.Tensor | None = None,
-                teacher_tail: torch.Tensor | None = None, kl_mask: torch.Tensor | None = None, *,
-                w_ce: float = 1.0, w_kl: float = 0.0, temperature: float = 1.0, tail: str = "bucket",
-                reverse: bool = False, vocab_size: int | None = None, num_items=None, chunk_rows: int | None = None,
-                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def fused_ce_kl(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    teacher_tail: torch.Tensor | None = None,
+    kl_mask: torch.Tensor | None = None,
+    *,
+    w_ce: float = 1.0,
+    w_kl: float = 0.0,
+    temperature: float = 1.0,
+    tail: str = "bucket",
+    reverse: bool = False,
+    vocab_size: int | None = None,
+    num_items=None,
+    chunk_rows: int | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
     """w_ce * CE + w_kl * top-k KL from hidden states, without materialising the logits.
 
     h: (R, d) final (post-norm) hidden states, fp32 or bf16; any leading dims are flattened with the rows.
@@ -247,9 +287,28 @@ def fused_ce_kl(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | N
         kl_mask = torch.zeros(R, dtype=torch.bool, device=h.device)
     targets, n_ce, n_kl = targets_and_counts(targets, kl_mask, w_ce, R, h.device, num_items)
     need_h, need_w, need_b = grad_needs(h, weight, bias)
-    loss, ce, kl = _FusedCEKL.apply(h, weight, bias, targets, ids, t_lp, t_tail, kl_mask, float(w_ce),
-                                    float(w_kl), float(temperature), tail, reverse, V, n_ce, n_kl,
-                                    int(chunk_rows or default_chunk_rows(V)), need_h, need_w, need_b)
+    loss, ce, kl = _FusedCEKL.apply(
+        h,
+        weight,
+        bias,
+        targets,
+        ids,
+        t_lp,
+        t_tail,
+        kl_mask,
+        float(w_ce),
+        float(w_kl),
+        float(temperature),
+        tail,
+        reverse,
+        V,
+        n_ce,
+        n_kl,
+        int(chunk_rows or default_chunk_rows(V)),
+        need_h,
+        need_w,
+        need_b,
+    )
     return loss, loss_parts(w_ce, w_kl, ce, kl)
 
 
@@ -275,9 +334,25 @@ def loss_parts(w_ce: float, w_kl: float, ce: torch.Tensor, kl: torch.Tensor) -> 
     return {name: v.detach() for name, w, v in (("ce", w_ce, ce), ("kl", w_kl, kl)) if w}
 
 
-def naive_ce_kl(h, weight, targets=None, teacher_ids=None, teacher_logprobs=None, teacher_tail=None,
-                kl_mask=None, *, w_ce=1.0, w_kl=0.0, temperature=1.0, tail="bucket", reverse=False,
-                vocab_size=None, num_items=None, chunk_rows=None, bias=None):
+def naive_ce_kl(
+    h,
+    weight,
+    targets=None,
+    teacher_ids=None,
+    teacher_logprobs=None,
+    teacher_tail=None,
+    kl_mask=None,
+    *,
+    w_ce=1.0,
+    w_kl=0.0,
+    temperature=1.0,
+    tail="bucket",
+    reverse=False,
+    vocab_size=None,
+    num_items=None,
+    chunk_rows=None,
+    bias=None,
+):
     """Same contract as `fused_ce_kl` through the plain losses on full (R, V_logits) logits (for comparison)."""
     d = h.shape[-1]
     logits = torch.nn.functional.linear(h.reshape(-1, d), weight, bias)  # (R, V_logits), materialised
@@ -290,9 +365,17 @@ def naive_ce_kl(h, weight, targets=None, teacher_ids=None, teacher_logprobs=None
         parts["ce"] = ce_loss(lg, lab, num_items, vocab_size=vocab_size)
         loss = loss + w_ce * parts["ce"]
     if w_kl:
-        parts["kl"] = topk_kl_loss(logits, teacher_ids.reshape(R, -1), teacher_logprobs.reshape(R, -1),
-                                   None if teacher_tail is None else teacher_tail.reshape(R),
-                                   kl_mask.reshape(R), temperature=temperature, tail=tail,
-                                   reverse=reverse, vocab_size=vocab_size, num_items=num_items)
+        parts["kl"] = topk_kl_loss(
+            logits,
+            teacher_ids.reshape(R, -1),
+            teacher_logprobs.reshape(R, -1),
+            None if teacher_tail is None else teacher_tail.reshape(R),
+            kl_mask.reshape(R),
+            temperature=temperature,
+            tail=tail,
+            reverse=reverse,
+            vocab_size=vocab_size,
+            num_items=num_items,
+        )
         loss = loss + w_kl * parts["kl"]
     return loss, {k: v.detach() for k, v in parts.items()}

@@ -18,11 +18,12 @@ Backward, with dq_iu = sum over (j, c) with ids_jc = u of dS_ij p_jc and g = q *
             when W trains: under QLoRA the lm_head is frozen and no V x d buffer is allocated).
 Imports only torch.
 """
+
 import torch
 
 from pipeline.losses.fused_ce_kl import chunked_logsumexp, default_chunk_rows
-from pipeline.losses.ot import OT_EPS, check_ot_args, cost_from_similarity, reduce_sequences, teacher_topk
 from pipeline.losses.implicit import ot_loss
+from pipeline.losses.ot import OT_EPS, check_ot_args, cost_from_similarity, reduce_sequences, teacher_topk
 from pipeline.losses.sinkhorn import SinkhornResult
 
 
@@ -43,18 +44,18 @@ class _HiddenTopkSimilarity(torch.autograd.Function):
         lse = torch.empty(B * N, 1, device=h.device)  # (B*N, 1)
         m = torch.empty(B * N, d, device=h.device) if need_h else None  # (B*N, d) expected embedding
         for r0 in range(0, B * N, chunk_rows):
-            z = _logits(rows[r0:r0 + chunk_rows], W, b, mm)  # (C, V)
-            lse[r0:r0 + chunk_rows] = chunked_logsumexp(z)
+            z = _logits(rows[r0 : r0 + chunk_rows], W, b, mm)  # (C, V)
+            lse[r0 : r0 + chunk_rows] = chunked_logsumexp(z)
             if need_h:
-                q = z.sub_(lse[r0:r0 + chunk_rows]).exp_()  # (C, V) in place: softmax
-                m[r0:r0 + chunk_rows] = (q.to(mm) @ W).float()
+                q = z.sub_(lse[r0 : r0 + chunk_rows]).exp_()  # (C, V) in place: softmax
+                m[r0 : r0 + chunk_rows] = (q.to(mm) @ W).float()
             z = q = None  # q aliases z: free the (C, V) buffer before the next chunk or the first block
         lse = lse.view(B, N, 1)
         S = h.new_empty(B, N, M, dtype=torch.float32)
         blocks = list(_blocks(ids, block))  # the distinct ids per block, reused by the backward
         for bi, j0, U, inv in blocks:
             q = (_logits(h[bi], W[U], b[U] if b is not None else None, mm) - lse[bi]).exp_()  # (N, |U|)
-            S[bi, :, j0:j0 + len(inv)] = (q[:, inv.view(-1)].view(N, -1, k) * p[bi, j0:j0 + len(inv)]).sum(-1)
+            S[bi, :, j0 : j0 + len(inv)] = (q[:, inv.view(-1)].view(N, -1, k) * p[bi, j0 : j0 + len(inv)]).sum(-1)
         ctx.save_for_backward(h, weight, bias, ids, p, lse, m)
         ctx.cfg = (V, block, chunk_rows, need_h, need_w, need_b)
         ctx.blocks = blocks
@@ -75,7 +76,7 @@ class _HiddenTopkSimilarity(torch.autograd.Function):
         dS = dS.float()
         for bi, j0, U, inv in ctx.blocks:
             q = (_logits(h[bi], W[U], b[U] if b is not None else None, mm) - lse[bi]).exp_()  # (N, |U|)
-            contrib = dS[bi, :, j0:j0 + len(inv), None] * p[bi, None, j0:j0 + len(inv)]  # (N, Mb, k)
+            contrib = dS[bi, :, j0 : j0 + len(inv), None] * p[bi, None, j0 : j0 + len(inv)]  # (N, Mb, k)
             g = torch.zeros_like(q).index_add_(1, inv.view(-1), contrib.reshape(N, -1)).mul_(q)  # (N, |U|)
             t[bi] += g.sum(1)
             if need_h:
@@ -90,14 +91,25 @@ class _HiddenTopkSimilarity(torch.autograd.Function):
         if need_w or need_b:  # - sum_i t_i q_i(v) h_i over the whole vocabulary, recomputed chunk by chunk
             rows, tr, lr = h.reshape(-1, d), t.reshape(-1, 1), lse.reshape(-1, 1)
             for r0 in range(0, B * N, chunk_rows):
-                q = _logits(rows[r0:r0 + chunk_rows], W, b, mm).sub_(lr[r0:r0 + chunk_rows]).exp_()
-                q.mul_(tr[r0:r0 + chunk_rows])  # (C, V)
+                q = _logits(rows[r0 : r0 + chunk_rows], W, b, mm).sub_(lr[r0 : r0 + chunk_rows]).exp_()
+                q.mul_(tr[r0 : r0 + chunk_rows])  # (C, V)
                 if need_w:
-                    dW[:V].addmm_(q.T, rows[r0:r0 + chunk_rows].float(), alpha=-1.0)
+                    dW[:V].addmm_(q.T, rows[r0 : r0 + chunk_rows].float(), alpha=-1.0)
                 if need_b:
                     db[:V] -= q.sum(0)
-        return (dh.to(h.dtype) if need_h else None, dW.to(weight.dtype) if need_w else None,
-                db.to(bias.dtype) if need_b else None, None, None, None, None, None, None, None, None)
+        return (
+            dh.to(h.dtype) if need_h else None,
+            dW.to(weight.dtype) if need_w else None,
+            db.to(bias.dtype) if need_b else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _blocks(ids: torch.Tensor, block: int):
@@ -105,17 +117,29 @@ def _blocks(ids: torch.Tensor, block: int):
     the block, inv (Mb, k) the position of each id in U)."""
     for bi in range(ids.shape[0]):
         for j0 in range(0, ids.shape[1], block):
-            U, inv = torch.unique(ids[bi, j0:j0 + block], return_inverse=True)
+            U, inv = torch.unique(ids[bi, j0 : j0 + block], return_inverse=True)
             yield bi, j0, U, inv
 
 
-def ot_logits_loss_from_hidden(h: torch.Tensor, weight: torch.Tensor, teacher_ids: torch.Tensor,
-                               teacher_logprobs: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor, *,
-                               eps: float = OT_EPS, block: int = 64, vocab_size: int | None = None,
-                               bias: torch.Tensor | None = None, objective: str = "linear",
-                               reduction: str = "mean", tol: float | None = None, max_iter: int = 1000,
-                               chunk_rows: int | None = None,
-                               eps_scale: str = "absolute") -> tuple[torch.Tensor, SinkhornResult]:
+def ot_logits_loss_from_hidden(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    x_mask: torch.Tensor,
+    y_mask: torch.Tensor,
+    *,
+    eps: float = OT_EPS,
+    block: int = 64,
+    vocab_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    objective: str = "linear",
+    reduction: str = "mean",
+    tol: float | None = None,
+    max_iter: int = 1000,
+    chunk_rows: int | None = None,
+    eps_scale: str = "absolute",
+) -> tuple[torch.Tensor, SinkhornResult]:
     """`ot_logits_loss` of the logits h W^T (+ bias), without ever building them over the vocabulary.
 
     h: (B, N, d) student final hidden states; weight: (V_logits, d) lm_head (tied embedding fine; its grad is
@@ -130,9 +154,9 @@ def ot_logits_loss_from_hidden(h: torch.Tensor, weight: torch.Tensor, teacher_id
     ids, p = teacher_topk(teacher_ids, teacher_logprobs, y_mask, V)  # (B, M, k) each, as ot_logits_loss
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (h, weight, bias)]
-    S = _HiddenTopkSimilarity.apply(h, weight, bias, ids, p, V, block, chunk_rows or default_chunk_rows(V),
-                                    *need)  # (B, N, M)
+    S = _HiddenTopkSimilarity.apply(
+        h, weight, bias, ids, p, V, block, chunk_rows or default_chunk_rows(V), *need
+    )  # (B, N, M)
     C = cost_from_similarity(S, y_mask)
-    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol,
-                           max_iter=max_iter)  # (B,)
+    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol, max_iter=max_iter)  # (B,)
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res

@@ -19,6 +19,7 @@ solution works. The plan's own marginals sit on the diagonal so that the null di
 Sinkhorn stopped at a finite tolerance. eps may differ per sequence (relative eps): every formula is per
 sequence.
 """
+
 from typing import Literal
 
 import torch
@@ -44,8 +45,7 @@ def _grad_from_duals(plan, C0, eps, a_ok, b_ok, cg_tol, cg_max_iter):
     TC = plan * C0  # (B, N, M)
     r = TC.sum(2) / e  # (B, N)
     s = TC.sum(1) / e  # (B, M)
-    alpha, beta, iters, conv = solve_dual_system(PlanOperator.of(plan), r, s, a_ok, b_ok, cg_tol,
-                                                 cg_max_iter)
+    alpha, beta, iters, conv = solve_dual_system(PlanOperator.of(plan), r, s, a_ok, b_ok, cg_tol, cg_max_iter)
     grad = plan * (1.0 - C0 / e[:, :, None] + alpha[:, :, None] + beta[:, None, :])  # (B, N, M)
     return grad, conv & torch.isfinite(grad.sum((1, 2))), iters  # a non-finite entry makes its sum non-finite
 
@@ -67,8 +67,9 @@ def _linear_grad(plan, C0, eps, a_ok, b_ok, cg_tol, cg_max_iter):
     grad, ok, iters = _grad_from_duals(plan, C0, eps, a_ok, b_ok, cg_tol, first_max)
     if plan.dtype != torch.float64 and not ok.all():
         redo = (~ok).nonzero()[:, 0]
-        g64, _, it64 = _grad_from_duals(plan[redo].double(), C0[redo].double(), eps[redo].double(), a_ok[redo],
-                                        b_ok[redo], cg_tol, cg_max_iter)
+        g64, _, it64 = _grad_from_duals(
+            plan[redo].double(), C0[redo].double(), eps[redo].double(), a_ok[redo], b_ok[redo], cg_tol, cg_max_iter
+        )
         grad[redo], iters[redo] = g64.to(grad.dtype), it64
     ok = torch.isfinite(grad.sum((1, 2)))  # (B,)
     return (grad if bool(ok.all()) else torch.where(ok[:, None, None], grad, 0.0)), iters
@@ -123,11 +124,21 @@ def relative_eps(C: torch.Tensor, a_ok: torch.Tensor, b_ok: torch.Tensor, eps) -
         return eps * torch.where(std > 0, std, 1.0).detach()
 
 
-def ot_loss(C: torch.Tensor, a_mask: torch.Tensor, b_mask: torch.Tensor, eps: float,
-            objective: str = "linear", *, eps_scale: EpsScale = "absolute", tol: float | None = None,
-            max_iter: int = 1000, cg_tol: float | None = None, cg_max_iter: int = 1000,
-            init: tuple[torch.Tensor, torch.Tensor] | None = None,
-            **solver) -> tuple[torch.Tensor, SinkhornResult]:
+def ot_loss(
+    C: torch.Tensor,
+    a_mask: torch.Tensor,
+    b_mask: torch.Tensor,
+    eps: float,
+    objective: str = "linear",
+    *,
+    eps_scale: EpsScale = "absolute",
+    tol: float | None = None,
+    max_iter: int = 1000,
+    cg_tol: float | None = None,
+    cg_max_iter: int = 1000,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **solver,
+) -> tuple[torch.Tensor, SinkhornResult]:
     """Differentiable per-sequence entropic OT loss.
 
     C: (B, N, M) cost, a_mask (B, N), b_mask (B, M) bool. eps: entropic regularisation (> 0), absolute or

@@ -6,15 +6,16 @@ without full logits in `pipeline/losses/fused_ce_kl.py`; these plain versions ar
 serve evaluation.
 Imports only torch.
 """
+
 import torch
 import torch.nn.functional as F
 
 from pipeline.losses.checks import check_mask, check_positive
 
 # Teacher log-probs are floored here before use; Stage 1 floors the tail mass it stores at the same value
-# (pipeline/teacher/topk.py imports this constant: the two must be equal, or a stored tail would be read back
-# as another value). exp(-80) ~ 1.8e-35 is "no mass" at float32 precision, and a finite floor keeps
-# p (log p - log q) at 0 instead of 0 * (-inf) = NaN when the cache holds -inf.
+# (cache/schema.py LOG_FLOOR, repeated here because the losses import only torch; tests/test_topk.py checks the two
+# are equal, or a stored tail would be read back as another value). exp(-80) ~ 1.8e-35 is "no mass" at float32
+# precision, and a finite floor keeps p (log p - log q) at 0 instead of 0 * (-inf) = NaN when the cache holds -inf.
 LOG_FLOOR = -80.0
 
 
@@ -22,12 +23,15 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 -> fp32: log-softmax and logsumexp must not run in half precision."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
+
 # ---------------------------------------------------------------------------------------------------------
 # Cross-entropy on hard labels
 # ---------------------------------------------------------------------------------------------------------
 
-def ce_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, *,
-            vocab_size: int | None = None) -> torch.Tensor:
+
+def ce_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, *, vocab_size: int | None = None
+) -> torch.Tensor:
     """Next-token cross-entropy; logits[:, t] predicts labels[:, t + 1] (the shift happens here).
 
     logits: (B, L, V), labels: (B, L) long with -100 = ignore.
@@ -40,8 +44,7 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None,
     logits = upcast(logits[:, :-1, :vocab_size])  # (B, L-1, V)
     labels = labels[:, 1:]  # (B, L-1)
     # reduction="sum" with every label ignored gives exactly 0 and zero gradients (a "mean" would be 0/0)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                          ignore_index=-100, reduction="sum")
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
     n = (labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
     return nll / torch.as_tensor(n, device=nll.device).clamp_min(1).to(nll.dtype)
 
@@ -50,10 +53,20 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None,
 # KL on the cached top-k + tail bucket
 # ---------------------------------------------------------------------------------------------------------
 
-def topk_kl_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-                 teacher_tail: torch.Tensor | None, mask: torch.Tensor, *, temperature: float = 1.0,
-                 tail: str = "bucket", reverse: bool = False, vocab_size: int | None = None,
-                 num_items=None) -> torch.Tensor:
+
+def topk_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_tail: torch.Tensor | None,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    tail: str = "bucket",
+    reverse: bool = False,
+    vocab_size: int | None = None,
+    num_items=None,
+) -> torch.Tensor:
     """KL between teacher and student on the teacher's top-k tokens plus one bucket for everything else.
 
     Row r of the student and row r of the teacher predict the same next token (the caller aligns them).
@@ -110,4 +123,4 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teache
         kl = (t.exp() * (t - s)).sum(-1)  # (R',) KL(teacher || student)
     n = mask.sum() if num_items is None else num_items
     n = torch.as_tensor(n, device=kl.device).clamp_min(1).to(kl.dtype)
-    return kl.sum() * temperature ** 2 / n
+    return kl.sum() * temperature**2 / n

@@ -5,13 +5,14 @@ student and teacher next-token distributions (plain full-logits version; Stage 2
 Pure functions of tensors; masks are explicit bool tensors (True = counts; other dtypes are refused).
 Imports only torch.
 """
+
 import math
 
 import torch
 
 from pipeline.losses.checks import check_mask, check_positive
-from pipeline.losses.kl import upcast
 from pipeline.losses.implicit import ot_loss
+from pipeline.losses.kl import upcast
 from pipeline.losses.sinkhorn import SinkhornResult
 
 # Default entropic regularisation for the OT losses; see `ot_hidden_loss` for why not the lambda of
@@ -44,8 +45,13 @@ def check_ot_args(x_mask: torch.Tensor, y_mask: torch.Tensor, eps: float) -> Non
     check_positive(eps, "eps")
 
 
-def teacher_topk(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, y_mask: torch.Tensor, V: int,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_topk(
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    y_mask: torch.Tensor,
+    V: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher ids (B, M, k) long and probabilities (B, M, k) in `dtype` made safe to gather with, the same in the
     plain and the fused logits OT: padding rows may hold anything (ids -1 or >= V, log-probs -inf or NaN), so
     they get id 0 and probability 0 (a padding column is masked out of C anyway). On a real row an id outside
@@ -55,15 +61,17 @@ def teacher_topk(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, y_ma
     inside = (ids >= 0) & (ids < V)  # (B, M, k)
     if not inside[y_mask].all():
         bad = ids[y_mask][~inside[y_mask]]
-        raise ValueError(f"teacher_ids on unmasked rows must lie in [0, {V}) (the student's vocabulary), "
-                         f"got {bad[0].item()}")
+        raise ValueError(
+            f"teacher_ids on unmasked rows must lie in [0, {V}) (the student's vocabulary), got {bad[0].item()}"
+        )
     ids = torch.where(y_mask[..., None], ids, 0)
     p = torch.where(y_mask[..., None], teacher_logprobs.to(dtype).exp(), 0.0)
     return ids, p
 
 
-def init_projection(D: int, d: int, generator: torch.Generator | None = None,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def init_projection(
+    D: int, d: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(D, d) teacher -> student projection, N(0, 1/D).
 
     Each coordinate of Y P then has variance sum_D Var(Y) / D = Var(Y): unit-variance teacher hidden states
@@ -73,10 +81,20 @@ def init_projection(D: int, d: int, generator: torch.Generator | None = None,
     return torch.randn(D, d, generator=generator, dtype=dtype) / math.sqrt(D)
 
 
-def ot_hidden_loss(x: torch.Tensor, x_mask: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor,
-                   proj: torch.Tensor, *, eps: float = OT_EPS, objective: str = "linear",
-                   reduction: str = "mean", tol: float | None = None, max_iter: int = 1000,
-                   eps_scale: str = "absolute") -> tuple[torch.Tensor, SinkhornResult]:
+def ot_hidden_loss(
+    x: torch.Tensor,
+    x_mask: torch.Tensor,
+    y: torch.Tensor,
+    y_mask: torch.Tensor,
+    proj: torch.Tensor,
+    *,
+    eps: float = OT_EPS,
+    objective: str = "linear",
+    reduction: str = "mean",
+    tol: float | None = None,
+    max_iter: int = 1000,
+    eps_scale: str = "absolute",
+) -> tuple[torch.Tensor, SinkhornResult]:
     """Entropic OT between student and (projected) teacher hidden states of one sequence, batched.
 
     x: (B, N, d) student hidden states, x_mask (B, N); y: (B, M, D) teacher hidden states, y_mask (B, M);
@@ -104,8 +122,7 @@ def ot_hidden_loss(x: torch.Tensor, x_mask: torch.Tensor, y: torch.Tensor, y_mas
     y = torch.where(y_mask[..., None], y, 0.0)
     S = x @ (y @ proj).transpose(1, 2) / math.sqrt(x.shape[-1])  # (B, N, M)
     C = cost_from_similarity(S, y_mask)
-    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol,
-                           max_iter=max_iter)  # (B,)
+    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol, max_iter=max_iter)  # (B,)
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res
 
 
@@ -124,9 +141,9 @@ class _TopkSimilarity(torch.autograd.Function):
         M, k = ids.shape[1:]
         S = q.new_empty(B, N, M)
         for j0 in range(0, M, block):
-            idx = ids[:, j0:j0 + block].reshape(B, 1, -1).expand(B, N, -1)  # (B, N, Mb*k)
+            idx = ids[:, j0 : j0 + block].reshape(B, 1, -1).expand(B, N, -1)  # (B, N, Mb*k)
             qg = q.gather(2, idx).view(B, N, -1, k)  # (B, N, Mb, k)
-            S[:, :, j0:j0 + block] = (qg * p[:, None, j0:j0 + block]).sum(-1)  # (B, N, Mb)
+            S[:, :, j0 : j0 + block] = (qg * p[:, None, j0 : j0 + block]).sum(-1)  # (B, N, Mb)
         ctx.save_for_backward(ids, p)
         ctx.block, ctx.q_shape = block, q.shape
         return S
@@ -137,17 +154,28 @@ class _TopkSimilarity(torch.autograd.Function):
         B, N, _ = ctx.q_shape
         dq = dS.new_zeros(ctx.q_shape)
         for j0 in range(0, ids.shape[1], ctx.block):
-            idx = ids[:, j0:j0 + ctx.block].reshape(B, 1, -1).expand(B, N, -1)  # (B, N, Mb*k)
-            contrib = dS[:, :, j0:j0 + ctx.block, None] * p[:, None, j0:j0 + ctx.block]  # (B, N, Mb, k)
+            idx = ids[:, j0 : j0 + ctx.block].reshape(B, 1, -1).expand(B, N, -1)  # (B, N, Mb*k)
+            contrib = dS[:, :, j0 : j0 + ctx.block, None] * p[:, None, j0 : j0 + ctx.block]  # (B, N, Mb, k)
             dq.scatter_add_(2, idx, contrib.reshape(B, N, -1))
         return dq, None, None, None
 
 
-def ot_logits_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-                   x_mask: torch.Tensor, y_mask: torch.Tensor, *, eps: float = OT_EPS, block: int = 64,
-                   vocab_size: int | None = None, objective: str = "linear", reduction: str = "mean",
-                   tol: float | None = None, max_iter: int = 1000,
-                   eps_scale: str = "absolute") -> tuple[torch.Tensor, SinkhornResult]:
+def ot_logits_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    x_mask: torch.Tensor,
+    y_mask: torch.Tensor,
+    *,
+    eps: float = OT_EPS,
+    block: int = 64,
+    vocab_size: int | None = None,
+    objective: str = "linear",
+    reduction: str = "mean",
+    tol: float | None = None,
+    max_iter: int = 1000,
+    eps_scale: str = "absolute",
+) -> tuple[torch.Tensor, SinkhornResult]:
     """Entropic OT between student and teacher next-token distributions of one sequence, batched.
 
     student_logits: (B, N, V) raw logits (first vocab_size columns real); teacher_ids (B, M, k) long and
@@ -171,6 +199,5 @@ def ot_logits_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teac
     ids, p = teacher_topk(teacher_ids, teacher_logprobs, y_mask, z.shape[-1], q.dtype)  # (B, M, k) each
     S = _TopkSimilarity.apply(q, ids, p, block)  # (B, N, M)
     C = cost_from_similarity(S, y_mask)
-    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol,
-                           max_iter=max_iter)  # (B,)
+    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol, max_iter=max_iter)  # (B,)
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res

@@ -7,16 +7,17 @@ Problem, per sequence b (tokens i < N on one side, j < M on the other, padding m
 
 so T*_ij = exp((f_i + g_j - C_ij) / eps) with dual potentials f, g.
 
-How it is solved (measurements: bench/sinkhorn_bench.py, README "Sinkhorn"):
+How it is solved (measurements: bench/sinkhorn_bench.py, docs/results.md):
 - ε-scaling: a sequence whose eps is small against its cost spread starts at eps_0 = spread(C) / 64 and
   shrinks eps by 0.3 per stage down to its target, each stage starting from the previous stage's potentials.
   Plain Sinkhorn's contraction rate degrades as eps shrinks; a warm start from a coarser eps keeps every stage
   short.
 - Absorption: each stage iterates scalings (u, v) against the kernel K = exp((f_i + g_j - C_ij) / eps_stage)
   with the potentials so far folded in, every row maximum (and any column maximum that would underflow) shifted
-  to exactly 1, so K is safe in float32 at any eps: matrix-vector products instead of a logsumexp per element, without the underflow that
-  limits textbook kernel Sinkhorn to eps >~ spread / 50. Scalings that drift far from 0 are folded into a
-  rebuilt kernel; a sequence whose kernel iteration still goes non-finite redoes its stage in the log domain.
+  to exactly 1, so K is safe in float32 at any eps: matrix-vector products instead of a logsumexp per element,
+  without the underflow that limits textbook kernel Sinkhorn to eps >~ spread / 50. Scalings that drift far from 0
+  are folded into a rebuilt kernel; a sequence whose kernel iteration still goes non-finite redoes its stage in the
+  log domain.
 - Newton finish: in each stage, once Sinkhorn reaches NEWTON_START (or after NEWTON_AFTER iterations), damped
   Newton steps on the dual (Hessian = the system the implicit backward solves, by the same CG) finish the job;
   a sequence whose Newton step cannot improve the dual (line search fails) runs a few Sinkhorn iterations
@@ -37,6 +38,7 @@ Two objectives can be differentiated (`ot_loss`):
 The solver runs under torch.no_grad(): no iteration ever records an autograd graph, whatever the objective.
 Use float32 or float64 costs (the losses upcast half precision). Imports only torch.
 """
+
 import math
 from typing import NamedTuple
 
@@ -47,11 +49,11 @@ from pipeline.losses.dual import PlanOperator, solve_dual_system, vecmat
 
 
 class SinkhornResult(NamedTuple):
-    plan: torch.Tensor       # (B, N, M) T*, exactly 0 on padding; detached
-    f: torch.Tensor          # (B, N) dual potential of the rows (units of C), 0 on padding
-    g: torch.Tensor          # (B, M) dual potential of the columns, 0 on padding
-    n_iters: torch.Tensor    # (B,) long, Sinkhorn iterations + Newton steps over all eps stages (0 if empty)
-    err: torch.Tensor        # (B,) L1 marginal error of the returned plan, rows + columns
+    plan: torch.Tensor  # (B, N, M) T*, exactly 0 on padding; detached
+    f: torch.Tensor  # (B, N) dual potential of the rows (units of C), 0 on padding
+    g: torch.Tensor  # (B, M) dual potential of the columns, 0 on padding
+    n_iters: torch.Tensor  # (B,) long, Sinkhorn iterations + Newton steps over all eps stages (0 if empty)
+    err: torch.Tensor  # (B,) L1 marginal error of the returned plan, rows + columns
     converged: torch.Tensor  # (B,) bool: reached tol, and the returned plan is finite with err <= 2 tol (empty: True)
 
 
@@ -177,8 +179,9 @@ class _Kernel:
         if self.K2 is None:
             self.K2 = self.K.square() if self.K.shape[1] >= self.K.shape[2] else self.Kt.square()
         big_rows = self.K.shape[1] >= self.K.shape[2]
-        return PlanOperator(self.K, self.Kt, u.exp(), v.exp(), K2=self.K2 if big_rows else None,
-                            K2t=None if big_rows else self.K2)
+        return PlanOperator(
+            self.K, self.Kt, u.exp(), v.exp(), K2=self.K2 if big_rows else None, K2t=None if big_rows else self.K2
+        )
 
 
 def _stage_kernel(Cs, f, g, e, a_ok, b_ok, log: bool):
@@ -225,8 +228,9 @@ def _iterate(kern, u, v, la, lb, ao, bo, stop, limit, check_every, overrelax, ab
     while len(idx):
         u_new = kern.row_update(v, la, ao)  # (b, N)
         if it % check_every == 0 or it in stops:  # error of the plan (u, v): rows for free, columns cost one
-            err = ((a * torch.expm1(u - u_new).abs()).sum(-1)
-                   + (b * torch.expm1(v - kern.col_update(u, lb, bo)).abs()).sum(-1))  # (b,)
+            err = (a * torch.expm1(u - u_new).abs()).sum(-1) + (
+                b * torch.expm1(v - kern.col_update(u, lb, bo)).abs()
+            ).sum(-1)  # (b,)
             if overrelax and it > last_check:
                 ratio = err / err_prev  # (b,) error decay over the last window
                 bad = (omega > 1) & ~(ratio <= 1)  # grew (or went non-finite): back to the last check
@@ -237,7 +241,7 @@ def _iterate(kern, u, v, la, lb, ao, bo, stop, limit, check_every, overrelax, ab
                 if bad.any():  # rare: recompute the row update from the restored state only then
                     u_new = torch.where(bad[:, None], kern.row_update(v, la, ao), u_new)
                 lam = ratio.clamp(1e-30, 1.0) ** (1.0 / (it - last_check))  # observed per-iteration rate
-                mu2 = (lam + omega - 1) ** 2 / (lam * omega ** 2)  # plain rate (= lam when omega = 1)
+                mu2 = (lam + omega - 1) ** 2 / (lam * omega**2)  # plain rate (= lam when omega = 1)
                 target = torch.minimum(_young_omega(mu2), cap)
                 raise_ = ~bad & (it >= 2 * check_every) & (ratio < 1) & (target > omega)
                 omega = torch.where(raise_, target, omega)
@@ -297,8 +301,9 @@ def _newton(kern, u, v, err, la, lb, ao, bo, tol, limit, absorb):
         if not act.any():
             break
         grad = torch.where(act[:, None] & bo, b - col, 0.0)  # (b, M) gradient of F, 0 for the inactive
-        _, dv, _, _ = solve_dual_system(kern.operator(u, v), torch.zeros_like(u), grad, ao, bo, NEWTON_CG_TOL,
-                                        NEWTON_CG_MAX_ITER)
+        _, dv, _, _ = solve_dual_system(
+            kern.operator(u, v), torch.zeros_like(u), grad, ao, bo, NEWTON_CG_TOL, NEWTON_CG_MAX_ITER
+        )
         dv = torch.where(act[:, None], dv, 0.0)
         slope = (grad * dv).sum(-1)  # (b,) predicted ascent of F per unit step, > 0
         # a column with far too little mass asks for a log-step of (b - c) / c, far beyond the log(b / c) it
@@ -319,8 +324,13 @@ def _newton(kern, u, v, err, la, lb, ao, bo, tol, limit, absorb):
             t = torch.where(accepted, t, t / 2)
         stalled |= act & ~accepted
         steps += act.long()
-    return (torch.where(mine, u, u_in), torch.where(mine, v, v_in), steps, torch.where(mine[:, 0], err, err_in),
-            stalled)
+    return (
+        torch.where(mine, u, u_in),
+        torch.where(mine, v, v_in),
+        steps,
+        torch.where(mine[:, 0], err, err_in),
+        stalled,
+    )
 
 
 def _finish(kern, u, v, err, la, lb, ao, bo, tol, limit, check_every, overrelax, absorb):
@@ -338,8 +348,9 @@ def _finish(kern, u, v, err, la, lb, ao, bo, tol, limit, check_every, overrelax,
 
     def sinkhorn_for(todo, n):  # plain iterations for the sequences todo, at most n each; the others untouched
         nonlocal u, v, err
-        u_i, v_i, it, err_i = _iterate(kern, u, v, la, lb, ao, bo, tol, torch.where(todo, n, 0), check_every,
-                                       overrelax, absorb)
+        u_i, v_i, it, err_i = _iterate(
+            kern, u, v, la, lb, ao, bo, tol, torch.where(todo, n, 0), check_every, overrelax, absorb
+        )
         u, v = torch.where(todo[:, None], u_i, u), torch.where(todo[:, None], v_i, v)
         err = torch.where(todo, err_i, err)
         return it
@@ -348,8 +359,9 @@ def _finish(kern, u, v, err, la, lb, ao, bo, tol, limit, check_every, overrelax,
         todo = pending()
         if not todo.any():
             return u, v, err, spent
-        u, v, steps, err, stalled = _newton(kern, u, v, err, la, lb, ao, bo, tol,
-                                            torch.where(todo, limit - spent, 0), absorb)
+        u, v, steps, err, stalled = _newton(
+            kern, u, v, err, la, lb, ao, bo, tol, torch.where(todo, limit - spent, 0), absorb
+        )
         spent += steps
         todo = pending() & stalled
         if todo.any():
@@ -361,10 +373,21 @@ def _finish(kern, u, v, err, la, lb, ao, bo, tol, limit, check_every, overrelax,
 
 
 @torch.no_grad()
-def sinkhorn(C: torch.Tensor, a_mask: torch.Tensor, b_mask: torch.Tensor, eps,
-             tol: float | None = None, max_iter: int = 1000, *, eps_scaling: bool = True, newton: bool = True,
-             init: tuple[torch.Tensor, torch.Tensor] | None = None, domain: str = "kernel", check_every: int = 10,
-             overrelax: bool = True) -> SinkhornResult:
+def sinkhorn(
+    C: torch.Tensor,
+    a_mask: torch.Tensor,
+    b_mask: torch.Tensor,
+    eps,
+    tol: float | None = None,
+    max_iter: int = 1000,
+    *,
+    eps_scaling: bool = True,
+    newton: bool = True,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    domain: str = "kernel",
+    check_every: int = 10,
+    overrelax: bool = True,
+) -> SinkhornResult:
     """Entropic OT between uniform marginals over the valid tokens, batched.
 
     C: (B, N, M) cost (any finite values; entries on padding are ignored, they may be garbage).
@@ -425,14 +448,61 @@ def sinkhorn(C: torch.Tensor, a_mask: torch.Tensor, b_mask: torch.Tensor, eps,
         for log in (False, True):  # the kernel-domain sequences, then any that need the log domain
             idx = (~finished & (log_domain == log)).nonzero()[:, 0]  # (b,)
             if len(idx):
-                _stage(Cs, f, g, eps, eps0, stage, idx, a_ok[idx], b_ok[idx], log_a[idx], log_b[idx], tol, max_iter,
-                       n_iters, converged, finished, log_domain, plan, err, log, newton, check_every, overrelax)
-    return SinkhornResult(plan, torch.where(a_ok, f + c_row, 0.0), torch.where(b_ok, g + c_col, 0.0), n_iters,
-                          err, converged)
+                _stage(
+                    Cs,
+                    f,
+                    g,
+                    eps,
+                    eps0,
+                    stage,
+                    idx,
+                    a_ok[idx],
+                    b_ok[idx],
+                    log_a[idx],
+                    log_b[idx],
+                    tol,
+                    max_iter,
+                    n_iters,
+                    converged,
+                    finished,
+                    log_domain,
+                    plan,
+                    err,
+                    log,
+                    newton,
+                    check_every,
+                    overrelax,
+                )
+    return SinkhornResult(
+        plan, torch.where(a_ok, f + c_row, 0.0), torch.where(b_ok, g + c_col, 0.0), n_iters, err, converged
+    )
 
 
-def _stage(Cs, f, g, eps, eps0, stage, idx, ao, bo, la, lb, tol, max_iter, n_iters, converged, finished,
-           log_domain, plan, plan_err, log, newton, check_every, overrelax):
+def _stage(
+    Cs,
+    f,
+    g,
+    eps,
+    eps0,
+    stage,
+    idx,
+    ao,
+    bo,
+    la,
+    lb,
+    tol,
+    max_iter,
+    n_iters,
+    converged,
+    finished,
+    log_domain,
+    plan,
+    plan_err,
+    log,
+    newton,
+    check_every,
+    overrelax,
+):
     """One eps stage for the sequences idx (b,), updating the solver's per-sequence state in place: Sinkhorn
     until NEWTON_START (or NEWTON_AFTER iterations), then Newton to the stage's tolerance (tol in the last
     stage, STAGE_TOL before it); without Newton, Sinkhorn to the stage's tolerance."""
@@ -447,8 +517,9 @@ def _stage(Cs, f, g, eps, eps0, stage, idx, ao, bo, la, lb, tol, max_iter, n_ite
     limit = max_iter - n_iters[idx]
     if newton:
         stop = torch.maximum(stage_tol, torch.full_like(stage_tol, NEWTON_START))
-        u, v, it, err = _iterate(kern, u, v, la, lb, ao, bo, stop, limit.clamp(max=NEWTON_AFTER), check_every,
-                                 overrelax, absorb)
+        u, v, it, err = _iterate(
+            kern, u, v, la, lb, ao, bo, stop, limit.clamp(max=NEWTON_AFTER), check_every, overrelax, absorb
+        )
     else:
         u, v, it, err = _iterate(kern, u, v, la, lb, ao, bo, stage_tol, limit, check_every, overrelax, absorb)
     n_iters[idx] += it
@@ -456,8 +527,21 @@ def _stage(Cs, f, g, eps, eps0, stage, idx, ao, bo, la, lb, tol, max_iter, n_ite
     if newton:
         fin = ~big & torch.isfinite(err) & (err > stage_tol)  # (b,)
         if fin.any():
-            u, v, err, spent = _finish(kern, u, v, err, la, lb, ao, bo, stage_tol, torch.where(fin, limit - it, 0),
-                                       check_every, overrelax, absorb)
+            u, v, err, spent = _finish(
+                kern,
+                u,
+                v,
+                err,
+                la,
+                lb,
+                ao,
+                bo,
+                stage_tol,
+                torch.where(fin, limit - it, 0),
+                check_every,
+                overrelax,
+                absorb,
+            )
             n_iters[idx] += spent
     big = torch.maximum(u.abs().amax(-1), v.abs().amax(-1)) > absorb  # these fold u, v in and redo their eps
     bad = ~torch.isfinite(err)
@@ -475,8 +559,9 @@ def _stage(Cs, f, g, eps, eps0, stage, idx, ao, bo, la, lb, tol, max_iter, n_ite
         if not finite.all():
             p = torch.where(finite[:, None, None], p, 0.0)
             rows, cols = p.sum(2), p.sum(1)
-        p_err = ((rows - la[o].exp().masked_fill(~ao[o], 0.0)).abs().sum(-1)
-                 + (cols - lb[o].exp().masked_fill(~bo[o], 0.0)).abs().sum(-1))  # (o,)
+        p_err = (rows - la[o].exp().masked_fill(~ao[o], 0.0)).abs().sum(-1) + (
+            cols - lb[o].exp().masked_fill(~bo[o], 0.0)
+        ).abs().sum(-1)  # (o,)
         ok[o] &= finite & (p_err <= 2 * tol)
         if not log:
             redo = ~finite & ~capped[o]

@@ -6,6 +6,7 @@ byte width of the compute dtype: 2 (bf16) on a GPU, 4 (fp32) on the CPU where th
 standard library is imported (and cache.errors, which imports nothing), so planning a 7B model needs neither
 torch nor a GPU.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -34,7 +35,10 @@ OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096  # bitsandbytes 8-bit Adam: blockwise absmax; smaller tensors stay fp32
 STORED_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 """config.json torch_dtype (transformers >= 4.56 writes it as dtype) -> bytes per element as stored."""
-FUSED_SLICE, FUSED_CHUNK_ELEMS = 128, 2 ** 26  # pipeline/losses/fused_ce_kl.py SLICE, CHUNK_ELEMS (tests check they match)
+FUSED_SLICE, FUSED_CHUNK_ELEMS = (
+    128,
+    2**26,
+)  # pipeline/losses/fused_ce_kl.py SLICE, CHUNK_ELEMS (tests check they match)
 
 
 @dataclass(frozen=True)
@@ -68,20 +72,38 @@ class Arch:
         q = cfg.get("quantization_config") or {}
         # Qwen2 ignores attention_bias (q/k/v always biased, o_proj never); Qwen3 / Llama bias all four with it
         attn_bias = mt != "qwen2" and bool(cfg.get("attention_bias", False))
-        return cls(name, mt, h, cfg["num_hidden_layers"], heads, cfg.get("num_key_value_heads") or heads,
-                   cfg.get("head_dim") or h // heads, cfg["intermediate_size"], cfg["vocab_size"],
-                   bool(cfg.get("tie_word_embeddings", False)), mt == "qwen2" or attn_bias, attn_bias,
-                   mt == "llama" and bool(cfg.get("mlp_bias", False)), mt == "qwen3",
-                   cfg.get("max_position_embeddings", 32768),
-                   4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else 16,
-                   str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"))
+        return cls(
+            name,
+            mt,
+            h,
+            cfg["num_hidden_layers"],
+            heads,
+            cfg.get("num_key_value_heads") or heads,
+            cfg.get("head_dim") or h // heads,
+            cfg["intermediate_size"],
+            cfg["vocab_size"],
+            bool(cfg.get("tie_word_embeddings", False)),
+            mt == "qwen2" or attn_bias,
+            attn_bias,
+            mt == "llama" and bool(cfg.get("mlp_bias", False)),
+            mt == "qwen3",
+            cfg.get("max_position_embeddings", 32768),
+            4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else 16,
+            str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+        )
 
     def linears(self) -> dict[str, tuple[int, int, bool]]:
         """Per decoder layer: projection -> (in_features, out_features, has bias), as HF's modeling_qwen2/3/llama."""
         h, hq, hkv, inter = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, hq, self.qkv_bias), "k_proj": (h, hkv, self.qkv_bias), "v_proj": (h, hkv, self.qkv_bias),
-                "o_proj": (hq, h, self.o_bias), "gate_proj": (h, inter, self.mlp_bias),
-                "up_proj": (h, inter, self.mlp_bias), "down_proj": (inter, h, self.mlp_bias)}
+        return {
+            "q_proj": (h, hq, self.qkv_bias),
+            "k_proj": (h, hkv, self.qkv_bias),
+            "v_proj": (h, hkv, self.qkv_bias),
+            "o_proj": (hq, h, self.o_bias),
+            "gate_proj": (h, inter, self.mlp_bias),
+            "up_proj": (h, inter, self.mlp_bias),
+            "down_proj": (inter, h, self.mlp_bias),
+        }
 
     @property
     def linear_weights(self) -> int:
@@ -116,6 +138,7 @@ class Arch:
 # Weights and trainable state
 # ---------------------------------------------------------------------------------------------------------
 
+
 def weight_bytes(arch: Arch, bits: int, a: int, kbit_prepared: bool) -> float:
     """Model weights on the device. bits 16: every parameter in the compute dtype. 4: NF4 projections; 8: LLM.int8
     (1 B + one fp32 scale per output row). `kbit_prepared`: peft's prepare_model_for_kbit_training (Stage 2's
@@ -136,7 +159,9 @@ def dequant_bytes(arch: Arch, bits: int, a: int) -> float:
 
 def lora_sizes(arch: Arch, r: int, targets) -> list[int]:
     """Element counts of peft's LoRA tensors: A (r x in) and B (out x r) per targeted projection per layer."""
-    return [n for name, (i, o, _) in arch.linears().items() if name in set(targets) for n in (r * i, o * r)] * arch.layers
+    return [
+        n for name, (i, o, _) in arch.linears().items() if name in set(targets) for n in (r * i, o * r)
+    ] * arch.layers
 
 
 def optimizer_bytes(sizes: list[int], param_bytes: int, optim: str) -> float:
@@ -160,8 +185,10 @@ def optimizer_bytes(sizes: list[int], param_bytes: int, optim: str) -> float:
 # embeddings, and SDPA's fused attention (memory-efficient / flash kernels keep q, k, v, the output and a
 # logsumexp, no s x s scores) - so the s^2 term is only the padding mask's additive bias (below).
 
-def train_layer_bytes(arch: Arch, a: int, kbit: bool, lora: tuple | None, r: int, dropout: float,
-                      padded: bool, seq: int) -> float:
+
+def train_layer_bytes(
+    arch: Arch, a: int, kbit: bool, lora: tuple | None, r: int, dropout: float, padded: bool, seq: int
+) -> float:
     """Bytes one decoder layer saves for the backward, per token (HF Qwen2/Qwen3/Llama layer, peft LoRA, SDPA).
 
     lora: the targeted projection names (peft LoRA), None = full fine-tuning (every weight trains).
@@ -216,32 +243,35 @@ def infer_layer_bytes(arch: Arch, a: int, padded: bool, seq: int) -> float:
 # Loss paths
 # ---------------------------------------------------------------------------------------------------------
 
+
 def fused_chunk_rows(vocab: int) -> int:
     """pipeline/losses/fused_ce_kl.py default_chunk_rows: one (rows, V) fp32 buffer holds 2^26 logits."""
     return max(FUSED_SLICE, FUSED_CHUNK_ELEMS // vocab)
 
 
-def fused_loss_bytes(rows: int, vocab: int, vocab_logits: int, d: int, a: int, w_ce: float, w_kl: float,
-                     head_trains: bool) -> float:
+def fused_loss_bytes(
+    rows: int, vocab: int, vocab_logits: int, d: int, a: int, w_ce: float, w_kl: float, head_trains: bool
+) -> float:
     """Peak of pipeline/losses/fused_ce_kl.py fused_ce_kl (forward + its stored gradients), for `rows` supervised rows.
 
     Per chunk of C rows: the fp32 logits x and their gradient dx (C x V each); both are dropped before the
-    next chunk's matmul, so two C x V buffers at most. In one chunk with CE and KL, KL's 128-row logsumexp / exp temporaries come on top of
-    x and dx. On a GPU the matmul's bf16 output precedes its fp32 copy. Stored: grad_h (R, d) fp32, and
-    grad_W (V_logits, d) fp32 only if the lm_head trains.
+    next chunk's matmul, so two C x V buffers at most. In one chunk with CE and KL, KL's 128-row logsumexp / exp
+    temporaries come on top of x and dx. On a GPU the matmul's bf16 output precedes its fp32 copy. Stored:
+    grad_h (R, d) fp32, and grad_W (V_logits, d) fp32 only if the lm_head trains.
     """
     if not rows or not (w_ce or w_kl):
         return 0.0
     c = min(fused_chunk_rows(vocab), rows)
     multi = rows > c
     peak = 4 * c * vocab * 2
-    extra = max(4 * min(FUSED_SLICE, c) * vocab if (w_ce and w_kl and not multi) else 0,
-                a * c * vocab if (a < 4 and multi) else 0)
+    extra = max(
+        4 * min(FUSED_SLICE, c) * vocab if (w_ce and w_kl and not multi) else 0,
+        a * c * vocab if (a < 4 and multi) else 0,
+    )
     return peak + extra + 4 * rows * d + (4 * vocab_logits * d if head_trains else 0)
 
 
-def exact_loss_bytes(rows: int, vocab: int, vocab_logits: int, d: int, D: int, head_trains: bool,
-                     jsd: bool) -> float:
+def exact_loss_bytes(rows: int, vocab: int, vocab_logits: int, d: int, D: int, head_trains: bool, jsd: bool) -> float:
     """Peak of pipeline/losses/exact_kl.py fused_ce_exact_kl with its divergence on (w_kl > 0; forward + its stored
     gradients), for `rows` rows: CE + the divergence to the teacher's exact distribution, rebuilt from its hidden
     states (D wide) by its lm_head.
@@ -284,8 +314,9 @@ def ot_bytes(B: int, N: int, M: int, vocab: int, k: int, hidden: bool, logits: b
     the padding mask (E/4), the shifted cost, the plan, a stage's kernel and its transpose, their copies for
     the working batch when sequences finish (transient) and Newton's squared kernel (6.75E in all, measured
     by tests/test_plan.py). P, C - f - g and the plan stay saved for the backward (3E), whose implicit gradient
-    (implicit._grad_from_duals) needs T*C and two temporaries (3E). OT on logits first runs one vocabulary pass for the log-normaliser
-    ((rows, V) fp32 as fused_loss chunks it, plus a 128-row temporary; freed before the blocks), then per block of teacher tokens builds the student's logits at the block's distinct ids U
+    (implicit._grad_from_duals) needs T*C and two temporaries (3E). OT on logits first runs one vocabulary pass for
+    the log-normaliser ((rows, V) fp32 as fused_loss chunks it, plus a 128-row temporary; freed before the blocks),
+    then per block of teacher tokens builds the student's logits at the block's distinct ids U
     (|U| <= block x k; two N x |U| fp32 tensors: the matmul and its shift, then the probabilities, their
     gather by teacher token and the product with the teacher's: three N x block x k). Its backward holds dS
     and, per block, the probabilities, dS x p and their scatter onto U (three N x block x k; a block's tensors
@@ -298,10 +329,13 @@ def ot_bytes(B: int, N: int, M: int, vocab: int, k: int, hidden: bool, logits: b
         c = min(fused_chunk_rows(vocab), B * N)
         vocab_pass = 4 * c * vocab
         blocks = 4 * N * min(block, M) * k  # one N x block x k fp32 tensor, at most |U| wide
-        phases += [saved + vocab_pass + 4 * min(FUSED_SLICE, c) * vocab,  # the log-normaliser pass
-                   saved + E + 3 * blocks,  # S filled block by block
-                   saved + 9.75 * E, saved + 6 * E,  # its Sinkhorn; its implicit gradient
-                   saved + E + 3 * blocks]  # dS back through the blocks
+        phases += [
+            saved + vocab_pass + 4 * min(FUSED_SLICE, c) * vocab,  # the log-normaliser pass
+            saved + E + 3 * blocks,  # S filled block by block
+            saved + 9.75 * E,
+            saved + 6 * E,  # its Sinkhorn; its implicit gradient
+            saved + E + 3 * blocks,
+        ]  # dS back through the blocks
     return max(phases, default=0.0)
 
 

@@ -5,6 +5,7 @@ j+1, and a row exists iff token j+1 is supervised. The batch plan is a pure func
 config, so a rerun after a crash recomputes exactly the same batches and the resumed store is bit-identical
 to an uninterrupted one.
 """
+
 import contextlib
 import functools
 import os
@@ -22,11 +23,12 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from cache import CacheError, CacheMismatchError, CacheWriter, location
+from cache.codecs import Basis, parse
 from cache.location import is_url, join, loc
 from cache.lock import store_lease
-from cache.codecs import Basis, parse
 from cache.schema import EMBEDDINGS_FILE, TOKENIZER_DIR, canonical, hidden_codec, read_basis, read_root_attrs
-from pipeline.config import Config, save_config
+from pipeline.config.base import save_config
+from pipeline.config.cache import CacheParams
 from pipeline.data.records import IGNORE, fingerprint, load_splits, pad_collate, tokenizer_hash
 from pipeline.models import check_max_length, check_vocab, load_causal_lm, load_tokenizer, model_hash
 from pipeline.teacher import parallel
@@ -60,15 +62,24 @@ def teacher_rows(model, batch: dict, k: int, vocab_size: int, chunk_rows: int, k
     # whole (B, L, V) logits tensor (1.2 GB in bf16 at 4k tokens for a 152k vocabulary).
     # use_cache=False: the KV cache of every layer would otherwise be kept for the whole forward (57 KB per
     # token for a 7B teacher) although nothing is generated.
-    hidden = model.get_decoder()(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                                 use_cache=False).last_hidden_state  # (B, L, D)
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev), use_cache=False
+    ).last_hidden_state  # (B, L, D)
     h = hidden[supervised_rows(batch["labels"]).to(dev)]  # (R, D) sequence by sequence, position by position
     top_ids, logprobs, tail = topk_from_hidden(h, model.get_output_embeddings(), k, vocab_size, chunk_rows)
     return top_ids, logprobs, tail, (h if keep_hidden else None)
 
 
-def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: dict,
-                replace_mismatched: bool = False, basis: Basis | None = None) -> Path:
+def cache_split(
+    cfg: CacheParams,
+    name: str,
+    ds,
+    get_model,
+    tokenizer,
+    provenance: dict,
+    replace_mismatched: bool = False,
+    basis: Basis | None = None,
+) -> Path:
     """Cache one split; resumes a partial store and does nothing for a complete, matching one.
 
     `get_model()` loads the teacher on first use, so a wrong or complete output store is reported before
@@ -83,12 +94,18 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
     path = join(loc(c.out), f"{name}.zarr")
     create = functools.partial(
         CacheWriter.create_or_resume,
-        path, sample_ids=list(ds["sample_id"]), input_ids_per_seq=input_ids, supervised_per_seq=supervised,
-        k=c.k, logprob_dtype=c.logprob_dtype,
+        path,
+        sample_ids=list(ds["sample_id"]),
+        input_ids_per_seq=input_ids,
+        supervised_per_seq=supervised,
+        k=c.k,
+        logprob_dtype=c.logprob_dtype,
         hidden_size=None if c.hidden_codec == "none" else provenance["hidden_size"],
-        hidden_codec=None if c.hidden_codec == "none" else c.hidden_codec, hidden_basis=basis,
+        hidden_codec=None if c.hidden_codec == "none" else c.hidden_codec,
+        hidden_basis=basis,
         provenance={**provenance, "split": name, "dataset_fingerprint": fingerprint(ds, cfg.data.template)},
-        shard_rows=c.shard_rows)
+        shard_rows=c.shard_rows,
+    )
     # One run per store (cache/lock.py): the lease is taken before create_or_resume reads the shard records
     # and released only after the writer is closed, so a second run can neither snapshot shard_done while this
     # one is writing nor rewrite the shards it finishes. A crashed run's lease goes with its process. Under
@@ -96,6 +113,7 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
     # (pipeline/teacher/parallel.py).
     rank, world = parallel.world()
     with contextlib.ExitStack() as held:
+
         def open_writer() -> CacheWriter:
             held.enter_context(store_lease(path))
             if rank > 0:
@@ -121,29 +139,36 @@ def cache_split(cfg: Config, name: str, ds, get_model, tokenizer, provenance: di
         # same batch whichever rank computes it, so the store is the same for any number of ranks.
         batches = length_batches([len(x) for x in input_ids], c.batch_tokens)
         rows = [(int(row_start[b[0]]), int(row_start[b[-1] + 1])) for b in batches]
-        n_all = sum(len(input_ids[i]) for b, (r0, r1) in zip(batches, rows) for i in b
-                    if not writer.is_row_range_done(r0, r1))  # what one process would run
+        n_all = sum(
+            len(input_ids[i]) for b, (r0, r1) in zip(batches, rows) for i in b if not writer.is_row_range_done(r0, r1)
+        )  # what one process would run
         if world > 1:
             # Dealt out by rank 0 from the records it read before anyone writes, and sent to all: a rank that opened
             # the store later could otherwise see a shard rank 0 already finished and deal the shards differently.
-            cost = parallel.shard_costs(rows, [len(b) * max(len(input_ids[i]) for i in b) for b in batches],
-                                        writer.shard_rows, writer.n_shards)
-            owned = parallel.broadcast(parallel.assign_shards(cost, np.flatnonzero(~writer.done), world)
-                                       if rank == 0 else None)
+            cost = parallel.shard_costs(
+                rows, [len(b) * max(len(input_ids[i]) for i in b) for b in batches], writer.shard_rows, writer.n_shards
+            )
+            owned = parallel.broadcast(
+                parallel.assign_shards(cost, np.flatnonzero(~writer.done), world) if rank == 0 else None
+            )
             writer.own(owned[rank])
             if rank == 0 and sum(map(bool, owned)) < world:
-                print(f"cache {path}: only {int((~writer.done).sum())} shards to write for {world} ranks, some ranks "
-                      f"have nothing to do; a smaller cache.shard_rows (now {writer.shard_rows}) spreads a small split")
+                print(
+                    f"cache {path}: only {int((~writer.done).sum())} shards to write for {world} ranks, some ranks "
+                    f"have nothing to do; a smaller cache.shard_rows (now {writer.shard_rows}) spreads a small split"
+                )
         todo = [b for b, (r0, r1) in zip(batches, rows) if not writer.is_row_range_done(r0, r1)]
         n_tok = sum(len(input_ids[i]) for b in todo for i in b)
         who = f"rank {rank}/{world}: {len(owned[rank])} of {writer.n_shards} shards, " if world > 1 else ""
-        print(f"cache {path}: {who}{len(ds)} sequences, {row_start[-1]} rows, {len(todo)}/{len(batches)} batches "
-              "to run")
+        print(
+            f"cache {path}: {who}{len(ds)} sequences, {row_start[-1]} rows, {len(todo)}/{len(batches)} batches to run"
+        )
         t0 = time.perf_counter()
         with writer, tqdm(total=n_tok, unit="tok", unit_scale=True, desc=f"teacher {name}", disable=rank > 0) as bar:
             for b in todo:
-                batch = pad_collate([{"input_ids": input_ids[i], "labels": labels[i]} for i in b],
-                                    tokenizer.pad_token_id)
+                batch = pad_collate(
+                    [{"input_ids": input_ids[i], "labels": labels[i]} for i in b], tokenizer.pad_token_id
+                )
                 out = teacher_rows(get_model(), batch, c.k, len(tokenizer), c.chunk_rows, c.hidden_codec != "none")
                 writer.write_rows(int(row_start[b[0]]), *out)
                 bar.update(sum(len(input_ids[i]) for i in b))
@@ -168,15 +193,17 @@ def report_balance(path: Path, stats: list[tuple[int, float]], n_all: int) -> No
     sec = np.array([s for _, s in stats], dtype=float)
     per = ", ".join(f"{int(t)} tok in {s:.1f}s" for t, s in stats)
     imb = [x.max() / x.mean() if x.mean() > 0 else 1.0 for x in (tok, sec)]
-    print(f"cache {path}: ranks ran {per}; imbalance (max/mean) {imb[0]:.3f} in tokens, {imb[1]:.3f} in time; "
-          f"{tok.sum() / max(n_all, 1) - 1:.1%} of the tokens run twice (batches across two ranks' shards); "
-          f"{n_all / max(sec.max(), 1e-9):.0f} tok/s in total")
+    print(
+        f"cache {path}: ranks ran {per}; imbalance (max/mean) {imb[0]:.3f} in tokens, {imb[1]:.3f} in time; "
+        f"{tok.sum() / max(n_all, 1) - 1:.1%} of the tokens run twice (batches across two ranks' shards); "
+        f"{n_all / max(sec.max(), 1e-9):.0f} tok/s in total"
+    )
 
 
-def run(cfg: Config, replace_mismatched: bool = False) -> None:
+def run(cfg: CacheParams, replace_mismatched: bool = False) -> None:
     """Stage 1 entry: load only the teacher, cache each configured split, save the resolved config."""
     c = cfg.cache
-    out = loc(c.out)  # a folder, or an fsspec URL (s3://bucket/prefix: README "Caches on shared and object storage")
+    out = loc(c.out)  # a folder, or an fsspec URL (s3://bucket/prefix; docs/design.md "Caches on ... storage")
     if not is_url(out):
         check_writable_folder(out)
     check_max_length(c.teacher, cfg.data.max_length, c.teacher)  # from its config: before data or weights load
@@ -191,9 +218,13 @@ def run(cfg: Config, replace_mismatched: bool = False) -> None:
     teacher_cfg = AutoConfig.from_pretrained(c.teacher)
     check_vocab(teacher_cfg.vocab_size, len(tokenizer), c.teacher)  # padded logits are sliced to the tokenizer
     provenance = {
-        "teacher": c.teacher, "teacher_hash": model_hash(c.teacher), "tokenizer_hash": tokenizer_hash(tokenizer),
-        "tokenizer_size": len(tokenizer), "logits_size": teacher_cfg.vocab_size,
-        "hidden_size": teacher_cfg.hidden_size, "template": cfg.data.template,
+        "teacher": c.teacher,
+        "teacher_hash": model_hash(c.teacher),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "tokenizer_size": len(tokenizer),
+        "logits_size": teacher_cfg.vocab_size,
+        "hidden_size": teacher_cfg.hidden_size,
+        "template": cfg.data.template,
         "max_length": cfg.data.max_length,
         # what shapes the stored values; `out`, `splits` and `device_map` only say where and which, so they may change
         "params": {k: v for k, v in asdict(c).items() if k not in ("out", "splits", "device_map")},
@@ -207,12 +238,22 @@ def run(cfg: Config, replace_mismatched: bool = False) -> None:
             basis = None
             if c.hidden_codec != "none" and parse(c.hidden_codec)[1]:  # a low-rank code: one basis for every split
                 # fitted (or read back) by rank 0, sent to the others: every rank encodes with the very same basis
-                basis = parallel.broadcast(parallel.rank0_first(
-                    lambda: (stored_basis(cfg, provenance) or fit_hidden_basis(cfg, splits[c.splits[0]], get_model,
-                                                                              tokenizer, len(tokenizer)))
-                    if rank == 0 else None))
-            paths = [cache_split(cfg, name, splits[name], get_model, tokenizer, provenance, replace_mismatched,
-                                 basis) for name in c.splits]
+                basis = parallel.broadcast(
+                    parallel.rank0_first(
+                        lambda: (
+                            (
+                                stored_basis(cfg, provenance)
+                                or fit_hidden_basis(cfg, splits[c.splits[0]], get_model, tokenizer, len(tokenizer))
+                            )
+                            if rank == 0
+                            else None
+                        )
+                    )
+                )
+            paths = [
+                cache_split(cfg, name, splits[name], get_model, tokenizer, provenance, replace_mismatched, basis)
+                for name in c.splits
+            ]
             if rank == 0:
                 # What a student with another tokenizer needs besides the stores (pipeline/distill/crosstok.py): the
                 # teacher's tokenizer (Stage 2 checks it against each store's tokenizer_hash) and its input-embedding
@@ -235,7 +276,7 @@ def storage_order(ds):
     return ds.select(sorted(range(len(ds)), key=lambda i: (lengths[i], sids[i])))
 
 
-def stored_basis(cfg: Config, provenance: dict) -> Basis | None:
+def stored_basis(cfg: CacheParams, provenance: dict) -> Basis | None:
     """The basis of a store of this run that already exists (resume, or a split added later): the splits of one
     cache share one basis, and a resumed store must go on with the one its finished shards were encoded with."""
     c = cfg.cache
@@ -251,11 +292,11 @@ def stored_basis(cfg: Config, provenance: dict) -> Basis | None:
             try:
                 return read_basis(zarr.open_group(path, mode="r"), attrs)
             except Exception:  # a damaged basis: another split's store holds the same one; else it is fitted again
-                continue      # (and a store encoded with the lost one no longer matches: it is replaced or refused)
+                continue  # (and a store encoded with the lost one no longer matches: it is replaced or refused)
     return None
 
 
-def fit_hidden_basis(cfg: Config, ds, get_model, tokenizer, vocab_size: int) -> Basis:
+def fit_hidden_basis(cfg: CacheParams, ds, get_model, tokenizer, vocab_size: int) -> Basis:
     """Fit cache.hidden_codec's basis on ~hidden_calibration_rows rows from batches spread over `ds` (a teacher pass
     of their own: a few percent of the run at the default 16,384 rows) and lm_head's real-token rows."""
     c = cfg.cache
@@ -271,17 +312,23 @@ def fit_hidden_basis(cfg: Config, ds, get_model, tokenizer, vocab_size: int) -> 
         pick = sorted({int(round(x)) for x in np.linspace(0, len(batches) - 1, min(want, len(batches)))})
         hs = []
         for j in tqdm(pick, desc=f"calibration ({c.hidden_codec})", unit="batch"):
-            batch = pad_collate([{"input_ids": ds[i]["input_ids"], "labels": ds[i]["labels"]} for i in batches[j]],
-                                tokenizer.pad_token_id)
+            batch = pad_collate(
+                [{"input_ids": ds[i]["input_ids"], "labels": ds[i]["labels"]} for i in batches[j]],
+                tokenizer.pad_token_id,
+            )
             hs.append(teacher_rows(model, batch, 1, vocab_size, c.chunk_rows, True)[3].float().cpu())
-        hidden = torch.cat(hs)[:c.hidden_calibration_rows]  # (n, D) on the CPU: the fit's float64 sums run there
+        hidden = torch.cat(hs)[: c.hidden_calibration_rows]  # (n, D) on the CPU: the fit's float64 sums run there
         if len(hidden) < parse(c.hidden_codec)[1]:
-            raise CacheError(f"cache.hidden_codec={c.hidden_codec}: only {len(hidden)} calibration rows for a rank of "
-                             f"{parse(c.hidden_codec)[1]}; lower the rank or raise cache.hidden_calibration_rows")
+            raise CacheError(
+                f"cache.hidden_codec={c.hidden_codec}: only {len(hidden)} calibration rows for a rank of "
+                f"{parse(c.hidden_codec)[1]}; lower the rank or raise cache.hidden_calibration_rows"
+            )
     t0 = time.perf_counter()
     basis = fit_basis(c.hidden_codec, hidden, weight, bias)
-    print(f"hidden codec {c.hidden_codec}: basis fitted on {0 if hidden is None else len(hidden)} rows in "
-          f"{time.perf_counter() - t0:.1f}s")
+    print(
+        f"hidden codec {c.hidden_codec}: basis fitted on {0 if hidden is None else len(hidden)} rows in "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
     return basis
 
 
@@ -292,7 +339,7 @@ def cached_ids(paths: list) -> np.ndarray:
         arr = zarr.open_group(path, mode="r")["topk_ids"]
         step = arr.shards[0] if arr.shards else arr.chunks[0]
         for r0 in range(0, arr.shape[0], step):
-            ids = np.union1d(ids, np.unique(arr[r0:r0 + step]))
+            ids = np.union1d(ids, np.unique(arr[r0 : r0 + step]))
     return ids
 
 
@@ -317,8 +364,9 @@ def check_writable_folder(out: Path) -> None:
         first = first.parent
     if not first.is_dir():
         where = "is an existing file" if first == out else f"is below {first}, which is a file"
-        raise CacheError(f"cache.out={out} {where}, not a folder: move the file away or set cache.out to a "
-                         "folder path")
+        raise CacheError(f"cache.out={out} {where}, not a folder: move the file away or set cache.out to a folder path")
     if not os.access(first, os.W_OK | os.X_OK):
-        raise CacheError(f"cache.out={out}: cannot write in {first} (read-only or no permission): make it "
-                         "writable or set cache.out to a writable folder")
+        raise CacheError(
+            f"cache.out={out}: cannot write in {first} (read-only or no permission): make it "
+            "writable or set cache.out to a writable folder"
+        )

@@ -15,6 +15,7 @@ distribution and of the OT-hidden loss.
 
 All sums in float64; W is read in row chunks, so no float64 copy of a (V, D) matrix exists.
 """
+
 import numpy as np
 import torch
 
@@ -47,8 +48,9 @@ def svd_basis(weight: torch.Tensor, r: int) -> Basis:
     return _basis(torch.zeros(weight.shape[1], dtype=torch.float64), e.T, e.T)
 
 
-def fisher_basis(h: torch.Tensor, weight: torch.Tensor, r: int, bias: torch.Tensor | None = None,
-                 chunk_rows: int = 1024) -> Basis:
+def fisher_basis(
+    h: torch.Tensor, weight: torch.Tensor, r: int, bias: torch.Tensor | None = None, chunk_rows: int = 1024
+) -> Basis:
     """h: (n, D) calibration hidden states (any device: the whitening runs there); weight (V, D) and bias (V,) of
     the lm_head, real tokens only (their device runs the softmax passes)."""
     n, D = h.shape
@@ -56,7 +58,7 @@ def fisher_basis(h: torch.Tensor, weight: torch.Tensor, r: int, bias: torch.Tens
     p_sum = torch.zeros(weight.shape[0], dtype=torch.float64, device=dev)  # (V,)
     outer = torch.zeros(D, D, dtype=torch.float64, device=dev)  # sum over rows of E_p[w] E_p[w]^T
     for r0 in range(0, n, chunk_rows):
-        hc = h[r0:r0 + chunk_rows].to(dev, weight.dtype)
+        hc = h[r0 : r0 + chunk_rows].to(dev, weight.dtype)
         logits = (hc @ weight.T).float()  # (C, V)
         if bias is not None:
             logits += bias.float()
@@ -81,13 +83,14 @@ def gram(weight: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch
     D = weight.shape[1]
     out = torch.zeros(D, D, dtype=torch.float64, device=weight.device)
     for v0 in range(0, weight.shape[0], V_CHUNK):
-        w = weight[v0:v0 + V_CHUNK].double()  # (Vc, D)
-        out += (w if row_weights is None else w * row_weights[v0:v0 + V_CHUNK, None]).T @ w
+        w = weight[v0 : v0 + V_CHUNK].double()  # (Vc, D)
+        out += (w if row_weights is None else w * row_weights[v0 : v0 + V_CHUNK, None]).T @ w
     return out
 
 
-def fit_basis(codec: str, hidden: torch.Tensor | None, weight: torch.Tensor | None,
-              bias: torch.Tensor | None = None) -> Basis:
+def fit_basis(
+    codec: str, hidden: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None = None
+) -> Basis:
     """The basis of a low-rank `codec` ("pca:64", "svd:64", "fisher:64"); hidden (n, D) for pca/fisher, weight
     (V, D) (+ bias) of the lm_head's real-token rows for svd/fisher."""
     kind, r = parse(codec)

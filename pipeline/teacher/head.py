@@ -7,9 +7,10 @@ naming every tensor, so the head's rows are read straight from the one file hold
 read and no model is built. The checkpoint is checked against the cache's provenance (the teacher_hash, the
 logits and hidden sizes that cache_teacher.run recorded), so a W that did not produce the cached h is refused.
 """
+
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -36,6 +37,7 @@ def _weight_files(source: str) -> tuple[dict[str, str], Callable[[str], str]]:
     """({tensor name: file name}, file name -> local path) of a checkpoint, reading only headers/the index."""
     folder = Path(source)
     if folder.is_dir():
+
         def local(name: str) -> str:
             if not (folder / name).is_file():
                 raise ModelLoadError(f"teacher checkpoint {source}: {INDEX} names {name}, which is missing")
@@ -45,8 +47,10 @@ def _weight_files(source: str) -> tuple[dict[str, str], Callable[[str], str]]:
             return json.loads((folder / INDEX).read_text())["weight_map"], local
         files = sorted(f.name for f in folder.glob("*.safetensors"))
         if not files:
-            raise ModelLoadError(f"teacher checkpoint {source} has no safetensors weights ({SINGLE} or {INDEX}): "
-                                 "point distill.teacher_head at the folder Stage 1 ran (save it with safetensors)")
+            raise ModelLoadError(
+                f"teacher checkpoint {source} has no safetensors weights ({SINGLE} or {INDEX}): "
+                "point distill.teacher_head at the folder Stage 1 ran (save it with safetensors)"
+            )
         names = {}
         for name in files:  # safe_open only parses the header: cheap even for a 15 GB file
             with safe_open(str(folder / name), framework="pt") as f:
@@ -71,8 +75,9 @@ def _find(names, suffix: str) -> str | None:
     return hits[0] if hits else None
 
 
-def load_teacher_head(source: str, provenance: dict, *, device="cpu",
-                      dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_teacher_head(
+    source: str, provenance: dict, *, device="cpu", dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight (V_tok, D), bias (V_tok,) or None) of the teacher's lm_head, rows sliced to the tokenizer size.
 
     source: a local checkpoint folder (config.json + model.safetensors, or model.safetensors.index.json + shards)
@@ -88,12 +93,15 @@ def load_teacher_head(source: str, provenance: dict, *, device="cpu",
     if have != provenance["teacher_hash"]:
         raise CacheMismatchError(
             f"distill.teacher_head={source} is not the teacher the cache was made with (teacher_hash {have} != "
-            f"{provenance['teacher_hash']}): point it at {provenance['teacher']}")
+            f"{provenance['teacher_hash']}): point it at {provenance['teacher']}"
+        )
     names, path_of = _weight_files(source)
     weight = _find(names, "lm_head.weight") or _find(names, "embed_tokens.weight")
     if weight is None:
-        raise ModelLoadError(f"teacher checkpoint {source} has neither an lm_head.weight nor an embed_tokens.weight "
-                             "tensor: it is not a causal LM checkpoint")
+        raise ModelLoadError(
+            f"teacher checkpoint {source} has neither an lm_head.weight nor an embed_tokens.weight "
+            "tensor: it is not a causal LM checkpoint"
+        )
     bias = _find(names, "lm_head.bias") if weight.endswith("lm_head.weight") else None
     n = provenance["tokenizer_size"]
     want = (provenance["logits_size"], provenance["hidden_size"])
@@ -106,7 +114,8 @@ def load_teacher_head(source: str, provenance: dict, *, device="cpu",
                 raise CacheMismatchError(
                     f"distill.teacher_head={source}: {name} has shape {tuple(part.get_shape())} but the cache's "
                     f"teacher has (logits_size, hidden_size) = {want} ({field} differs): point it at the cache's "
-                    f"teacher {provenance['teacher']}, or recreate the cache with this one")
+                    f"teacher {provenance['teacher']}, or recreate the cache with this one"
+                )
             # Only the first tokenizer_size rows, as Stage 1 sliced the logits: padded rows are never tokens, and a
             # row slice of the memory map reads just those bytes (no full copy to cut down afterwards).
             t = part[:n]

@@ -14,6 +14,7 @@ the shards without a record are dealt out again.
 The coordination runs on gloo (CPU objects only, also on GPU machines): nothing but a few barriers and small
 objects crosses processes in Stage 1, and gloo rendezvouses across nodes through torchrun's MASTER_ADDR as well.
 """
+
 import os
 from datetime import timedelta
 
@@ -89,7 +90,7 @@ def shard_costs(batch_rows: list[tuple[int, int]], batch_cost: list[int], shard_
     cost = np.zeros(n_shards, dtype=np.int64)
     for (r0, r1), c in zip(batch_rows, batch_cost):
         if r1 > r0:
-            cost[r0 // shard_rows:(r1 - 1) // shard_rows + 1] += c
+            cost[r0 // shard_rows : (r1 - 1) // shard_rows + 1] += c
     return cost
 
 

@@ -2,16 +2,17 @@
 
 The cache stores, per supervised position, the top-k of the teacher's log-softmax over the FULL real
 vocabulary (not top-k of raw logits renormalised, which Axolotl's maintainers call "mostly incorrect for KD")
-plus the log of the probability mass outside the top-k. Imports only torch (and the losses' LOG_FLOOR).
+plus the log of the probability mass outside the top-k. Imports only torch (and the cache's LOG_FLOOR).
 """
-from typing import Callable
+
+from collections.abc import Callable
 
 import torch
 
-# The stored tail is floored at the losses' LOG_FLOOR (exp(-80) ~ 1.8e-35, "no mass" in float32), one constant
-# on purpose: the losses clamp every teacher log-prob to it, so a tail stored below it would be read back as a
-# different value than Stage 1 computed, and a floor above it would give mass the teacher never had.
-from pipeline.losses.kl import LOG_FLOOR
+# The stored tail is floored at the cache's LOG_FLOOR, the value Stage 2's losses clamp teacher log-probs to: a
+# tail stored below it would be read back as a different value than Stage 1 computed, and a floor above it would
+# give mass the teacher never had.
+from cache.schema import LOG_FLOOR
 
 
 def topk_logprobs(logits: torch.Tensor, k: int, vocab_size: int | None = None):
@@ -41,8 +42,13 @@ def topk_logprobs(logits: torch.Tensor, k: int, vocab_size: int | None = None):
     return ids, logprobs, tail
 
 
-def topk_from_hidden(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor], k: int,
-                     vocab_size: int, chunk_rows: int = 1024):
+def topk_from_hidden(
+    hidden: torch.Tensor,
+    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    k: int,
+    vocab_size: int,
+    chunk_rows: int = 1024,
+):
     """`topk_logprobs` of lm_head(hidden), chunked over rows.
 
     hidden: (R, D) final hidden states (the input of lm_head). At most chunk_rows × V fp32 logits exist at
@@ -51,7 +57,10 @@ def topk_from_hidden(hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], tor
     outs = [topk_logprobs(lm_head(h), k, vocab_size) for h in hidden.split(chunk_rows)]
     if not outs:  # no supervised rows in this batch
         e = hidden.new_empty
-        return (torch.empty(0, k, dtype=torch.long, device=hidden.device),
-                e(0, k, dtype=torch.float32), e(0, dtype=torch.float32))
+        return (
+            torch.empty(0, k, dtype=torch.long, device=hidden.device),
+            e(0, k, dtype=torch.float32),
+            e(0, dtype=torch.float32),
+        )
     ids, logprobs, tail = zip(*outs)
     return torch.cat(ids), torch.cat(logprobs), torch.cat(tail)
