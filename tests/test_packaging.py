@@ -109,3 +109,16 @@ def test_constraints_pin_every_dependency_and_the_install_follows_them():
     got = versions()
     for name in ("transformers", "tokenizers", "peft", "zarr", "numpy", "dvc"):
         assert got[name] == pins[name], f"{name} {got[name]} installed, constraints.txt pins {pins[name]}"
+
+
+def test_ci_runs_the_readmes_commands():
+    """The README's two commands install the same way, and .ci/run is its test command, verbatim: what CI checks is
+    what a user runs."""
+    import re
+
+    blocks = re.findall(r"```bash\n(python3 -m venv .*?)\n```", (ROOT / "README.md").read_text())
+    pipeline, tests = blocks[:2]
+    assert pipeline.endswith("&& dvc repro") and tests.endswith("&& python -m pytest -q")
+    assert pipeline.removesuffix(" && dvc repro") in tests  # the same install
+    assert "-c constraints.txt torch==2.13.0" in tests and 'pip install -c constraints.txt -e ".[test]"' in tests
+    assert tests in (ROOT / ".ci/run").read_text().splitlines()
