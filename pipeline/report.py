@@ -1,23 +1,39 @@
 """The ablation's report: mean ± std over seeds, per-seed values, paired differences, gap closed, plots.
 
 Paired differences compare each variant with the baseline at the SAME seed (same initial weights and batch
-order), which removes most of the seed-to-seed spread; the gap closed is the share of the baseline -> teacher
-accuracy gap a variant's mean accuracy covers.
+order), which removes most of the seed-to-seed spread. Per metric, a paired entry keeps the per-seed differences,
+their mean, a 95% percentile bootstrap interval over seeds, the exact sign test's p and a verdict (better / worse
+/ no difference: whether the interval excludes 0, read in the metric's direction); pipeline/stats.py has the
+statistics. The gap closed is the share of the baseline -> teacher accuracy gap a variant's mean accuracy covers.
 
 Bits per character is the likelihood to compare across tokenizers (perplexity counts each model's own tokens).
 A missing value (null, or NaN in an older file: the cache metrics of a student with another tokenizer than the
-teacher's; a metric an older run did not record) is left out of means and differences and shown as "—".
+teacher's; a metric an older run did not record) is left out of means and differences and shown as "—"; a metric
+no run of a section records is left out of that section.
 """
 
 import json
+import math
 import statistics
 from pathlib import Path
 
 from pipeline.ablation import METRICS, AblationConfig, AblationError, run_dir
+from pipeline.stats import paired_bootstrap, sign_test, verdict
 from pipeline.versions import versions, versions_line
 
-STATS = METRICS
-PAIRED = ("accuracy", "kl_teacher", "perplexity", "bits_per_char")
+STATS = (*METRICS, "kl_true")  # kl_true: KL from the true distribution, where a task knows it
+PAIRED = ("accuracy", "top1_agreement", "perplexity", "bits_per_char", "kl_teacher", "kl_true", "entropy")
+# True: lower is better. Entropy has no better side (a sharper student is not a better one); any metric not named
+# here has no direction either: its paired entry says "—" rather than guess.
+LOWER_IS_BETTER = {
+    "accuracy": False,
+    "top1_agreement": False,
+    "perplexity": True,
+    "bits_per_char": True,
+    "kl_teacher": True,
+    "kl_true": True,
+}
+N_RESAMPLES, LEVEL, BOOT_SEED = 10_000, 0.95, 0
 DASH = "—"
 
 
@@ -36,10 +52,47 @@ def per_seed(runs: list[dict], metric: str) -> dict:
     return {"per_seed": xs, **mean_std(xs)}
 
 
+def _json_num(x: float):
+    return None if math.isnan(x) else x  # ablation.json is strict JSON (DVC metrics): no NaN
+
+
 def paired(runs: list[dict], ref: list[dict], metric: str) -> dict:
-    """Mean and std over seeds of run - reference at the same seed (seeds where either is missing left out)."""
+    """run - reference at the same seed, per metric: "per_seed" (the differences, None where either run has no
+    value), "n" (how many), "mean", "std", the bootstrap interval "lo", "hi", the sign test's "p_sign" and the
+    "verdict" ("—" for a metric without a direction or without a pair; interval and p None without enough)."""
     pairs = [(r.get(metric), b.get(metric)) for r, b in zip(runs, ref)]
-    return mean_std(a - b for a, b in pairs if a is not None and b is not None)
+    diffs = [None if a is None or b is None else a - b for a, b in pairs]
+    n = sum(d is not None for d in diffs)
+    _, lo, hi = paired_bootstrap(diffs, N_RESAMPLES, LEVEL, BOOT_SEED)
+    lower = LOWER_IS_BETTER.get(metric)
+    return {
+        "per_seed": diffs,
+        "n": n,
+        **mean_std(diffs),
+        "lo": _json_num(lo),
+        "hi": _json_num(hi),
+        "p_sign": sign_test(diffs) if n else None,
+        "verdict": DASH if lower is None or not n else verdict(lo, hi, lower),
+    }
+
+
+def recorded(groups, metrics) -> list[str]:
+    """The metrics (in their order) that at least one run of the groups (lists of runs) records, even as null:
+    one no run has heard of is left out of the section rather than shown as a column of "—"."""
+    keys = {k for runs in groups for r in runs for k in r}
+    return [m for m in metrics if m in keys]
+
+
+def paired_stats(n_seeds: int) -> dict:
+    """How the paired entries were computed, for the JSON (and what n seeds can show at best)."""
+    return {
+        "interval": f"{LEVEL:.0%} percentile bootstrap of the mean difference, seeds resampled with replacement",
+        "n_resamples": N_RESAMPLES,
+        "bootstrap_seed": BOOT_SEED,
+        "test": "exact two-sided sign test over the non-zero differences",
+        "smallest_p": 2 / 2**n_seeds if n_seeds else None,
+        "lower_is_better": LOWER_IS_BETTER,
+    }
 
 
 def _read(path: Path) -> dict:
@@ -49,6 +102,17 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=lambda _: None)  # NaN, Infinity, -Infinity
 
 
+def compare(runs: dict[str, list[dict]], ref: list[dict], key: str) -> dict:
+    """Per variant: mean ± std and per-seed values of every metric the section records, and under `key` the
+    paired entry of each such metric against `ref` (the reference's runs, one per seed)."""
+    stats = recorded([*runs.values(), ref], STATS)
+    pairs = [m for m in stats if m in PAIRED]  # train_seconds is a cost, not paired
+    return {
+        v: {**{m: per_seed(rs, m) for m in stats}, key: {m: paired(rs, ref, m) for m in pairs}}
+        for v, rs in runs.items()
+    }
+
+
 def summarise(abl: AblationConfig) -> dict:
     """Every run's metrics gathered into per-variant statistics, paired differences and gap closed."""
     tasks = {}
@@ -56,18 +120,12 @@ def summarise(abl: AblationConfig) -> dict:
         teacher = _read(Path(abl.out) / task / "teacher.json")
         runs = {v: [_read(run_dir(abl, task, v, s) / "metrics.json") for s in abl.seeds] for v in abl.variants}
         base = runs[abl.baseline]
-        base_acc = statistics.fmean(r["accuracy"] for r in base)
-        gap = teacher["accuracy"] - base_acc
-        variants = {}
-        for v, rs in runs.items():
-            stats = {m: per_seed(rs, m) for m in STATS}
-            diffs = {m: paired(rs, base, m) for m in PAIRED}
-            acc = stats["accuracy"]["mean"]
-            variants[v] = {
-                **stats,
-                "paired_vs_baseline": diffs,
-                "gap_closed": (acc - base_acc) / gap if gap > 0 else None,
-            }
+        base_acc = mean_std(r.get("accuracy") for r in base)["mean"]
+        gap = None if base_acc is None else teacher["accuracy"] - base_acc
+        variants = compare(runs, base, "paired_vs_baseline")
+        for s in variants.values():
+            acc = s.get("accuracy", {}).get("mean")
+            s["gap_closed"] = (acc - base_acc) / gap if gap is not None and gap > 0 and acc is not None else None
         tasks[task] = {"teacher": teacher, "variants": variants}
     de = abl.data_efficiency
     curves = {}
@@ -82,16 +140,13 @@ def summarise(abl: AblationConfig) -> dict:
     cross = {}
     if xt.variants:
         runs = {v: [_read(run_dir(abl, xt.task, v, s) / "metrics.json") for s in abl.seeds] for v in xt.variants}
-        for v, rs in runs.items():
-            cross[v] = {
-                "overrides": xt.variants[v],
-                **{m: per_seed(rs, m) for m in STATS},
-                "paired_vs_baseline": {m: paired(rs, runs[xt.baseline], m) for m in PAIRED},
-            }
+        got = compare(runs, runs[xt.baseline], "paired_vs_baseline")
+        cross = {v: {"overrides": xt.variants[v], **got[v]} for v in runs}
     return {
         "seeds": abl.seeds,
         "baseline": abl.baseline,
         "variants": abl.variants,
+        "paired_stats": paired_stats(len(abl.seeds)),
         "tasks": tasks,
         "data_efficiency": {"task": de.task, "curves": curves},
         "sweep": {
@@ -112,37 +167,89 @@ def summarise(abl: AblationConfig) -> dict:
 def settings(abl: AblationConfig, task: str, reference: str, variants: dict) -> dict:
     """Per setting (a sweep's, the exact teacher's): its overrides, statistics and paired difference to the
     reference variant."""
-    ref = [_read(run_dir(abl, task, reference, s) / "metrics.json") for s in abl.seeds] if variants else []
-    out = {}
-    for v, over in variants.items():
-        rs = [_read(run_dir(abl, task, v, s) / "metrics.json") for s in abl.seeds]
-        swept = ("accuracy", "bits_per_char", "kl_teacher", "train_seconds")
-        out[v] = {
-            "overrides": over,
-            **{m: per_seed(rs, m) for m in swept},
-            "paired_vs_reference": {m: paired(rs, ref, m) for m in swept},
-        }
-    return out
+    if not variants:
+        return {}
+    ref = [_read(run_dir(abl, task, reference, s) / "metrics.json") for s in abl.seeds]
+    runs = {v: [_read(run_dir(abl, task, v, s) / "metrics.json") for s in abl.seeds] for v in variants}
+    got = compare(runs, ref, "paired_vs_reference")
+    return {v: {"overrides": over, **got[v]} for v, over in variants.items()}
 
 
 def _num(x, fmt: str) -> str:
     return DASH if x is None else format(x, fmt)
 
 
-def _pm(stat: dict, fmt: str, scale: float = 1.0, suffix: str = "", sign: str = "") -> str:
-    """ "mean ± std" (both x scale, then suffix), "—" when no seed has a value; sign="+" signs the mean (a Δ)."""
-    if stat["mean"] is None:
+def _pm(stat: dict | None, fmt: str, scale: float = 1.0, suffix: str = "") -> str:
+    """ "mean ± std" (both x scale, then suffix), "—" when no seed has a value or the metric is not recorded."""
+    if not stat or stat["mean"] is None:
         return DASH
-    return f"{format(scale * stat['mean'], sign + fmt)} ± {format(scale * stat['std'], fmt)}{suffix}"
+    return f"{format(scale * stat['mean'], fmt)} ± {format(scale * stat['std'], fmt)}{suffix}"
+
+
+def _signed(x, fmt: str, scale: float) -> str:
+    return DASH if x is None else format(scale * x, "+" + fmt).replace("-", "−")
+
+
+def _delta(p: dict | None, fmt: str, scale: float = 1.0) -> str:
+    """A paired entry as "−0.031 [−0.052, −0.012] p=0.002 better" (mean and interval x scale); "—" without a
+    pair."""
+    if not p or p["mean"] is None:
+        return DASH
+    pv = "p<0.001" if p["p_sign"] < 0.001 else f"p={p['p_sign']:.3f}"
+    lo, hi = _signed(p["lo"], fmt, scale), _signed(p["hi"], fmt, scale)
+    return f"{_signed(p['mean'], fmt, scale)} [{lo}, {hi}] {pv} {p['verdict']}"
+
+
+def _table(first: str, rows: dict, cols: list) -> list[str]:
+    """Markdown lines of a table: a row per entry of `rows` (its name under `first`), then one cell per column
+    (header, cell(entry), right-aligned)."""
+    lines = [
+        "| " + " | ".join([first, *(h for h, _, _ in cols)]) + " |",
+        "|---|" + "".join("---:|" if right else "---|" for *_, right in cols),
+    ]
+    return lines + ["| " + " | ".join([name, *(cell(e) for _, cell, _ in cols)]) + " |" for name, e in rows.items()]
+
+
+def _mean(header: str, metric: str, fmt: str, scale: float = 1.0, suffix: str = "") -> tuple:
+    return header, lambda s: _pm(s.get(metric), fmt, scale, suffix), True
+
+
+def _paired(header: str, key: str, metric: str, fmt: str, scale: float = 1.0) -> tuple:
+    return header, lambda s: _delta(s[key].get(metric), fmt, scale), True
+
+
+def _seeds(metric: str) -> tuple:
+    return "per seed", lambda s: " / ".join(_num(x, ".1%") for x in (s.get(metric) or {}).get("per_seed", [])), False
+
+
+def _overrides(default: str = "") -> tuple:
+    return "overrides", lambda s: ", ".join(f"{k}={x}" for k, x in s["overrides"].items()) or default, False
+
+
+def _kl_true(rows: dict, key: str) -> list:
+    """The KL(true‖student) columns, for the sections whose runs record it."""
+    if not any("kl_true" in s for s in rows.values()):
+        return []
+    return [_mean("KL(true‖student)", "kl_true", ".4f"), _paired("paired Δ KL true", key, "kl_true", ".4f")]
+
+
+def _legend(seeds: list[int], reference: str) -> str:
+    """The line above the tables: how to read a paired cell, and what this many seeds can show at best."""
+    n = len(seeds)
+    return (
+        f"Seeds {seeds}; ± is the sample std over seeds. A paired Δ is the per-seed difference to "
+        f"{reference} (same init and batch order): mean [{LEVEL:.0%} percentile bootstrap interval over seeds], "
+        "p of the exact two-sided sign test, and the verdict (better / worse when the interval excludes 0, in the "
+        f"metric's direction; — without one). Accuracy Δ in points. With {n} seeds p cannot go below "
+        f"{2 / 2**n:.3g} and the interval is about the range of the differences: a verdict needs every seed to "
+        "agree. The JSON has every metric's per-seed differences."
+    )
 
 
 def markdown(summary: dict) -> str:
     """The report as Markdown tables: per task, mean ± std over seeds, per-seed accuracy, paired difference."""
-    lines = [
-        f'Seeds {summary["seeds"]}; ± is the sample std over seeds; "paired Δ" is the per-seed difference '
-        f"to `{summary['baseline']}` (same init and batch order), mean ± std.",
-        "",
-    ]
+    key = "paired_vs_baseline"
+    lines = [_legend(summary["seeds"], f"`{summary['baseline']}`"), ""]
     for task, t in summary["tasks"].items():
         te = t["teacher"]
         bpc = "" if te.get("bits_per_char") is None else f", {te['bits_per_char']:.4f} bits per character"
@@ -150,22 +257,26 @@ def markdown(summary: dict) -> str:
             f"### {task}: teacher accuracy {te['accuracy']:.1%}, perplexity {te['perplexity']:.3f}{bpc}, "
             f"entropy {te['entropy']:.3f} nats per answer token",
             "",
-            "| variant | accuracy | per seed | paired Δ accuracy | gap closed | perplexity | bits/char "
-            "| paired Δ bits/char | KL(teacher‖student) | paired Δ KL | top-1 agreement | train s |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *_table(
+                "variant",
+                t["variants"],
+                [
+                    _mean("accuracy", "accuracy", ".1f", 100, "%"),
+                    _seeds("accuracy"),
+                    _paired("paired Δ accuracy", key, "accuracy", ".1f", 100),
+                    ("gap closed", lambda s: _num(s["gap_closed"], ".0%"), True),
+                    _mean("perplexity", "perplexity", ".3f"),
+                    _mean("bits/char", "bits_per_char", ".4f"),
+                    _paired("paired Δ bits/char", key, "bits_per_char", ".4f"),
+                    _mean("KL(teacher‖student)", "kl_teacher", ".4f"),
+                    _paired("paired Δ KL", key, "kl_teacher", ".4f"),
+                    *_kl_true(t["variants"], key),
+                    _mean("top-1 agreement", "top1_agreement", ".1f", 100, "%"),
+                    _mean("train s", "train_seconds", ".0f"),
+                ],
+            ),
+            "",
         ]
-        for v, s in t["variants"].items():
-            p = s["paired_vs_baseline"]
-            per_seed = " / ".join(_num(x, ".1%") for x in s["accuracy"]["per_seed"])
-            lines.append(
-                f"| {v} | {_pm(s['accuracy'], '.1f', 100, '%')} | {per_seed} | "
-                f"{_pm(p['accuracy'], '.1f', 100, sign='+')} | {_num(s['gap_closed'], '.0%')} | "
-                f"{_pm(s['perplexity'], '.3f')} | {_pm(s['bits_per_char'], '.4f')} | "
-                f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['kl_teacher'], '.4f')} | "
-                f"{_pm(p['kl_teacher'], '.4f', sign='+')} | {_pm(s['top1_agreement'], '.1f', 100, '%')} | "
-                f"{_pm(s['train_seconds'], '.0f')} |"
-            )
-        lines.append("")
     de = summary["data_efficiency"]
     lines += [
         f"### data efficiency ({de['task']}): accuracy vs. share of the training data, equal steps",
@@ -194,24 +305,25 @@ def markdown(summary: dict) -> str:
             f"### cross-tokenizer students ({xt['task']}): their own tokenizer, the teacher's cache, paired "
             f"with `{xt['baseline']}`",
             "",
-            f"The same-tokenizer `{summary['baseline']}` student: accuracy {_pm(same['accuracy'], '.1f', 100, '%')}"
-            f", bits/char {_pm(same['bits_per_char'], '.4f')} (bits per character compare students across "
+            f"The same-tokenizer `{summary['baseline']}` student: accuracy {_pm(same.get('accuracy'), '.1f', 100, '%')}"
+            f", bits/char {_pm(same.get('bits_per_char'), '.4f')} (bits per character compare students across "
             "tokenizers; perplexity is per token of each student's own tokenizer).",
             "",
-            "| variant | overrides | accuracy | per seed | paired Δ accuracy | bits/char | paired Δ bits/char "
-            "| perplexity (own tokens) | train s |",
-            "|---|---|---:|---|---:|---:|---:|---:|---:|",
+            *_table(
+                "variant",
+                xt["variants"],
+                [
+                    _overrides("(the task's weights)"),
+                    _mean("accuracy", "accuracy", ".1f", 100, "%"),
+                    _seeds("accuracy"),
+                    _paired("paired Δ accuracy", key, "accuracy", ".1f", 100),
+                    _mean("bits/char", "bits_per_char", ".4f"),
+                    _paired("paired Δ bits/char", key, "bits_per_char", ".4f"),
+                    _mean("perplexity (own tokens)", "perplexity", ".3f"),
+                    _mean("train s", "train_seconds", ".0f"),
+                ],
+            ),
         ]
-        for v, s in xt["variants"].items():
-            p = s["paired_vs_baseline"]
-            over = ", ".join(f"{k}={x}" for k, x in s["overrides"].items()) or "(the task's weights)"
-            lines.append(
-                f"| {v} | {over} | {_pm(s['accuracy'], '.1f', 100, '%')} | "
-                + " / ".join(_num(x, ".1%") for x in s["accuracy"]["per_seed"])
-                + f" | {_pm(p['accuracy'], '.1f', 100, sign='+')} | {_pm(s['bits_per_char'], '.4f')} | "
-                f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['perplexity'], '.3f')} | "
-                f"{_pm(s['train_seconds'], '.0f')} |"
-            )
     return "\n".join(lines) + "\n"
 
 
@@ -219,57 +331,97 @@ def _settings_table(sw: dict, title: str) -> list[str]:
     """Markdown lines of a settings table (the sweep, the exact teacher): each setting against its reference."""
     if not sw.get("settings"):
         return []
-    lines = [
+    key = "paired_vs_reference"
+    return [
         "",
         f"### {title} ({sw['task']}): each setting against `{sw['reference']}`, paired by seed",
         "",
-        "| setting | overrides | accuracy | per seed | paired Δ accuracy | bits/char | paired Δ bits/char "
-        "| KL | paired Δ KL | train s |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        *_table(
+            "setting",
+            sw["settings"],
+            [
+                _overrides(),
+                _mean("accuracy", "accuracy", ".1f", 100, "%"),
+                _seeds("accuracy"),
+                _paired("paired Δ accuracy", key, "accuracy", ".1f", 100),
+                _mean("bits/char", "bits_per_char", ".4f"),
+                _paired("paired Δ bits/char", key, "bits_per_char", ".4f"),
+                _mean("KL", "kl_teacher", ".4f"),
+                _paired("paired Δ KL", key, "kl_teacher", ".4f"),
+                *_kl_true(sw["settings"], key),
+                _mean("train s", "train_seconds", ".0f"),
+            ],
+        ),
     ]
-    for v, s in sw["settings"].items():
-        p = s["paired_vs_reference"]
-        over = ", ".join(f"{k}={x}" for k, x in s["overrides"].items())
-        lines.append(
-            f"| {v} | {over} | {_pm(s['accuracy'], '.1f', 100, '%')} | "
-            + " / ".join(_num(x, ".1%") for x in s["accuracy"]["per_seed"])
-            + f" | {_pm(p['accuracy'], '.1f', 100, sign='+')} | {_pm(s['bits_per_char'], '.4f')} | "
-            f"{_pm(p['bits_per_char'], '.4f', sign='+')} | {_pm(s['kl_teacher'], '.4f')} | "
-            f"{_pm(p['kl_teacher'], '.4f', sign='+')} | {_pm(s['train_seconds'], '.0f')} |"
-        )
-    return lines
 
 
 def _nan(x) -> float:
     return float("nan") if x is None else x
 
 
+# (metric, label, scale): the panels of ablation.png; accuracy and kl_true only where some variant has them
+PLOTTED = (
+    ("bits_per_char", "bits/char", 1.0),
+    ("kl_teacher", "KL(teacher‖student)", 1.0),
+    ("accuracy", "accuracy (points)", 100.0),
+    ("kl_true", "KL(true‖student)", 1.0),
+)
+VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red"}  # no difference, no direction: grey
+
+
+def _paired_panel(ax, t: dict, baseline: str, metric: str, scale: float) -> None:
+    """One panel of ablation.png: each variant's mean paired Δ to the baseline, its interval as the error bar,
+    the per-seed differences as crosses, around a zero line."""
+    names = [v for v in t["variants"] if v != baseline]  # the baseline against itself is 0 [0, 0]
+    ax.axhline(0, color="k", lw=0.8)
+    for k, v in enumerate(names):
+        p = t["variants"][v]["paired_vs_baseline"].get(metric)
+        if not p or p["mean"] is None:
+            continue
+        m, colour = scale * p["mean"], VERDICT_COLOURS.get(p["verdict"], "0.45")
+        # max(0, ...): an interval of equal differences can miss their mean by a rounding error
+        err = [[0.0], [0.0]] if p["lo"] is None else [[max(0, m - scale * p["lo"])], [max(0, scale * p["hi"] - m)]]
+        ax.errorbar([k], [m], yerr=err, fmt="o", capsize=5, color=colour, zorder=2)
+        ys = [scale * d for d in p["per_seed"] if d is not None]
+        ax.scatter([k] * len(ys), ys, color="k", marker="x", s=14, lw=0.8, zorder=3)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")  # numeric x: an empty panel still draws
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    if not ax.collections:  # no variant of the task has a value of the metric
+        ax.text(0.5, 0.5, "no paired values", transform=ax.transAxes, ha="center", va="center", color="0.45")
+        ax.set_yticks([])
+
+
 def plot(summary: dict, out: Path) -> None:
-    """ablation.png (accuracy and KL per variant and task, error bars = std over seeds) and ablation_data.png."""
+    """ablation.png (per task and metric, each variant's paired Δ to the baseline with its bootstrap interval)
+    and ablation_data.png (accuracy vs. share of the data, error bars = std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = summary["tasks"]
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7), squeeze=False)
+    tasks, baseline = summary["tasks"], summary["baseline"]
+
+    def present(metric: str) -> bool:
+        return any(
+            (s["paired_vs_baseline"].get(metric) or {}).get("mean") is not None
+            for t in tasks.values()
+            for s in t["variants"].values()
+        )
+
+    rows = [r for r in PLOTTED if r[0] in ("bits_per_char", "kl_teacher") or present(r[0])]
+    fig, axes = plt.subplots(len(rows), len(tasks), figsize=(5.5 * len(tasks), 3.4 * len(rows)), squeeze=False)
     for j, (task, t) in enumerate(tasks.items()):
-        names = list(t["variants"])
-        for i, (metric, label) in enumerate([("accuracy", "task accuracy"), ("kl_teacher", "KL(teacher‖student)")]):
+        for i, (metric, label, scale) in enumerate(rows):
             ax = axes[i][j]
-            means = [_nan(t["variants"][v][metric]["mean"]) for v in names]  # a missing bar is left out
-            stds = [_nan(t["variants"][v][metric]["std"]) for v in names]
-            ax.bar(names, means, yerr=stds, capsize=4, color="#8fb3d9")
-            for k, v in enumerate(names):  # the seeds themselves, so the spread is visible
-                ys = [y for y in t["variants"][v][metric]["per_seed"] if y is not None]
-                if ys:  # no point at all: matplotlib cannot place an all-NaN scatter on the named axis
-                    ax.scatter([k] * len(ys), ys, color="k", s=10, zorder=3)
-            if metric == "accuracy":
-                ax.axhline(t["teacher"]["accuracy"], color="tab:red", ls="--", label="teacher")
-                ax.legend(loc="lower right")
-            ax.set_title(f"{task}: {label}")
-            ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
+            _paired_panel(ax, t, baseline, metric, scale)
+            side = {True: "lower is better", False: "higher is better"}.get(LOWER_IS_BETTER.get(metric), "")
+            ax.set_title(f"{task}: Δ {label} ({side})", fontsize=10)
+    fig.suptitle(
+        f"paired Δ to {baseline} over {len(summary['seeds'])} seeds: mean and {LEVEL:.0%} bootstrap interval "
+        "(green better, red worse, grey no difference), x = one seed",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(out / "ablation.png", dpi=110)
     plt.close(fig)
 
@@ -278,8 +430,8 @@ def plot(summary: dict, out: Path) -> None:
     for v, pts in de["curves"].items():
         ax.errorbar(
             [p["fraction"] for p in pts],
-            [p["mean"] for p in pts],
-            yerr=[p["std"] for p in pts],
+            [_nan(p["mean"]) for p in pts],
+            yerr=[_nan(p["std"]) for p in pts],
             marker="o",
             capsize=4,
             label=v,
@@ -306,6 +458,7 @@ def exact_teacher_report(abl: AblationConfig) -> dict:
         "seeds": abl.seeds,
         "task": ex.task,
         "codecs": ex.codecs,
+        "paired_stats": paired_stats(len(abl.seeds)),
         "vs_reference": {"task": ex.task, "reference": ex.reference, "settings": against_ref},
         "vs_baseline": {"task": ex.task, "reference": abl.baseline, "settings": against_base},
     }
@@ -313,8 +466,8 @@ def exact_teacher_report(abl: AblationConfig) -> dict:
     text = (
         "\n".join(
             [
-                f"Seeds {abl.seeds}; ± is the sample std over seeds; paired Δ is per seed (same init and batch "
-                f"order). Hidden codecs of the extra caches: {codecs or 'none'}.",
+                _legend(abl.seeds, "the table's reference")
+                + f" Hidden codecs of the extra caches: {codecs or 'none'}.",
                 *_settings_table(summary["vs_reference"], "exact teacher against the top-k KL"),
                 *_settings_table(summary["vs_baseline"], "the same students against CE only"),
             ]

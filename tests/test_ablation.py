@@ -65,6 +65,18 @@ def test_the_split_task_is_the_embedded_default_with_its_own_paths():
                 assert p.startswith("artifacts/ablation/split/"), (section, n, p)
 
 
+def test_the_positive_control_differs_from_the_default_only_in_task_and_student_budget():
+    hmm = load_config(ROOT / "params/ablation/hmm.yaml")
+    assert (hmm.prepare.task, hmm.distill.train_fraction, hmm.distill.epochs) == ("hmm", 0.1, 8.0)
+    hmm.prepare.task, hmm.distill.train_fraction, hmm.distill.epochs = "split", 1.0, 1.4
+    assert without_paths(hmm) == without_paths(load_config(ROOT / "params.yaml"))
+    for section, names in PATH_FIELDS.items():
+        for n in names:
+            value = getattr(getattr(hmm, section), n)
+            for p in value.values() if isinstance(value, dict) else [value]:
+                assert p.startswith("artifacts/ablation/hmm/"), (section, n, p)
+
+
 @pytest.mark.parametrize(
     "values, message",
     [
@@ -170,7 +182,9 @@ def test_report_pairs_by_seed_and_measures_the_gap(tmp_path):
     assert setting["accuracy"]["per_seed"] == t2 and setting["overrides"] == {"temperature": 2.0}
     text = markdown(summary)
     assert "| kl_t2 | temperature=2.0 |" in text
-    assert "| kl | " in text and f"{100 * statistics.fmean(diffs):+.1f} ± {100 * statistics.stdev(diffs):.1f}" in text
+    # 3 positive differences of 3: the bootstrap interval is their range, the sign test's p is 2/8
+    row = next(line for line in text.splitlines() if line.startswith("| kl | "))
+    assert f"| {100 * statistics.fmean(diffs):+.1f} [+9.0, +12.0] p=0.250 better |" in row
 
 
 def test_exact_teacher_section_reports_from_its_runs_alone(tmp_path):

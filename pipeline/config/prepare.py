@@ -48,9 +48,11 @@ class PrepareConfig:
     """Where the synthetic instruction dataset is written (JSONL, the user's own data format)."""
     out_models: PathStr = "artifacts/base"
     """Folder receiving `tokenizer/`, `teacher/` and `student/` (Hugging Face format, random weights)."""
-    task: Literal["digit_sum", "split"] = "split"
+    task: Literal["digit_sum", "split", "hmm"] = "split"
     """The synthetic task (pipeline/data/task.py): "digit_sum" (one right answer; the teacher is nearly one-hot) or
-    "split" (N -> any "a + b" with a + b = N, the user's own task; the teacher keeps spread soft targets)."""
+    "split" (N -> any "a + b" with a + b = N, the user's own task; the teacher keeps spread soft targets) or "hmm" (the
+    positive control: a stochastic language whose next-word distribution is known exactly, scored by KL(true || model);
+    n_digits is not used)."""
     n_examples: int = 20000
     """Number of synthetic examples (before the train/validation/test split)."""
     n_digits: int = 4

@@ -11,8 +11,10 @@ from pathlib import Path
 from pipeline.config.base import save_config
 from pipeline.config.prepare import PrepareParams
 from pipeline.data.records import ALPACA_TEMPLATE
-from pipeline.data.task import generate_examples
+from pipeline.data.task import HMM_WORDS, generate_examples
 from pipeline.data.tiny import build_model, build_tokenizer
+from pipeline.evaluation.truth import word_token_ids
+from pipeline.models import ModelLoadError
 
 
 def run(cfg: PrepareParams) -> None:
@@ -24,7 +26,13 @@ def run(cfg: PrepareParams) -> None:
 
     models = Path(p.out_models)
     texts = [ALPACA_TEMPLATE.format(**r) + r["output"] for r in records]
+    if p.task == "hmm":  # every word twice (BPE's min_frequency), so even a rarely emitted word is one token
+        texts += [" " + " ".join(HMM_WORDS)] * 2
     tokenizer = build_tokenizer(texts, models / "tokenizer", p.tokenizer_vocab)
+    if p.task == "hmm" and word_token_ids(tokenizer) is None:  # KL(true || model) reads one token per word
+        raise ModelLoadError(
+            f"prepare.tokenizer_vocab={p.tokenizer_vocab} leaves a word of the hmm task split in pieces"
+        )
     for i, (name, shape) in enumerate([("teacher", p.teacher), ("student", p.student)]):
         build_model(tokenizer, models / name, **asdict(shape), vocab_multiple=p.vocab_multiple, seed=cfg.seed + i)
     # the cross-tokenizer student: the student's shape on a tokenizer of its own (other merges, digits in pairs)

@@ -6,6 +6,12 @@
   right", which one sampled label cannot.
 - "digit_sum": the digit sum of an n-digit string ("385102" -> "王大丫丫的回答是--->19"); one right answer, so the
   teacher is almost one-hot on every answer token.
+- "hmm" (the positive control): a stochastic language whose next-word distribution is known exactly. A fixed random
+  hidden Markov source (HMM_STATES states, each emitting its own few of HMM_WORDS two-letter words) writes a prompt of
+  HMM_PROMPT words and a continuation of HMM_ANSWER words ("mo ta ri" -> "王大丫丫的回答是---> ke ta du mo ke ri"). A
+  label is one sample of the continuation, a teacher's soft target the whole distribution, so distillation must beat
+  CE here; `answer_distributions` gives the exact conditional distribution of every answer word (forward filtering),
+  the ground truth of KL(true || model).
 
 How the split labels are drawn, and why (measured on CPU, 4 x 128 Qwen2 from scratch, ~4 minutes of training):
 uniformly random splits a in [1, N - 1] need subtraction with borrow chains, which a tiny model learns late (2.2%
@@ -20,23 +26,91 @@ neighbouring sums ("19" vs "18"/"20"). Multi-digit addition is too hard at this 
 import random
 import re
 
+import numpy as np
+
 from cache.errors import OtkdError
 
 MARKER = "王大丫丫的回答是--->"  # the response prefix of the records in the user's original design notes
-TASKS = ("digit_sum", "split")
+TASKS = ("digit_sum", "split", "hmm")
+
+# The positive control's source: fixed by these constants (not by the pipeline's seed, which only draws records), so
+# every seed of an ablation samples the same language.
+HMM_SEED, HMM_STATES, HMM_SUCCESSORS, HMM_PROMPT, HMM_ANSWER = 2026, 6, 2, 3, 6
+HMM_WORDS = tuple(c + v for c in "bdgkmnprst" for v in "aeiou")[:24]  # 24 two-letter words, one token each
 
 
 class TaskSizeError(OtkdError, ValueError):
     """More examples asked for (prepare.n_examples) than the task has distinct records to give."""
 
 
+def hmm_source(seed: int = HMM_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """(transition (H, H), emission (H, W)) of the positive control's source, float64 rows summing to 1.
+
+    Each state owns HMM_EMITS of the words (Dirichlet(0.5) weights over them) and moves to one of HMM_SUCCESSORS
+    states (Dirichlet(1) weights): next-word distributions of ~1.5 nats that a label samples once and a soft target
+    gives whole, and continuations that the source cannot write (probability 0: the task's accuracy)."""
+    rng = np.random.default_rng(seed)
+    H, W = HMM_STATES, len(HMM_WORDS)
+    owner = rng.permutation(W).reshape(H, W // H)  # state h emits the words owner[h] only
+    emit, trans = np.zeros((H, W)), np.zeros((H, H))
+    for h in range(H):
+        emit[h, owner[h]] = rng.dirichlet(np.full(W // H, 0.5))
+        trans[h, rng.choice(H, size=HMM_SUCCESSORS, replace=False)] = rng.dirichlet(np.ones(HMM_SUCCESSORS))
+    return trans, emit
+
+
+def answer_distributions(prompt: list[str], answer: list[str], source=None) -> np.ndarray:
+    """(len(answer), W) float64: row t is the source's exact p(answer word t = w | prompt, answer[:t]), columns in
+    HMM_WORDS order. Forward filtering from a uniform initial state: the belief over the hidden state is updated by
+    each observed word (emission, then normalised), and the next word's distribution is belief @ trans @ emit."""
+    trans, emit = hmm_source() if source is None else source
+    index = {w: i for i, w in enumerate(HMM_WORDS)}
+    belief = np.full(trans.shape[0], 1.0 / trans.shape[0])  # p(state of the first word)
+    out = []
+    for t, word in enumerate([*prompt, *answer]):
+        if t >= len(prompt):
+            out.append(belief @ emit)  # (W,) p(this word | everything before it)
+        belief = belief * emit[:, index[word]]  # p(state, words so far), unnormalised
+        if belief.sum() <= 0:
+            raise ValueError(f"the word sequence {[*prompt, *answer][: t + 1]} has probability 0 under the source")
+        belief = (belief / belief.sum()) @ trans  # p(state of the next word | words so far)
+    return np.array(out).reshape(len(answer), emit.shape[1])
+
+
+def hmm_words(record: dict) -> tuple[list[str], list[str]] | None:
+    """(prompt words, answer words) of a positive-control record, or None for a record of another task."""
+    answer = _after_marker(record["output"])
+    prompt = record["instruction"].split()
+    if answer is None or not prompt or any(w not in HMM_WORDS for w in prompt):
+        return None
+    words = answer.split()
+    return (prompt, words) if words and all(w in HMM_WORDS for w in words) else None
+
+
+def _draw_hmm(rng: random.Random, source) -> dict:
+    trans, emit = source
+    H, W = emit.shape
+    h = rng.randrange(H)
+    words = []
+    for _ in range(HMM_PROMPT + HMM_ANSWER):
+        words.append(HMM_WORDS[rng.choices(range(W), weights=emit[h].tolist())[0]])
+        h = rng.choices(range(H), weights=trans[h].tolist())[0]
+    prompt, answer = words[:HMM_PROMPT], words[HMM_PROMPT:]
+    # the space after the marker: every answer word is then the pre-token " w", one token of the tokenizer
+    return {"instruction": " ".join(prompt), "input": "", "output": f"{MARKER} {' '.join(answer)}"}
+
+
 def _n_distinct(task: str, n_digits: int) -> int:
+    if task == "hmm":
+        return len(HMM_WORDS) ** (HMM_PROMPT + HMM_ANSWER)  # an upper bound: plenty for any n asked
     if task == "digit_sum":
         return 10**n_digits
     return 36 * 55 ** (n_digits - 1)  # split: sum over N's leading digit (n - 1 choices) and the others (n + 1)
 
 
-def _draw(task: str, n_digits: int, rng: random.Random) -> dict:
+def _draw(task: str, n_digits: int, rng: random.Random, source=None) -> dict:
+    if task == "hmm":
+        return _draw_hmm(rng, source)
     if task == "digit_sum":
         digits = "".join(rng.choice("0123456789") for _ in range(n_digits))
         return {"instruction": digits, "input": "", "output": f"{MARKER}{sum(map(int, digits))}"}
@@ -55,6 +129,8 @@ def generate_examples(n: int, seed: int, n_digits: int = 6, task: str = "digit_s
     leading one >= 2) and the split is drawn digit by digit without borrow (see the module docstring); the same N
     comes back with other splits (the records, not the prompts, are distinct), and the data splits keep all
     records of one prompt together (records.split_of).
+    hmm: {"instruction": "mo ta ri", "input": "", "output": MARKER + " ke ta du mo ke ri"}, sampled from
+    `hmm_source()` (n_digits is not used); distinct records, prompts repeat.
     """
     if task not in TASKS:
         raise TaskSizeError(f"prepare.task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -65,10 +141,11 @@ def generate_examples(n: int, seed: int, n_digits: int = 6, task: str = "digit_s
             f"{n_digits}-digit instructions (prepare.n_examples, prepare.n_digits)"
         )
     rng = random.Random(seed)
+    source = hmm_source() if task == "hmm" else None
     seen: set[str] = set()
     out = []
     while len(out) < n:
-        rec = _draw(task, n_digits, rng)
+        rec = _draw(task, n_digits, rng, source)
         key = rec["instruction"] + rec["output"]
         if key not in seen:
             seen.add(key)
@@ -114,7 +191,23 @@ def is_correct(record: dict, generated: str) -> bool:
     got, ref = _after_marker(generated), _after_marker(record["output"])
     if got is None or ref is None:
         return False
+    words = hmm_words(record)
+    if words is not None:  # the positive control: any continuation the source can write is right
+        return is_valid_continuation(words[0], got)
     if _SPLIT_RE.match(ref) and record["instruction"].strip().isdigit():
         return is_valid_split(record["instruction"], generated)
     got_num, ref_num = re.match(r"\d*", got).group(0), re.match(r"\d*", ref).group(0)
     return got_num != "" and got_num == ref_num
+
+
+def is_valid_continuation(prompt: list[str], generated: str) -> bool:
+    """Whether `generated` (after the marker) is HMM_ANSWER words the source writes after `prompt` with probability
+    > 0; what follows them (junk when generation hit max_new_tokens) is ignored, as for the other tasks."""
+    words = generated.split()[:HMM_ANSWER]
+    if len(words) < HMM_ANSWER or any(w not in HMM_WORDS for w in words):
+        return False
+    try:
+        answer_distributions(prompt, words)  # raises on a word the source cannot write there
+    except ValueError:
+        return False
+    return True

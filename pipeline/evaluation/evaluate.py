@@ -42,6 +42,7 @@ from pipeline.data.records import IGNORE, load_splits, pad_collate, tokenize, to
 from pipeline.distill.batches import COMPONENTS, collate, gather_rows, open_checked  # noqa: E402
 from pipeline.distill.student import load_trained  # noqa: E402
 from pipeline.evaluation.generate import checker, task_accuracy  # noqa: E402
+from pipeline.evaluation.truth import true_kl  # noqa: E402
 from pipeline.losses.kl import ce_loss, topk_kl_loss  # noqa: E402
 from pipeline.models import load_tokenizer  # noqa: E402
 from pipeline.versions import versions, versions_line  # noqa: E402
@@ -185,14 +186,20 @@ def cell(x, fmt: str) -> str:
 
 
 def markdown_table(metrics: dict[str, dict]) -> str:
+    """One row per model; a KL(true‖model) column when the data is the positive control (some model has kl_true)."""
+    truth = any("kl_true" in m for m in metrics.values())
     head = (
         "| model | perplexity ↓ | bits/char ↓ | accuracy ↑ | top-1 agreement ↑ | KL(teacher‖model) ↓ "
-        "| entropy (nats/token) |\n|---|---:|---:|---:|---:|---:|---:|\n"
+        + ("| KL(true‖model) ↓ " if truth else "")
+        + "| entropy (nats/token) |\n|---|---:|---:|---:|---:|---:|"
+        + ("---:|" if truth else "")
+        + "---:|\n"
     )
     return head + "".join(
         f"| {name} | {cell(m['perplexity'], '.3f')} | {cell(m['bits_per_char'], '.4f')} | "
-        f"{cell(m['accuracy'], '.1%')} | {cell(m['top1_agreement'], '.1%')} | "
-        f"{cell(m['kl_teacher'], '.4f')} | {cell(m['entropy'], '.3f')} |\n"
+        f"{cell(m['accuracy'], '.1%')} | {cell(m['top1_agreement'], '.1%')} | {cell(m['kl_teacher'], '.4f')} | "
+        + (f"{cell(m.get('kl_true'), '.4f')} | " if truth else "")
+        + f"{cell(m['entropy'], '.3f')} |\n"
         for name, m in metrics.items()
     )
 
@@ -237,6 +244,7 @@ def evaluate_model(
     cache = open_checked(val_path, tok, path) if cache_tokenizer(val_path) == own else None
     model = load_trained(path, e.dtype, e.load_in_bits)
     ppl, entropy, bpc = perplexity(model, test, tok, cfg.data.max_length, e.batch_size)
+    kl_true = true_kl(model, test, tok, e.batch_size)  # the positive control only (NaN for other data)
     acc = task_accuracy(
         model,
         tok,
@@ -250,14 +258,17 @@ def evaluate_model(
     top1, kl, n_rows = math.nan, math.nan, 0
     if cache is not None:
         top1, kl, n_rows = cache_agreement(model, cache, tok.pad_token_id, len(tok), e.batch_size)
-    return {
+    metrics = {
         "perplexity": ppl,
         "bits_per_char": bpc,
         "accuracy": acc,
         "top1_agreement": top1,
         "kl_teacher": kl,
         "entropy": entropy,
-    }, n_rows
+    }
+    if not math.isnan(kl_true):
+        metrics["kl_true"] = kl_true
+    return metrics, n_rows
 
 
 def run(cfg: EvalParams) -> dict:
