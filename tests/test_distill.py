@@ -113,6 +113,8 @@ def test_qlora_student_trains_and_loss_decreases(cached, tmp_path):
     assert len(loss) == 10 and all(np.isfinite(loss))
     assert np.mean(loss[-3:]) < loss[0] - 0.05, loss
     assert {"ce", "kl", "ot_hidden", "ot_logits", "sinkhorn_iters_hidden"} <= set(rows[0])
+    spread = [float(r[f"ot_cost_spread_{t}"]) for r in rows for t in ("hidden", "logits")]
+    assert all(0 <= s < 1 for s in spread), spread
 
     out = Path(cfg.distill.out)
     assert (out / "adapter_config.json").exists() and (out / "tokenizer.json").exists()
@@ -313,7 +315,9 @@ def test_fused_step_equals_the_full_logits_reference(cached, tmp_path, weights):
         loss, logs = step()
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        got[name] = (loss.detach(), {k: v for k, v in logs.items() if not k.startswith("sinkhorn_")}, grads)
+        # diagnostics (Sinkhorn's iterations, the cost's spread) are not part of the step's value
+        logs = {k: v for k, v in logs.items() if not k.startswith(("sinkhorn_", "ot_cost_spread_"))}
+        got[name] = (loss.detach(), logs, grads)
     (l1, logs1, g1), (l0, logs0, g0) = got["fused"], got["reference"]
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
     assert logs1.keys() == logs0.keys()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.losses.kl import ce_loss, topk_kl_loss
-from pipeline.losses.ot import init_projection, ot_hidden_loss, ot_logits_loss
+from pipeline.losses.ot import cost_from_similarity, cost_spread, init_projection, ot_hidden_loss, ot_logits_loss
 from tests.conftest import rel_err, unrolled_log_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -402,3 +402,49 @@ def test_ot_hidden_nan_in_padding_stays_out():
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert (out[1][1][~x_mask] == 0).all() and (out[1][2][~y_mask] == 0).all()
+
+
+def test_cost_spread_against_float64_and_as_the_losses_report_it():
+    """std(C)/mean(C) over each sequence's valid entries (population std), 0 for an empty problem; the OT losses
+    report it for the very cost they built."""
+    torch.manual_seed(3)
+    B, N, M, d, D = 4, 7, 11, 5, 6
+    x, y = torch.randn(B, N, d), torch.randn(B, M, D)
+    x_mask = torch.rand(B, N) > 0.3
+    y_mask = torch.rand(B, M) > 0.3
+    x_mask[:, 0] = y_mask[:, 0] = True
+    x_mask[3] = False  # an empty problem
+    x[~x_mask] = float("nan")  # garbage in padding must not leak in
+    proj = init_projection(D, d)
+    loss, res = ot_hidden_loss(x, x_mask, y, y_mask, proj)
+    xs, ys = torch.where(x_mask[..., None], x, 0.0), y
+    C = cost_from_similarity(xs @ (ys @ proj).transpose(1, 2) / math.sqrt(d), y_mask)
+    want = []
+    for b in range(B):
+        vals = [float(C[b, i, j]) for i in range(N) for j in range(M) if x_mask[b, i] and y_mask[b, j]]
+        if not vals:
+            want.append(0.0)
+            continue
+        mean = math.fsum(vals) / len(vals)
+        want.append(math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / len(vals)) / mean)
+    torch.testing.assert_close(cost_spread(C, x_mask, y_mask), torch.tensor(want), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(res.cost_spread, torch.tensor(want), rtol=1e-4, atol=1e-6)
+    assert res.cost_spread[3] == 0
+    flat = torch.full((1, 3, 4), 0.75)  # a constant cost: no spread at all
+    assert cost_spread(flat, torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 4, dtype=torch.bool)).item() == 0
+
+
+def test_a_flat_ot_cost_is_warned_about_once_per_term():
+    from types import SimpleNamespace
+
+    from pipeline.distill.train import FLAT_COST, DistillTrainer
+
+    fake = SimpleNamespace(_warned_flat=set(), state=SimpleNamespace(global_step=7))
+    with pytest.warns(UserWarning, match="the logits OT cost is flat") as caught:
+        DistillTrainer._warn_flat(fake, {"ot_cost_spread_logits": FLAT_COST / 10, "ot_cost_spread_hidden": 0.2})
+    assert len(caught) == 1 and "step 7" in str(caught[0].message)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second flat window of the same term: no second warning
+        DistillTrainer._warn_flat(fake, {"ot_cost_spread_logits": FLAT_COST / 10, "loss": 1.0})

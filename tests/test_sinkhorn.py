@@ -99,7 +99,7 @@ def test_float32_extreme_eps_finite_and_close(eps):
     res32 = sinkhorn(C.float(), a_mask, b_mask, eps, max_iter=2000)
     res64 = sinkhorn(C, a_mask, b_mask, eps, tol=1e-10, max_iter=5000)
     for t in res32:
-        assert torch.isfinite(t).all()
+        assert t is None or torch.isfinite(t).all()  # cost_spread is set by the OT losses, not the solver
     assert (res32.err <= 2e-5).all()  # the stopping rule is 1e-5 on the rows; err adds the columns
     l1 = (res32.plan.double() - res64.plan).abs().sum((1, 2))  # total mass is 1 per sequence
     assert (l1 <= 1e-4).all(), l1

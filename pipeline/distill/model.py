@@ -394,15 +394,18 @@ class DistillModel(nn.Module):
 
 
 def sinkhorn_report(res, row_mask: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
-    """Mean iterations, share of this batch's OT problems that did not reach ot_tol within ot_max_iter, and the
-    worst L1 marginal error."""
+    """Mean iterations, share of this batch's OT problems that did not reach ot_tol within ot_max_iter, the worst
+    L1 marginal error, and the cost's mean std(C)/mean(C) (how far from flat it is)."""
     live = row_mask.any(-1)  # (B,) sequences with rows: the others are empty problems, never iterated
     n = live.sum().clamp_min(1)
-    return {
+    out = {
         f"sinkhorn_iters_{name}": (res.n_iters * live).sum() / n,
         f"sinkhorn_capped_{name}": (~res.converged & live).sum() / n,
         f"sinkhorn_err_{name}": torch.where(live, res.err, 0.0).max(),
     }
+    if res.cost_spread is not None:
+        out[f"ot_cost_spread_{name}"] = (res.cost_spread * live).sum() / n
+    return out
 
 
 def load_projection(path: str | Path, name: str = PROJECTION_FILE) -> torch.Tensor | None:

@@ -36,6 +36,7 @@ from pipeline.teacher.head import load_teacher_head
 
 # Warn (once per run) when more than this share of a logging window's OT problems did not converge.
 SINKHORN_CAPPED_WARN = 0.05
+FLAT_COST = 1e-3  # std(C)/mean(C) below which an OT term's cost is called flat (a warning, once per term)
 
 
 class NonFiniteLossError(OtkdError):
@@ -49,6 +50,7 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._parts = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._warned_capped = False
+        self._warned_flat: set[str] = set()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Micro-batches in this optimizer step, over all data-parallel ranks: the OT terms are per-sequence
@@ -85,7 +87,26 @@ class DistillTrainer(Trainer):
             logs.update({prefix + k: v for k, v in means.items()})
             self._parts[mode].clear()
             self._warn_unconverged(logs)
+            self._warn_flat(logs)
         super().log(logs, start_time)
+
+    def _warn_flat(self, logs: dict) -> None:
+        """Once per OT term: its cost barely varies (std/mean below FLAT_COST), so its plan is close to the uniform
+        one and its gradient carries little about the alignment."""
+        for key, v in logs.items():
+            term = key.removeprefix("eval_").removeprefix("ot_cost_spread_")
+            if (
+                key.removeprefix("eval_").startswith("ot_cost_spread_")
+                and v < FLAT_COST
+                and term not in self._warned_flat
+            ):
+                self._warned_flat.add(term)
+                warnings.warn(
+                    f"the {term} OT cost is flat: std(C)/mean(C) = {v:.1e} < {FLAT_COST:g} at step "
+                    f"{self.state.global_step}, so its plan is nearly uniform and its gradient says little about "
+                    "the alignment (the ot_cost_spread_* columns of the loss curves follow it)",
+                    stacklevel=2,
+                )
 
     def _warn_unconverged(self, logs: dict) -> None:
         capped = {k: v for k, v in logs.items() if "sinkhorn_capped_" in k and v > SINKHORN_CAPPED_WARN}

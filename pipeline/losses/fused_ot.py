@@ -23,7 +23,7 @@ import torch
 
 from pipeline.losses.fused_ce_kl import chunked_logsumexp, default_chunk_rows
 from pipeline.losses.implicit import ot_loss
-from pipeline.losses.ot import OT_EPS, check_ot_args, cost_from_similarity, reduce_sequences, teacher_topk
+from pipeline.losses.ot import OT_EPS, check_ot_args, cost_from_similarity, cost_spread, reduce_sequences, teacher_topk
 from pipeline.losses.sinkhorn import SinkhornResult
 
 
@@ -159,4 +159,5 @@ def ot_logits_loss_from_hidden(
     )  # (B, N, M)
     C = cost_from_similarity(S, y_mask)
     per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol, max_iter=max_iter)  # (B,)
+    res = res._replace(cost_spread=cost_spread(C, x_mask, y_mask))
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res

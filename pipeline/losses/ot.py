@@ -29,6 +29,22 @@ def cost_from_similarity(S: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
     return 1.0 - S.softmax(-1)
 
 
+def cost_spread(C: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) std(C) / mean(C) over each sequence's valid entries (population std; 0 for an empty problem).
+
+    How much the cost varies relative to its level: a row-softmax cost over M columns sits at 1 - 1/M everywhere
+    until the similarity is sharp, and then every plan is nearly the uniform one and the loss's gradient says little
+    about the alignment. Logged per OT term (ot_cost_spread_*) so a flat cost is visible. One sequence at a time,
+    so the only extra memory is one sequence's valid block (the OT step's peak is the planner's business)."""
+    out = torch.zeros(C.shape[0], dtype=torch.float32, device=C.device)
+    with torch.no_grad():
+        for b in range(C.shape[0]):
+            c = C[b][x_mask[b]][:, y_mask[b]].double()  # (n_b, m_b) the valid entries
+            if c.numel():
+                out[b] = c.std(correction=0) / c.mean().clamp_min(1e-300)
+    return out
+
+
 def reduce_sequences(per_seq: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor, reduction: str):
     if reduction == "sum":
         return per_seq.sum()
@@ -123,6 +139,7 @@ def ot_hidden_loss(
     S = x @ (y @ proj).transpose(1, 2) / math.sqrt(x.shape[-1])  # (B, N, M)
     C = cost_from_similarity(S, y_mask)
     per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol, max_iter=max_iter)  # (B,)
+    res = res._replace(cost_spread=cost_spread(C, x_mask, y_mask))
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res
 
 
@@ -200,4 +217,5 @@ def ot_logits_loss(
     S = _TopkSimilarity.apply(q, ids, p, block)  # (B, N, M)
     C = cost_from_similarity(S, y_mask)
     per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol, max_iter=max_iter)  # (B,)
+    res = res._replace(cost_spread=cost_spread(C, x_mask, y_mask))
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res

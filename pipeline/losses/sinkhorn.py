@@ -55,6 +55,7 @@ class SinkhornResult(NamedTuple):
     n_iters: torch.Tensor  # (B,) long, Sinkhorn iterations + Newton steps over all eps stages (0 if empty)
     err: torch.Tensor  # (B,) L1 marginal error of the returned plan, rows + columns
     converged: torch.Tensor  # (B,) bool: reached tol, and the returned plan is finite with err <= 2 tol (empty: True)
+    cost_spread: torch.Tensor | None = None  # (B,) std(C) / mean(C) over valid entries (set by the OT losses)
 
 
 def default_tol(dtype: torch.dtype) -> float:
