@@ -214,27 +214,31 @@ def task_config(abl: AblationConfig, task: str, overrides: list[str] = ()) -> Co
 
 
 def student_config(abl: AblationConfig, task: str, variant: str, seed: int, fraction: float = 1.0) -> Config:
-    """The task's Config with the variant's overrides, the seed and this run's paths."""
+    """The task's Config with the variant's overrides, the seed and this run's paths; `fraction` is a share of the
+    task's own training share (distill.train_fraction of its params: the positive control's students see a tenth)."""
     over = abl.overrides(variant)
     cfg = task_config(abl, task, [f"seed={seed}", *(f"distill.{k}={v}" for k, v in over.items())])
     run = run_dir(abl, task, variant, seed, fraction)
     cfg.distill.out, cfg.distill.plots = str(run / "student"), str(run)
-    cfg.distill.train_fraction = fraction
+    cfg.distill.train_fraction *= fraction
     cfg.evaluate.eval_examples = abl.eval_examples
     if cfg.distill.cross_tokenizer and Path(cfg.distill.student) == Path(cfg.prepare.out_models) / "student":
         cfg.distill.student = str(Path(cfg.prepare.out_models) / "student_x")  # the embedded student's twin
     return cfg
 
 
-def full_steps(cfg) -> int:
-    """Optimizer steps of this Stage-2 config on ALL of its training cache (what Trainer would run)."""
-    from cache.reader import open_cache
+def full_steps(cfg, share: float | None = None) -> int:
+    """Optimizer steps of this Stage-2 config on `share` of its training cache (default distill.train_fraction:
+    what Trainer runs), counted on the very blocks CacheBlocks keeps."""
+    from cache.reader import CacheBlocks, open_cache
 
     d = cfg.distill
     if d.max_steps > 0:
         return d.max_steps
-    n_blocks = -(-len(open_cache(Path(d.cache) / "train.zarr")) // d.batch_size)
-    return math.ceil(d.epochs * max(n_blocks // d.grad_accum, 1))
+    blocks = CacheBlocks(
+        open_cache(Path(d.cache) / "train.zarr"), d.batch_size, ["input_ids"], share or d.train_fraction
+    )
+    return math.ceil(d.epochs * max(len(blocks) // d.grad_accum, 1))
 
 
 def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fraction: float = 1.0) -> dict:
@@ -248,8 +252,8 @@ def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fractio
     cfg = student_config(abl, task, variant, seed, fraction)
     run = run_dir(abl, task, variant, seed, fraction)
     d = cfg.distill
-    if fraction < 1:
-        d.max_steps = full_steps(cfg)  # equal steps: fewer examples are seen more often, not trained less
+    if fraction < 1:  # equal steps: fewer examples are seen more often, not trained less
+        d.max_steps = full_steps(cfg, task_config(abl, task).distill.train_fraction)
     # the embedded default's student is a random init: draw it from the seed (as `prepare` does for seed 0), so
     # seeds also vary the initial weights; a pretrained student (a user's task) is used as it is
     embedded = Path(d.student) in (Path(cfg.prepare.out_models) / "student", Path(cfg.prepare.out_models) / "student_x")

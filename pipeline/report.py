@@ -277,17 +277,7 @@ def markdown(summary: dict) -> str:
             ),
             "",
         ]
-    de = summary["data_efficiency"]
-    lines += [
-        f"### data efficiency ({de['task']}): accuracy vs. share of the training data, equal steps",
-        "",
-        "| variant | "
-        + " | ".join(f"{p['fraction']:.0%} of the data" for p in next(iter(de["curves"].values())))
-        + " |",
-        "|---|" + "---:|" * len(next(iter(de["curves"].values()))),
-    ]
-    for v, pts in de["curves"].items():
-        lines.append(f"| {v} | " + " | ".join(_pm(p, ".1f", 100, "%") for p in pts) + " |")
+    lines += _data_efficiency_table(summary["data_efficiency"])
     lines += _settings_table(summary["sweep"], "sweep")
     ex = summary.get("exact_teacher") or {}
     if ex.get("settings"):
@@ -325,6 +315,22 @@ def markdown(summary: dict) -> str:
             ),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _data_efficiency_table(de: dict) -> list[str]:
+    """Markdown lines of the data-efficiency curves (none when the ablation has no data-efficiency variants)."""
+    if not de["curves"]:
+        return []
+    first = next(iter(de["curves"].values()))
+    lines = [
+        f"### data efficiency ({de['task']}): accuracy vs. share of the training data, equal steps",
+        "",
+        "| variant | " + " | ".join(f"{p['fraction']:.0%} of the data" for p in first) + " |",
+        "|---|" + "---:|" * len(first),
+    ]
+    for v, pts in de["curves"].items():
+        lines.append(f"| {v} | " + " | ".join(_pm(p, ".1f", 100, "%") for p in pts) + " |")
+    return lines
 
 
 def _settings_table(sw: dict, title: str) -> list[str]:
@@ -417,15 +423,17 @@ def plot(summary: dict, out: Path) -> None:
             side = {True: "lower is better", False: "higher is better"}.get(LOWER_IS_BETTER.get(metric), "")
             ax.set_title(f"{task}: Δ {label} ({side})", fontsize=10)
     fig.suptitle(
-        f"paired Δ to {baseline} over {len(summary['seeds'])} seeds: mean and {LEVEL:.0%} bootstrap interval "
+        f"paired Δ to {baseline} over {len(summary['seeds'])} seeds: mean and {LEVEL:.0%} bootstrap interval\n"
         "(green better, red worse, grey no difference), x = one seed",
         fontsize=10,
     )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the suptitle
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))  # room for the two-line suptitle
     fig.savefig(out / "ablation.png", dpi=110)
     plt.close(fig)
 
     de = summary["data_efficiency"]
+    if not de["curves"]:  # an ablation without data-efficiency runs draws no such figure
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     for v, pts in de["curves"].items():
         ax.errorbar(
