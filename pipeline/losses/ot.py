@@ -34,15 +34,17 @@ def cost_spread(C: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor) -> 
 
     How much the cost varies relative to its level: a row-softmax cost over M columns sits at 1 - 1/M everywhere
     until the similarity is sharp, and then every plan is nearly the uniform one and the loss's gradient says little
-    about the alignment. Logged per OT term (ot_cost_spread_*) so a flat cost is visible. One sequence at a time,
-    so the only extra memory is one sequence's valid block (the OT step's peak is the planner's business)."""
-    out = torch.zeros(C.shape[0], dtype=torch.float32, device=C.device)
+    about the alignment. Logged per OT term (ot_cost_spread_*) so a flat cost is visible. Masked sums are mask-vector
+    products (no masked copy of C) and the variance is taken about the mean, not as E[C^2] - mean^2 (which float32
+    cannot resolve for a flat cost): one (B, N, M) temporary."""
     with torch.no_grad():
-        for b in range(C.shape[0]):
-            c = C[b][x_mask[b]][:, y_mask[b]].double()  # (n_b, m_b) the valid entries
-            if c.numel():
-                out[b] = c.std(correction=0) / c.mean().clamp_min(1e-300)
-    return out
+        xm, ym = x_mask.to(C.dtype)[:, None, :], y_mask.to(C.dtype)[:, :, None]  # (B, 1, N), (B, M, 1)
+        n = (xm.sum((1, 2)) * ym.sum((1, 2))).clamp_min(1)  # (B,) valid entries
+        mean = (xm @ (C @ ym)).view(-1) / n  # (B,)
+        d = (C - mean[:, None, None]).square_()  # (B, N, M), the one temporary
+        var = (xm @ (d @ ym)).view(-1) / n
+        spread = var.clamp_min(0).sqrt() / mean.clamp_min(torch.finfo(C.dtype).tiny)
+        return torch.where(x_mask.any(-1) & y_mask.any(-1), spread, 0.0).float()
 
 
 def reduce_sequences(per_seq: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor, reduction: str):
