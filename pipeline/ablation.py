@@ -20,6 +20,8 @@ from pipeline.config.params import Config, load_config
 from pipeline.versions import versions
 
 METRICS = ("accuracy", "perplexity", "bits_per_char", "kl_teacher", "top1_agreement", "entropy", "train_seconds")
+LAST_EVALS = 3  # val_nll averages the last this many evaluations: one checkpoint's noise is not the variant's effect
+MATCH_LEVEL = 0.5  # match_step: the first evaluation at which this share of validation answers is exactly right
 
 
 class AblationError(OtkdError, ValueError):
@@ -30,10 +32,10 @@ class AblationError(OtkdError, ValueError):
 class DataEfficiencyConfig:
     """Students trained on a share of the training cache, at the SAME number of steps as on all of it."""
 
-    task: str = "split"
+    task: str = "hmm"
     """The task (a key of `tasks`) whose students are trained on fewer examples."""
-    variants: list[str] = field(default_factory=lambda: ["ce", "kl_ot"])
-    """Variants compared (keys of `variants`): the baseline and the distilled student."""
+    variants: list[str] = field(default_factory=list)
+    """Variants compared (keys of `variants`), e.g. the baseline and a distilled student; none = no curves."""
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.3])
     """Shares of the training cache (distill.train_fraction); 1.0 is the main grid's run."""
 
@@ -47,9 +49,9 @@ class DataEfficiencyConfig:
 class SweepConfig:
     """Settings tried on one task against a reference variant, paired by seed (to tune defaults with evidence)."""
 
-    task: str = "split"
+    task: str = "hmm"
     """The task (a key of `tasks`) the sweep runs on."""
-    reference: str = "kl_ot"
+    reference: str = "kl"
     """The variant (a key of `variants`) each setting is compared with, seed by seed."""
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Setting name -> `distill.*` overrides (on top of the task's params, like `variants`)."""
@@ -106,18 +108,17 @@ class CrossTokenizerConfig:
 class AblationConfig:
     """params/ablation/params.yaml: which students the ablation trains and how the report compares them."""
 
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: list(range(10)))
     """Seeds: each fixes the student's initial weights, P's and the batch order, shared by all variants."""
     tasks: dict[str, PathStr] = field(
-        default_factory=lambda: {"split": "params/ablation/split.yaml", "digit_sum": "params/ablation/digit_sum.yaml"}
+        default_factory=lambda: {"hmm": "params/ablation/hmm.yaml", "split": "params/ablation/split.yaml"}
     )
     """Task name -> the otkd params file of its pipeline (data, teacher cache, student, distill defaults)."""
     variants: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
             "ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0},
             "kl": {"w_ot": 0.0, "w_ot_logits": 0.0},
-            "ot_hidden": {"w_kl": 0.0, "w_ot_logits": 0.0},
-            "ot_logits": {"w_kl": 0.0, "w_ot": 0.0},
+            "kl_ot_hidden": {"w_ot_logits": 0.0},
             "kl_ot": {},
         }
     )
@@ -132,17 +133,25 @@ class AblationConfig:
     """The cross-tokenizer students (another tokenizer than the teacher's) and their loss variants."""
     exact_teacher: ExactTeacherConfig = field(default_factory=ExactTeacherConfig)
     """The exact teacher from its hidden states (and compressed hidden codecs) against the top-k KL."""
-    eval_examples: int = 300
+    eval_examples: int = 100
     """Test examples whose greedy answer is checked per student (0 = all)."""
+    eval_steps: int = 25
+    """Each student is evaluated every this many steps on `eval_fraction` of the validation cache (distill.eval_steps):
+    the report's val_nll (mean of the last evaluations) and match_step (first step with half the answers exactly
+    right) come from there. 0 = no evaluations during training (and neither metric)."""
+    eval_fraction: float = 0.25
+    """Share of the validation cache those evaluations read (distill.eval_fraction)."""
     out: PathStr = "artifacts/ablation"
-    """Folder of the runs: <out>/<task>/<variant>/s<seed>[_f<fraction>]/."""
-    report: PathStr = "bench/results"
-    """Folder of the report: ablation.{json,md,png} and ablation_data.png."""
+    """Folder of the runs: <out>/runs/<section>/<task>/<variant>/s<seed>[_f<fraction>]/ (`run_dir`)."""
+    report: PathStr = "bench/results/ablation"
+    """Folder of the reports: <name>.{json,md,png} and <name>_data.png (stages.ablation_report --name)."""
 
     def __post_init__(self):
         check_fields(self)
         require(len(self.seeds) >= 1, "seeds", "non-empty", self.seeds)
         require(self.eval_examples >= 0, "eval_examples", ">= 0", self.eval_examples)
+        require(self.eval_steps >= 0, "eval_steps", ">= 0", self.eval_steps)
+        require(0 < self.eval_fraction <= 1, "eval_fraction", "in (0, 1]", self.eval_fraction)
         xt = self.cross_tokenizer
         clash = sorted(set(self.variants) & set(self.sweep.variants))
         require(not clash, "sweep.variants", "names other than the variants'", clash)
@@ -160,12 +169,14 @@ class AblationConfig:
                 raise ConfigError(f"variants.{name}: {e}") from None
         require(self.baseline in self.variants, "baseline", f"one of {sorted(self.variants)}", self.baseline)
         de = self.data_efficiency
-        require(de.task in self.tasks, "data_efficiency.task", f"one of {sorted(self.tasks)}", de.task)
+        if de.variants:
+            require(de.task in self.tasks, "data_efficiency.task", f"one of {sorted(self.tasks)}", de.task)
         for v in de.variants:
             require(v in self.variants, "data_efficiency.variants", f"keys of variants {sorted(self.variants)}", v)
         sw = self.sweep
-        require(sw.task in self.tasks, "sweep.task", f"one of {sorted(self.tasks)}", sw.task)
-        require(sw.reference in self.variants, "sweep.reference", f"one of {sorted(self.variants)}", sw.reference)
+        if sw.variants:
+            require(sw.task in self.tasks, "sweep.task", f"one of {sorted(self.tasks)}", sw.task)
+            require(sw.reference in self.variants, "sweep.reference", f"one of {sorted(self.variants)}", sw.reference)
         if ex.variants or ex.codecs:
             require(ex.task in self.tasks, "exact_teacher.task", f"one of {sorted(self.tasks)}", ex.task)
             require(
@@ -193,18 +204,50 @@ class AblationConfig:
         return every[variant]
 
 
-def load_ablation(path: str | Path) -> AblationConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ablation params file {path} does not exist")
+def load_ablation(*paths: str | Path) -> AblationConfig:
+    """The ablation's params from one file, or from several whose top-level keys are disjoint: the core file
+    (params/ablation/params.yaml: seeds, tasks, variants) and an optional section's file beside its own dvc.yaml
+    (params/ablation/<section>/params.yaml), as that dvc.yaml's `vars` reads them."""
+    values, origin = {}, {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"ablation params file {path} does not exist")
+        got = yaml.safe_load(path.read_text()) or {}
+        for key in got:
+            if key in origin:
+                raise ConfigError(f"{path}: {key!r} is already set by {origin[key]} (each key in one file)")
+            origin[key] = path
+        values.update(got)
     try:
-        return build(AblationConfig, yaml.safe_load(path.read_text()) or {}, "")
+        return build(AblationConfig, values, "")
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{', '.join(map(str, paths))}: {e}") from None
+
+
+def run_group(abl: AblationConfig, variant: str, fraction: float = 1.0) -> str:
+    """The section a run belongs to, and the folder its runs share: each pipeline's report depends on its sections'
+    folders only (`dvc repro params/ablation/dvc.yaml` must not run an optional section's students)."""
+    if fraction < 1:
+        return "data"
+    for name, section in (
+        ("sweep", abl.sweep.variants),
+        ("crosstok", abl.cross_tokenizer.variants),
+        ("exact", abl.exact_teacher.variants),
+    ):
+        if variant in section:
+            return name
+    return "core"
 
 
 def run_dir(abl: AblationConfig, task: str, variant: str, seed: int, fraction: float = 1.0) -> Path:
-    return Path(abl.out) / task / variant / (f"s{seed}" + (f"_f{fraction:g}" if fraction < 1 else ""))
+    """<out>/runs/<group>/<task>/<variant>/s<seed>[_f<fraction>] (group: `run_group`)."""
+    tail = f"s{seed}" + (f"_f{fraction:g}" if fraction < 1 else "")
+    return Path(abl.out) / "runs" / run_group(abl, variant, fraction) / task / variant / tail
+
+
+def teacher_json(abl: AblationConfig, task: str) -> Path:
+    """The task's teacher evaluation, beside the core's runs (the top of every gap)."""
+    return Path(abl.out) / "runs" / "core" / task / "teacher.json"
 
 
 def task_config(abl: AblationConfig, task: str, overrides: list[str] = ()) -> Config:
@@ -222,6 +265,7 @@ def student_config(abl: AblationConfig, task: str, variant: str, seed: int, frac
     cfg.distill.out, cfg.distill.plots = str(run / "student"), str(run)
     cfg.distill.train_fraction *= fraction
     cfg.evaluate.eval_examples = abl.eval_examples
+    cfg.distill.eval_steps, cfg.distill.eval_fraction = abl.eval_steps, abl.eval_fraction
     if cfg.distill.cross_tokenizer and Path(cfg.distill.student) == Path(cfg.prepare.out_models) / "student":
         cfg.distill.student = str(Path(cfg.prepare.out_models) / "student_x")  # the embedded student's twin
     return cfg
@@ -241,11 +285,28 @@ def full_steps(cfg, share: float | None = None) -> int:
     return math.ceil(d.epochs * max(len(blocks) // d.grad_accum, 1))
 
 
+def eval_summary(path: Path, steps: int) -> dict:
+    """From a run's evaluations (`eval_<name>.tsv`, distill.eval_steps): "val_nll", the validation CE (nats per
+    answer token) averaged over the last LAST_EVALS evaluations; "match_step", the first step whose teacher-forced
+    exact match reaches MATCH_LEVEL (None: not within the run, censored at "steps"). {} without evaluations."""
+    if not path.is_file():
+        return {}
+    import csv
+
+    rows = list(csv.DictReader(path.open(), delimiter="\t"))
+    if not rows:
+        return {}
+    nll = [float(r["eval_ce"]) for r in rows[-LAST_EVALS:]]
+    hit = [int(r["step"]) for r in rows if r.get("eval_answer_match") and float(r["eval_answer_match"]) >= MATCH_LEVEL]
+    return {"val_nll": sum(nll) / len(nll), "match_step": hit[0] if hit else None, "match_censored_at": steps}
+
+
 def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fraction: float = 1.0) -> dict:
     """Train one student (Stage 2) and evaluate it; writes <run>/metrics.json and returns it."""
     from pipeline.data.records import load_splits
     from pipeline.data.tiny import build_model
     from pipeline.distill import train
+    from pipeline.distill.batches import curves_path
     from pipeline.evaluation.evaluate import dump_metrics, evaluate_model
     from pipeline.models import load_tokenizer
 
@@ -275,14 +336,16 @@ def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fractio
     test = load_splits(cfg.data, tokenizer, log=lambda *_: None)["test"].to_list()
     gen = test[: abl.eval_examples] if abl.eval_examples else test
     metrics, _ = evaluate_model(cfg, d.out, test, gen, Path(d.cache) / "validation.zarr", f"{task}/{variant}/s{seed}")
+    steps = d.max_steps if d.max_steps > 0 else full_steps(cfg)
     out = {
         "task": task,
         "variant": variant,
         "seed": seed,
         "fraction": fraction,
         **metrics,
+        **eval_summary(curves_path(d, "eval"), steps),
         "train_seconds": train_seconds,
-        "steps": d.max_steps if d.max_steps > 0 else full_steps(cfg),
+        "steps": steps,
         "reinitialised_student": embedded,
         "versions": versions(),
     }
@@ -295,7 +358,7 @@ def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fractio
 
 
 def run_teacher(abl: AblationConfig, task: str) -> dict:
-    """Evaluate the task's teacher once (the top of every gap); writes <out>/<task>/teacher.json."""
+    """Evaluate the task's teacher once (the top of every gap); writes `teacher_json`."""
     from pipeline.data.records import load_splits
     from pipeline.evaluation.evaluate import dump_metrics, evaluate_model
     from pipeline.models import load_tokenizer
@@ -307,7 +370,7 @@ def run_teacher(abl: AblationConfig, task: str) -> dict:
     gen = test[: abl.eval_examples] if abl.eval_examples else test
     metrics, _ = evaluate_model(cfg, path, test, gen, Path(cfg.distill.cache) / "validation.zarr", f"{task}/teacher")
     out = {"task": task, **metrics, "versions": versions()}
-    dest = Path(abl.out) / task / "teacher.json"
+    dest = teacher_json(abl, task)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(dump_metrics(out))
     print(f"ablation {task}/teacher: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

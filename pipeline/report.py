@@ -17,12 +17,13 @@ import math
 import statistics
 from pathlib import Path
 
-from pipeline.ablation import METRICS, AblationConfig, AblationError, run_dir
+from pipeline.ablation import METRICS, AblationConfig, AblationError, run_dir, teacher_json
 from pipeline.stats import paired_bootstrap, sign_test, verdict
 from pipeline.versions import versions, versions_line
 
-STATS = (*METRICS, "kl_true")  # kl_true: KL from the true distribution, where a task knows it
-PAIRED = ("accuracy", "top1_agreement", "perplexity", "bits_per_char", "kl_teacher", "kl_true", "entropy")
+# kl_true: KL from the true distribution, where a task knows it; val_nll, match_step: from the runs' evaluations
+STATS = (*METRICS, "kl_true", "val_nll", "match_step")
+PAIRED = ("accuracy", "top1_agreement", "perplexity", "bits_per_char", "kl_teacher", "kl_true", "entropy", "val_nll")
 # True: lower is better. Entropy has no better side (a sharper student is not a better one); any metric not named
 # here has no direction either: its paired entry says "—" rather than guess.
 LOWER_IS_BETTER = {
@@ -32,8 +33,10 @@ LOWER_IS_BETTER = {
     "bits_per_char": True,
     "kl_teacher": True,
     "kl_true": True,
+    "val_nll": True,
 }
 N_RESAMPLES, LEVEL, BOOT_SEED = 10_000, 0.95, 0
+CURVE_METRICS = ("kl_true", "bits_per_char", "accuracy")  # the data-efficiency curves' metrics, where recorded
 DASH = "—"
 
 
@@ -117,7 +120,7 @@ def summarise(abl: AblationConfig) -> dict:
     """Every run's metrics gathered into per-variant statistics, paired differences and gap closed."""
     tasks = {}
     for task in abl.tasks:
-        teacher = _read(Path(abl.out) / task / "teacher.json")
+        teacher = _read(teacher_json(abl, task))
         runs = {v: [_read(run_dir(abl, task, v, s) / "metrics.json") for s in abl.seeds] for v in abl.variants}
         base = runs[abl.baseline]
         base_acc = mean_std(r.get("accuracy") for r in base)["mean"]
@@ -133,7 +136,7 @@ def summarise(abl: AblationConfig) -> dict:
         points = []
         for f in [*de.fractions, 1.0]:
             rs = [_read(run_dir(abl, de.task, v, s, f) / "metrics.json") for s in abl.seeds]
-            points.append({"fraction": f, **per_seed(rs, "accuracy")})
+            points.append({"fraction": f, **{m: per_seed(rs, m) for m in recorded([rs], CURVE_METRICS)}})
         curves[v] = points
     sw, ex = abl.sweep, abl.exact_teacher
     xt = abl.cross_tokenizer
@@ -233,6 +236,21 @@ def _kl_true(rows: dict, key: str) -> list:
     return [_mean("KL(true‖student)", "kl_true", ".4f"), _paired("paired Δ KL true", key, "kl_true", ".4f")]
 
 
+def _evaluations(rows: dict, key: str) -> list:
+    """The columns from the runs' evaluations during training, for the sections whose runs have them."""
+    if not any((s.get("val_nll") or {}).get("mean") is not None for s in rows.values()):
+        return []
+    cols = [_mean("val NLL (last evals)", "val_nll", ".4f"), _paired("paired Δ val NLL", key, "val_nll", ".4f")]
+    if any(x is not None for s in rows.values() for x in (s.get("match_step") or {}).get("per_seed", [])):
+        cols.append(("first step ≥ 50% exact (per seed)", _match_steps, False))
+    return cols
+
+
+def _match_steps(s: dict) -> str:
+    """Per seed, the first evaluation step with half the answers exactly right; "—" = not within the run."""
+    return " / ".join(DASH if x is None else str(x) for x in s["match_step"]["per_seed"])
+
+
 def _legend(seeds: list[int], reference: str) -> str:
     """The line above the tables: how to read a paired cell, and what this many seeds can show at best."""
     n = len(seeds)
@@ -271,6 +289,7 @@ def markdown(summary: dict) -> str:
                     _mean("KL(teacher‖student)", "kl_teacher", ".4f"),
                     _paired("paired Δ KL", key, "kl_teacher", ".4f"),
                     *_kl_true(t["variants"], key),
+                    *_evaluations(t["variants"], key),
                     _mean("top-1 agreement", "top1_agreement", ".1f", 100, "%"),
                     _mean("train s", "train_seconds", ".0f"),
                 ],
@@ -318,19 +337,30 @@ def markdown(summary: dict) -> str:
 
 
 def _data_efficiency_table(de: dict) -> list[str]:
-    """Markdown lines of the data-efficiency curves (none when the ablation has no data-efficiency variants)."""
+    """Markdown lines of the data-efficiency curves (none when the ablation has no data-efficiency variants): one
+    table per metric the runs record, mean ± std over seeds per share of the data."""
     if not de["curves"]:
         return []
     first = next(iter(de["curves"].values()))
-    lines = [
-        f"### data efficiency ({de['task']}): accuracy vs. share of the training data, equal steps",
-        "",
-        "| variant | " + " | ".join(f"{p['fraction']:.0%} of the data" for p in first) + " |",
-        "|---|" + "---:|" * len(first),
-    ]
-    for v, pts in de["curves"].items():
-        lines.append(f"| {v} | " + " | ".join(_pm(p, ".1f", 100, "%") for p in pts) + " |")
+    lines = [f"### data efficiency ({de['task']}): share of the training data at equal steps", ""]
+    for metric, (label, fmt, scale, suffix) in DE_LABELS.items():
+        if metric not in first[0]:
+            continue
+        lines += [
+            f"| {label} | " + " | ".join(f"{p['fraction']:.0%} of the data" for p in first) + " |",
+            "|---|" + "---:|" * len(first),
+        ]
+        for v, pts in de["curves"].items():
+            lines.append(f"| {v} | " + " | ".join(_pm(p[metric], fmt, scale, suffix) for p in pts) + " |")
+        lines.append("")
     return lines
+
+
+DE_LABELS = {
+    "kl_true": ("KL(true‖student)", ".4f", 1.0, ""),
+    "bits_per_char": ("bits/char", ".4f", 1.0, ""),
+    "accuracy": ("accuracy", ".1f", 100.0, "%"),
+}
 
 
 def _settings_table(sw: dict, title: str) -> list[str]:
@@ -397,9 +427,10 @@ def _paired_panel(ax, t: dict, baseline: str, metric: str, scale: float) -> None
         ax.set_yticks([])
 
 
-def plot(summary: dict, out: Path) -> None:
-    """ablation.png (per task and metric, each variant's paired Δ to the baseline with its bootstrap interval)
-    and ablation_data.png (accuracy vs. share of the data, error bars = std over seeds)."""
+def plot(summary: dict, out: Path, name: str = "ablation") -> None:
+    """<name>.png (per task and metric, each variant's paired Δ to the baseline with its bootstrap interval) and
+    <name>_data.png (the first of CURVE_METRICS the runs record vs. share of the data, error bars = std over
+    seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,29 +459,31 @@ def plot(summary: dict, out: Path) -> None:
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))  # room for the two-line suptitle
-    fig.savefig(out / "ablation.png", dpi=110)
+    fig.savefig(out / f"{name}.png", dpi=110)
     plt.close(fig)
 
     de = summary["data_efficiency"]
     if not de["curves"]:  # an ablation without data-efficiency runs draws no such figure
         return
+    metric = next(m for m in CURVE_METRICS if m in next(iter(de["curves"].values()))[0])  # the first recorded
+    label, _, scale, _ = DE_LABELS[metric]
     fig, ax = plt.subplots(figsize=(6, 4))
     for v, pts in de["curves"].items():
         ax.errorbar(
             [p["fraction"] for p in pts],
-            [_nan(p["mean"]) for p in pts],
-            yerr=[_nan(p["std"]) for p in pts],
+            [_nan(p[metric]["mean"]) * scale for p in pts],
+            yerr=[_nan(p[metric]["std"]) * scale for p in pts],
             marker="o",
             capsize=4,
             label=v,
         )
     ax.set_xscale("log")
     ax.set_xlabel("share of the training data (equal steps)")
-    ax.set_ylabel("task accuracy")
+    ax.set_ylabel(label + (" (%)" if scale == 100 else ""))
     ax.set_title(f"data efficiency ({de['task']}, {len(summary['seeds'])} seeds)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "ablation_data.png", dpi=110)
+    fig.savefig(out / f"{name}_data.png", dpi=110)
     plt.close(fig)
 
 
@@ -490,16 +523,16 @@ def exact_teacher_report(abl: AblationConfig) -> dict:
     return summary
 
 
-def report(abl: AblationConfig) -> dict:
-    """Write <report>/ablation.json, ablation.md, ablation.png and ablation_data.png; print the tables."""
+def report(abl: AblationConfig, name: str = "ablation") -> dict:
+    """Write <report>/<name>.json, .md, .png and <name>_data.png (with data-efficiency runs); print the tables."""
     summary = summarise(abl)
     out = Path(abl.report)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(
+    (out / f"{name}.json").write_text(
         json.dumps({**summary, "versions": versions()}, indent=2, allow_nan=False)
     )  # DVC metrics: no NaN
     text = markdown(summary)
-    (out / "ablation.md").write_text(f"{text}\n{versions_line()}\n")
-    plot(summary, out)
+    (out / f"{name}.md").write_text(f"{text}\n{versions_line()}\n")
+    plot(summary, out, name)
     print(text)
     return summary

@@ -1,5 +1,6 @@
 """The ablation: its params, the report's statistics, and the DVC pipeline end to end on a 1-seed toy grid."""
 
+import csv
 import dataclasses
 import json
 import statistics
@@ -10,6 +11,7 @@ import yaml
 
 from cache.reader import CacheBlocks, open_cache
 from pipeline.ablation import (
+    LAST_EVALS,
     AblationConfig,
     AblationError,
     CrossTokenizerConfig,
@@ -18,6 +20,7 @@ from pipeline.ablation import (
     SweepConfig,
     load_ablation,
     run_dir,
+    teacher_json,
 )
 from pipeline.config.base import ConfigError, save_config
 from pipeline.config.params import load_config
@@ -43,16 +46,25 @@ def without_paths(cfg) -> dict:
     return d
 
 
-def test_params_file_is_the_dataclass_default_plus_the_sweep_that_was_run():
-    loaded = load_ablation(ROOT / "params/ablation/params.yaml")
-    assert loaded.sweep.variants  # the committed report's sweep; the class default sweeps nothing
-    assert loaded.exact_teacher.variants and loaded.exact_teacher.codecs
+def test_the_core_params_are_the_dataclass_default_and_each_section_adds_only_its_keys():
+    core = load_ablation(ROOT / "params/ablation/params.yaml")
+    assert core == AblationConfig()  # the class documents the core file
+    assert len(core.seeds) >= 10 and set(core.tasks) == {"hmm", "split"}
+    control = load_ablation(ROOT / "params/ablation/params.yaml", ROOT / "params/ablation/control/params.yaml")
+    assert control.sweep.variants and control.data_efficiency.variants
+    assert dataclasses.replace(control, sweep=SweepConfig(), data_efficiency=DataEfficiencyConfig()) == core
+    crosstok = load_ablation(ROOT / "params/ablation/params.yaml", ROOT / "params/ablation/crosstok/params.yaml")
+    assert crosstok.cross_tokenizer.variants and crosstok.exact_teacher.variants and crosstok.exact_teacher.codecs
     assert (
-        dataclasses.replace(
-            loaded, sweep=SweepConfig(), cross_tokenizer=CrossTokenizerConfig(), exact_teacher=ExactTeacherConfig()
-        )
-        == AblationConfig()
+        dataclasses.replace(crosstok, cross_tokenizer=CrossTokenizerConfig(), exact_teacher=ExactTeacherConfig())
+        == core
     )
+
+
+def test_a_key_set_by_two_params_files_is_refused(tmp_path):
+    (tmp_path / "extra.yaml").write_text(yaml.safe_dump({"seeds": [0], "sweep": {"task": "hmm"}}))
+    with pytest.raises(ConfigError, match="'seeds' is already set by .*params.yaml"):
+        load_ablation(ROOT / "params/ablation/params.yaml", tmp_path / "extra.yaml")
 
 
 def test_the_split_task_is_the_embedded_default_with_its_own_paths():
@@ -90,7 +102,8 @@ def test_the_positive_control_differs_from_the_default_only_in_task_and_student_
         ({"exact_teacher": {"variants": {"ce": {}}}}, "exact_teacher.variants must be names other than"),
         ({"sweep": {"variants": {"ce": {}}}}, "sweep.variants must be names other than"),
         ({"sweep": {"variants": {"t9": {"temperature": -1.0}}}}, "variants.t9"),
-        ({"sweep": {"reference": "best"}}, "sweep.reference must be one of"),
+        ({"sweep": {"reference": "best", "variants": {"t": {}}}}, "sweep.reference must be one of"),
+        ({"eval_fraction": 0.0}, "eval_fraction must be in"),
     ],
 )
 def test_a_typo_fails_before_anything_runs(tmp_path, values, message):
@@ -133,13 +146,14 @@ def fake_results(abl: AblationConfig, acc: dict) -> None:
                     "top1_agreement": a / 2,
                     "entropy": 0.5,
                     "train_seconds": 10.0 + seed,
+                    "val_nll": 1 - a / 2,
+                    "match_step": 100 - round(100 * a) if a >= 0.5 else None,
                 }
             )
         )
     for task in abl.tasks:
-        (Path(abl.out) / task / "teacher.json").write_text(
-            json.dumps({"accuracy": 0.9, "perplexity": 1.1, "entropy": 0.7})
-        )
+        teacher_json(abl, task).parent.mkdir(parents=True, exist_ok=True)
+        teacher_json(abl, task).write_text(json.dumps({"accuracy": 0.9, "perplexity": 1.1, "entropy": 0.7}))
 
 
 def test_report_pairs_by_seed_and_measures_the_gap(tmp_path):
@@ -174,7 +188,9 @@ def test_report_pairs_by_seed_and_measures_the_gap(tmp_path):
     assert summary["tasks"]["t"]["variants"]["ce"]["gap_closed"] == 0
     curve = summary["data_efficiency"]["curves"]["kl"]
     assert [p["fraction"] for p in curve] == [0.5, 1.0]
-    assert curve[0]["mean"] == pytest.approx(statistics.fmean(kl) / 2)
+    assert curve[0]["accuracy"]["mean"] == pytest.approx(statistics.fmean(kl) / 2)
+    assert curve[0]["bits_per_char"]["mean"] == pytest.approx(1.5 - statistics.fmean(kl) / 2)
+    assert v["paired_vs_baseline"]["val_nll"]["mean"] == pytest.approx(-statistics.fmean(diffs) / 2)
     setting = summary["sweep"]["settings"]["kl_t2"]
     assert setting["paired_vs_reference"]["accuracy"]["mean"] == pytest.approx(
         statistics.fmean(b - a for a, b in zip(kl, t2))
@@ -185,6 +201,7 @@ def test_report_pairs_by_seed_and_measures_the_gap(tmp_path):
     # 3 positive differences of 3: the bootstrap interval is their range, the sign test's p is 2/8
     row = next(line for line in text.splitlines() if line.startswith("| kl | "))
     assert f"| {100 * statistics.fmean(diffs):+.1f} [+9.0, +12.0] p=0.250 better |" in row
+    assert "| — / 38 / — |" in row  # the first step past 50% exact, per seed ("—": not within the run)
 
 
 def test_exact_teacher_section_reports_from_its_runs_alone(tmp_path):
@@ -301,110 +318,111 @@ def toy_repo(tmp_path_factory) -> Path:
         if f.name != "dvc.yaml":
             f.unlink()
     save_config(toy_task("artifacts/ablation/toy"), dst / "params/ablation/toy.yaml")
-    (dst / "params/ablation/params.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "seeds": [0],
-                "tasks": {"toy": "params/ablation/toy.yaml"},
-                "variants": {"ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}, "kl_ot": {}},
-                "data_efficiency": {"task": "toy", "variants": ["ce", "kl_ot"], "fractions": [0.5]},
-                "sweep": {"task": "toy", "reference": "kl_ot", "variants": {"t2": {"temperature": 2.0}}},
-                "cross_tokenizer": {
-                    "task": "toy",
-                    "baseline": "x_ce",
-                    "variants": {"x_ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}},
-                },  # its losses: tests/test_crosstok.py
-                "exact_teacher": {
-                    "task": "toy",
-                    "reference": "kl_ot",
-                    "codecs": {"i8": "int8"},
-                    "variants": {
-                        "exact_i8": {
-                            "teacher_head": "artifacts/ablation/toy/teacher",
-                            "cache": "artifacts/ablation/toy/codecs/i8",
-                        }
-                    },
-                },
-                "eval_examples": 8,
-                "out": "artifacts/ablation",
-                "report": "bench/results",
-            }
-        )
-    )
+    core = {
+        "seeds": [0],
+        "tasks": {"toy": "params/ablation/toy.yaml"},
+        "variants": {"ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}, "kl_ot": {}},
+        "eval_examples": 8,
+        "eval_steps": 1,
+        "eval_fraction": 0.5,
+        "out": "artifacts/ablation",
+        "report": "bench/results",
+    }
+    control = {
+        "data_efficiency": {"task": "toy", "variants": ["ce", "kl_ot"], "fractions": [0.5]},
+        "sweep": {"task": "toy", "reference": "kl_ot", "variants": {"t2": {"temperature": 2.0}}},
+    }
+    crosstok = {
+        "cross_tokenizer": {
+            "task": "toy",
+            "baseline": "x_ce",
+            "variants": {"x_ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}},
+        },  # its losses: tests/test_crosstok.py
+        "exact_teacher": {
+            "task": "toy",
+            "reference": "kl_ot",
+            "codecs": {"i8": "int8"},
+            "variants": {
+                "exact_i8": {
+                    "teacher_head": "artifacts/ablation/toy/teacher",
+                    "cache": "artifacts/ablation/toy/codecs/i8",
+                }
+            },
+        },
+    }
+    for path, values in (("params.yaml", core), ("control/params.yaml", control), ("crosstok/params.yaml", crosstok)):
+        (dst / "params/ablation" / path).write_text(yaml.safe_dump(values))
     commit_all(dst)
     return dst
 
 
 @pytest.mark.slow
 def test_ablation_pipeline_end_to_end(toy_repo):
-    def ran(log: str) -> set[str]:  # stage names without the "params/ablation/dvc.yaml:" prefix
+    def ran(log: str) -> set[str]:  # stage names without the "params/ablation/.../dvc.yaml:" prefix
         return {name.split(":")[-1] for name in ran_stages(log)}
+
+    runs, toy = toy_repo / "artifacts/ablation/runs", toy_repo / "artifacts/ablation/toy"
 
     log = sh("dvc", "repro", "params/ablation/dvc.yaml", cwd=toy_repo)
     students = {"student@toy-ce-0", "student@toy-kl_ot-0"}
-    data = {"student_data@0.5-ce-0", "student_data@0.5-kl_ot-0"}
-    assert (
-        ran(log)
-        == {
-            "prepare@toy",
-            "finetune_teacher@toy",
-            "cache_teacher@toy",
-            "teacher@toy",
-            "report",
-            "student_sweep@t2-0",
-            "student_x@x_ce-0",
-            "codec_cache@i8",
-            "student_exact@exact_i8-0",
-        }
-        | students
-        | data
-    )
+    tasks = {"prepare@toy", "finetune_teacher@toy", "cache_teacher@toy", "teacher@toy"}
+    assert ran(log) == tasks | students | {"report"}
     summary = json.loads((toy_repo / "bench/results/ablation.json").read_text())
     assert set(summary["tasks"]["toy"]["variants"]) == {"ce", "kl_ot"}
-    # the cross-tokenizer students: their own tokenizer, no cache metrics (other vocabulary), bits per character
-    assert set(summary["cross_tokenizer"]["variants"]) == {"x_ce"}
-    for v in ("x_ce",):
-        m = json.loads((toy_repo / f"artifacts/ablation/toy/{v}/s0/metrics.json").read_text())
-        assert m["kl_teacher"] is None and m["bits_per_char"] > 0 and m["reinitialised_student"]
-        conf = yaml.safe_load((toy_repo / f"artifacts/ablation/toy/{v}/s0/config.yaml").read_text())["distill"]
-        assert conf["cross_tokenizer"] and conf["student"].endswith(f"{v}/s0/base_student")
-    x_init = (toy_repo / "artifacts/ablation/toy/x_ce/s0/base_student/model.safetensors").read_bytes()
-    assert x_init == (toy_repo / "artifacts/ablation/toy/base/student_x/model.safetensors").read_bytes()
-    assert summary["sweep"]["settings"]["t2"]["overrides"] == {"temperature": 2.0}
-    # the exact teacher from the int8 cache of the same teacher: its own Stage 1 output, its own student
-    exact = yaml.safe_load((toy_repo / "artifacts/ablation/toy/exact_i8/s0/config.yaml").read_text())["distill"]
-    assert exact["cache"] == "artifacts/ablation/toy/codecs/i8" and exact["teacher_head"].endswith("toy/teacher")
-    assert "exact_i8" in summary["exact_teacher"]["settings"]
-    assert (
-        json.loads((toy_repo / "artifacts/ablation/toy/codecs/i8/train.zarr/zarr.json").read_text())["attributes"][
-            "hidden_codec"
-        ]
-        == "int8"
-    )
-    assert (
-        yaml.safe_load((toy_repo / "artifacts/ablation/toy/t2/s0/config.yaml").read_text())["distill"]["temperature"]
-        == 2.0
-    )
+    assert not summary["sweep"]["settings"] and not summary["data_efficiency"]["curves"]  # the core only
     for v in ("ce", "kl_ot"):
-        m = json.loads((toy_repo / f"artifacts/ablation/toy/{v}/s0/metrics.json").read_text())
+        m = json.loads((runs / f"core/toy/{v}/s0/metrics.json").read_text())
         assert summary["tasks"]["toy"]["variants"][v]["accuracy"]["per_seed"] == [m["accuracy"]]
-        half = json.loads((toy_repo / f"artifacts/ablation/toy/{v}/s0_f0.5/metrics.json").read_text())
+        # evaluated at every step (eval_steps 1): the mean of the last evaluations' validation CE
+        evals = list(csv.DictReader((runs / f"core/toy/{v}/s0/eval_student.tsv").open(), delimiter="\t"))
+        assert len(evals) == m["steps"] and m["match_censored_at"] == m["steps"]
+        assert m["val_nll"] == pytest.approx(statistics.fmean(float(r["eval_ce"]) for r in evals[-LAST_EVALS:]))
+    assert (toy_repo / "bench/results/ablation.png").stat().st_size > 0
+
+    # the optional sections: their own pipelines, on the core's task stages and students (none reruns)
+    log = sh("dvc", "repro", "params/ablation/control/dvc.yaml", cwd=toy_repo)
+    data = {"student_data@0.5-ce-0", "student_data@0.5-kl_ot-0"}
+    assert ran(log) == data | {"student_sweep@t2-0", "report"}
+    summary = json.loads((toy_repo / "bench/results/control.json").read_text())
+    assert summary["sweep"]["settings"]["t2"]["overrides"] == {"temperature": 2.0}
+    assert yaml.safe_load((runs / "sweep/toy/t2/s0/config.yaml").read_text())["distill"]["temperature"] == 2.0
+    for v in ("ce", "kl_ot"):
+        m = json.loads((runs / f"core/toy/{v}/s0/metrics.json").read_text())
+        half = json.loads((runs / f"data/toy/{v}/s0_f0.5/metrics.json").read_text())
         assert half["steps"] == m["steps"] > 0  # equal steps on half the data
         assert half["fraction"] == 0.5 and m["reinitialised_student"]
-    # same seed = same initial student across variants; it is the embedded default's draw for seed 0
-    ce_init = (toy_repo / "artifacts/ablation/toy/ce/s0/base_student/model.safetensors").read_bytes()
-    assert ce_init == (toy_repo / "artifacts/ablation/toy/kl_ot/s0/base_student/model.safetensors").read_bytes()
-    assert ce_init == (toy_repo / "artifacts/ablation/toy/base/student/model.safetensors").read_bytes()
-    for f in ("ablation.md", "ablation.png", "ablation_data.png"):
+        assert [p["fraction"] for p in summary["data_efficiency"]["curves"][v]] == [0.5, 1.0]
+    for f in ("control.md", "control.png", "control_data.png"):
         assert (toy_repo / "bench/results" / f).stat().st_size > 0
+
+    log = sh("dvc", "repro", "params/ablation/crosstok/dvc.yaml", cwd=toy_repo)
+    assert ran(log) == {"codec_cache@i8", "student_exact@exact_i8-0", "student_x@x_ce-0", "report"}
+    summary = json.loads((toy_repo / "bench/results/crosstok.json").read_text())
+    # the cross-tokenizer students: their own tokenizer, no cache metrics (other vocabulary), bits per character
+    assert set(summary["cross_tokenizer"]["variants"]) == {"x_ce"}
+    m = json.loads((runs / "crosstok/toy/x_ce/s0/metrics.json").read_text())
+    assert m["kl_teacher"] is None and m["bits_per_char"] > 0 and m["reinitialised_student"]
+    conf = yaml.safe_load((runs / "crosstok/toy/x_ce/s0/config.yaml").read_text())["distill"]
+    assert conf["cross_tokenizer"] and conf["student"].endswith("x_ce/s0/base_student")
+    x_init = (runs / "crosstok/toy/x_ce/s0/base_student/model.safetensors").read_bytes()
+    assert x_init == (toy / "base/student_x/model.safetensors").read_bytes()
+    # the exact teacher from the int8 cache of the same teacher: its own Stage 1 output, its own student
+    exact = yaml.safe_load((runs / "exact/toy/exact_i8/s0/config.yaml").read_text())["distill"]
+    assert exact["cache"] == "artifacts/ablation/toy/codecs/i8" and exact["teacher_head"].endswith("toy/teacher")
+    assert "exact_i8" in summary["exact_teacher"]["settings"]
+    assert json.loads((toy / "codecs/i8/train.zarr/zarr.json").read_text())["attributes"]["hidden_codec"] == "int8"
+    # same seed = same initial student across variants; it is the embedded default's draw for seed 0
+    ce_init = (runs / "core/toy/ce/s0/base_student/model.safetensors").read_bytes()
+    assert ce_init == (runs / "core/toy/kl_ot/s0/base_student/model.safetensors").read_bytes()
+    assert ce_init == (toy / "base/student/model.safetensors").read_bytes()
 
     assert ran(sh("dvc", "repro", "params/ablation/dvc.yaml", cwd=toy_repo)) == set()  # nothing changed
     p = toy_repo / "params/ablation/params.yaml"
     values = yaml.safe_load(p.read_text())
     values["variants"]["kl_ot"] = {"temperature": 2.0}  # one variant changes: only its students rerun
     p.write_text(yaml.safe_dump(values))
-    assert ran(sh("dvc", "repro", "params/ablation/dvc.yaml", cwd=toy_repo)) == {
-        "student@toy-kl_ot-0",
+    assert ran(sh("dvc", "repro", "params/ablation/dvc.yaml", cwd=toy_repo)) == {"student@toy-kl_ot-0", "report"}
+    assert ran(sh("dvc", "repro", "params/ablation/control/dvc.yaml", cwd=toy_repo)) == {
         "student_data@0.5-kl_ot-0",
         "report",
     }
@@ -424,9 +442,9 @@ def test_cli_arguments_reach_the_run(monkeypatch):
     runner = CliRunner()
     args = ["student", "split", "kl_ot", "2", "--fraction", "0.3", "--ablation", params]
     assert runner.invoke(app, args).exit_code == 0
-    assert runner.invoke(app, ["teacher", "digit_sum", "--ablation", params]).exit_code == 0
+    assert runner.invoke(app, ["teacher", "hmm", "--ablation", params]).exit_code == 0
     assert [c[0] for c in calls] == ["student", "teacher"]
-    assert calls[0][2:] == ("split", "kl_ot", 2, 0.3) and calls[1][2:] == ("digit_sum",)
+    assert calls[0][2:] == ("split", "kl_ot", 2, 0.3) and calls[1][2:] == ("hmm",)
     assert calls[0][1] == load_ablation(params)
 
     monkeypatch.undo()

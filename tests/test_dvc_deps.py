@@ -44,7 +44,20 @@ def stages_of(dvc_file: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("dvc_file", ["dvc.yaml", "params/dvc.yaml", "params/ablation/dvc.yaml"])
+DVC_FILES = sorted(
+    p.relative_to(ROOT).as_posix()
+    for p in ROOT.rglob("dvc.yaml")
+    if not {".venv", "artifacts", ".git"} & set(p.relative_to(ROOT).parts)
+)
+
+
+def test_the_pipelines_are_found():
+    assert {"dvc.yaml", "params/dvc.yaml", "params/ablation/dvc.yaml", "params/ablation/control/dvc.yaml"} <= set(
+        DVC_FILES
+    )
+
+
+@pytest.mark.parametrize("dvc_file", DVC_FILES)
 def test_every_stage_depends_on_the_code_it_imports(dvc_file):
     stages = stages_of(dvc_file)
     assert stages
@@ -89,7 +102,7 @@ def test_stage1_imports_no_stage2_module():
         "pipeline/config/cache.py",
         "pipeline/config/data.py",
     ]
-    for dvc_file in ("dvc.yaml", "params/dvc.yaml", "params/ablation/dvc.yaml"):
+    for dvc_file in DVC_FILES:
         for name, (module, deps) in stages_of(dvc_file).items():
             if module in STAGE1_MODULES:
                 listed = [d for d in deps if isinstance(d, str) and d.startswith(STAGE2_ONLY)]

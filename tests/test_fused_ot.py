@@ -32,7 +32,7 @@ def make(seed=0):
     return h, W, t_ids, t_lp, x_mask, y_mask
 
 
-def reference(h, W, bias, t_ids, t_lp, x_mask, y_mask):
+def reference(h, W, bias, t_ids, t_lp, x_mask, y_mask, tau=1.0):
     """ot_logits_loss on the full float64 logits (ids of padding rows made valid: it gathers them)."""
     ids = torch.where(y_mask[..., None], t_ids, 0)
     logits = h @ W.T + (bias if bias is not None else 0)  # (B, N, VL)
@@ -46,23 +46,37 @@ def reference(h, W, bias, t_ids, t_lp, x_mask, y_mask):
         vocab_size=V,
         tol=1e-12,
         max_iter=20000,
+        score_temperature=tau,
     )[0]
 
 
 @pytest.mark.parametrize("block", [1, 5, 64])
-@pytest.mark.parametrize("train_w, use_bias", [(False, False), (True, False), (True, True)])
-def test_matches_full_logits_reference(block, train_w, use_bias):
+@pytest.mark.parametrize(
+    "train_w, use_bias, tau", [(False, False, 1.0), (True, False, 1.0), (True, True, 1.0), (True, True, 0.05)]
+)
+def test_matches_full_logits_reference(block, train_w, use_bias, tau):
     h64, W64, t_ids, t_lp, x_mask, y_mask = make()
     b64 = 0.3 * torch.randn(VL, dtype=torch.float64) if use_bias else None
     leaves64 = [t.requires_grad_() for t in (h64, W64, b64) if t is not None]
-    ref = reference(h64, W64, b64, t_ids, t_lp, x_mask, y_mask)
+    ref = reference(h64, W64, b64, t_ids, t_lp, x_mask, y_mask, tau)
     (2 * ref).backward()
 
     h = h64.detach().float().requires_grad_()
     W = W64.detach().float().requires_grad_(train_w)
     b = b64.detach().float().requires_grad_() if use_bias else None
     loss, res = ot_logits_loss_from_hidden(
-        h, W, t_ids, t_lp.float(), x_mask, y_mask, eps=EPS, block=block, vocab_size=V, bias=b, chunk_rows=16
+        h,
+        W,
+        t_ids,
+        t_lp.float(),
+        x_mask,
+        y_mask,
+        eps=EPS,
+        block=block,
+        vocab_size=V,
+        bias=b,
+        chunk_rows=16,
+        score_temperature=tau,
     )
     (2 * loss).backward()
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)

@@ -206,13 +206,13 @@ def masks():
     return x_mask, y_mask
 
 
-def ref_ot_from_similarity(S, x_mask, y_mask, eps, objective="linear", n_iter=1500):
+def ref_ot_from_similarity(S, x_mask, y_mask, eps, objective="linear", n_iter=1500, temperature=1.0):
     """Mean over non-empty sequences of the OT loss on the unpadded problem; unrolled float64 Sinkhorn."""
     losses = []
     for s, xm, ym in zip(S, x_mask, y_mask):
         if not (xm.any() and ym.any()):
             continue
-        c = 1 - s[xm][:, ym].softmax(-1)  # (n, m)
+        c = 1 - (s[xm][:, ym] / temperature).softmax(-1)  # (n, m)
         log_T = unrolled_log_plan(c, eps, n_iter)
         value = (log_T.exp() * c).sum()
         if objective == "regularized":
@@ -283,23 +283,43 @@ def make_logits(seed=0, V_pad=V):
     return s_logits, t_ids, t_lp
 
 
-@pytest.mark.parametrize("block, V_pad", [(5, V), (64, V + 11)])
-def test_ot_logits_matches_reference(block, V_pad):
+@pytest.mark.parametrize("block, V_pad, tau", [(5, V, 1.0), (64, V + 11, 1.0), (7, V + 11, 0.05)])
+def test_ot_logits_matches_reference(block, V_pad, tau):
+    """tau = 0.05: a cost spread over [0, 1] like the hidden one, so the hidden one's eps; the unrolled reference
+    needs more iterations to converge on it."""
     x_mask, y_mask = masks()
     s64, t_ids, t_lp = make_logits(V_pad=V_pad)
     s64.requires_grad_()
     s = s64.detach().float().requires_grad_()
-    eps = 0.01  # S lies in [0, 1], so C = 1 - softmax_j(S) has a spread of ~0.04: eps must be small
+    # S lies in [0, 1], so C = 1 - softmax_j(S) has a spread of ~0.04: eps must be small (unless tau sharpens C)
+    eps = 0.01 if tau == 1 else 0.05
 
-    loss, _ = ot_logits_loss(s, t_ids, t_lp.float(), x_mask, y_mask, eps=eps, block=block, vocab_size=V)
+    loss, res = ot_logits_loss(
+        s, t_ids, t_lp.float(), x_mask, y_mask, eps=eps, block=block, vocab_size=V, score_temperature=tau, tol=1e-6
+    )
     q = s64[..., :V].softmax(-1)  # (B, N, V)
     Y = torch.zeros(B, M, V, dtype=torch.float64).scatter(-1, t_ids, t_lp.exp())  # dense teacher top-k
-    ref = ref_ot_from_similarity(q @ Y.transpose(1, 2), x_mask, y_mask, eps)
+    ref = ref_ot_from_similarity(q @ Y.transpose(1, 2), x_mask, y_mask, eps, temperature=tau, n_iter=5000)
     (2 * loss).backward()
     (2 * ref).backward()
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
     assert rel_err(s.grad, s64.grad) < 1e-4
     assert (s.grad[~x_mask] == 0).all() and (s.grad[..., V:] == 0).all()
+    assert res.converged[:2].all()
+
+
+def test_ot_logits_score_temperature_sharpens_the_cost():
+    """At temperature 1 a row of the logits cost barely moves off 1 - 1/M; at 0.05 it separates the teacher tokens
+    a student position matches (std(C)/mean(C) is what Stage 2 logs as ot_cost_spread_logits)."""
+    x_mask, y_mask = masks()
+    s64, t_ids, t_lp = make_logits()
+    spread = {
+        tau: ot_logits_loss(s64.float(), t_ids, t_lp.float(), x_mask, y_mask, eps=0.01, score_temperature=tau)[
+            1
+        ].cost_spread[:2]
+        for tau in (1.0, 0.05)
+    }
+    assert (spread[0.05] > 10 * spread[1.0]).all(), spread
 
 
 def test_ot_logits_all_masked_is_zero():

@@ -19,9 +19,10 @@ from pipeline.data.task import (
     hmm_source,
     hmm_words,
     is_correct,
+    word_token_ids,
 )
 from pipeline.data.tiny import build_tokenizer
-from pipeline.evaluation.truth import kl_true_terms, true_kl, word_token_ids
+from pipeline.evaluation.truth import kl_true_terms, true_kl
 
 
 def brute_force(prompt, answer, trans, emit):

@@ -35,6 +35,7 @@ TEACHER_SETTINGS = (
     "ot_eps_scale",
     "ot_tol",
     "ot_max_iter",
+    "ot_logits_temperature",
 )
 """The settings that only those terms read: a run with every teacher weight 0 does not depend on them, so its DVC
 stage does not list them (tests/test_dvc_deps.py; tests/test_distill.py checks they change nothing)."""
@@ -140,6 +141,10 @@ class DistillConfig:
     ot_max_iter: int = 300
     """Cap on Sinkhorn iterations + Newton steps per sequence and OT loss (logged: sinkhorn_capped_* is the share
     of sequences that did not reach ot_tol)."""
+    ot_logits_temperature: float = 1.0
+    """Score temperature of the OT-on-logits cost, > 0: C = 1 - softmax_j(S_ij / t). Its similarity S (the chance
+    that two positions emit the same token) lies in [0, 1], so at t = 1 every row of C sits near 1 - 1/M (a flat
+    cost: Stage 2 warns); below 1 the cost separates the teacher tokens a student position matches."""
     epochs: float = 1.4
     """Passes over the cached training split (the embedded default's 1.4 leaves the CE-only student visibly short
     of the teacher: it is the budget the distillation terms are judged at)."""
@@ -170,7 +175,12 @@ class DistillConfig:
     """Continue from the newest checkpoint in `<out>/checkpoints` if there is one (model, P, optimizer, schedule,
     RNG, data position)."""
     eval_steps: int = 0
-    """Evaluate every component on the validation cache every this many steps (0 = never during training)."""
+    """Evaluate every component on the validation cache every this many steps (0 = never during training); the
+    evaluations go to `<plots>/eval_<name of out>.tsv`, with `eval_answer_match`: the share of sequences whose
+    every supervised token is the student's argmax (teacher-forced exact match, what greedy decoding scores on a
+    task with one right answer)."""
+    eval_fraction: float = 1.0
+    """Share of the validation cache those evaluations read (whole blocks, always the same ones)."""
     report_to: Literal["none", "tensorboard"] = "none"
     """Where Trainer logs go besides the TSV curves: none, or tensorboard (event files, written offline, under
     `<out>/checkpoints/runs`; needs the `tensorboard` package: `pip install otkd[tensorboard]`)."""
@@ -192,11 +202,12 @@ class DistillConfig:
             require(w >= 0, n, ">= 0", w)
         if not any(self.weights.values()):
             raise ConfigError(f"{', '.join(self.weights)} are all 0: nothing would train (set one > 0)")
-        positive(self, "temperature", "ot_eps", "ot_tol", "epochs", "lr", "tok_ot_eps")
+        positive(self, "temperature", "ot_eps", "ot_tol", "epochs", "lr", "tok_ot_eps", "ot_logits_temperature")
         at_least(self, 1, "ot_max_iter", "tok_ot_k", "batch_size", "grad_accum", "logging_steps")
         at_least(self, 0, "num_workers", "save_steps", "eval_steps")
         require(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "-1 (all epochs) or >= 1", self.max_steps)
         require(0 < self.train_fraction <= 1, "train_fraction", "in (0, 1]", self.train_fraction)
+        require(0 < self.eval_fraction <= 1, "eval_fraction", "in (0, 1]", self.eval_fraction)
         if self.cross_tokenizer and (self.kl_reverse or self.kl_tail != "bucket"):
             raise ConfigError(
                 "cross_tokenizer=true computes the forward KL over mapped buckets + a tail bucket: "

@@ -11,9 +11,8 @@ from pathlib import Path
 from pipeline.config.base import save_config
 from pipeline.config.prepare import PrepareParams
 from pipeline.data.records import ALPACA_TEMPLATE
-from pipeline.data.task import HMM_WORDS, generate_examples
+from pipeline.data.task import HMM_WORDS, generate_examples, word_token_ids
 from pipeline.data.tiny import build_model, build_tokenizer
-from pipeline.evaluation.truth import word_token_ids
 from pipeline.models import ModelLoadError
 
 

@@ -176,12 +176,29 @@ def render(rec: dict, tokenizer, template: str) -> tuple[str, str]:
 
 def tokenize(rec: dict, tokenizer, template: str, max_length: int) -> tuple[dict, bool]:
     """input_ids with labels = IGNORE on the prompt; returns (example, truncated)."""
-    prompt, response = render(rec, tokenizer, template)
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"]
-    ids, labels = p + r, [IGNORE] * len(p) + r
-    truncated = len(ids) > max_length
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}, truncated
+    return tokenize_many([rec], tokenizer, template, max_length)[0]
+
+
+def tokenize_many(records: list[dict], tokenizer, template: str, max_length: int) -> list[tuple[dict, bool]]:
+    """`tokenize` of every record, with one batched tokenizer call per side (the fast tokenizers encode a list
+    in one Rust call: 20,000 records take a fraction of a second instead of seconds)."""
+    texts = [render(rec, tokenizer, template) for rec in records]
+    if not texts:
+        return []
+    prompts, responses = (_encode(tokenizer, [t[i] for t in texts]) for i in (0, 1))
+    out = []
+    for p, r in zip(prompts, responses):
+        ids, labels = p + r, [IGNORE] * len(p) + r
+        out.append(({"input_ids": ids[:max_length], "labels": labels[:max_length]}, len(ids) > max_length))
+    return out
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # the Rust tokenizer directly: transformers' wrapper spends as long again converting each encoding
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 @dataclass
@@ -206,12 +223,14 @@ def load_splits(cfg: DataConfig, tokenizer, log=print) -> Splits:
     records = records[: cfg.limit] if cfg.limit else records
     rows = {name: [] for name in ("train", "validation", "test")}
     seen, n_trunc, n_drop = set(), 0, 0
+    unique = []
     for rec in records:
         sid = sample_id(rec)
-        if sid in seen:  # identical examples would collide in the id-keyed cache
-            continue
-        seen.add(sid)
-        ex, truncated = tokenize(rec, tokenizer, cfg.template, cfg.max_length)
+        if sid not in seen:  # identical examples would collide in the id-keyed cache
+            seen.add(sid)
+            unique.append((sid, rec))
+    encoded = tokenize_many([rec for _, rec in unique], tokenizer, cfg.template, cfg.max_length)
+    for (sid, rec), (ex, truncated) in zip(unique, encoded):
         n_trunc += truncated
         if all(x == IGNORE for x in ex["labels"][1:]):  # nothing left to supervise
             n_drop += 1

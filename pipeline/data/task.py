@@ -87,6 +87,12 @@ def hmm_words(record: dict) -> tuple[list[str], list[str]] | None:
     return (prompt, words) if words and all(w in HMM_WORDS for w in words) else None
 
 
+def word_token_ids(tokenizer) -> list[int] | None:
+    """The token id of each answer word " w" (HMM_WORDS order), or None if a word is not one token of `tokenizer`."""
+    ids = [tokenizer.encode(" " + w, add_special_tokens=False) for w in HMM_WORDS]
+    return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
+
+
 def _draw_hmm(rng: random.Random, source) -> dict:
     trans, emit = source
     H, W = emit.shape

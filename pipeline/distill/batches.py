@@ -180,6 +180,7 @@ def open_checked(path: Path, tokenizer, student: str) -> TeacherCache:
         ) from None
 
 
-def curves_path(d: DistillConfig) -> Path:
-    """`<plots>/train_<name of out>.tsv`: the distilled and the CE-only students get distinct files."""
-    return Path(d.plots) / f"train_{Path(d.out).name}.tsv"
+def curves_path(d: DistillConfig, split: str = "train") -> Path:
+    """`<plots>/train_<name of out>.tsv`: the distilled and the CE-only students get distinct files; split="eval":
+    `eval_<name of out>.tsv`, one row per evaluation on the validation cache (distill.eval_steps)."""
+    return Path(d.plots) / f"{split}_{Path(d.out).name}.tsv"

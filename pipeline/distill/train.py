@@ -139,24 +139,31 @@ class FiniteGradients(TrainerCallback):
 
 
 class CurvesCallback(TrainerCallback):
-    """Rewrites the loss-curve TSV from the whole log history at every log (so a resumed run stays complete)."""
+    """Rewrites the loss-curve TSVs from the whole log history at every log (so a resumed run stays complete): the
+    training rows to `path`, the evaluations (eval_* columns) to `eval_path`."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, eval_path: Path):
+        self.path, self.eval_path = path, eval_path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        rows = [r for r in state.log_history if "loss" in r]
-        if not rows or not state.is_world_process_zero:  # one writer: rank 0
+        if not state.is_world_process_zero:  # one writer: rank 0
             return
-        first, last = ["step", "epoch", "loss", *COMPONENTS], ["learning_rate", "grad_norm"]
-        rest = sorted({k for r in rows for k in r} - set(first) - set(last))  # any other term, Sinkhorn diagnostics
-        keys = [k for k in first + rest + last if any(k in r for r in rows)]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("w", newline="") as f:
-            w = csv.writer(f, delimiter="\t")
-            w.writerow(keys)
-            for r in rows:
-                w.writerow([_fmt(r.get(k)) for k in keys])
+        for path, prefix in ((self.path, ""), (self.eval_path, "eval_")):
+            rows = [r for r in state.log_history if prefix + "loss" in r]
+            if rows:
+                _write_tsv(path, rows, ["step", "epoch", *(prefix + c for c in ("loss", *COMPONENTS))])
+
+
+def _write_tsv(path: Path, rows: list[dict], first: list[str]) -> None:
+    last = ["learning_rate", "grad_norm"]
+    rest = sorted({k for r in rows for k in r} - set(first) - set(last))  # any other term, Sinkhorn diagnostics
+    keys = [k for k in first + rest + last if any(k in r for r in rows)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(keys)
+        for r in rows:
+            w.writerow([_fmt(r.get(k)) for k in keys])
 
 
 def _fmt(v) -> str:
@@ -298,7 +305,7 @@ def run(cfg: DistillParams) -> dict:
                 f"{val_cache.path} was not encoded with the basis of {train_cache.path}: "
                 "rerun Stage 1 for both splits in one run"
             )
-        eval_ds = CacheBlocks(val_cache, d.batch_size, fields)
+        eval_ds = CacheBlocks(val_cache, d.batch_size, fields, d.eval_fraction)
     token_map = None
     if d.cross_tokenizer:  # the student's own tokens and rows, aligned with the teacher's by the text
         teacher_tok = load_teacher_tokenizer(d.cache, train_cache.provenance["tokenizer_hash"])
@@ -320,7 +327,7 @@ def run(cfg: DistillParams) -> dict:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         data_collator=BlockCollator(tokenizer.pad_token_id, token_map),
-        callbacks=[CurvesCallback(curves_path(d)), FiniteGradients()],
+        callbacks=[CurvesCallback(curves_path(d), curves_path(d, "eval")), FiniteGradients()],
     )
 
     ckpt_dir = out / "checkpoints"

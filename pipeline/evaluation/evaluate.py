@@ -38,7 +38,7 @@ from cache.reader import describe  # noqa: E402
 from pipeline.config.base import save_config  # noqa: E402
 from pipeline.config.data import DataConfig  # noqa: E402
 from pipeline.config.evaluate import EvalParams  # noqa: E402
-from pipeline.data.records import IGNORE, load_splits, pad_collate, tokenize, tokenizer_hash  # noqa: E402
+from pipeline.data.records import IGNORE, load_splits, pad_collate, tokenize_many, tokenizer_hash  # noqa: E402
 from pipeline.distill.batches import COMPONENTS, collate, gather_rows, open_checked  # noqa: E402
 from pipeline.distill.student import load_trained  # noqa: E402
 from pipeline.evaluation.generate import checker, task_accuracy  # noqa: E402
@@ -210,7 +210,8 @@ def retokenize(records: list[dict], tokenizer, data: DataConfig) -> list[dict]:
     The test split is chosen by the prompt alone, so these are the examples every other model is scored on; a
     record that keeps no supervised token here simply adds no token (and no character) to the sums.
     """
-    return [{**r, **tokenize(r, tokenizer, data.template, data.max_length)[0]} for r in records]
+    encoded = tokenize_many(records, tokenizer, data.template, data.max_length)
+    return [{**r, **ex} for r, (ex, _) in zip(records, encoded)]
 
 
 def cache_tokenizer(val_path: Path) -> str | None:

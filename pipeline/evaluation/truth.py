@@ -10,13 +10,7 @@ import math
 import torch
 
 from pipeline.data.records import IGNORE, pad_collate
-from pipeline.data.task import HMM_WORDS, answer_distributions, hmm_words
-
-
-def word_token_ids(tokenizer) -> list[int] | None:
-    """The token id of each answer word " w" (HMM_WORDS order), or None if a word is not one token of `tokenizer`."""
-    ids = [tokenizer.encode(" " + w, add_special_tokens=False) for w in HMM_WORDS]
-    return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
+from pipeline.data.task import HMM_WORDS, answer_distributions, hmm_words, word_token_ids
 
 
 def kl_true_terms(logits: torch.Tensor, p: torch.Tensor, word_ids: list[int], vocab_size: int) -> torch.Tensor:

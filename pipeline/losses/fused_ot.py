@@ -139,6 +139,7 @@ def ot_logits_loss_from_hidden(
     max_iter: int = 1000,
     chunk_rows: int | None = None,
     eps_scale: str = "absolute",
+    score_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, SinkhornResult]:
     """`ot_logits_loss` of the logits h W^T (+ bias), without ever building them over the vocabulary.
 
@@ -157,7 +158,7 @@ def ot_logits_loss_from_hidden(
     S = _HiddenTopkSimilarity.apply(
         h, weight, bias, ids, p, V, block, chunk_rows or default_chunk_rows(V), *need
     )  # (B, N, M)
-    C = cost_from_similarity(S, y_mask)
+    C = cost_from_similarity(S, y_mask, score_temperature)
     per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol, max_iter=max_iter)  # (B,)
     res = res._replace(cost_spread=cost_spread(C, x_mask, y_mask))
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res

@@ -20,9 +20,13 @@ from pipeline.losses.sinkhorn import SinkhornResult
 OT_EPS = 0.05
 
 
-def cost_from_similarity(S: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
-    """C = 1 - softmax_j(S_ij) over the valid teacher tokens j: (B, N, M) -> (B, N, M) in [0, 1]."""
-    S = upcast(S).masked_fill(~y_mask[:, None, :], float("-inf"))
+def cost_from_similarity(S: torch.Tensor, y_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """C = 1 - softmax_j(S_ij / temperature) over the valid teacher tokens j: (B, N, M) -> (B, N, M) in [0, 1].
+
+    A similarity bounded in [0, 1] (the logits one) spreads a row's softmax over at most e^1 : 1, so C stays near
+    1 - 1/M; a temperature below 1 lets the row concentrate on the teacher tokens it resembles most."""
+    S = upcast(S) / temperature
+    S = S.masked_fill(~y_mask[:, None, :], float("-inf"))
     # A sequence with no valid teacher token would softmax over all -inf (NaN); it is an empty OT problem,
     # so give it any finite row (its plan is all zero and its gradient is zero).
     S = torch.where(y_mask.any(-1)[:, None, None], S, 0.0)
@@ -194,6 +198,7 @@ def ot_logits_loss(
     tol: float | None = None,
     max_iter: int = 1000,
     eps_scale: str = "absolute",
+    score_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, SinkhornResult]:
     """Entropic OT between student and teacher next-token distributions of one sequence, batched.
 
@@ -201,13 +206,14 @@ def ot_logits_loss(
     teacher_logprobs (B, M, k) from the cache; x_mask (B, N), y_mask (B, M).
         q_i = softmax(student_logits_i)                        (B, N, V)
         S_ij = sum_{v in topk(j)} q_i(v) p_j(v)                (B, N, M)
-        C = 1 - softmax_j(S), T* and the loss as in `ot_hidden_loss`.
+        C = 1 - softmax_j(S / score_temperature), T* and the loss as in `ot_hidden_loss`.
     Scaling: S uses probabilities on both sides, so S_ij is the probability that student position i and
     teacher position j emit the same token (restricted to the teacher's top-k; the teacher tail is ignored):
     bounded in [0, 1], 1 only for identical one-hot predictions, independent of V and k. Products of
     log-probs would instead be unbounded (k * log(V)^2 scale) and largest for the *least* confident pairs,
-    which is not a similarity. Consequence: the row softmax sees differences of at most 1, so C is soft; a
-    smaller eps sharpens the plan.
+    which is not a similarity. Consequence: at score_temperature 1 the row softmax sees differences of at most 1,
+    so C sits near 1 - 1/M (measured: std(C)/mean(C) ~1e-4 at the start); a score_temperature of 0.05 turns
+    those differences into up to 20 nats, and a row of C then separates the teacher tokens it matches.
     block: teacher tokens per block of the gather (memory: B x block x N x k, see _TopkSimilarity).
     Returns (loss scalar, SinkhornResult).
     """
@@ -217,7 +223,7 @@ def ot_logits_loss(
     q = torch.where(x_mask[..., None], z, 0.0).softmax(-1)  # (B, N, V)
     ids, p = teacher_topk(teacher_ids, teacher_logprobs, y_mask, z.shape[-1], q.dtype)  # (B, M, k) each
     S = _TopkSimilarity.apply(q, ids, p, block)  # (B, N, M)
-    C = cost_from_similarity(S, y_mask)
+    C = cost_from_similarity(S, y_mask, score_temperature)
     per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol, max_iter=max_iter)  # (B,)
     res = res._replace(cost_spread=cost_spread(C, x_mask, y_mask))
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res
