@@ -21,7 +21,7 @@ from pipeline.versions import versions
 
 METRICS = ("accuracy", "perplexity", "bits_per_char", "kl_teacher", "top1_agreement", "entropy", "train_seconds")
 LAST_EVALS = 3  # val_nll averages the last this many evaluations: one checkpoint's noise is not the variant's effect
-MATCH_LEVEL = 0.5  # match_step: the first evaluation at which this share of validation answers is exactly right
+TRANSITION = 0.5  # transition_step: the first evaluation at which this share of the curve's answers is right
 
 
 class AblationError(OtkdError, ValueError):
@@ -141,6 +141,11 @@ class AblationConfig:
     right) come from there. 0 = no evaluations during training (and neither metric)."""
     eval_fraction: float = 0.25
     """Share of the validation cache those evaluations read (distill.eval_fraction)."""
+    curve_tasks: list[str] = field(default_factory=lambda: ["split"])
+    """Tasks whose students also answer `curve_examples` validation prompts greedily at each of those evaluations:
+    the report's first step past 50% accuracy per seed (the split task's sudden transition)."""
+    curve_examples: int = 64
+    """Validation prompts of that accuracy curve (one generation batch)."""
     out: PathStr = "artifacts/ablation"
     """Folder of the runs: <out>/runs/<section>/<task>/<variant>/s<seed>[_f<fraction>]/ (`run_dir`)."""
     report: PathStr = "bench/results/ablation"
@@ -152,6 +157,9 @@ class AblationConfig:
         require(self.eval_examples >= 0, "eval_examples", ">= 0", self.eval_examples)
         require(self.eval_steps >= 0, "eval_steps", ">= 0", self.eval_steps)
         require(0 < self.eval_fraction <= 1, "eval_fraction", "in (0, 1]", self.eval_fraction)
+        require(self.curve_examples >= 1, "curve_examples", ">= 1", self.curve_examples)
+        for t in self.curve_tasks:
+            require(t in self.tasks, "curve_tasks", f"keys of tasks {sorted(self.tasks)}", t)
         xt = self.cross_tokenizer
         clash = sorted(set(self.variants) & set(self.sweep.variants))
         require(not clash, "sweep.variants", "names other than the variants'", clash)
@@ -285,20 +293,21 @@ def full_steps(cfg, share: float | None = None) -> int:
     return math.ceil(d.epochs * max(len(blocks) // d.grad_accum, 1))
 
 
-def eval_summary(path: Path, steps: int) -> dict:
-    """From a run's evaluations (`eval_<name>.tsv`, distill.eval_steps): "val_nll", the validation CE (nats per
-    answer token) averaged over the last LAST_EVALS evaluations; "match_step", the first step whose teacher-forced
-    exact match reaches MATCH_LEVEL (None: not within the run, censored at "steps"). {} without evaluations."""
-    if not path.is_file():
-        return {}
-    import csv
+def eval_summary(path: Path, curve: list[tuple[int, float]], steps: int) -> dict:
+    """From a run's evaluations during training: "val_nll", the validation CE (nats per answer token) of
+    `eval_<name>.tsv` averaged over the last LAST_EVALS evaluations; from its accuracy curve (a task in curve_tasks),
+    "accuracy_curve" and "transition_step", the first step whose greedy accuracy reaches TRANSITION (None: not within
+    the run, censored at "steps"). {} without evaluations."""
+    out = {}
+    if path.is_file():
+        import csv
 
-    rows = list(csv.DictReader(path.open(), delimiter="\t"))
-    if not rows:
-        return {}
-    nll = [float(r["eval_ce"]) for r in rows[-LAST_EVALS:]]
-    hit = [int(r["step"]) for r in rows if r.get("eval_answer_match") and float(r["eval_answer_match"]) >= MATCH_LEVEL]
-    return {"val_nll": sum(nll) / len(nll), "match_step": hit[0] if hit else None, "match_censored_at": steps}
+        nll = [float(r["eval_ce"]) for r in csv.DictReader(path.open(), delimiter="\t")][-LAST_EVALS:]
+        out["val_nll"] = sum(nll) / len(nll) if nll else None
+    if curve:
+        hit = [step for step, acc in curve if acc >= TRANSITION]
+        out |= {"accuracy_curve": curve, "transition_step": hit[0] if hit else None, "transition_censored_at": steps}
+    return out
 
 
 def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fraction: float = 1.0) -> dict:
@@ -307,7 +316,9 @@ def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fractio
     from pipeline.data.tiny import build_model
     from pipeline.distill import train
     from pipeline.distill.batches import curves_path
+    from pipeline.evaluation.curve import AccuracyCurve
     from pipeline.evaluation.evaluate import dump_metrics, evaluate_model
+    from pipeline.evaluation.generate import checker
     from pipeline.models import load_tokenizer
 
     cfg = student_config(abl, task, variant, seed, fraction)
@@ -318,8 +329,9 @@ def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fractio
     # the embedded default's student is a random init: draw it from the seed (as `prepare` does for seed 0), so
     # seeds also vary the initial weights; a pretrained student (a user's task) is used as it is
     embedded = Path(d.student) in (Path(cfg.prepare.out_models) / "student", Path(cfg.prepare.out_models) / "student_x")
+    tokenizer = load_tokenizer(d.student)
+    splits = load_splits(cfg.data, tokenizer, log=lambda *_: None)
     if embedded:
-        tokenizer = load_tokenizer(d.student)
         build_model(
             tokenizer,
             run / "base_student",
@@ -328,12 +340,15 @@ def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fractio
             seed=seed + 1,
         )
         d.student = str(run / "base_student")
+    curve = None
+    if task in abl.curve_tasks and d.eval_steps:  # greedy answers to fixed validation prompts at each evaluation
+        prompts, check = splits["validation"].to_list()[: abl.curve_examples], checker(cfg.data.metric)
+        curve = AccuracyCurve(prompts, tokenizer, cfg.data.template, check, cfg.evaluate.max_new_tokens)
     start = time.perf_counter()
-    train.run(cfg)
+    train.run(cfg, callbacks=(curve,) if curve else ())
     train_seconds = time.perf_counter() - start
 
-    tokenizer = load_tokenizer(d.out)
-    test = load_splits(cfg.data, tokenizer, log=lambda *_: None)["test"].to_list()
+    test = splits["test"].to_list()
     gen = test[: abl.eval_examples] if abl.eval_examples else test
     metrics, _ = evaluate_model(cfg, d.out, test, gen, Path(d.cache) / "validation.zarr", f"{task}/{variant}/s{seed}")
     steps = d.max_steps if d.max_steps > 0 else full_steps(cfg)
@@ -343,7 +358,7 @@ def run_student(abl: AblationConfig, task: str, variant: str, seed: int, fractio
         "seed": seed,
         "fraction": fraction,
         **metrics,
-        **eval_summary(curves_path(d, "eval"), steps),
+        **eval_summary(curves_path(d, "eval"), curve.points if curve else [], steps),
         "train_seconds": train_seconds,
         "steps": steps,
         "reinitialised_student": embedded,

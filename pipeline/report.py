@@ -21,8 +21,8 @@ from pipeline.ablation import METRICS, AblationConfig, AblationError, run_dir, t
 from pipeline.stats import paired_bootstrap, sign_test, verdict
 from pipeline.versions import versions, versions_line
 
-# kl_true: KL from the true distribution, where a task knows it; val_nll, match_step: from the runs' evaluations
-STATS = (*METRICS, "kl_true", "val_nll", "match_step")
+# kl_true: KL from the true distribution, where a task knows it; val_nll, transition_step: from the runs' evaluations
+STATS = (*METRICS, "kl_true", "val_nll", "transition_step")
 PAIRED = ("accuracy", "top1_agreement", "perplexity", "bits_per_char", "kl_teacher", "kl_true", "entropy", "val_nll")
 # True: lower is better. Entropy has no better side (a sharper student is not a better one); any metric not named
 # here has no direction either: its paired entry says "—" rather than guess.
@@ -79,6 +79,20 @@ def paired(runs: list[dict], ref: list[dict], metric: str) -> dict:
     }
 
 
+def gap_closed(runs: list[dict], base: list[dict], floor: float, metric: str) -> dict:
+    """Per seed, the share of the baseline's gap to `floor` (the teacher's value of a lower-is-better metric) that a
+    run closes, (base - run) / (base - floor); its mean with the bootstrap interval over seeds. A seed whose baseline
+    is not above the floor has no gap to close (None)."""
+    per = [
+        None
+        if r.get(metric) is None or b.get(metric) is None or b[metric] <= floor
+        else (b[metric] - r[metric]) / (b[metric] - floor)
+        for r, b in zip(runs, base)
+    ]
+    _, lo, hi = paired_bootstrap(per, N_RESAMPLES, LEVEL, BOOT_SEED)
+    return {"per_seed": per, **mean_std(per), "lo": _json_num(lo), "hi": _json_num(hi)}
+
+
 def recorded(groups, metrics) -> list[str]:
     """The metrics (in their order) that at least one run of the groups (lists of runs) records, even as null:
     one no run has heard of is left out of the section rather than shown as a column of "—"."""
@@ -129,6 +143,9 @@ def summarise(abl: AblationConfig) -> dict:
         for s in variants.values():
             acc = s.get("accuracy", {}).get("mean")
             s["gap_closed"] = (acc - base_acc) / gap if gap is not None and gap > 0 and acc is not None else None
+        if teacher.get("kl_true") is not None:  # the positive control: the gap in the exact metric, seed by seed
+            for v, s in variants.items():
+                s["gap_closed_kl_true"] = gap_closed(runs[v], base, teacher["kl_true"], "kl_true")
         tasks[task] = {"teacher": teacher, "variants": variants}
     de = abl.data_efficiency
     curves = {}
@@ -230,10 +247,20 @@ def _overrides(default: str = "") -> tuple:
 
 
 def _kl_true(rows: dict, key: str) -> list:
-    """The KL(true‖student) columns, for the sections whose runs record it."""
+    """The KL(true‖student) columns, for the sections whose runs record it (and the gap closed, where computed)."""
     if not any("kl_true" in s for s in rows.values()):
         return []
-    return [_mean("KL(true‖student)", "kl_true", ".4f"), _paired("paired Δ KL true", key, "kl_true", ".4f")]
+    cols = [_mean("KL(true‖student)", "kl_true", ".4f"), _paired("paired Δ KL true", key, "kl_true", ".4f")]
+    if any("gap_closed_kl_true" in s for s in rows.values()):
+        cols.append(("gap closed (KL true)", lambda s: _interval(s.get("gap_closed_kl_true"), ".1%"), True))
+    return cols
+
+
+def _interval(stat: dict | None, fmt: str) -> str:
+    """mean [lo, hi], or "—" without a value."""
+    if not stat or stat.get("mean") is None:
+        return DASH
+    return f"{stat['mean']:{fmt}} [{_num(stat.get('lo'), fmt)}, {_num(stat.get('hi'), fmt)}]"
 
 
 def _evaluations(rows: dict, key: str) -> list:
@@ -241,14 +268,14 @@ def _evaluations(rows: dict, key: str) -> list:
     if not any((s.get("val_nll") or {}).get("mean") is not None for s in rows.values()):
         return []
     cols = [_mean("val NLL (last evals)", "val_nll", ".4f"), _paired("paired Δ val NLL", key, "val_nll", ".4f")]
-    if any(x is not None for s in rows.values() for x in (s.get("match_step") or {}).get("per_seed", [])):
-        cols.append(("first step ≥ 50% exact (per seed)", _match_steps, False))
+    if any("transition_step" in s for s in rows.values()):
+        cols.append(("first step ≥ 50% accuracy (per seed)", _transition_steps, False))
     return cols
 
 
-def _match_steps(s: dict) -> str:
-    """Per seed, the first evaluation step with half the answers exactly right; "—" = not within the run."""
-    return " / ".join(DASH if x is None else str(x) for x in s["match_step"]["per_seed"])
+def _transition_steps(s: dict) -> str:
+    """Per seed, the first evaluation step with half the curve's answers right; "—" = not within the run."""
+    return " / ".join(DASH if x is None else str(x) for x in s["transition_step"]["per_seed"])
 
 
 def _legend(seeds: list[int], reference: str) -> str:

@@ -24,7 +24,7 @@ from pipeline.ablation import (
 )
 from pipeline.config.base import ConfigError, save_config
 from pipeline.config.params import load_config
-from pipeline.report import exact_teacher_report, markdown, report, summarise
+from pipeline.report import exact_teacher_report, gap_closed, markdown, report, summarise
 from tests.conftest import ROOT, commit_all, copy_project, sh, small_config
 from tests.conftest import ran as ran_stages
 
@@ -104,6 +104,7 @@ def test_the_positive_control_differs_from_the_default_only_in_task_and_student_
         ({"sweep": {"variants": {"t9": {"temperature": -1.0}}}}, "variants.t9"),
         ({"sweep": {"reference": "best", "variants": {"t": {}}}}, "sweep.reference must be one of"),
         ({"eval_fraction": 0.0}, "eval_fraction must be in"),
+        ({"curve_tasks": ["splt"]}, "curve_tasks must be keys of tasks"),
     ],
 )
 def test_a_typo_fails_before_anything_runs(tmp_path, values, message):
@@ -147,7 +148,7 @@ def fake_results(abl: AblationConfig, acc: dict) -> None:
                     "entropy": 0.5,
                     "train_seconds": 10.0 + seed,
                     "val_nll": 1 - a / 2,
-                    "match_step": 100 - round(100 * a) if a >= 0.5 else None,
+                    "transition_step": 100 - round(100 * a) if a >= 0.5 else None,
                 }
             )
         )
@@ -160,6 +161,7 @@ def test_report_pairs_by_seed_and_measures_the_gap(tmp_path):
     abl = AblationConfig(
         seeds=[0, 1, 2],
         tasks={"t": "x.yaml"},
+        curve_tasks=[],
         variants={"ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}, "kl": {}},
         data_efficiency=DataEfficiencyConfig(task="t", variants=["ce", "kl"], fractions=[0.5]),
         sweep=SweepConfig(task="t", reference="kl", variants={"kl_t2": {"temperature": 2.0}}),
@@ -201,7 +203,7 @@ def test_report_pairs_by_seed_and_measures_the_gap(tmp_path):
     # 3 positive differences of 3: the bootstrap interval is their range, the sign test's p is 2/8
     row = next(line for line in text.splitlines() if line.startswith("| kl | "))
     assert f"| {100 * statistics.fmean(diffs):+.1f} [+9.0, +12.0] p=0.250 better |" in row
-    assert "| — / 38 / — |" in row  # the first step past 50% exact, per seed ("—": not within the run)
+    assert "| — / 38 / — |" in row  # the first step past 50% accuracy, per seed ("—": not within the run)
 
 
 def test_exact_teacher_section_reports_from_its_runs_alone(tmp_path):
@@ -210,6 +212,7 @@ def test_exact_teacher_section_reports_from_its_runs_alone(tmp_path):
     abl = AblationConfig(
         seeds=[0, 1],
         tasks={"t": "x.yaml"},
+        curve_tasks=[],
         variants={"ce": {"w_kl": 0.0}, "kl": {}},
         data_efficiency=DataEfficiencyConfig(task="t", variants=["ce"], fractions=[0.5]),
         sweep=SweepConfig(task="t", reference="kl"),
@@ -241,6 +244,7 @@ def test_report_leaves_missing_values_out(tmp_path):
     abl = AblationConfig(
         seeds=[0, 1, 2],
         tasks={"t": "x.yaml"},
+        curve_tasks=[],
         variants={"ce": {"w_kl": 0.0}, "x": {}},
         data_efficiency=DataEfficiencyConfig(task="t", variants=["ce"], fractions=[0.5]),
         sweep=SweepConfig(task="t", reference="ce"),
@@ -278,6 +282,7 @@ def test_report_names_a_missing_run(tmp_path):
     abl = AblationConfig(
         seeds=[0],
         tasks={"t": "x.yaml"},
+        curve_tasks=[],
         out=str(tmp_path),
         data_efficiency=DataEfficiencyConfig(task="t"),
         sweep=SweepConfig(task="t"),
@@ -325,6 +330,8 @@ def toy_repo(tmp_path_factory) -> Path:
         "eval_examples": 8,
         "eval_steps": 1,
         "eval_fraction": 0.5,
+        "curve_tasks": ["toy"],
+        "curve_examples": 4,
         "out": "artifacts/ablation",
         "report": "bench/results",
     }
@@ -375,7 +382,10 @@ def test_ablation_pipeline_end_to_end(toy_repo):
         assert summary["tasks"]["toy"]["variants"][v]["accuracy"]["per_seed"] == [m["accuracy"]]
         # evaluated at every step (eval_steps 1): the mean of the last evaluations' validation CE
         evals = list(csv.DictReader((runs / f"core/toy/{v}/s0/eval_student.tsv").open(), delimiter="\t"))
-        assert len(evals) == m["steps"] and m["match_censored_at"] == m["steps"]
+        assert len(evals) == m["steps"] == len(m["accuracy_curve"]) == m["transition_censored_at"]
+        assert [s for s, _ in m["accuracy_curve"]] == [int(r["step"]) for r in evals]
+        hit = [s for s, a in m["accuracy_curve"] if a >= 0.5]
+        assert m["transition_step"] == (hit[0] if hit else None)
         assert m["val_nll"] == pytest.approx(statistics.fmean(float(r["eval_ce"]) for r in evals[-LAST_EVALS:]))
     assert (toy_repo / "bench/results/ablation.png").stat().st_size > 0
 
@@ -450,3 +460,14 @@ def test_cli_arguments_reach_the_run(monkeypatch):
     monkeypatch.undo()
     result = runner.invoke(app, ["student", "split", "kl_0t", "0", "--ablation", params])
     assert result.exit_code == 1 and "unknown variant 'kl_0t'" in result.output
+
+
+def test_gap_closed_in_the_exact_metric_is_per_seed_with_an_interval():
+    base = [{"kl_true": 0.05}, {"kl_true": 0.04}, {"kl_true": 0.03}, {"kl_true": 0.01}]
+    runs = [{"kl_true": 0.03}, {"kl_true": 0.025}, {"kl_true": 0.02}, {"kl_true": 0.005}]
+    got = gap_closed(runs, base, 0.01, "kl_true")
+    # (0.05-0.03)/(0.05-0.01), (0.04-0.025)/(0.04-0.01), (0.03-0.02)/(0.03-0.01); the last seed has no gap
+    assert got["per_seed"][:3] == pytest.approx([0.5, 0.5, 0.5]) and got["per_seed"][3] is None
+    assert got["mean"] == pytest.approx(0.5) and got["lo"] == pytest.approx(0.5) and got["hi"] == pytest.approx(0.5)
+    uneven = gap_closed(runs[:2], [{"kl_true": 0.05}, {"kl_true": 0.02}], 0.01, "kl_true")
+    assert uneven["per_seed"] == pytest.approx([0.5, -0.5]) and uneven["lo"] < 0 < uneven["hi"]

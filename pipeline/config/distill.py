@@ -176,9 +176,7 @@ class DistillConfig:
     RNG, data position)."""
     eval_steps: int = 0
     """Evaluate every component on the validation cache every this many steps (0 = never during training); the
-    evaluations go to `<plots>/eval_<name of out>.tsv`, with `eval_answer_match`: the share of sequences whose
-    every supervised token is the student's argmax (teacher-forced exact match, what greedy decoding scores on a
-    task with one right answer)."""
+    evaluations go to `<plots>/eval_<name of out>.tsv`."""
     eval_fraction: float = 1.0
     """Share of the validation cache those evaluations read (whole blocks, always the same ones)."""
     report_to: Literal["none", "tensorboard"] = "none"

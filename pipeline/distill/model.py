@@ -217,9 +217,6 @@ class DistillModel(nn.Module):
             )
             loss = loss + d.w_ot_logits * parts["ot_logits"] / n_micro
             parts.update(sinkhorn_report(res, row_mask, "logits"))
-        if not self.training:  # evaluation only: one more pass over the lm_head
-            targets = gather_rows(input_ids, row_pos + 1)  # (B, M)
-            parts["answer_match"] = answer_match(rows, head.weight, targets, row_mask, V, bias)
         return loss, {k: v.detach().float() for k, v in parts.items()}
 
     def _cross_terms(
@@ -396,26 +393,6 @@ class DistillModel(nn.Module):
             torch.save(self.tok_projection.detach().cpu(), out / TOK_PROJECTION_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
-
-
-@torch.no_grad()
-def answer_match(rows, weight, targets, row_mask, vocab_size: int, bias=None, chunk_rows: int = 1024) -> torch.Tensor:
-    """Share of the sequences with a supervised row whose every supervised token is the argmax of the student:
-    teacher-forced exact match. Greedy decoding reproduces the reference exactly when, and only when, each of its
-    argmaxes agrees, so on a task with one right answer this is greedy accuracy without generating.
-
-    rows (B, M, d) final states, targets (B, M) the token each row predicts, row_mask (B, M)."""
-    h, t = rows[row_mask], targets[row_mask]  # (R, d), (R,)
-    hit = torch.empty(len(h), dtype=torch.bool, device=h.device)  # (R,)
-    W = weight[:vocab_size]
-    for r0 in range(0, len(h), chunk_rows):  # (chunk, V) logits at a time, never (R, V)
-        z = h[r0 : r0 + chunk_rows].to(W.dtype) @ W.T
-        z = z + bias[:vocab_size] if bias is not None else z
-        hit[r0 : r0 + chunk_rows] = z.argmax(-1) == t[r0 : r0 + chunk_rows]
-    per_row = torch.ones_like(row_mask)  # (B, M): unsupervised rows never fail a sequence
-    per_row[row_mask] = hit
-    live = row_mask.any(-1)  # (B,)
-    return (per_row.all(-1) & live).sum() / live.sum().clamp_min(1)
 
 
 def sinkhorn_report(res, row_mask: torch.Tensor, name: str) -> dict[str, torch.Tensor]:

@@ -262,8 +262,9 @@ def training_args(d: DistillConfig, seed: int) -> TrainingArguments:
     )
 
 
-def run(cfg: DistillParams) -> dict:
-    """Stage 2 entry: check the caches, load only the student, train, save student + P + curves."""
+def run(cfg: DistillParams, callbacks: tuple = ()) -> dict:
+    """Stage 2 entry: check the caches, load only the student, train, save student + P + curves. `callbacks`: more
+    TrainerCallbacks (the ablation's accuracy curve)."""
     d = cfg.distill
     out = Path(d.out)
     torch.manual_seed(cfg.seed)
@@ -327,7 +328,7 @@ def run(cfg: DistillParams) -> dict:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         data_collator=BlockCollator(tokenizer.pad_token_id, token_map),
-        callbacks=[CurvesCallback(curves_path(d), curves_path(d, "eval")), FiniteGradients()],
+        callbacks=[CurvesCallback(curves_path(d), curves_path(d, "eval")), FiniteGradients(), *callbacks],
     )
 
     ckpt_dir = out / "checkpoints"
