@@ -3,7 +3,8 @@
     python -m stages.ablation_report [--ablation params/ablation/params.yaml]
     python -m stages.ablation_report --ablation params/ablation/params.yaml \
         --ablation params/ablation/control/params.yaml --name control      # with an optional section
-    python -m stages.ablation_report --only exact_teacher   # that section alone, from its runs
+    python -m stages.ablation_report --ablation params/ablation/params.yaml \
+        --ablation params/ablation/crosstok/params.yaml --only exact_teacher   # that section alone, from its runs
 Writes <report>/<name>.{json,md,png} and <name>_data.png: mean ± std over seeds, per-seed values, paired
 differences to the baseline variant with bootstrap intervals, the share of the baseline -> teacher gap each
 variant closes (--only exact_teacher: <report>/ablation_exact.{json,md}).
