@@ -245,6 +245,8 @@ def write_store(
                 rows[1][a : a + batch],
                 rows[2][a : a + batch],
                 None if hidden is None else hidden[a : a + batch],
+                # stand-in for the observed token's log-prob (no text here): a trained teacher's top-1 mostly is it
+                observed=rows[1][a : a + batch, 0],
             )
         t_loop = time.perf_counter() - t1
     return t1 - t0, time.perf_counter() - t1, w, t_loop
@@ -409,7 +411,7 @@ def main():
         for a in range(0, n_logit, 256):
             logits = gens[model](min(256, n_logit - a))
             t0 = time.perf_counter()
-            parts.append(topk_logprobs(logits, K, V))
+            parts.append(topk_logprobs(logits, K, V)[:3])  # ids, log-probs, tail
             t_topk += time.perf_counter() - t0
         ids, lp, tail = (torch.cat(x) for x in zip(*parts))
         topk_out[model] = (ids, lp, tail, t_topk)

@@ -24,12 +24,12 @@ import numpy as np
 
 from cache import codecs, location
 from cache.location import join
-from cache.schema import BASIS_ARRAYS, ROW_ARRAYS, SEQ_SHARD, hidden_codec, shard_key
+from cache.schema import BASIS_ARRAYS, ROW_ARRAYS, SEQ_SHARD, has_observed, hidden_codec, shard_key
 
 MANIFEST = "manifest"
 BASE = "base"
 SEQ_ARRAYS = ("sample_ids", "token_offsets", "row_offsets", "input_ids", "supervised")
-ROW_NDIM = {"topk_ids": 2, "topk_logprobs": 2, "tail_logmass": 1, "hidden": 2, "hidden_scale": 1}
+ROW_NDIM = {"topk_ids": 2, "topk_logprobs": 2, "tail_logmass": 1, "observed_logprob": 1, "hidden": 2, "hidden_scale": 1}
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,10 @@ def crc32_file(path) -> str:
 
 
 def row_arrays(attrs: dict) -> list[str]:
+    """The row arrays a store holds, from its attributes (hidden codec, schema version for observed_logprob)."""
     codec = hidden_codec(attrs)
-    return [
-        n
-        for n in ROW_ARRAYS
-        if not n.startswith("hidden") or n == "hidden" and codec or n == "hidden_scale" and codec == "int8"
-    ]
+    optional = {"hidden": bool(codec), "hidden_scale": codec == "int8", "observed_logprob": has_observed(attrs)}
+    return [n for n in ROW_ARRAYS if optional.get(n, True)]
 
 
 def basis_arrays(attrs: dict) -> list[str]:

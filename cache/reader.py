@@ -27,6 +27,7 @@ from cache.schema import (
     canonical,
     canonical_meta,
     decode_float,
+    has_observed,
     hidden_codec,
     read_basis,
     read_root_attrs,
@@ -139,9 +140,11 @@ class TeacherCache:
     """Read access to a complete cache. Picklable: zarr handles are reopened lazily in each process.
 
     read(i) returns numpy arrays: input_ids (L,) int64, supervised (L,) bool, topk_ids (R_i, k) int64,
-    topk_logprobs (R_i, k) float32, tail_logmass (R_i,) float32, hidden (R_i, D) float32 (decoded by the store's
-    hidden codec, `cache/codecs.py`: the exact widening of bf16/fp16; present only if the cache has hidden
-    states), plus sample_id (hex str) and index. A low-rank cache also gives "hidden_code" (R_i, r) float32 on
+    topk_logprobs (R_i, k) float32, tail_logmass (R_i,) float32, observed_logprob (R_i,) float32 (the teacher's
+    log-prob of each row's target token; only in stores of schema >= 4, see `has_observed`; requesting it from an
+    older store raises CacheMismatchError), hidden (R_i, D) float32 (decoded by the store's hidden codec,
+    `cache/codecs.py`: the exact widening of bf16/fp16; present only if the cache has hidden states), plus
+    sample_id (hex str) and index. A low-rank cache also gives "hidden_code" (R_i, r) float32 on
     request: the stored coefficients c of h = mean + c F (`self.basis`), for a consumer that folds the basis into
     what it multiplies h with (Stage 2's exact teacher).
     Row r of the sequence is the teacher's distribution over the token after the r-th supervised position:
@@ -156,6 +159,7 @@ class TeacherCache:
         self.token_offsets = read_checked(self.path, g["token_offsets"], "token_offsets")
         self.row_offsets = read_checked(self.path, g["row_offsets"], "row_offsets")
         self.has_hidden = "hidden" in g
+        self.schema_version = attrs.get("schema_version")
         self.hidden_codec = hidden_codec(attrs)  # None without hidden states
         self.hidden_size = attrs.get("hidden_size")
         self.plan_basis = attrs.get("plan", {}).get("hidden_basis_sha")  # which basis encoded the rows
@@ -182,6 +186,11 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return len(self._sids)
+
+    @property
+    def has_observed(self) -> bool:
+        """Whether the store holds observed_logprob (schema >= 4; open_cache has checked its files exist)."""
+        return has_observed(self.attrs)
 
     @property
     def sample_ids(self) -> list[str]:
@@ -220,9 +229,16 @@ class TeacherCache:
         return self._arrays
 
     def _fields(self, fields) -> list[str]:
-        avail = [f for f in FIELDS if f != "hidden" or self.has_hidden] + (["hidden_code"] if self.basis else [])
+        have = {"hidden": self.has_hidden, "observed_logprob": self.has_observed}
+        avail = [f for f in FIELDS if have.get(f, True)] + (["hidden_code"] if self.basis else [])
         if fields is None:
             return avail
+        if "observed_logprob" in fields and not self.has_observed:
+            # an old store, not a typo: say what makes the field exist
+            raise CacheMismatchError(
+                f"teacher cache at {self.path} has schema {self.schema_version}, which predates observed_logprob "
+                f"(schema 4): rerun Stage 1 (`{STAGE1} --replace-mismatched`, or delete the store first) to rewrite it"
+            )
         bad = [f for f in fields if f not in avail]
         if bad:
             raise KeyError(f"field {bad[0]!r} not in this cache (available: {', '.join(avail)})")
@@ -301,10 +317,11 @@ class TeacherCache:
             if a.size == 0 or a.max() <= 1:
                 return
             bad, what = a > 1, "holds supervised flags other than 0/1"
-        elif field == "tail_logmass":
+        elif field in ("tail_logmass", "observed_logprob"):
             if not np.isnan(a).any():
                 return
-            bad, what = np.isnan(a), "holds NaN tail mass (a missing chunk's fill value)"
+            kind = "tail mass" if field == "tail_logmass" else "observed log-probs"
+            bad, what = np.isnan(a), f"holds NaN {kind} (a missing chunk's fill value)"
         else:
             return
         first = start + int(np.flatnonzero(bad.reshape(len(a), -1).any(1))[0])

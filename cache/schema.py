@@ -15,6 +15,7 @@ LAYOUT (one Zarr v3 group, flat token-major arrays, no padding; S sequences, T t
   topk_ids       (R,k)   int32    rank order (descending probability)
   topk_logprobs  (R,k)   uint16 (bf16 bits) | float16 | float32; attribute logical_dtype says which
   tail_logmass   (R,)    float32  log(1 - sum of the top-k probabilities)
+  observed_logprob (R,)  float32  log p(token j+1): full-vocabulary log-softmax at the observed token, >= LOG_FLOOR
   hidden         (R,W)   optional: the final hidden state (lm_head input) at j, in the root attribute
                          `hidden_codec` (cache/codecs.py): bf16 bits (uint16) | float16 | int8 (W = D), or the r
                          bf16 coefficients of a low-rank code (W = r)
@@ -28,14 +29,17 @@ Row-axis arrays are sharded by `shard_rows` rows (the unit of writing and of res
 (sharding_indexed, bytes, blosc, crc32c) are used so any Zarr v3 reader can open the store; bfloat16 has no
 Zarr dtype, hence the uint16 bit pattern plus the `logical_dtype` attribute.
 The root attribute `complete` becomes true only after every shard_done record exists.
+observed_logprob is the teacher's log-prob of the token that actually follows, in the top-k or not (what a
+cross-tokenizer loss multiplies along the observed text; the top-k alone cannot give it); stores of schema 2 and 3
+lack it and are read without it.
 
-INTEGRITY (since schema 2; schema 3 added the hidden codecs). Every inner chunk ends with a crc32c of its
-compressed bytes (bytes -> blosc -> crc32c; the sharding codec's own crc32c covers only the shard index), so
-flipped bits fail on read instead of decoding into other values. Fill values are never data: a chunk that is
-missing reads as -1 ids/offsets, NaN log-probs/tail/hidden (-128 int8 hidden), 2 for `supervised`, 2**64-1 for
-sample ids (Zarr reads absent chunks as the fill value, no error), and every chunk is written even when it equals
-the fill value. Shard files are listed in the manifest; `open_cache` stats them, `stages.verify_cache` hashes and
-decodes them.
+INTEGRITY (since schema 2; schema 3 added the hidden codecs, schema 4 observed_logprob). Every inner chunk ends
+with a crc32c of its compressed bytes (bytes -> blosc -> crc32c; the sharding codec's own crc32c covers only the shard
+index), so flipped bits fail on read instead of decoding into other values. Fill values are never data: a chunk that
+is missing reads as -1 ids/offsets, NaN log-probs/tail/observed/hidden (-128 int8 hidden), 2 for `supervised`,
+2**64-1 for sample ids (Zarr reads absent chunks as the fill value, no error), and every chunk is written even when
+it equals the fill value. Shard files are listed in the manifest; `open_cache` stats them, `stages.verify_cache`
+hashes and decodes them.
 """
 
 import hashlib
@@ -50,8 +54,11 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from cache import codecs
 from cache.errors import CacheError
 
-SCHEMA_VERSION = 3  # 2: chunk crc32c, manifests, fill values that are never data; 3: hidden codecs
-READABLE_VERSIONS = (2, 3)  # a version-2 store is a version-3 store with hidden_dtype bf16/fp16/none
+SCHEMA_VERSION = 4  # 2: chunk crc32c, manifests, fill values that are never data; 3: hidden codecs; 4: observed_logprob
+# a version-2 store is a version-3 store with hidden_dtype bf16/fp16/none; a version-3 store is a version-4 store
+# without observed_logprob
+READABLE_VERSIONS = (2, 3, 4)
+OBSERVED_SINCE = 4  # the first schema whose stores hold observed_logprob
 FORMAT = "otkd-teacher-cache"
 ROW_CONTRACT = "row j = teacher distribution over token j+1; stored iff token j+1 is supervised"
 LOG_FLOOR = -80.0
@@ -78,7 +85,7 @@ HIDDEN_STORAGE = {
 LOGICAL = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ZSTD5 = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 CHUNK_CHECKSUMS = True  # False only in bench/cache_bench.py, to measure what the per-chunk crc32c costs
-# What a missing chunk reads as: values no writer stores (write_rows rejects NaN log-probs/tail and ids < 0).
+# What a missing chunk reads as: values no writer stores (write_rows rejects NaN log-probs/tail/observed, ids < 0).
 FILL = {
     "sample_ids": np.iinfo(np.uint64).max,
     "token_offsets": -1,
@@ -87,6 +94,7 @@ FILL = {
     "supervised": 2,
     "topk_ids": -1,
     "tail_logmass": float("nan"),
+    "observed_logprob": float("nan"),
     "shard_done": 0,
 }
 NAN_FILL = {"bf16": 0x7FC0, "fp16": float("nan"), "fp32": float("nan")}  # bf16 NaN as its uint16 bit pattern
@@ -99,8 +107,9 @@ HIDDEN_FILL = {"bfloat16": 0x7FC0, "float16": float("nan"), "int8": -128}
 TOKENIZER_DIR = "tokenizer"
 EMBEDDINGS_FILE = "teacher_embeddings.safetensors"
 
-ROW_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "hidden", "hidden_scale")
-FIELDS = ("input_ids", "supervised", "topk_ids", "topk_logprobs", "tail_logmass", "hidden")  # what read() returns
+ROW_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "observed_logprob", "hidden", "hidden_scale")
+# what read() returns
+FIELDS = ("input_ids", "supervised", "topk_ids", "topk_logprobs", "tail_logmass", "observed_logprob", "hidden")
 BASIS_ARRAYS = ("hidden_mean", "hidden_encoder", "hidden_decoder")
 # Token-axis and per-sequence arrays are written once; 16k-element chunks keep a per-sequence read small.
 SEQ_CHUNK, SEQ_SHARD = 16384, 1 << 20
@@ -262,6 +271,12 @@ def read_root_attrs(path: Path) -> dict:
     return attrs
 
 
+def has_observed(attrs: dict) -> bool:
+    """Whether a store holds observed_logprob: decided by its schema version, not by what is on disk, so a schema-4
+    store whose array went missing fails the manifest check instead of reading as an old store."""
+    return attrs.get("schema_version", 0) >= OBSERVED_SINCE
+
+
 def hidden_codec(attrs: dict) -> str | None:
     """The store's hidden codec ("bf16", "int8", "pca:64", ...) or None (no hidden states); schema 2 says
     hidden_dtype (bf16, fp16 or None), which is the same layout."""
@@ -295,9 +310,19 @@ def read_basis(group, attrs: dict) -> "codecs.Basis | None":
 
 
 def array_specs(
-    n_seq: int, n_tok: int, n_rows: int, *, k: int, logprob_dtype: str, hidden_codec, hidden_size, shard_rows: int
+    n_seq: int,
+    n_tok: int,
+    n_rows: int,
+    *,
+    k: int,
+    logprob_dtype: str,
+    hidden_codec,
+    hidden_size,
+    shard_rows: int,
+    observed: bool = True,
 ) -> dict:
-    """name -> keyword arguments of zarr.create_array (minus store/name) for every array of the layout."""
+    """name -> keyword arguments of zarr.create_array (minus store/name) for every array of the layout.
+    observed=False: the layout of a store older than schema 4 (no observed_logprob), for repairing its metadata."""
     crc = [Crc32cCodec()] if CHUNK_CHECKSUMS else []
 
     def seq(n, dtype):
@@ -330,6 +355,8 @@ def array_specs(
         # one small object per shard: writing it is the atomic "this shard is complete" record
         "shard_done": dict(shape=(n_shards(n_rows, shard_rows),), dtype=np.uint8, chunks=(1,), compressors=crc),
     }
+    if observed:  # exact float32 like the tail: it is compared with top-k log-probs and multiplied along the text
+        specs["observed_logprob"] = rows(None, np.float32, ZSTD5, ROW_CHUNK_BYTES // 16, "float32")
     if hidden_codec is not None:
         kind, r = codecs.parse(hidden_codec)
         h_dtype, h_codec, logical = HIDDEN_STORAGE["low_rank" if r else kind]
@@ -351,7 +378,8 @@ def array_specs(
                 )
     specs["topk_logprobs"]["fill_value"] = NAN_FILL[logprob_dtype]
     for name, fill in FILL.items():
-        specs[name]["fill_value"] = fill
+        if name in specs:
+            specs[name]["fill_value"] = fill
     return specs
 
 

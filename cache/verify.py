@@ -7,7 +7,9 @@ verify(path) checks, shard by shard:
   chunks    every chunk decodes and passes its crc32c (bytes -> blosc -> crc32c inside each shard)
   contract  the row contract (cache/schema.py): ids in [0, provenance tokenizer_size) and distinct per row,
             log-probs finite and in descending order, top-k + tail mass sums to 1 within the bound the
-            storage dtype allows, tail finite, hidden finite; offsets start at 0, are monotone and end at the
+            storage dtype allows, tail finite, hidden finite, observed log-prob (schema >= 4) finite, <= 0 and
+            consistent with the row's top-k (equal to the target's top-k log-prob when the target is in it, else
+            at most the k-th, within the log-prob dtype's rounding); offsets start at 0, are monotone and end at the
             array lengths, each sequence's row count equals its supervised flags (0/1, last one 0), sample
             ids unique, input ids in range.
 repair(path, report) drops the completion records (shard_done, manifest, root `complete`) of every shard
@@ -28,11 +30,14 @@ from cache import location, manifest
 from cache.errors import CacheError
 from cache.manifest import Problem
 from cache.reader import STAGE1, VERIFY, decode_failure
-from cache.schema import BASIS_ARRAYS, decode_float, hidden_codec, read_root_attrs, shard_key
+from cache.schema import BASIS_ARRAYS, LOG_FLOOR, decode_float, hidden_codec, read_root_attrs, shard_key
 
 # unit roundoff of each stored log-prob dtype: a stored log-prob is within u * |lp| of the computed one
 UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11, "fp32": 2.0**-24}
 MASS_SLACK = 1e-4  # float32 arithmetic of the teacher's log-softmax, top-k and tail (measured: < 1e-5)
+# The observed log-prob is x[target] - lse in float32 with the top-k's own lse: bit-equal to the top-k value before
+# that is rounded to the stored dtype. The slack only covers values near 0, where the relative bound is ~0.
+OBSERVED_SLACK = 1e-6
 CHECKS = ("files", "records", "chunks", "contract")
 
 
@@ -123,15 +128,17 @@ def verify(path, quick: bool = False, progress: bool = True) -> Report:
     ) as bar:
         found = manifest.check_base(path, attrs, hashes=not quick)
         rep.problems += found
+        targets = None  # (R,) each row's target token, when the per-sequence data is sound
         if not quick and not any(p.array == "manifest" for p in found):
-            rep.problems += _check_base_contract(path, group, attrs)
+            base_problems, targets = _check_base_contract(path, group, attrs)
+            rep.problems += base_problems
         rep.bytes_checked += _listed_bytes(path, manifest.BASE)
         bar.update(_listed_bytes(path, manifest.BASE))
         for s in map(int, np.flatnonzero(done)):
             found = manifest.check_shard(path, attrs, s, hashes=not quick)
             rep.problems += found
             if not quick and not any("missing" in p.what or "bytes, manifest" in p.what for p in found):
-                rep.problems += _check_shard_data(path, group, attrs, s)
+                rep.problems += _check_shard_data(path, group, attrs, s, targets)
             n = _listed_bytes(path, s)
             rep.bytes_checked += n
             rep.shards_checked += 1
@@ -180,7 +187,9 @@ def _read(path: Path, group, name: str, s: int, lo: int, hi: int, out: list):
         return None
 
 
-def _check_shard_data(path: Path, group, attrs: dict, s: int) -> list[Problem]:
+def _check_shard_data(path: Path, group, attrs: dict, s: int, targets: np.ndarray | None) -> list[Problem]:
+    """Decode shard s's row arrays and check the row contract; targets: (n_rows,) each row's target token, or None
+    (the per-sequence data failed its checks: the observed log-probs' top-k consistency is then not checked)."""
     s0, s1 = manifest.shard_rows(attrs, s)
     out = []
     got = {n: _read(path, group, n, s, s0, s1, out) for n in manifest.row_arrays(attrs)}
@@ -229,6 +238,32 @@ def _check_shard_data(path: Path, group, attrs: dict, s: int) -> list[Problem]:
                 np.abs(total - 1) > tol,
                 f"whose top-k + tail mass is not 1 within the {attrs['logprob_dtype']} rounding bound",
             )
+    obs = got.get("observed_logprob")
+    if obs is not None:
+        obs_bad = bad(
+            "observed_logprob",
+            ~np.isfinite(obs) | (obs > OBSERVED_SLACK),
+            "with a non-finite or positive observed log-prob",
+        )
+        if targets is not None and ids is not None and lp is not None and not len(finite) and not len(obs_bad):
+            u = UNIT_ROUNDOFF[attrs["logprob_dtype"]]
+            hit = ids == targets[s0:s1, None]  # (n, k) where the target sits in the row's top-k
+            inside = hit.any(1)  # (n,)
+            # the target's top-k log-prob, or the k-th one (an upper bound of every log-prob outside the top-k);
+            # floored like the stored observed value (the top-k values themselves are not)
+            ref = np.maximum(np.where(inside, lp[np.arange(len(lp)), hit.argmax(1)], lp[:, -1]), LOG_FLOOR)  # (n,)
+            tol = u * np.abs(ref) + OBSERVED_SLACK  # (n,) the stored log-prob dtype's rounding
+            bad(
+                "observed_logprob",
+                inside & (np.abs(obs - ref) > tol),
+                f"whose target is in the top-k but whose log-prob differs from its top-k one beyond the "
+                f"{attrs['logprob_dtype']} rounding",
+            )
+            bad(
+                "observed_logprob",
+                ~inside & (obs > ref + tol),
+                "whose target is outside the top-k but more likely than the k-th token",
+            )
     if got.get("hidden") is not None:
         h, logical = got["hidden"], group["hidden"].attrs.get("logical_dtype")
         # int8 stores no NaN: the fill value -128 (a missing chunk) is what no encoder writes
@@ -243,7 +278,9 @@ def _check_shard_data(path: Path, group, attrs: dict, s: int) -> list[Problem]:
     return out
 
 
-def _check_base_contract(path: Path, group, attrs: dict) -> list[Problem]:
+def _check_base_contract(path: Path, group, attrs: dict) -> tuple[list[Problem], np.ndarray | None]:
+    """(problems of the per-sequence data, (n_rows,) each row's target token input_ids[j+1], or None when the data
+    it is derived from has a problem)."""
     out = []
     n_seq, n_tok, n_rows = attrs["n_sequences"], attrs["n_tokens"], attrs["n_rows"]
     got = {n: _read(path, group, n, 0, 0, group[n].shape[0], out) for n in manifest.SEQ_ARRAYS}
@@ -284,4 +321,8 @@ def _check_base_contract(path: Path, group, attrs: dict) -> list[Problem]:
             bad("row_offsets", (per_seq != np.diff(r)).any(), "row counts differ from the supervised flags")
             last = t[1:][np.diff(t) > 0] - 1
             bad("supervised", bool(len(last)) and sup[last].any(), "a sequence's last position marked supervised")
-    return out
+    if out or ids is None or sup is None or len(offs) < 2:
+        return out, None
+    # rows are stored in token order (checked above: counts per sequence, no row at a last position), so row r
+    # sits at the r-th supervised position p and predicts input_ids[p + 1]
+    return out, ids[np.flatnonzero(sup) + 1]  # (n_rows,)

@@ -51,6 +51,7 @@ from cache.schema import (
     canonical_meta,
     encode_float,
     first_difference,
+    has_observed,
     hidden_codec,
     make_plan,
     n_shards,
@@ -196,6 +197,14 @@ class CacheWriter:
                         f"output path {path} holds a cache from {what} ({section}.{field}: stored {short_repr(old)} "
                         f"!= requested {short_repr(new)}); delete it or choose another path"
                     )
+            if have["schema_version"] != SCHEMA_VERSION:
+                # Same inputs, older layout (schema 3: no observed_logprob). Resuming would mix shards with and
+                # without the new array, and a complete one lacks it for good: the store must be made again
+                # (Stage 1's --replace-mismatched deletes it, as for any other mismatch).
+                raise CacheMismatchError(
+                    f"output path {path} holds a cache of schema {have['schema_version']}, older than the schema "
+                    f"{SCHEMA_VERSION} this otkd writes; delete it or choose another path"
+                )
             if not is_url(path):
                 _remove_stale_temp_files(path)
             _repair_on_resume(
@@ -290,8 +299,11 @@ class CacheWriter:
         return bool(self._skip[int(start) // self.shard_rows : (int(end) - 1) // self.shard_rows + 1].all())
 
     # ---------------------------------------------------------------- writing
-    def write_rows(self, row_start: int, topk_ids, topk_logprobs, tail, hidden=None) -> None:
+    def write_rows(self, row_start: int, topk_ids, topk_logprobs, tail, hidden=None, observed=None) -> None:
         """Append rows [row_start, row_start + n); tensors (any device, bf16 included) or arrays.
+
+        topk_ids, topk_logprobs (n, k), tail (n,), hidden (n, D) when the store keeps hidden states, observed (n,):
+        the teacher's log-prob of each row's target token (`observed_logprob`; required, the store is schema 4).
 
         Rows in completed shards are dropped silently (a resumed batch plan replays whole batches); inside an
         incomplete shard rows must arrive contiguously from the shard's first row.
@@ -310,6 +322,13 @@ class CacheWriter:
             "topk_logprobs": encode_float(topk_logprobs, self.logprob_dtype),
             "tail_logmass": encode_float(tail, "fp32"),
         }
+        if "observed_logprob" in self._arrays:
+            if observed is None:
+                raise ValueError(
+                    "this cache stores observed_logprob: pass observed=(n,), the teacher's log-prob of each row's "
+                    "target token (pipeline/teacher/topk.py, targets=)"
+                )
+            cols["observed_logprob"] = encode_float(observed, "fp32")
         if "hidden" in self._arrays:
             if hidden is None:
                 raise ValueError("this cache stores hidden states: pass hidden=(n, D)")
@@ -320,6 +339,7 @@ class CacheWriter:
             "topk_ids": (n, self.k),
             "topk_logprobs": (n, self.k),
             "tail_logmass": (n,),
+            "observed_logprob": (n,),
             "hidden": (n, self._arrays["hidden"].shape[1]) if "hidden" in self._arrays else None,
             "hidden_scale": (n,),
         }
@@ -329,8 +349,9 @@ class CacheWriter:
         # NaN in what the losses read would poison training silently; hidden is left unchecked (cost ~D/k)
         lp = cols["topk_logprobs"]
         lp_nan = ((lp & 0x7FFF) > 0x7F80).any() if self.logprob_dtype == "bf16" else np.isnan(lp).any()
-        if lp_nan or np.isnan(cols["tail_logmass"]).any():
-            raise ValueError(f"NaN in teacher log-probs or tail for rows {row_start}..{row_start + n}")
+        obs_nan = "observed_logprob" in cols and np.isnan(cols["observed_logprob"]).any()
+        if lp_nan or np.isnan(cols["tail_logmass"]).any() or obs_nan:
+            raise ValueError(f"NaN in teacher log-probs, tail or observed log-prob, rows {row_start}..{row_start + n}")
         if row_start < 0 or row_start + n > self.n_rows:
             raise ValueError(f"rows {row_start}..{row_start + n} outside the cache's {self.n_rows} rows")
 
@@ -542,6 +563,7 @@ def _restore_metadata(path: Path, attrs: dict) -> None:
         hidden_codec=hidden_codec(attrs),
         hidden_size=attrs["hidden_size"],
         shard_rows=attrs["shard_rows"],
+        observed=has_observed(attrs),
     )
     with tempfile.TemporaryDirectory() as tmp:
         g = zarr.open_group(Path(tmp) / "m.zarr", mode="w")

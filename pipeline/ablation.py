@@ -96,6 +96,9 @@ class CrossTokenizerConfig:
     """The task (a key of `tasks`) whose cache the cross-tokenizer students learn from."""
     baseline: str = "x_ce"
     """The cross-tokenizer variant the others are paired with (CE only on the student's own tokens)."""
+    reference: str = "kl"
+    """The same-tokenizer variant (of `variants`, on the same task and seeds) whose bits/char is the far end of the
+    gap a cross-tokenizer variant closes: (baseline - variant) / (baseline - reference), seed by seed."""
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Variant name -> `distill.*` overrides on the task's params (names must differ from every other variant's;
     an empty mapping trains no cross-tokenizer student)."""
@@ -171,8 +174,9 @@ class AblationConfig:
         for name, over in {**self.variants, **self.sweep.variants, **xt.variants, **ex.variants}.items():
             if not isinstance(over, dict):
                 raise ConfigError(f"variants.{name} must be a mapping of distill fields, got {over!r}")
+            cross = {"cross_tokenizer": True} if name in xt.variants else {}  # what `overrides` adds
             try:  # a typo in a variant fails here, not after the teachers are trained
-                apply_overrides(Config(), [f"distill.{k}={v}" for k, v in over.items()])
+                apply_overrides(Config(), [f"distill.{k}={v}" for k, v in {**cross, **over}.items()])
             except ConfigError as e:
                 raise ConfigError(f"variants.{name}: {e}") from None
         require(self.baseline in self.variants, "baseline", f"one of {sorted(self.variants)}", self.baseline)
@@ -197,6 +201,12 @@ class AblationConfig:
             require(xt.task in self.tasks, "cross_tokenizer.task", f"one of {sorted(self.tasks)}", xt.task)
             require(
                 xt.baseline in xt.variants, "cross_tokenizer.baseline", f"one of {sorted(xt.variants)}", xt.baseline
+            )
+            require(
+                xt.reference in self.variants,
+                "cross_tokenizer.reference",
+                f"one of {sorted(self.variants)}",
+                xt.reference,
             )
 
     def overrides(self, variant: str) -> dict[str, Any]:

@@ -79,15 +79,16 @@ def paired(runs: list[dict], ref: list[dict], metric: str) -> dict:
     }
 
 
-def gap_closed(runs: list[dict], base: list[dict], floor: float, metric: str) -> dict:
-    """Per seed, the share of the baseline's gap to `floor` (the teacher's value of a lower-is-better metric) that a
-    run closes, (base - run) / (base - floor); its mean with the bootstrap interval over seeds. A seed whose baseline
-    is not above the floor has no gap to close (None)."""
+def gap_closed(runs: list[dict], base: list[dict], floor: float | list[dict], metric: str) -> dict:
+    """Per seed, the share of the baseline's gap to `floor` (the teacher's value of a lower-is-better metric, or a
+    reference run per seed) that a run closes, (base - run) / (base - floor); its mean with the bootstrap interval
+    over seeds. A seed whose baseline is not above the floor has no gap to close (None)."""
+    floors = [f.get(metric) for f in floor] if isinstance(floor, list) else [floor] * len(runs)
     per = [
         None
-        if r.get(metric) is None or b.get(metric) is None or b[metric] <= floor
-        else (b[metric] - r[metric]) / (b[metric] - floor)
-        for r, b in zip(runs, base)
+        if r.get(metric) is None or b.get(metric) is None or f is None or b[metric] <= f
+        else (b[metric] - r[metric]) / (b[metric] - f)
+        for r, b, f in zip(runs, base, floors)
     ]
     _, lo, hi = paired_bootstrap(per, N_RESAMPLES, LEVEL, BOOT_SEED)
     return {"per_seed": per, **mean_std(per), "lo": _json_num(lo), "hi": _json_num(hi)}
@@ -161,7 +162,15 @@ def summarise(abl: AblationConfig) -> dict:
     if xt.variants:
         runs = {v: [_read(run_dir(abl, xt.task, v, s) / "metrics.json") for s in abl.seeds] for v in xt.variants}
         got = compare(runs, runs[xt.baseline], "paired_vs_baseline")
-        cross = {v: {"overrides": xt.variants[v], **got[v]} for v in runs}
+        same = [_read(run_dir(abl, xt.task, xt.reference, s) / "metrics.json") for s in abl.seeds]
+        cross = {
+            v: {
+                "overrides": xt.variants[v],
+                **got[v],
+                "gap_closed_bpc": gap_closed(runs[v], runs[xt.baseline], same, "bits_per_char"),
+            }
+            for v in runs
+        }
     return {
         "seeds": abl.seeds,
         "baseline": abl.baseline,
@@ -180,7 +189,7 @@ def summarise(abl: AblationConfig) -> dict:
             "codecs": ex.codecs,
             "settings": settings(abl, ex.task, ex.reference, ex.variants),
         },
-        "cross_tokenizer": {"task": xt.task, "baseline": xt.baseline, "variants": cross},
+        "cross_tokenizer": {"task": xt.task, "baseline": xt.baseline, "reference": xt.reference, "variants": cross},
     }
 
 
@@ -335,15 +344,21 @@ def markdown(summary: dict) -> str:
         )
     xt = summary.get("cross_tokenizer") or {}
     if xt.get("variants"):
-        same = summary["tasks"][xt["task"]]["variants"][summary["baseline"]]
+        same = summary["tasks"][xt["task"]]["variants"]
+        ref = xt.get("reference", summary["baseline"])
         lines += [
             "",
             f"### cross-tokenizer students ({xt['task']}): their own tokenizer, the teacher's cache, paired "
             f"with `{xt['baseline']}`",
             "",
-            f"The same-tokenizer `{summary['baseline']}` student: accuracy {_pm(same.get('accuracy'), '.1f', 100, '%')}"
-            f", bits/char {_pm(same.get('bits_per_char'), '.4f')} (bits per character compare students across "
-            "tokenizers; perplexity is per token of each student's own tokenizer).",
+            *(
+                f"The same-tokenizer `{v}` student: accuracy {_pm(same[v].get('accuracy'), '.1f', 100, '%')}"
+                f", bits/char {_pm(same[v].get('bits_per_char'), '.4f')}."
+                for v in dict.fromkeys([summary["baseline"], ref])
+            ),
+            "Bits per character compare students across tokenizers (perplexity is per token of each student's own "
+            f"tokenizer). Gap closed: (`{xt['baseline']}` - variant) / (`{xt['baseline']}` - same-tokenizer `{ref}`) "
+            "in bits/char, seed by seed, mean [95% interval].",
             "",
             *_table(
                 "variant",
@@ -355,6 +370,7 @@ def markdown(summary: dict) -> str:
                     _paired("paired Δ accuracy", key, "accuracy", ".1f", 100),
                     _mean("bits/char", "bits_per_char", ".4f"),
                     _paired("paired Δ bits/char", key, "bits_per_char", ".4f"),
+                    ("gap closed (bits/char)", lambda s: _interval(s.get("gap_closed_bpc"), ".1%"), True),
                     _mean("perplexity (own tokens)", "perplexity", ".3f"),
                     _mean("train s", "train_seconds", ".0f"),
                 ],

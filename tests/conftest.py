@@ -232,13 +232,22 @@ def make_inputs(seed=0, lengths=(5, 9, 1, 12, 7, 20, 4)):
     return dict(sample_ids=sids, input_ids_per_seq=ids, supervised_per_seq=sup)
 
 
+def row_targets(inputs) -> np.ndarray:
+    """(R,) each row's target token: input_ids[j+1] at every supervised position j, sequence after sequence."""
+    return np.concatenate(
+        [x[np.flatnonzero(m) + 1] for x, m in zip(inputs["input_ids_per_seq"], inputs["supervised_per_seq"])]
+    )
+
+
 def make_rows(n_rows, seed=1):
+    """(ids, lp, tail, hidden, observed) of the right shapes; values are random (no row contract)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(1000, generator=g)[:K] for _ in range(n_rows)])
     lp = torch.randn(n_rows, K, generator=g).sort(dim=1, descending=True).values - 2.0
     tail = torch.randn(n_rows, generator=g)
     hidden = torch.randn(n_rows, D, generator=g)
-    return ids, lp, tail, hidden
+    observed = -torch.rand(n_rows, generator=g) * 10  # drawn last: the other arrays keep their values
+    return ids, lp, tail, hidden, observed
 
 
 def create(path, inputs=None, **kw):
@@ -248,11 +257,11 @@ def create(path, inputs=None, **kw):
 
 
 def write_all(w, rows, step=None):
-    ids, lp, tail, hid = rows
+    ids, lp, tail, hid, obs = rows
     n = len(ids)
     bounds = [0, n] if step is None else sorted(set([0, n] + list(step)))
     for a, b in zip(bounds[:-1], bounds[1:]):
-        w.write_rows(a, ids[a:b], lp[a:b], tail[a:b], None if hid is None else hid[a:b])
+        w.write_rows(a, ids[a:b], lp[a:b], tail[a:b], None if hid is None else hid[a:b], observed=obs[a:b])
 
 
 def sh(*cmd: str, cwd: Path) -> str:

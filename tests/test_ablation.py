@@ -54,11 +54,13 @@ def test_the_core_params_are_the_dataclass_default_and_each_section_adds_only_it
     assert control.sweep.variants and control.data_efficiency.variants
     assert dataclasses.replace(control, sweep=SweepConfig(), data_efficiency=DataEfficiencyConfig()) == core
     crosstok = load_ablation(ROOT / "params/ablation/params.yaml", ROOT / "params/ablation/crosstok/params.yaml")
-    assert crosstok.cross_tokenizer.variants and crosstok.exact_teacher.variants and crosstok.exact_teacher.codecs
-    assert (
-        dataclasses.replace(crosstok, cross_tokenizer=CrossTokenizerConfig(), exact_teacher=ExactTeacherConfig())
-        == core
+    assert crosstok.cross_tokenizer.variants and {"x_ce", "x_chunk_kl", "x_alm"} <= set(
+        crosstok.cross_tokenizer.variants
     )
+    assert dataclasses.replace(crosstok, cross_tokenizer=CrossTokenizerConfig()) == core
+    exact = load_ablation(ROOT / "params/ablation/params.yaml", ROOT / "params/ablation/exact/params.yaml")
+    assert exact.exact_teacher.variants and exact.exact_teacher.codecs
+    assert dataclasses.replace(exact, exact_teacher=ExactTeacherConfig()) == core
 
 
 def test_a_key_set_by_two_params_files_is_refused(tmp_path):
@@ -343,8 +345,11 @@ def toy_repo(tmp_path_factory) -> Path:
         "cross_tokenizer": {
             "task": "toy",
             "baseline": "x_ce",
+            "reference": "kl_ot",
             "variants": {"x_ce": {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}},
-        },  # its losses: tests/test_crosstok.py
+        },  # its losses: tests/test_crosstok.py, tests/test_chunk_kl.py
+    }
+    exact = {
         "exact_teacher": {
             "task": "toy",
             "reference": "kl_ot",
@@ -357,7 +362,8 @@ def toy_repo(tmp_path_factory) -> Path:
             },
         },
     }
-    for path, values in (("params.yaml", core), ("control/params.yaml", control), ("crosstok/params.yaml", crosstok)):
+    sections = (("control/params.yaml", control), ("crosstok/params.yaml", crosstok), ("exact/params.yaml", exact))
+    for path, values in (("params.yaml", core), *sections):
         (dst / "params/ablation" / path).write_text(yaml.safe_dump(values))
     commit_all(dst)
     return dst
@@ -406,10 +412,15 @@ def test_ablation_pipeline_end_to_end(toy_repo):
         assert (toy_repo / "bench/results" / f).stat().st_size > 0
 
     log = sh("dvc", "repro", "params/ablation/crosstok/dvc.yaml", cwd=toy_repo)
-    assert ran(log) == {"codec_cache@i8", "student_exact@exact_i8-0", "student_x@x_ce-0", "report"}
+    assert ran(log) == {"student_x@x_ce-0", "report"}
     summary = json.loads((toy_repo / "bench/results/crosstok.json").read_text())
     # the cross-tokenizer students: their own tokenizer, no cache metrics (other vocabulary), bits per character
     assert set(summary["cross_tokenizer"]["variants"]) == {"x_ce"}
+    x_bpc = json.loads((runs / "crosstok/toy/x_ce/s0/metrics.json").read_text())["bits_per_char"]
+    same_bpc = json.loads((runs / "core/toy/kl_ot/s0/metrics.json").read_text())["bits_per_char"]
+    # the baseline closes none of its gap to the same-tokenizer reference (if it has one)
+    want = [0.0] if x_bpc > same_bpc else [None]
+    assert summary["cross_tokenizer"]["variants"]["x_ce"]["gap_closed_bpc"]["per_seed"] == want
     m = json.loads((runs / "crosstok/toy/x_ce/s0/metrics.json").read_text())
     assert m["kl_teacher"] is None and m["bits_per_char"] > 0 and m["reinitialised_student"]
     conf = yaml.safe_load((runs / "crosstok/toy/x_ce/s0/config.yaml").read_text())["distill"]
@@ -417,6 +428,9 @@ def test_ablation_pipeline_end_to_end(toy_repo):
     x_init = (runs / "crosstok/toy/x_ce/s0/base_student/model.safetensors").read_bytes()
     assert x_init == (toy / "base/student_x/model.safetensors").read_bytes()
     # the exact teacher from the int8 cache of the same teacher: its own Stage 1 output, its own student
+    log = sh("dvc", "repro", "params/ablation/exact/dvc.yaml", cwd=toy_repo)
+    assert ran(log) == {"codec_cache@i8", "student_exact@exact_i8-0", "report"}
+    summary = json.loads((toy_repo / "bench/results/exact.json").read_text())
     exact = yaml.safe_load((runs / "exact/toy/exact_i8/s0/config.yaml").read_text())["distill"]
     assert exact["cache"] == "artifacts/ablation/toy/codecs/i8" and exact["teacher_head"].endswith("toy/teacher")
     assert "exact_i8" in summary["exact_teacher"]["settings"]
@@ -468,6 +482,9 @@ def test_gap_closed_in_the_exact_metric_is_per_seed_with_an_interval():
     got = gap_closed(runs, base, 0.01, "kl_true")
     # (0.05-0.03)/(0.05-0.01), (0.04-0.025)/(0.04-0.01), (0.03-0.02)/(0.03-0.01); the last seed has no gap
     assert got["per_seed"][:3] == pytest.approx([0.5, 0.5, 0.5]) and got["per_seed"][3] is None
+    # a reference run per seed as the far end (the cross-tokenizer students' same-tokenizer twin)
+    per = gap_closed(runs, base, [{"kl_true": 0.01}, {"kl_true": 0.01}, {"kl_true": 0.0}, {"kl_true": 0.02}], "kl_true")
+    assert per["per_seed"][:3] == pytest.approx([0.5, 0.5, 1 / 3]) and per["per_seed"][3] is None
     assert got["mean"] == pytest.approx(0.5) and got["lo"] == pytest.approx(0.5) and got["hi"] == pytest.approx(0.5)
     uneven = gap_closed(runs[:2], [{"kl_true": 0.05}, {"kl_true": 0.02}], 0.01, "kl_true")
     assert uneven["per_seed"] == pytest.approx([0.5, -0.5]) and uneven["lo"] < 0 < uneven["hi"]

@@ -1,5 +1,6 @@
 """Teacher cache: round trips at awkward sizes, plain-zarr readability, crash/resume bit-identity, refusals."""
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,14 +41,14 @@ def test_roundtrip_exact(tmp_path, lp_dtype, h_dtype, bf16_input):
         tmp_path / "c.zarr", inputs, logprob_dtype=lp_dtype, hidden_codec=h_dtype, hidden_size=D if h_dtype else None
     )
     assert w.n_shards == -(-w.n_rows // SHARD) >= 3  # several shards, last one partial
-    ids, lp, tail, hid = make_rows(w.n_rows)
+    ids, lp, tail, hid, obs = make_rows(w.n_rows)
     if bf16_input:  # what a bf16 teacher hands over: must be stored bit for bit
         lp, hid = lp.bfloat16(), hid.bfloat16()
     with w:
-        write_all(w, (ids, lp, tail, hid if h_dtype else None), step=range(0, w.n_rows, 7))
+        write_all(w, (ids, lp, tail, hid if h_dtype else None, obs), step=range(0, w.n_rows, 7))
     c = open_cache(tmp_path / "c.zarr")
     assert len(c) == 7 and c.k == K and c.provenance == PROV and c.sample_ids == inputs["sample_ids"]
-    assert c.has_hidden == (h_dtype is not None)
+    assert c.has_hidden == (h_dtype is not None) and c.has_observed
     r0 = 0
     for i in range(7):
         got = c.read(i)
@@ -58,6 +59,8 @@ def test_roundtrip_exact(tmp_path, lp_dtype, h_dtype, bf16_input):
         np.testing.assert_array_equal(got["topk_ids"], ids[r0 : r0 + n].numpy())
         np.testing.assert_array_equal(got["topk_logprobs"], stored(lp[r0 : r0 + n], lp_dtype))
         np.testing.assert_array_equal(got["tail_logmass"], tail[r0 : r0 + n].numpy())
+        np.testing.assert_array_equal(got["observed_logprob"], obs[r0 : r0 + n].numpy())  # exact float32
+        assert got["observed_logprob"].dtype == np.float32
         if h_dtype:
             np.testing.assert_array_equal(got["hidden"], stored(hid[r0 : r0 + n], h_dtype))
         else:
@@ -87,6 +90,8 @@ def test_plain_zarr_reads_store(tmp_path):
     assert g["topk_logprobs"].dtype == np.uint16 and g["topk_logprobs"].attrs["logical_dtype"] == "bfloat16"
     np.testing.assert_array_equal(g["topk_logprobs"][:], rows[1].bfloat16().view(torch.int16).numpy().view(np.uint16))
     np.testing.assert_array_equal(g["tail_logmass"][:], rows[2].numpy())
+    np.testing.assert_array_equal(g["observed_logprob"][:], rows[4].numpy())
+    assert a["schema_version"] == 4 and np.isnan(g["observed_logprob"].fill_value)
     offs = g["row_offsets"][:]
     assert offs[-1] == w.n_rows and (np.diff(offs) == [m.sum() for m in inputs["supervised_per_seq"]]).all()
     codecs = g["topk_ids"].metadata.to_dict()["codecs"]
@@ -182,7 +187,7 @@ def test_sigkill_then_resume_bit_identical(tmp_path):
     with ref:
         write_all(ref, rows)
     path = str(tmp_path / "c.zarr")
-    # per shard: 4 row arrays + 1 record = 5 setitems; call 8 is the 3rd array of shard 1
+    # per shard: 5 row arrays + 1 record = 6 setitems; call 8 is the 2nd array of shard 1
     code = CHILD.format(repo=str(REPO), kill_at=8, path=path)
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
     assert p.returncode == -signal.SIGKILL, p.stderr
@@ -257,18 +262,26 @@ def test_bad_writes_rejected(tmp_path):
             dict(make_inputs(), supervised_per_seq=[np.ones(n, bool) for n in (5, 9, 1, 12, 7, 20, 4)]),
         )
     w = create(tmp_path / "b.zarr")
-    ids, lp, tail, hid = make_rows(w.n_rows)
+    ids, lp, tail, hid, obs = make_rows(w.n_rows)
     with pytest.raises(ValueError, match="inside incomplete shard"):
-        w.write_rows(3, ids[3:8], lp[3:8], tail[3:8], hid[3:8])
-    w.write_rows(0, ids[:4], lp[:4], tail[:4], hid[:4])
+        w.write_rows(3, ids[3:8], lp[3:8], tail[3:8], hid[3:8], observed=obs[3:8])
+    w.write_rows(0, ids[:4], lp[:4], tail[:4], hid[:4], observed=obs[:4])
     with pytest.raises(ValueError, match="contiguous"):
-        w.write_rows(5, ids[5:8], lp[5:8], tail[5:8], hid[5:8])
+        w.write_rows(5, ids[5:8], lp[5:8], tail[5:8], hid[5:8], observed=obs[5:8])
     bad = lp[4:8].clone()
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        w.write_rows(4, ids[4:8], bad, tail[4:8], hid[4:8])
+        w.write_rows(4, ids[4:8], bad, tail[4:8], hid[4:8], observed=obs[4:8])
     with pytest.raises(ValueError, match="hidden"):
-        w.write_rows(4, ids[4:8], lp[4:8], tail[4:8], None)
+        w.write_rows(4, ids[4:8], lp[4:8], tail[4:8], None, observed=obs[4:8])
+    with pytest.raises(ValueError, match="stores observed_logprob: pass observed="):
+        w.write_rows(4, ids[4:8], lp[4:8], tail[4:8], hid[4:8])
+    bad = obs[4:8].clone()
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN in teacher log-probs, tail or observed log-prob, rows 4..8"):
+        w.write_rows(4, ids[4:8], lp[4:8], tail[4:8], hid[4:8], observed=bad)
+    with pytest.raises(ValueError, match=r"observed_logprob has shape \(3,\), expected \(4,\)"):
+        w.write_rows(4, ids[4:8], lp[4:8], tail[4:8], hid[4:8], observed=obs[4:7])
 
 
 def test_failed_background_write_surfaces_and_records_nothing(tmp_path, monkeypatch):
@@ -300,5 +313,41 @@ def test_dataset_lazy_fields_and_workers(tmp_path):
     assert [g["index"] for g in got] == list(range(7))
     for g in got:
         ref = c.read(g["index"])
-        for key in ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "hidden"):
+        for key in ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "observed_logprob", "hidden"):
             np.testing.assert_array_equal(g[key], ref[key])
+
+
+def as_schema_3(path) -> None:
+    """Rewrite a written store into what schema 3 wrote: no observed_logprob array, version 3, manifests without it."""
+    from cache import manifest
+
+    g = zarr.open_group(path, mode="r+")
+    g.attrs["schema_version"] = 3
+    shutil.rmtree(Path(path) / "observed_logprob")
+    attrs = g.attrs.asdict()
+    manifest.write_manifest(path, manifest.BASE, manifest.make_base_manifest(path, attrs))
+    for s in range(attrs["n_shards"]):
+        manifest.write_manifest(path, s, manifest.make_shard_manifest(path, attrs, s))
+
+
+def test_a_schema_3_store_still_reads_without_observed(tmp_path):
+    path = tmp_path / "c.zarr"
+    w = create(path)
+    with w:
+        write_all(w, make_rows(w.n_rows))
+    before = open_cache(path).read_many(range(7))
+    as_schema_3(path)
+    assert "observed_logprob" not in zarr.open_group(path, mode="r")
+    c = open_cache(path)  # every listed file is there: the manifests of schema 3 do not list observed_logprob
+    assert not c.has_observed and c.has_hidden
+    for x, y in zip(c.read_many(range(7)), before):  # every field it has, as before; no observed_logprob
+        assert set(x) == set(y) - {"observed_logprob"}
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    for ask in (lambda: c.read(0, ["input_ids", "observed_logprob"]), lambda: CacheDataset(c, ["observed_logprob"])):
+        with pytest.raises(CacheMismatchError, match=r"schema 3, which predates observed_logprob \(schema 4\)") as e:
+            ask()
+        assert "python -m stages.cache_teacher" in str(e.value) and "\n" not in str(e.value)
+    # Stage 1 never resumes (nor accepts as done) a store without the array: it must be made again
+    with pytest.raises(CacheMismatchError, match="holds a cache of schema 3, older than the schema 4"):
+        create(path)

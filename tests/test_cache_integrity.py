@@ -11,30 +11,39 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from cache import CacheError, open_cache
+from cache import CacheError, manifest, open_cache
 from cache.errors import CacheCorruptError
+from cache.schema import LOG_FLOOR
 from stages.verify_cache import app
-from tests.conftest import PROV, K, create, make_inputs, write_all
+from tests.conftest import PROV, K, create, make_inputs, row_targets, write_all
 
 V = 1000  # the tokenizer size the stores record; make_rows-style ids are drawn below it
 PROV_V = {**PROV, "tokenizer_size": V}
 STAGE1 = "python -m stages.cache_teacher"
 
 
-def contract_rows(n_rows, seed=1, vocab=V):
-    """Rows that satisfy the row contract: top-k of a real log-softmax, exact tail, distinct ids < vocab."""
+def contract_rows(targets, seed=1, vocab=V):
+    """Rows that satisfy the row contract for these (R,) target tokens: top-k of a real log-softmax, exact tail,
+    distinct ids < vocab, the target's log-prob; every other row's target is made likely, so that both cases of the
+    observed log-prob (in the top-k or not) occur."""
+    n_rows = len(targets)
     g = torch.Generator().manual_seed(seed)
-    lsm = torch.log_softmax(3 * torch.randn(n_rows, vocab, generator=g), -1)
+    logits = 3 * torch.randn(n_rows, vocab, generator=g)  # (R, V)
+    t = torch.as_tensor(targets, dtype=torch.long)  # (R,)
+    even = torch.arange(0, n_rows, 2)
+    logits[even, t[even]] += 12.0
+    lsm = torch.log_softmax(logits, -1)
     lp, ids = lsm.topk(K, -1)
     rest = lsm.scatter(1, ids, float("-inf"))
     tail = torch.logsumexp(rest, -1)
     hidden = torch.randn(n_rows, 13, generator=g)
-    return ids, lp, tail, hidden
+    observed = lsm.gather(1, t[:, None])[:, 0].clamp_min(LOG_FLOOR)  # (R,)
+    return ids, lp, tail, hidden, observed
 
 
 def write_store(path, provenance=PROV_V, rows=None):
     w = create(path, provenance=provenance)
-    rows = contract_rows(w.n_rows) if rows is None else rows
+    rows = contract_rows(row_targets(make_inputs())) if rows is None else rows
     with w:
         write_all(w, rows, step=range(0, w.n_rows, 7))
     return rows
@@ -95,10 +104,11 @@ def test_clean_store_is_clean(store):
         m["shard"] == 1
         and m["rows"] == [16, 32]
         and {e["file"] for e in m["files"]}
-        == {"topk_ids/c/1/0", "topk_logprobs/c/1/0", "tail_logmass/c/1", "hidden/c/1/0"}
+        == {"topk_ids/c/1/0", "topk_logprobs/c/1/0", "tail_logmass/c/1", "observed_logprob/c/1", "hidden/c/1/0"}
     )
     assert all(e["bytes"] == (store / e["file"]).stat().st_size for e in m["files"])
     assert g["topk_ids"].fill_value == -1 and np.isnan(g["tail_logmass"].fill_value)
+    assert np.isnan(g["observed_logprob"].fill_value)
 
 
 # fault -> (inject(path), regex of the one-line error at open (CacheError) or on reading everything)
@@ -124,6 +134,7 @@ FLIPS = {
     "topk_ids": "topk_ids/c/1/0",
     "topk_logprobs": "topk_logprobs/c/0/0",
     "tail_logmass": "tail_logmass/c/2",
+    "observed_logprob": "observed_logprob/c/1",
     "hidden": "hidden/c/1/0",
     "input_ids": "input_ids/c/0",
     "supervised": "supervised/c/0",
@@ -171,10 +182,10 @@ def test_out_of_range_ids_fail_on_read(tmp_path):
     inputs = make_inputs()
     inputs["input_ids_per_seq"] = [x % 900 for x in inputs["input_ids_per_seq"]]  # the tokens are in range
     w = create(path, inputs, provenance={**PROV, "tokenizer_size": 900})
-    ids, lp, tail, hid = contract_rows(w.n_rows, vocab=V)  # ids up to 999, but the store says 900 tokens
+    ids, lp, tail, hid, obs = contract_rows(row_targets(inputs), vocab=V)  # ids up to 999; the store says 900
     ids[20, 0] = 950
     with w:
-        write_all(w, (ids, lp, tail, hid))
+        write_all(w, (ids, lp, tail, hid, obs))
     c = open_cache(path)
     with pytest.raises(
         CacheCorruptError,
@@ -205,6 +216,67 @@ def test_verify_contract_checks(store):
     assert code == 1 and "1 row(s) with repeated ids (first: row 19)" in out
     assert "1 row(s) whose top-k + tail mass is not 1 within the bf16 rounding bound (first: row 5)" in out
     assert "files     OK" in out and "chunks    OK" in out
+
+
+def rewrite_rows(path, name: str, s: int, change) -> None:
+    """Shard s of row array `name` rewritten through Zarr (valid checksums) with its manifest updated: only the
+    row contract can find what `change(values)` (in place) did."""
+    g = zarr.open_group(path, mode="r+")
+    attrs = g.attrs.asdict()
+    s0, s1 = manifest.shard_rows(attrs, s)
+    values = g[name][s0:s1]
+    change(values)
+    g[name][s0:s1] = values
+    manifest.write_manifest(path, s, manifest.make_shard_manifest(path, attrs, s))
+
+
+def test_verify_observed_logprob_checks(store, reference):
+    """Observed log-probs that are positive, or disagree with the row's top-k, are contract problems."""
+    _, (ids, lp, _, _, _), _ = reference
+    targets = torch.as_tensor(row_targets(make_inputs()))
+    inside = (ids == targets[:, None]).any(1)  # (R,)
+    assert 10 < int(inside.sum()) < len(inside) - 10  # the reference has both kinds of row
+    r_in = int(torch.nonzero(inside[16:32])[0]) + 16  # shard 1: a row whose target is in its top-k
+    r_out = int(torch.nonzero(~inside[32:48])[0]) + 32  # shard 2: one whose target is not
+    assert verify(store)[0] == 0
+
+    def positive(v):
+        v[4] = 0.5
+
+    def off_its_topk_value(v):  # 4x the bf16 rounding of that top-k log-prob
+        v[r_in - 16] = float(lp[r_in, (ids[r_in] == targets[r_in]).nonzero()[0, 0]]) * (1 - 4 * 2.0**-8) - 1e-3
+
+    def above_the_kth(v):
+        v[r_out - 32] = float(lp[r_out, -1]) * (1 - 4 * 2.0**-8) + 1e-3
+
+    for s, change in ((0, positive), (1, off_its_topk_value), (2, above_the_kth)):
+        rewrite_rows(store, "observed_logprob", s, change)
+    code, out = verify(store)
+    assert code == 1 and "files     OK" in out and "chunks    OK" in out, out
+    assert "observed_logprob shard 0 (file observed_logprob/c/0): 1 row(s) with a non-finite or positive" in out
+    assert (
+        f"observed_logprob shard 1 (file observed_logprob/c/1): 1 row(s) whose target is in the top-k but whose "
+        f"log-prob differs from its top-k one beyond the bf16 rounding (first: row {r_in})" in out
+    )
+    assert (
+        f"observed_logprob shard 2 (file observed_logprob/c/2): 1 row(s) whose target is outside the top-k but "
+        f"more likely than the k-th token (first: row {r_out})" in out
+    )
+    assert "PROBLEMS (3)" in out
+
+
+def test_nan_observed_logprob_fails_on_read(store):
+    """A NaN (what a missing chunk reads as) written with valid checksums: refused on read, like a NaN tail."""
+
+    def nan(v):
+        v[3] = np.nan
+
+    rewrite_rows(store, "observed_logprob", 1, nan)
+    with pytest.raises(CacheCorruptError, match=r"observed_logprob shard 1 .* holds NaN observed log-probs .* 19") as e:
+        read_everything(store)
+    one_line(e)
+    code, out = verify(store)
+    assert code == 1 and "1 row(s) with a non-finite or positive observed log-prob (first: row 19)" in out
 
 
 REPAIRABLE = {
@@ -244,7 +316,7 @@ def test_resume_alone_redoes_exactly_the_failing_shards(store, reference, fault)
 
 def test_old_schema_refused(store):
     zarr.open_group(store, mode="r+").attrs["schema_version"] = 1
-    with pytest.raises(CacheError, match="schema version 1, this code reads versions 2, 3"):
+    with pytest.raises(CacheError, match="schema version 1, this code reads versions 2, 3, 4"):
         open_cache(store)
     code, out = verify(store)
     assert code == 1 and "schema version 1" in out

@@ -95,7 +95,9 @@ def test_bad_override_names_the_field_and_what_it_allows(override, message):
 
 def test_all_weights_zero_is_refused():
     zero = [f"distill.{w}=0" for w in ("w_ce", "w_kl", "w_ot", "w_ot_logits")]
-    with pytest.raises(ConfigError, match="distill.w_ce, w_kl, w_ot, w_ot_logits, w_uld, w_tok_ot are all 0"):
+    with pytest.raises(
+        ConfigError, match="distill.w_ce, w_kl, w_ot, w_ot_logits, w_uld, w_tok_ot, w_chunk_kl, w_alm are all 0"
+    ):
         apply_overrides(Config(), zero)
     assert apply_overrides(Config(), zero[1:]).distill.w_ce == 1.0  # CE alone is the baseline: fine
 

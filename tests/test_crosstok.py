@@ -19,6 +19,7 @@ from pipeline.data.records import ALPACA_TEMPLATE, render, tokenizer_hash
 from pipeline.data.tiny import build_tokenizer
 from pipeline.distill import train as distill
 from pipeline.distill.batches import BlockCollator, cache_fields
+from pipeline.distill.chunks import ChunkEvents
 from pipeline.distill.crosstok import (
     StudentSide,
     align,
@@ -368,31 +369,55 @@ def test_cross_mode_with_the_teachers_own_tokenizer_equals_the_same_tokenizer_lo
     the same-tokenizer path's (which tests/test_distill.py checks against full-logits references)."""
     cfg = distill_cfg(cached, tmp_path / "s", w_uld=0.1, w_tok_ot=0.1)
     d = cfg.distill
+    d.w_chunk_kl = d.w_alm = 0.1  # set after validation: the same-tokenizer run ignores them, the cross one adds them
+    d = cfg.distill
     cache = open_cache(Path(d.cache) / "train.zarr")
     tok = load_teacher_tokenizer(d.cache, cache.provenance["tokenizer_hash"])
     reads = CacheBlocks(cache, 8, cache_fields(d))[0]
     same = BlockCollator(tok.pad_token_id)([reads])
-    side = StudentSide(cfg.data, tok, tok)
-    cross = BlockCollator(tok.pad_token_id, token_map(tok, tok))([[{**r, **side.example(r)} for r in reads]])
+    tmap = token_map(tok, tok)
+    events = ChunkEvents(token_bytes(tok), token_bytes(tok), tmap)
+    side = StudentSide(cfg.data, tok, tok, events=events)
+    cross = BlockCollator(tok.pad_token_id, tmap)([[{**r, **side.example(r)} for r in reads]])
     for k in ("input_ids", "row_pos", "row_mask", "teacher_ids"):
         assert torch.equal(same[k], cross[k]), k
     assert (
         cross["aligned"][cross["row_mask"]]
         == torch.arange(cross["row_mask"].shape[1]).expand_as(cross["row_mask"])[cross["row_mask"]]
     ).all()
-    model = distill.build_model(d, cache.provenance["hidden_size"], len(tok), 0)
+    model = distill.build_model(d, cache.provenance["hidden_size"], len(tok), 0, None, (events.first_piece, len(tok)))
     _, a = model(**same)
     d.cross_tokenizer = True
     _, b = model(**cross)
     for k in ("ce", "kl", "ot_hidden", "ot_logits", "uld", "tok_ot"):
         torch.testing.assert_close(b[k], a[k], rtol=2e-5, atol=1e-6, msg=k)
     assert b["kl_aligned_rows"] == 1 and b["mapped_mass"] == 1
+    # one tokenizer: every row is its own chunk and every first piece its own id, so the chunk KL is the mapped KL
+    # over the cached top-k plus, where the observed token is outside it, that token as one more bucket
+    assert b["chunk_rows"] == 1
+    r = cross["row_mask"]
+    target = cross["input_ids"].gather(1, cross["row_pos"] + 1)[r]  # (R,)
+    ids, lp, obs = cross["teacher_ids"][r], cross["teacher_logprobs"][r], cross["teacher_observed"][r]
+    outside = ~(ids == target[:, None]).any(-1)
+    assert outside.any()  # the random tiny teacher copies its input: the observed token is mostly outside
+    ids = torch.cat([ids, target[:, None]], -1)  # (R, k+1)
+    lp = torch.cat([lp, torch.where(outside, obs, LOG_FLOOR)[:, None]], -1)
+    valid = torch.cat([torch.ones_like(ids[:, :-1], dtype=torch.bool), outside[:, None]], -1)
+    tail = torch.log1p(-torch.where(valid, lp, -torch.inf).exp().sum(-1).clamp_max(1 - 1e-7))
+    with torch.no_grad():
+        h = model.student.get_decoder()(input_ids=cross["input_ids"], attention_mask=cross["attention_mask"])
+        rows = h.last_hidden_state.gather(1, cross["row_pos"][..., None].expand(-1, -1, h.last_hidden_state.shape[-1]))
+        W = model.student.get_output_embeddings().weight
+        s = bucket_logprobs(rows[r], W, torch.where(valid, ids, 0), valid, vocab_size=len(tok))
+        want = bucket_kl(s, mapped_teacher_buckets(lp, tail, valid), valid, torch.ones_like(outside))
+    torch.testing.assert_close(b["chunk_kl"], want, rtol=1e-4, atol=1e-5)
+    assert b["alm"] > 0
 
 
 def test_cross_tokenizer_stage2_end_to_end(cached, tmp_path):
     """Stage 2 through `python -m stages.distill_student` with the other tokenizer: every term finite, the loss goes
     down, most rows align, the student's own tokenizer is saved."""
-    cfg = cross_cfg(cached, tmp_path / "sx", w_uld=0.1, w_tok_ot=0.1, max_steps=12, lr=2e-2)
+    cfg = cross_cfg(cached, tmp_path / "sx", w_uld=0.1, w_tok_ot=0.1, w_chunk_kl=0.5, w_alm=0.1, max_steps=12, lr=2e-2)
     from pipeline.config.base import save_config
 
     save_config(cfg, tmp_path / "params.yaml")
@@ -401,10 +426,23 @@ def test_cross_tokenizer_stage2_end_to_end(cached, tmp_path):
     rows = read_tsv(Path(cfg.distill.plots) / "train_sx.tsv")
     loss = [float(r["loss"]) for r in rows]
     assert np.isfinite(loss).all() and np.mean(loss[-3:]) < loss[0] - 0.1
-    for k in ("ce", "kl", "ot_hidden", "ot_logits", "uld", "tok_ot", "kl_aligned_rows", "mapped_mass"):
+    for k in (
+        "ce",
+        "kl",
+        "ot_hidden",
+        "ot_logits",
+        "uld",
+        "tok_ot",
+        "kl_aligned_rows",
+        "mapped_mass",
+        "chunk_kl",
+        "alm",
+    ):
         v = [float(r[k]) for r in rows]
         assert np.isfinite(v).all(), k
     assert 0.2 < float(rows[0]["kl_aligned_rows"]) <= 1 and 0.5 < float(rows[0]["mapped_mass"]) <= 1
+    # digits in pairs: most student rows are whole teacher tokens or pairs of them, so they carry events
+    assert 0.5 < float(rows[0]["chunk_rows"]) <= float(rows[0]["kl_aligned_rows"])
     out = Path(cfg.distill.out)
     assert (out / "tok_projection.pt").exists() and (out / "projection.pt").exists()
     from pipeline.models import load_tokenizer

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from cache.manifest import make_shard_manifest, write_manifest
 from cache.reader import CacheBlocks, open_cache
-from cache.schema import n_shards, read_root_attrs
+from cache.schema import LOG_FLOOR, n_shards, read_root_attrs
 from pipeline.config.base import save_config
 from pipeline.data.records import ALPACA_TEMPLATE, IGNORE, load_splits, read_records
 from pipeline.data.tiny import build_model, build_tokenizer
@@ -74,7 +74,13 @@ def test_collator_puts_row_j_at_position_j(cached):
             b["teacher_logprobs"][i, :r], lp.gather(-1, b["teacher_ids"][i, :r]), atol=3e-2, rtol=1e-2
         )  # bf16 storage
         torch.testing.assert_close(b["teacher_hidden"][i, :r], out.hidden_states[-1][i, j], atol=5e-2, rtol=2e-2)
+        # the log-prob of the token that actually follows (schema 4), in the teacher's top-k or not
+        observed = lp.gather(-1, b["input_ids"][i, j + 1, None])[:, 0]  # (r,)
+        torch.testing.assert_close(b["teacher_observed"][i, :r], observed, atol=3e-2, rtol=1e-2)
+        assert (b["teacher_observed"][i, r:] == LOG_FLOOR).all()  # padding rows
         assert not b["row_mask"][i, r:].any() and b["row_mask"][i, :r].all()
+    outside = ~(b["teacher_ids"] == b["input_ids"].gather(1, b["row_pos"] + 1)[..., None]).any(-1) & b["row_mask"]
+    assert outside.any()  # some rows' observed token is not in their top-k: those values exist only in this array
 
 
 def test_blocks_are_batches_of_neighbours(cached):

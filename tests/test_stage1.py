@@ -23,6 +23,7 @@ ARRAYS = (
     "topk_ids",
     "topk_logprobs",
     "tail_logmass",
+    "observed_logprob",
     "hidden",
     "input_ids",
     "supervised",
@@ -73,6 +74,8 @@ def test_stage1_writes_what_the_teacher_computes(cached):
             torch.testing.assert_close(torch.as_tensor(s["topk_logprobs"]).double(), got, atol=2e-2, rtol=1e-2)
             ref_tail = torch.log1p(-ref_vals.exp().sum(-1))
             torch.testing.assert_close(torch.as_tensor(s["tail_logmass"]).double(), ref_tail, atol=1e-3, rtol=1e-3)
+            ref_obs = lp[pos, ids[0, pos + 1]]  # (R,) the token that actually follows, in the top-k or not
+            torch.testing.assert_close(torch.as_tensor(s["observed_logprob"]).double(), ref_obs, atol=1e-3, rtol=1e-3)
             h = torch.as_tensor(np.asarray(s["hidden"], dtype=np.float32)).double()
             torch.testing.assert_close(h, out_.hidden_states[-1][0, pos], atol=5e-2, rtol=2e-2)  # bf16 storage
 
@@ -103,6 +106,7 @@ def test_plain_zarr_reads_the_store(cached):
         assert name in g, name
     n_rows = int(g["row_offsets"][-1])
     assert g["topk_ids"].shape == (n_rows, g.attrs["k"]) and g["tail_logmass"].shape == (n_rows,)
+    assert g["observed_logprob"].shape == (n_rows,) and g.attrs["schema_version"] == 4
     assert g["topk_logprobs"].attrs.get("logical_dtype") == "bfloat16"
 
 

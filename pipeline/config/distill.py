@@ -18,7 +18,7 @@ from pipeline.config.base import (
 )
 from pipeline.config.data import DataConfig
 
-TEACHER_TERMS = ("w_kl", "w_ot", "w_ot_logits", "w_uld", "w_tok_ot")
+TEACHER_TERMS = ("w_kl", "w_ot", "w_ot_logits", "w_uld", "w_tok_ot", "w_chunk_kl", "w_alm")
 """The weights of the terms that read the teacher; all 0 = plain fine-tuning on the cached data (the CE-only
 baseline)."""
 TEACHER_SETTINGS = (
@@ -109,6 +109,15 @@ class DistillConfig:
     """Weight of the token-level OT in embedding geometry (the original design's hybrid): per aligned position, OT
     between the student's top tok_ot_k next-token distribution placed at its embedding rows and the teacher's
     cached top-k at its embedding rows projected by a learned P_e; cost 1 - cosine. Needs no string map (0 skips it)."""
+    w_chunk_kl: float = 0.0
+    """Cross-tokenizer only: weight of the chunk-level KL (pipeline/losses/chunk.py) - at each student row whose token
+    is made of whole teacher tokens, KL between the teacher's exact probabilities of the events the student can emit
+    there (completions of the observed prefix, first pieces, the rest), built from the cache, and the student's own
+    probabilities of the same events. Needs a cache of schema >= 4 (observed log-probs) (0 skips it)."""
+    w_alm: float = 0.0
+    """Cross-tokenizer only: weight of chunk likelihood matching (ALM-style): per span both tokenizations start and
+    end at, the binary KL between the teacher's and the student's probability of the observed span. Needs a cache
+    of schema >= 4 (0 skips it)."""
     tok_ot_k: int = 8
     """Student tokens (its own top-k) in the token-level OT."""
     tok_ot_eps: float = 0.1
@@ -212,6 +221,12 @@ class DistillConfig:
                 f"kl_reverse must be false and kl_tail 'bucket' (got {self.kl_reverse}, {self.kl_tail!r})"
             )
         fraction(self, "warmup_ratio", "jsd_beta")
+        for name in ("w_chunk_kl", "w_alm"):
+            if getattr(self, name) and not self.cross_tokenizer:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)} compares events across two tokenizers: it needs "
+                    "cross_tokenizer=true (with one tokenizer, use w_kl)"
+                )
         if self.teacher_head and self.cross_tokenizer:
             raise ConfigError(
                 "teacher_head (the exact teacher from its hidden states) needs the teacher's vocabulary "

@@ -38,6 +38,7 @@ class Batch(TypedDict, total=False):
     teacher_ids: torch.Tensor  # (B, M, k) long        only when KL or OT on logits is on
     teacher_logprobs: torch.Tensor  # (B, M, k) float32     (log-softmax over the full vocabulary)
     teacher_tail: torch.Tensor  # (B, M) float32        log of the mass outside the top-k
+    teacher_observed: torch.Tensor  # (B, M) float32  log p of the observed next token (cache schema >= 4)
     teacher_hidden: torch.Tensor  # (B, M, D) float32     only for OT on hidden states or the exact teacher (decoded)
     teacher_code: torch.Tensor  # (B, M, r) float32     the exact teacher from a low-rank cache's coefficients
     # cross-tokenizer batches only (pipeline/distill/crosstok.py): input_ids / labels / row_pos are the student's
@@ -46,6 +47,25 @@ class Batch(TypedDict, total=False):
     student_keep: torch.Tensor  # (B, N) bool: student row lies in the text both sides cover
     aligned: torch.Tensor  # (B, N) long: the teacher row aligned with student row i, or -1
     teacher_sids: torch.Tensor  # (B, M, k) long: teacher top-k ids mapped to student ids, -1 = unmapped
+    alm_student: torch.Tensor  # (B, N) long: the chunk of each student row (crosstok.alm_chunks), -1 = none
+    alm_teacher: torch.Tensor  # (B, M) long: the chunk of each teacher row, -1 = none
+    # the chunk-level events of each student row (pipeline/distill/chunks.py), -1 / False = none
+    chunk_first: torch.Tensor  # (B, N) long: the teacher row its token starts at
+    chunk_last: torch.Tensor  # (B, N) long: the teacher row its token ends at
+    ev_groups: torch.Tensor  # (B, N, k+1) long: teacher ids of the first-piece groups
+    ev_singles: torch.Tensor  # (B, N, k+2) long: student ids of the completions, observed completion, run-end
+    ev_boundary: torch.Tensor  # (B, N, k) bool: last-row slots after which the student's token ends
+
+
+CHUNK_FIELDS = {
+    "alm_student": "N",
+    "alm_teacher": "M",
+    "chunk_first": "N",
+    "chunk_last": "N",
+    "ev_groups": "N",
+    "ev_singles": "N",
+    "ev_boundary": "N",
+}  # cross-tokenizer per-row fields and the side whose rows they follow
 
 
 def cache_fields(d: DistillConfig, folded: bool = False) -> list[str]:
@@ -53,8 +73,10 @@ def cache_fields(d: DistillConfig, folded: bool = False) -> list[str]:
     folded: the exact teacher reads a low-rank cache's coefficients (its lm_head folded into the code's basis)."""
     fields = ["input_ids", "supervised"]
     exact_kl = bool(d.w_kl and d.teacher_head)  # the exact teacher reads hidden states instead of the top-k
-    if (d.w_kl and not exact_kl) or d.w_ot_logits or d.w_uld or d.w_tok_ot:
+    if (d.w_kl and not exact_kl) or d.w_ot_logits or d.w_uld or d.w_tok_ot or d.w_chunk_kl:
         fields += ["topk_ids", "topk_logprobs", "tail_logmass"]
+    if d.w_chunk_kl or d.w_alm:  # products of the teacher's probabilities along the observed text
+        fields += ["observed_logprob"]
     if d.w_ot or (exact_kl and not folded):
         fields += ["hidden"]
     if exact_kl and folded:
@@ -105,6 +127,10 @@ def teacher_rows(out: Batch, reads: list[dict], M: int) -> None:
             out["teacher_ids"][b, :r] = torch.as_tensor(x["topk_ids"])
             out["teacher_logprobs"][b, :r] = torch.as_tensor(x["topk_logprobs"])
             out["teacher_tail"][b, :r] = torch.as_tensor(x["tail_logmass"])
+    if "observed_logprob" in reads[0]:  # only when a loss asks for it (cache_fields): stores of schema >= 4
+        out["teacher_observed"] = torch.full((B, M), LOG_FLOOR)
+        for b, x in enumerate(reads):
+            out["teacher_observed"][b, : len(x["observed_logprob"])] = torch.as_tensor(x["observed_logprob"])
     for field, key in (("hidden", "teacher_hidden"), ("hidden_code", "teacher_code")):
         if field in reads[0]:
             out[key] = torch.zeros(B, M, reads[0][field].shape[1])
@@ -142,6 +168,13 @@ def collate_cross(reads: list[dict], pad_id: int, token_map: torch.Tensor | None
         out["student_keep"][b, : len(rows)] = torch.as_tensor(x["student_keep"])
         out["aligned"][b, : len(rows)] = torch.as_tensor(x["aligned"])
         out["teacher_mask"][b, :r] = torch.as_tensor(x["teacher_keep"])
+    for key, size in CHUNK_FIELDS.items():  # pipeline/distill/chunks.py, crosstok.alm_chunks: -1 / False = none
+        if key in reads[0]:
+            x0 = np.asarray(reads[0][key])
+            fill = False if x0.dtype == bool else -1
+            out[key] = torch.full((B, M if size == "M" else N, *x0.shape[1:]), fill, dtype=torch.as_tensor(x0).dtype)
+            for b, x in enumerate(reads):
+                out[key][b, : len(x[key])] = torch.as_tensor(x[key])
     if "teacher_ids" in out and token_map is not None:
         ids = out["teacher_ids"]
         inside = ids < len(token_map)  # an id beyond the teacher's tokenizer is no token (padded logits)

@@ -15,6 +15,9 @@ condition on the same answer bytes and predict the same next bytes, even inside 
 rows are kept for the sequence-level terms only up to the text both sides cover (one side may be truncated at
 data.max_length).
 
+CHUNKS (`alm_chunks`, for the chunk likelihood matching): the spans between consecutive aligned rows, i.e. between
+byte offsets where both tokenizations start a token; each side's rows of a chunk spell the same bytes.
+
 TOKEN MAP. Teacher id -> student id whose token is the identical byte string (byte-level BPE symbols and
 SentencePiece's "▁" / <0xNN> decoded to bytes first); strings that are not unique in either vocabulary are left out,
 and special tokens map only to a student special token, of the same spelling or the same role (eos, pad, bos,
@@ -76,23 +79,24 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     return out
 
 
+def unique_index(table: list[bytes | None]) -> dict[bytes, int]:
+    """bytes -> id for the byte strings exactly one id of `table` (`token_bytes`) spells."""
+    seen: dict[bytes, int] = {}
+    dup = set()
+    for i, b in enumerate(table):
+        if b is not None:
+            if b in seen:
+                dup.add(b)
+            seen[b] = i
+    return {b: i for b, i in seen.items() if b not in dup}
+
+
 def token_map(teacher_tok, student_tok) -> torch.Tensor:
     """(V_teacher,) long: the student id of the identical token string, or -1 (see the module docstring)."""
     t_bytes, s_bytes = token_bytes(teacher_tok), token_bytes(student_tok)
-
-    def unique(table):
-        seen: dict[bytes, int] = {}
-        dup = set()
-        for i, b in enumerate(table):
-            if b is not None:
-                if b in seen:
-                    dup.add(b)
-                seen[b] = i
-        return {b: i for b, i in seen.items() if b not in dup}
-
-    s_index = unique(s_bytes)
+    s_index = unique_index(s_bytes)
     out = torch.full((len(teacher_tok),), -1, dtype=torch.long)
-    for b, i in unique(t_bytes).items():
+    for b, i in unique_index(t_bytes).items():
         if b in s_index:
             out[i] = s_index[b]
     s_special = dict(zip(student_tok.all_special_tokens, student_tok.all_special_ids))
@@ -151,6 +155,19 @@ def align(t_starts: np.ndarray, s_starts: np.ndarray) -> np.ndarray:
     return np.array([where.get(int(p), -1) if s_ok[i] else -1 for i, p in enumerate(s_starts)], dtype=np.int64)
 
 
+def alm_chunks(t_starts: np.ndarray, s_starts: np.ndarray, aligned: np.ndarray, complete: bool):
+    """(chunk id per student row (N,), per teacher row (M,)), -1 outside a chunk: a chunk runs from one aligned
+    pair of rows to the next; the last one only when both sides hold every row to the end (`complete`).
+
+    t_starts: (M,) / s_starts: (N,) byte offsets of the rows' tokens; aligned: (N,) teacher row or -1."""
+    pairs = [(i, int(j)) for i, j in enumerate(aligned) if j >= 0]
+    s_chunk, t_chunk = np.full(len(s_starts), -1), np.full(len(t_starts), -1)
+    ends = pairs[1:] + ([(len(s_starts), len(t_starts))] if complete else [])
+    for c, ((i0, j0), (i1, j1)) in enumerate(zip(pairs, ends)):
+        s_chunk[i0:i1], t_chunk[j0:j1] = c, c
+    return s_chunk, t_chunk
+
+
 def covered(starts: np.ndarray, n_rows: int, end: int) -> int:
     """Text offset up to which `n_rows` of a side's response tokens reach (the start of the first missing token)."""
     return int(starts[n_rows]) if n_rows < len(starts) else end + 1
@@ -159,7 +176,8 @@ def covered(starts: np.ndarray, n_rows: int, end: int) -> int:
 class StudentSide:
     """The student's tokens, rows and alignment for every cached sequence, by sample_id."""
 
-    def __init__(self, data_cfg, student_tok, teacher_tok, log=print):
+    def __init__(self, data_cfg, student_tok, teacher_tok, log=print, events=None):
+        """events: a `chunks.ChunkEvents` when the chunk-level KL is on (its per-row events join each read)."""
         splits = load_splits(data_cfg, student_tok, log=lambda *_: None)
         self.template = data_cfg.template
         self.by_sid: dict[str, dict] = {}
@@ -169,6 +187,7 @@ class StudentSide:
         self.student_tok, self.teacher_tok = student_tok, teacher_tok
         self.student_bytes, self.teacher_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
         self._positions: dict[str, tuple] = {}
+        self.events = events
         log(
             f"cross-tokenizer: {len(self.by_sid)} records tokenized by the student ({len(student_tok)} tokens), "
             f"teacher tokenizer {len(teacher_tok)} tokens"
@@ -204,13 +223,20 @@ class StudentSide:
         N = len(s_rows)
         end = max(t_starts.max(initial=0), s_starts.max(initial=0))  # the answer's length in bytes
         cov = min(covered(t_starts, M, end), covered(s_starts, N, end))
-        return {
+        aligned = align(t_starts[:M], s_starts[:N])
+        out = {
             "student_ids": np.asarray(ex["input_ids"]),
             "student_rows": s_rows,
-            "aligned": align(t_starts[:M], s_starts[:N]),
+            "aligned": aligned,
             "student_keep": s_starts[:N] < cov,
             "teacher_keep": t_starts[:M] < cov,
         }
+        complete = M == len(t_ids) and N == len(s_starts)  # neither side truncated: the last chunk is whole
+        out["alm_student"], out["alm_teacher"] = alm_chunks(t_starts[:M], s_starts[:N], aligned, complete)
+        if self.events is not None and "topk_ids" in read:
+            s_targets = np.asarray(ex["input_ids"])[s_rows + 1]
+            out.update(self.events.rows(s_targets, aligned, cached, np.asarray(read["topk_ids"]), out["teacher_keep"]))
+        return out
 
 
 class CrossBlocks(torch.utils.data.Dataset):

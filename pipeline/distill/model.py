@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from pipeline.config.distill import DistillConfig
-from pipeline.distill.batches import gather_rows
+from pipeline.distill.batches import CHUNK_FIELDS, gather_rows
+from pipeline.losses.chunk import alm_loss, chunk_kl, chunk_teacher_events, event_logprobs
 from pipeline.losses.crosstok import (
     bucket_kl,
     bucket_logprobs,
@@ -59,8 +60,13 @@ class DistillModel(nn.Module):
         tok_projection: torch.Tensor | None = None,
         teacher_embeddings: tuple | None = None,
         teacher_head: tuple | None = None,
+        chunk_events: tuple | None = None,
     ):
         super().__init__()
+        # the chunk-level KL: each student id's first piece (V,) and the teacher's vocabulary size (a constant)
+        if chunk_events is not None:
+            self.register_buffer("first_piece", chunk_events[0], persistent=False)
+            self.n_teacher = chunk_events[1]
         self.student, self.d, self.vocab_size = student, d, vocab_size
         # the exact teacher (distill.teacher_head): its lm_head (V, D) (+ bias), or for a low-rank cache that head
         # folded into the code's basis (V, r) (cache/codecs.py fold); a constant like the cache, not state
@@ -94,8 +100,10 @@ class DistillModel(nn.Module):
         student_keep=None,
         aligned=None,
         teacher_sids=None,
+        teacher_observed=None,
         num_items_in_batch=None,
         n_micro: int = 1,
+        **chunks,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A `Batch` (pipeline/distill/batches.py) -> (loss, parts): the weighted loss, and every unweighted
         term plus Sinkhorn diagnostics, detached, for logging.
@@ -103,8 +111,11 @@ class DistillModel(nn.Module):
         Every term is a mean over the whole optimizer step, so micro-batch losses simply add up: CE and KL
         divide their sums over rows by num_items_in_batch (the step's row count, from Trainer; default this
         batch's), the per-sequence OT means divide by n_micro (micro-batches in the step, over all ranks).
-        A cross-tokenizer batch (teacher_mask given) goes to `_cross_terms`.
+        A cross-tokenizer batch (teacher_mask given) goes to `_cross_terms`; `chunks` are its CHUNK_FIELDS.
         """
+        unknown = set(chunks) - set(CHUNK_FIELDS)
+        if unknown:
+            raise TypeError(f"DistillModel.forward got unexpected batch fields {sorted(unknown)}")
         d, V = self.d, self.vocab_size
         n_items = row_mask.sum() if num_items_in_batch is None else num_items_in_batch
         decoder, head = self.student.get_decoder(), self.student.get_output_embeddings()
@@ -128,6 +139,8 @@ class DistillModel(nn.Module):
                 teacher_sids,
                 n_items,
                 n_micro,
+                teacher_observed,
+                chunks,
             )
         if d.w_uld or d.w_tok_ot:  # same tokenizer: every row is aligned with itself
             B, M = row_mask.shape
@@ -235,12 +248,15 @@ class DistillModel(nn.Module):
         teacher_sids,
         n_items,
         n_micro,
+        teacher_observed=None,
+        chunks=None,
     ):
         """The loss of a cross-tokenizer batch: student rows (B, N) against teacher rows (B, M), N != M.
 
         CE on the student's own labels; w_kl: KL at aligned rows over the teacher's top-k mapped to identical
         student strings + one bucket for the rest; w_ot: hidden-state OT between both sides' kept rows; w_ot_logits:
-        OT over the mapped ids (unmapped teacher mass contributes nothing); w_uld, w_tok_ot: `_token_terms`.
+        OT over the mapped ids (unmapped teacher mass contributes nothing); w_uld, w_tok_ot: `_token_terms`;
+        w_chunk_kl, w_alm: `_chunk_terms`.
         """
         d, V = self.d, self.vocab_size
         head = self.student.get_output_embeddings()
@@ -276,6 +292,12 @@ class DistillModel(nn.Module):
             loss = loss + d.w_kl * parts["kl"]
             parts["kl"] = parts["kl"] * n_micro
             parts["kl_aligned_rows"] = sel.sum() / row_mask.sum().clamp_min(1)  # share of student rows aligned
+        if d.w_chunk_kl or d.w_alm:
+            chunk_loss, chunk_parts = self._chunk_terms(
+                rows, row_mask, input_ids, row_pos, teacher_logprobs, teacher_observed, chunks, n_items, n_micro
+            )
+            loss = loss + chunk_loss
+            parts.update(chunk_parts)
         x_mask = row_mask & student_keep
         if d.w_ot:
             parts["ot_hidden"], res = ot_hidden_loss(
@@ -315,6 +337,57 @@ class DistillModel(nn.Module):
             mass = teacher_logprobs.float().exp()  # (B, M, k)
             parts["mapped_mass"] = (mass * mapped)[teacher_mask].sum() / mass[teacher_mask].sum().clamp_min(1e-12)
         return loss, {k: v.detach().float() for k, v in parts.items()}
+
+    def _chunk_terms(self, rows, row_mask, input_ids, row_pos, teacher_logprobs, observed, x, n_items, n_micro):
+        """The chunk-level KL at the student rows with events, and ALM over the chunks both sides start and end at
+        (pipeline/losses/chunk.py; which rows and ids: pipeline/distill/chunks.py). Returns (weighted loss, parts)."""
+        d, V = self.d, self.vocab_size
+        head = self.student.get_output_embeddings()
+        W, bias = head.weight, getattr(head, "bias", None)
+        B, N = row_mask.shape
+        b_all = torch.arange(B, device=rows.device)[:, None]
+        loss, parts = rows.new_zeros((), dtype=torch.float32), {}
+        obs = observed.double()  # (B, M): sums of up to a sequence of log-probs, exact enough in float64
+        if d.w_chunk_kl:
+            sel = (x["chunk_first"] >= 0) & row_mask  # (B, N)
+            b_idx = b_all.expand(B, N)[sel]
+            j0, j1 = x["chunk_first"][sel], x["chunk_last"][sel]  # (R_e,) first / last teacher row of each token
+            cum = obs.cumsum(1) - obs  # (B, M) exclusive: the observed log-probs of the rows before
+            prefix = cum[b_idx, j1] - cum[b_idx, j0]  # (R_e,) rows j0 .. j1-1
+            chunk = prefix + obs[b_idx, j1]
+            groups, singles = x["ev_groups"][sel], x["ev_singles"][sel]  # (R_e, k+1), (R_e, k+2)
+            ok = torch.cat([groups >= 0, singles >= 0], -1)  # (R_e, 2k+3)
+            t = chunk_teacher_events(
+                teacher_logprobs[b_idx, j0].float(),
+                obs[b_idx, j0].float(),
+                teacher_logprobs[b_idx, j1].float(),
+                prefix.float(),
+                chunk.float(),
+                x["ev_boundary"][sel],
+                ok,
+            )  # (R_e, 2k+4)
+            s = event_logprobs(
+                rows[sel], W, groups, singles, self.first_piece, n_teacher=self.n_teacher, vocab_size=V, bias=bias
+            )  # (R_e, 2k+4)
+            parts["chunk_kl"] = chunk_kl(s, t, ok, torch.ones_like(j0, dtype=torch.bool), num_items=n_items)
+            loss = loss + d.w_chunk_kl * parts["chunk_kl"]
+            parts["chunk_kl"] = parts["chunk_kl"] * n_micro
+            parts["chunk_rows"] = sel.sum() / row_mask.sum().clamp_min(1)  # share of student rows with events
+        if d.w_alm:
+            s_id, t_id = x["alm_student"], x["alm_teacher"]  # (B, N), (B, M) chunk ids, -1 = none
+            sel, t_sel = (s_id >= 0) & row_mask, t_id >= 0
+            n_chunks = int(s_id.max()) + 1 if sel.any() else 0
+            targets = gather_rows(input_ids, row_pos + 1)[sel]  # (R_c,)
+            s_lp = bucket_logprobs(rows[sel], W, targets[:, None], vocab_size=V, bias=bias)[:, 0]  # (R_c,)
+            b_s, b_t = b_all.expand(B, N)[sel], b_all.expand(t_id.shape)[t_sel]
+            S = s_lp.new_zeros(B, n_chunks).index_put((b_s, s_id[sel]), s_lp, accumulate=True)  # (B, C)
+            T = obs.new_zeros(B, n_chunks).index_put((b_t, t_id[t_sel]), obs[t_sel], accumulate=True)
+            has = torch.zeros(B, n_chunks, dtype=torch.bool, device=rows.device)
+            has[b_s, s_id[sel]] = True
+            parts["alm"] = alm_loss(S[has], T[has].float(), torch.ones_like(S[has], dtype=torch.bool), n_items)
+            loss = loss + d.w_alm * parts["alm"]
+            parts["alm"] = parts["alm"] * n_micro
+        return loss, parts
 
     def _token_terms(self, rows, aligned, by_index, teacher_ids, teacher_logprobs, teacher_tail, n_items, n_micro):
         """ULD at the rows paired by `by_index`, token-level OT at the rows paired by `aligned` ((B, N) teacher row

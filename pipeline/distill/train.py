@@ -27,6 +27,7 @@ from pipeline.config.base import save_config
 from pipeline.config.distill import DistillConfig, DistillParams
 from pipeline.distill import crosstok
 from pipeline.distill.batches import COMPONENTS, BlockCollator, cache_fields, curves_path, open_checked
+from pipeline.distill.chunks import ChunkEvents
 from pipeline.distill.crosstok import CrossBlocks, StudentSide, load_teacher_tokenizer
 from pipeline.distill.model import PROJECTION_FILE, TOK_PROJECTION_FILE, DistillModel, load_projection
 from pipeline.distill.student import load_student
@@ -171,7 +172,12 @@ def _fmt(v) -> str:
 
 
 def build_model(
-    d: DistillConfig, teacher_hidden_size: int | None, vocab_size: int, seed: int, teacher_head: tuple | None = None
+    d: DistillConfig,
+    teacher_hidden_size: int | None,
+    vocab_size: int,
+    seed: int,
+    teacher_head: tuple | None = None,
+    chunk_events: tuple | None = None,
 ) -> DistillModel:
     """The student as distill.* says, P when hidden-state OT is on and P_e (+ the teacher's embedding rows) when
     token-level OT is: read back from distill.student when that is an earlier Stage-2 output with a projection of
@@ -196,6 +202,7 @@ def build_model(
         projections.get(TOK_PROJECTION_FILE),
         teacher_emb,
         teacher_head,
+        chunk_events,
     )
 
 
@@ -307,19 +314,24 @@ def run(cfg: DistillParams, callbacks: tuple = ()) -> dict:
                 "rerun Stage 1 for both splits in one run"
             )
         eval_ds = CacheBlocks(val_cache, d.batch_size, fields, d.eval_fraction)
-    token_map = None
+    token_map = events = chunk_events = None
     if d.cross_tokenizer:  # the student's own tokens and rows, aligned with the teacher's by the text
         teacher_tok = load_teacher_tokenizer(d.cache, train_cache.provenance["tokenizer_hash"])
-        side = StudentSide(cfg.data, tokenizer, teacher_tok)
+        token_map = crosstok.token_map(teacher_tok, tokenizer)
+        if d.w_chunk_kl:  # which student ids make which event, from the two vocabularies' byte strings
+            events = ChunkEvents(crosstok.token_bytes(teacher_tok), crosstok.token_bytes(tokenizer), token_map)
+            chunk_events = (events.first_piece, len(teacher_tok))
+        side = StudentSide(cfg.data, tokenizer, teacher_tok, events=events)
         train_ds = CrossBlocks(train_ds, side)
         eval_ds = CrossBlocks(eval_ds, side) if eval_ds is not None else None
-        token_map = crosstok.token_map(teacher_tok, tokenizer)
         print(
             f"cross-tokenizer: {int((token_map >= 0).sum())} of {len(token_map)} teacher tokens map to an "
             "identical student token"
         )
 
-    model = build_model(d, train_cache.provenance.get("hidden_size"), len(tokenizer), cfg.seed, teacher_head)
+    model = build_model(
+        d, train_cache.provenance.get("hidden_size"), len(tokenizer), cfg.seed, teacher_head, chunk_events
+    )
     check_vocab(model.student.config.vocab_size, len(tokenizer), d.student)  # the losses use len(tokenizer)
     trainer = DistillTrainer(
         model=model,

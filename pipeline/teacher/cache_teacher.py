@@ -56,7 +56,8 @@ def supervised_rows(labels: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_rows(model, batch: dict, k: int, vocab_size: int, chunk_rows: int, keep_hidden: bool):
-    """One teacher forward on a right-padded batch; returns the stored rows of all its sequences, in order."""
+    """One teacher forward on a right-padded batch; the stored rows of all its sequences, in order:
+    (top-k ids (R, k), top-k log-probs (R, k), tail (R,), hidden (R, D) or None, observed log-prob (R,))."""
     dev = next(model.parameters()).device
     # The decoder alone gives the hidden states that feed lm_head; calling the full model would build the
     # whole (B, L, V) logits tensor (1.2 GB in bf16 at 4k tokens for a 152k vocabulary).
@@ -65,9 +66,12 @@ def teacher_rows(model, batch: dict, k: int, vocab_size: int, chunk_rows: int, k
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev), use_cache=False
     ).last_hidden_state  # (B, L, D)
-    h = hidden[supervised_rows(batch["labels"]).to(dev)]  # (R, D) sequence by sequence, position by position
-    top_ids, logprobs, tail = topk_from_hidden(h, model.get_output_embeddings(), k, vocab_size, chunk_rows)
-    return top_ids, logprobs, tail, (h if keep_hidden else None)
+    sup = supervised_rows(batch["labels"])  # (B, L)
+    h = hidden[sup.to(dev)]  # (R, D) sequence by sequence, position by position
+    # the row at j is followed by input_ids[j+1] (the row contract's target; sup[:, -1] is always False)
+    targets = batch["input_ids"][:, 1:][sup[:, :-1]]  # (R,) in the same order as h
+    top = topk_from_hidden(h, model.get_output_embeddings(), k, vocab_size, chunk_rows, targets=targets.to(dev))
+    return top.ids, top.logprobs, top.tail, (h if keep_hidden else None), top.observed
 
 
 def cache_split(
@@ -169,8 +173,10 @@ def cache_split(
                 batch = pad_collate(
                     [{"input_ids": input_ids[i], "labels": labels[i]} for i in b], tokenizer.pad_token_id
                 )
-                out = teacher_rows(get_model(), batch, c.k, len(tokenizer), c.chunk_rows, c.hidden_codec != "none")
-                writer.write_rows(int(row_start[b[0]]), *out)
+                ids, lp, tail, hidden, observed = teacher_rows(
+                    get_model(), batch, c.k, len(tokenizer), c.chunk_rows, c.hidden_codec != "none"
+                )
+                writer.write_rows(int(row_start[b[0]]), ids, lp, tail, hidden, observed=observed)
                 bar.update(sum(len(input_ids[i]) for i in b))
             writer.close(mark_complete=world == 1)
         seconds = time.perf_counter() - t0
