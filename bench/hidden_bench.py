@@ -102,6 +102,7 @@ RESULT (this machine, 2026-12-02; all numbers in bench/results/hidden_bench.{jso
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -118,7 +119,7 @@ sys.path.insert(0, str(ROOT))
 from cache import codecs  # noqa: E402
 from cache.schema import HIDDEN_STORAGE, array_specs  # noqa: E402
 from pipeline.config.params import load_config  # noqa: E402
-from pipeline.losses.ot import init_projection, ot_hidden_loss  # noqa: E402
+from pipeline.losses.ot import OTSolver, init_projection, ot_hidden_loss  # noqa: E402
 from pipeline.teacher.codecs import fit_basis  # noqa: E402
 from pipeline.versions import versions, versions_line  # noqa: E402
 
@@ -329,11 +330,13 @@ class OTProbe:
                 Y.to(dtype),
                 self.mask,
                 p,
-                eps=self.cfg.ot_eps,
-                objective=self.cfg.ot_objective,
-                eps_scale=self.cfg.ot_eps_scale,
-                tol=tol,
-                max_iter=max_iter,
+                solver=OTSolver(
+                    eps=self.cfg.ot.eps,
+                    objective=self.cfg.ot.objective,
+                    eps_scale=self.cfg.ot.eps_scale,
+                    tol=tol,
+                    max_iter=max_iter,
+                ),
             )
             gx, gp = torch.autograd.grad(loss, (x, p))
             out[mode] = (loss.item(), gx.double(), gp.double(), bool(res.converged.all()))
@@ -1068,7 +1071,7 @@ def main(argv=None):
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}",
             "args": vars(args),
-            "ot": {k: getattr(dcfg, k) for k in ("ot_eps", "ot_objective", "ot_eps_scale", "ot_tol", "ot_max_iter")},
+            "ot": dataclasses.asdict(dcfg.ot),
             "hidden_storage": {k: v[1].to_dict()["configuration"] for k, v in HIDDEN_STORAGE.items()},
             "shard_rows": shard_rows,
             "loadavg_start": list(__import__("os").getloadavg()),

@@ -72,7 +72,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.losses.implicit import ot_loss  # noqa: E402
-from pipeline.losses.ot import ot_hidden_loss  # noqa: E402
+from pipeline.losses.ot import OTSolver, ot_hidden_loss  # noqa: E402
 from pipeline.versions import versions  # noqa: E402
 
 B, D = 4, 64
@@ -113,7 +113,7 @@ def masks(X, Y):
 
 def run_otkd(X, P, Y, eps, backward, **kw):
     xm, ym = masks(X, Y)
-    loss, res = ot_hidden_loss(X, xm, Y, ym, P, eps=eps, **kw)
+    loss, res = ot_hidden_loss(X, xm, Y, ym, P, solver=OTSolver(eps=eps, **kw))
     if backward:
         loss.backward()
     return (
@@ -242,7 +242,7 @@ def reference(n, m, eps):
     t0 = time.perf_counter()
     X, P, Y = make_inputs(n, m, torch.float64)
     xm, ym = masks(X, Y)
-    loss, res = ot_hidden_loss(X, xm, Y, ym, P, eps=eps, tol=REF_TOL, max_iter=REF_MAX_ITER)
+    loss, res = ot_hidden_loss(X, xm, Y, ym, P, solver=OTSolver(eps=eps, tol=REF_TOL, max_iter=REF_MAX_ITER))
     info = {
         "n": n,
         "m": m,

@@ -3,6 +3,7 @@ references used by several test files; the Stage-2 helpers and the plain full-lo
 
 import copy
 import csv
+import dataclasses
 import math
 import os
 import subprocess
@@ -177,14 +178,14 @@ def reference_loss(model, batch: dict, num_items=None) -> tuple[torch.Tensor, di
     pipeline/losses/kl.py and ot.py (the reference for the fused production path; same (loss, parts))."""
     from pipeline.distill.batches import gather_rows
     from pipeline.losses.kl import ce_loss, topk_kl_loss
-    from pipeline.losses.ot import ot_hidden_loss, ot_logits_loss
+    from pipeline.losses.ot import OTSolver, ot_hidden_loss, ot_logits_loss
 
     d, V = model.d, model.vocab_size
     pos, mask = batch["row_pos"], batch["row_mask"]  # (B, M)
     n = mask.sum() if num_items is None else num_items
     out = model.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     rows = gather_rows(out.logits, pos)  # (B, M, V_logits) the logits at the teacher's rows
-    ot_kw = dict(eps=d.ot_eps, objective=d.ot_objective, max_iter=d.ot_max_iter, eps_scale=d.ot_eps_scale, tol=d.ot_tol)
+    ot_kw = dict(solver=OTSolver(**dataclasses.asdict(d.ot)))
     parts, weights = {}, {}
     if d.w_ce:
         parts["ce"], weights["ce"] = ce_loss(out.logits, batch["labels"], n, vocab_size=V), d.w_ce

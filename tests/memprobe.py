@@ -98,7 +98,7 @@ def ot(B, N, V, d, D, k, hidden, logits, max_iter=50, seed=0):
     import torch
 
     from pipeline.losses.fused_ot import ot_logits_loss_from_hidden
-    from pipeline.losses.ot import init_projection, ot_hidden_loss
+    from pipeline.losses.ot import OTSolver, init_projection, ot_hidden_loss
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, N, d, generator=g).requires_grad_()
@@ -113,9 +113,9 @@ def ot(B, N, V, d, D, k, hidden, logits, max_iter=50, seed=0):
     def losses():
         loss = 0.0
         if hidden:
-            loss = loss + ot_hidden_loss(x, mask, y, mask, P, max_iter=max_iter)[0]
+            loss = loss + ot_hidden_loss(x, mask, y, mask, P, solver=OTSolver(max_iter=max_iter))[0]
         if logits:
-            loss = loss + ot_logits_loss_from_hidden(x, W, ids, lp, mask, mask, max_iter=max_iter)[0]
+            loss = loss + ot_logits_loss_from_hidden(x, W, ids, lp, mask, mask, solver=OTSolver(max_iter=max_iter))[0]
         return loss
 
     return {"peak": peak_of(lambda: losses().backward())}

@@ -95,7 +95,7 @@ def test_the_positive_control_differs_from_the_default_only_in_task_and_student_
     "values, message",
     [
         ({"variants": {"ce": {"w_kl": 0.0}, "bad": {"w_kll": 1.0}}}, "variants.bad: unknown parameter distill.w_kll"),
-        ({"variants": {"ce": {"ot_eps_scale": "mean"}}}, "variants.ce"),
+        ({"variants": {"ce": {"ot.eps_scale": "mean"}}}, "variants.ce"),
         ({"baseline": "nope"}, "baseline must be one of"),
         ({"data_efficiency": {"variants": ["ce", "typo"]}}, "data_efficiency.variants"),
         ({"data_efficiency": {"fractions": [0.1, 1.0]}}, "fractions must be in (0, 1)"),

@@ -43,7 +43,7 @@ def test_config_error_is_a_user_error():
     "override, message",
     [
         ("distill.kl_tail=buckt", "distill.kl_tail must be one of 'bucket', 'none', got 'buckt'"),
-        ("distill.ot_objective=regularised", "distill.ot_objective must be one of 'linear', 'regularized'"),
+        ("distill.ot.objective=regularised", "distill.ot.objective must be one of 'linear', 'regularized'"),
         ("distill.mode=qlora", "distill.mode must be one of 'full', 'lora'"),
         ("distill.optim=adam", "distill.optim must be one of 'adamw_torch', 'adamw_8bit', 'paged_adamw_8bit'"),
         ("distill.report_to=wandb", "distill.report_to must be one of 'none', 'tensorboard'"),
@@ -56,10 +56,11 @@ def test_config_error_is_a_user_error():
         ("cache.hidden_codec=fp32", "cache.hidden_codec must be bf16, fp16, int8, pca:<r>"),
         ("cache.splits=[train, valid]", "cache.splits[1] must be one of 'train', 'validation', 'test'"),
         ("distill.temperature=0", "distill.temperature must be > 0, got 0.0"),
-        ("distill.ot_eps=-0.1", "distill.ot_eps must be > 0"),
+        ("distill.ot.eps=-0.1", "distill.ot.eps must be > 0"),
         ("distill.w_kl=-1", "distill.w_kl must be >= 0"),
         ("distill.load_in_bits=4", "distill.load_in_bits=4 needs mode='lora'"),
-        ("distill.ot_max_iter=0", "distill.ot_max_iter must be >= 1"),
+        ("distill.ot.max_iter=0", "distill.ot.max_iter must be >= 1"),
+        ("distill.ot_eps=0.1", "distill.ot_eps was renamed: set distill.ot.eps instead"),
         ("distill.epochs=0", "distill.epochs must be > 0"),
         ("distill.max_steps=0", "distill.max_steps must be -1 (all epochs) or >= 1"),
         ("distill.train_fraction=0", "distill.train_fraction must be in (0, 1], got 0.0"),
@@ -164,3 +165,10 @@ def test_cli_typo_fails_fast_in_one_line():
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip() == "error: distill.kl_tail must be one of 'bucket', 'none', got 'buckt'"
     assert elapsed < 5, elapsed  # ~0.2 s here; torch alone takes seconds to import (generous for a busy box)
+
+
+def test_a_params_file_with_the_old_flat_ot_keys_names_the_new_ones(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("distill:\n  ot_max_iter: 50\n")
+    with pytest.raises(ConfigError, match=r"distill.ot_max_iter was renamed: set distill.ot.max_iter instead"):
+        load_config(p)

@@ -38,7 +38,7 @@ from pipeline.losses.crosstok import (
     uld_loss,
 )
 from pipeline.losses.kl import LOG_FLOOR
-from pipeline.losses.ot import ot_hidden_loss
+from pipeline.losses.ot import OTSolver, ot_hidden_loss
 from tests.conftest import distill_cfg, make_cache, read_tsv, rel_err, stage
 from tests.test_losses import make_hidden, ref_ot_from_similarity
 
@@ -313,7 +313,7 @@ def test_ot_hidden_with_n_not_m_matches_reference(N_, M_):
     x_mask[1, N_ // 2 + 1 :] = False  # another length per sequence on each side
     y_mask[2, M_ // 3 + 1 :] = False
     x, proj = x64.detach().float().requires_grad_(), p64.detach().float().requires_grad_()
-    loss, _ = ot_hidden_loss(x, x_mask, y64.float(), y_mask, proj, eps=0.05, tol=1e-6)
+    loss, _ = ot_hidden_loss(x, x_mask, y64.float(), y_mask, proj, solver=OTSolver(eps=0.05, tol=1e-6))
     ref = ref_ot_from_similarity(x64 @ (y64 @ p64).transpose(1, 2) / math.sqrt(x64.shape[-1]), x_mask, y_mask, 0.05)
     loss.backward()
     ref.backward()

@@ -220,9 +220,10 @@ def test_tensorboard_logs_every_loss_component_offline(cached, tmp_path):
 
 
 def test_unconverged_sinkhorn_is_logged_and_warned_once(cached, tmp_path):
-    cfg = distill_cfg(cached, tmp_path / "student", max_steps=3, ot_max_iter=2)
+    cfg = distill_cfg(cached, tmp_path / "student", max_steps=3)
+    cfg.distill.ot.max_iter = 2
     with pytest.warns(
-        UserWarning, match="Sinkhorn did not reach distill.ot_tol=1e-05 within distill.ot_max_iter=2"
+        UserWarning, match="Sinkhorn did not reach distill.ot.tol=1e-05 within distill.ot.max_iter=2"
     ) as caught:
         distill.run(cfg)
     assert sum("Sinkhorn did not reach" in str(w.message) for w in caught) == 1
@@ -352,7 +353,8 @@ def test_mixed_precision_follows_distill_dtype(tiny, tmp_path, dtype, bf16, fp16
 def test_sharp_ot_on_the_embedded_data_is_finite_and_converges(cached, tmp_path, eps_scale, eps):
     """Issue 11: a sharp plan (eps = 0.005, and a relative eps) in float32 on the embedded task's cache: both OT
     terms finite, every sequence converged, finite gradients for the student and P."""
-    cfg = distill_cfg(cached, tmp_path / "s", w_ot=0.5, w_ot_logits=0.5, ot_eps=eps, ot_eps_scale=eps_scale)
+    cfg = distill_cfg(cached, tmp_path / "s", w_ot=0.5, w_ot_logits=0.5)
+    cfg.distill.ot.eps, cfg.distill.ot.eps_scale = eps, eps_scale
     c = open_cache(Path(cfg.cache.out) / "train.zarr")
     tok = load_tokenizer(cfg.distill.student)
     batch = collate(c.read_many(range(0, len(c), len(c) // 16), cache_fields(cfg.distill)), tok.pad_token_id)

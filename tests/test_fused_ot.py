@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.losses.fused_ot import ot_logits_loss_from_hidden
-from pipeline.losses.ot import ot_logits_loss
+from pipeline.losses.ot import OTSolver, ot_logits_loss
 from tests.conftest import NewAllocations, padded_masks, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,11 +42,9 @@ def reference(h, W, bias, t_ids, t_lp, x_mask, y_mask, tau=1.0):
         torch.where(y_mask[..., None], t_lp, 0.0),
         x_mask,
         y_mask,
-        eps=EPS,
         vocab_size=V,
-        tol=1e-12,
-        max_iter=20000,
         score_temperature=tau,
+        solver=OTSolver(eps=EPS, tol=1e-12, max_iter=20000),
     )[0]
 
 
@@ -71,12 +69,12 @@ def test_matches_full_logits_reference(block, train_w, use_bias, tau):
         t_lp.float(),
         x_mask,
         y_mask,
-        eps=EPS,
         block=block,
         vocab_size=V,
         bias=b,
         chunk_rows=16,
         score_temperature=tau,
+        solver=OTSolver(eps=EPS),
     )
     (2 * loss).backward()
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
@@ -97,7 +95,16 @@ def test_chunk_and_block_sizes_change_only_rounding():
     for block, chunk in ((1, 1), (7, 16), (64, 1000)):
         hh = h.clone().requires_grad_()
         loss, _ = ot_logits_loss_from_hidden(
-            hh, W, t_ids, t_lp, x_mask, y_mask, eps=EPS, block=block, vocab_size=V, chunk_rows=chunk
+            hh,
+            W,
+            t_ids,
+            t_lp,
+            x_mask,
+            y_mask,
+            block=block,
+            vocab_size=V,
+            chunk_rows=chunk,
+            solver=OTSolver(eps=EPS),
         )
         loss.backward()
         outs.append((loss.detach(), hh.grad))
@@ -113,7 +120,16 @@ def test_no_vocabulary_wide_tensor_when_the_head_is_frozen():
     h.requires_grad_()
     with NewAllocations() as mode:
         loss, _ = ot_logits_loss_from_hidden(
-            h, W, t_ids, t_lp, x_mask, y_mask, eps=EPS, block=4, vocab_size=V, chunk_rows=4
+            h,
+            W,
+            t_ids,
+            t_lp,
+            x_mask,
+            y_mask,
+            block=4,
+            vocab_size=V,
+            chunk_rows=4,
+            solver=OTSolver(eps=EPS),
         )
         loss.backward()
     limit = min(N * V, VL * D)
@@ -125,7 +141,9 @@ def test_no_vocabulary_wide_tensor_when_the_head_is_frozen():
 def test_all_masked_is_zero():
     h, W, t_ids, t_lp, x_mask, y_mask = (t.float() if t.is_floating_point() else t for t in make())
     h.requires_grad_()
-    loss, _ = ot_logits_loss_from_hidden(h, W, t_ids, t_lp, x_mask, torch.zeros_like(y_mask), eps=EPS, vocab_size=V)
+    loss, _ = ot_logits_loss_from_hidden(
+        h, W, t_ids, t_lp, x_mask, torch.zeros_like(y_mask), vocab_size=V, solver=OTSolver(eps=EPS)
+    )
     loss.backward()
     assert loss.item() == 0 and (h.grad == 0).all()
 
@@ -140,11 +158,22 @@ def test_plain_and_fused_sanitise_padding_alike():
     t_ids[1, 20:, 3] = VL + 5  # not a column at all
     t_lp[2, -3:] = math.nan
     h64.requires_grad_()
-    ref, _ = ot_logits_loss(h64 @ W64.T, t_ids, t_lp, x_mask, y_mask, eps=EPS, vocab_size=V, tol=1e-12, max_iter=20000)
+    ref, _ = ot_logits_loss(
+        h64 @ W64.T, t_ids, t_lp, x_mask, y_mask, vocab_size=V, solver=OTSolver(eps=EPS, tol=1e-12, max_iter=20000)
+    )
     (2 * ref).backward()
     h = h64.detach().float().requires_grad_()
     loss, _ = ot_logits_loss_from_hidden(
-        h, W64.float(), t_ids, t_lp.float(), x_mask, y_mask, eps=EPS, vocab_size=V, block=5, chunk_rows=16
+        h,
+        W64.float(),
+        t_ids,
+        t_lp.float(),
+        x_mask,
+        y_mask,
+        vocab_size=V,
+        block=5,
+        chunk_rows=16,
+        solver=OTSolver(eps=EPS),
     )
     (2 * loss).backward()
     assert torch.isfinite(ref) and torch.isfinite(h64.grad).all() and torch.isfinite(h.grad).all()
@@ -160,15 +189,15 @@ def test_out_of_vocabulary_teacher_id_on_a_real_row_is_refused(bad):
     h, W, t_ids, t_lp, x_mask, y_mask = (t.float() if t.is_floating_point() else t for t in make())
     t_ids[0, 3, 2] = bad
     with pytest.raises(ValueError, match=rf"teacher_ids .* \[0, {V}\).* got {bad}"):
-        ot_logits_loss(h @ W.T, t_ids, t_lp, x_mask, y_mask, eps=EPS, vocab_size=V)
+        ot_logits_loss(h @ W.T, t_ids, t_lp, x_mask, y_mask, vocab_size=V, solver=OTSolver(eps=EPS))
     with pytest.raises(ValueError, match=rf"teacher_ids .* \[0, {V}\).* got {bad}"):
-        ot_logits_loss_from_hidden(h, W, t_ids, t_lp, x_mask, y_mask, eps=EPS, vocab_size=V)
+        ot_logits_loss_from_hidden(h, W, t_ids, t_lp, x_mask, y_mask, vocab_size=V, solver=OTSolver(eps=EPS))
 
 
 def test_refuses_integer_masks_and_nonpositive_eps():
     h, W, t_ids, t_lp, x_mask, y_mask = (t.float() if t.is_floating_point() else t for t in make())
     with pytest.raises(TypeError, match="y_mask must be a bool tensor"):
-        ot_logits_loss_from_hidden(h, W, t_ids, t_lp, x_mask, y_mask.long(), eps=EPS, vocab_size=V)
+        ot_logits_loss_from_hidden(h, W, t_ids, t_lp, x_mask, y_mask.long(), vocab_size=V, solver=OTSolver(eps=EPS))
     for eps in (0.0, -0.1, math.nan):
         with pytest.raises(ValueError, match="eps must be > 0"):
-            ot_logits_loss_from_hidden(h, W, t_ids, t_lp, x_mask, y_mask, eps=eps, vocab_size=V)
+            ot_logits_loss_from_hidden(h, W, t_ids, t_lp, x_mask, y_mask, vocab_size=V, solver=OTSolver(eps=eps))

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from pipeline.losses.kl import ce_loss, topk_kl_loss
-from pipeline.losses.ot import cost_from_similarity, cost_spread, init_projection, ot_hidden_loss, ot_logits_loss
+from pipeline.losses.ot import (
+    OTSolver,
+    cost_from_similarity,
+    cost_spread,
+    init_projection,
+    ot_hidden_loss,
+    ot_logits_loss,
+)
 from tests.conftest import rel_err, unrolled_log_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -237,7 +244,7 @@ def test_ot_hidden_matches_reference(objective):
     eps = 0.05
 
     # tol below the float32 default (1e-5), which alone gives ~5e-5 relative gradient error here
-    loss, res = ot_hidden_loss(x, x_mask, y, y_mask, proj, eps=eps, objective=objective, tol=1e-6)
+    loss, res = ot_hidden_loss(x, x_mask, y, y_mask, proj, solver=OTSolver(eps=eps, objective=objective, tol=1e-6))
     ref = ref_ot_from_similarity(x64 @ (y64 @ p64).transpose(1, 2) / math.sqrt(d), x_mask, y_mask, eps, objective)
     loss.backward()
     ref.backward()
@@ -247,7 +254,9 @@ def test_ot_hidden_matches_reference(objective):
     assert (x.grad[~x_mask] == 0).all() and (y.grad[~y_mask] == 0).all()
     assert res.n_iters[2] == 0 and (res.n_iters[:2] > 0).all()
 
-    loss_sum, _ = ot_hidden_loss(x, x_mask, y, y_mask, proj, eps=eps, objective=objective, reduction="sum")
+    loss_sum, _ = ot_hidden_loss(
+        x, x_mask, y, y_mask, proj, reduction="sum", solver=OTSolver(eps=eps, objective=objective)
+    )
     torch.testing.assert_close(loss_sum, 2 * loss)  # 2 non-empty sequences
 
 
@@ -295,7 +304,15 @@ def test_ot_logits_matches_reference(block, V_pad, tau):
     eps = 0.01 if tau == 1 else 0.05
 
     loss, res = ot_logits_loss(
-        s, t_ids, t_lp.float(), x_mask, y_mask, eps=eps, block=block, vocab_size=V, score_temperature=tau, tol=1e-6
+        s,
+        t_ids,
+        t_lp.float(),
+        x_mask,
+        y_mask,
+        block=block,
+        vocab_size=V,
+        score_temperature=tau,
+        solver=OTSolver(eps=eps, tol=1e-6),
     )
     q = s64[..., :V].softmax(-1)  # (B, N, V)
     Y = torch.zeros(B, M, V, dtype=torch.float64).scatter(-1, t_ids, t_lp.exp())  # dense teacher top-k
@@ -314,9 +331,9 @@ def test_ot_logits_score_temperature_sharpens_the_cost():
     x_mask, y_mask = masks()
     s64, t_ids, t_lp = make_logits()
     spread = {
-        tau: ot_logits_loss(s64.float(), t_ids, t_lp.float(), x_mask, y_mask, eps=0.01, score_temperature=tau)[
-            1
-        ].cost_spread[:2]
+        tau: ot_logits_loss(
+            s64.float(), t_ids, t_lp.float(), x_mask, y_mask, score_temperature=tau, solver=OTSolver(eps=0.01)
+        )[1].cost_spread[:2]
         for tau in (1.0, 0.05)
     }
     assert (spread[0.05] > 10 * spread[1.0]).all(), spread
@@ -360,10 +377,10 @@ def test_nonpositive_temperature_and_eps_are_refused(value):
     x_mask, y_mask = masks()
     x, y, proj = (t.float() for t in make_hidden())
     with pytest.raises(ValueError, match="eps must be > 0"):
-        ot_hidden_loss(x, x_mask, y, y_mask, proj, eps=value)
+        ot_hidden_loss(x, x_mask, y, y_mask, proj, solver=OTSolver(eps=value))
     s64, t_ids, t_lp = make_logits()
     with pytest.raises(ValueError, match="eps must be > 0"):
-        ot_logits_loss(s64.float(), t_ids, t_lp.float(), x_mask, y_mask, eps=value)
+        ot_logits_loss(s64.float(), t_ids, t_lp.float(), x_mask, y_mask, solver=OTSolver(eps=value))
 
 
 def ref_reverse_kl_logspace(s_logits, t_logits, ids, mask, *, tail="bucket"):
@@ -415,7 +432,7 @@ def test_ot_hidden_nan_in_padding_stays_out():
     out = []
     for x, y, proj in (clean, dirty):
         x, y, proj = (t.clone().requires_grad_() for t in (x, y, proj))
-        loss, _ = ot_hidden_loss(x, x_mask, y, y_mask, proj, eps=0.05, tol=1e-9)
+        loss, _ = ot_hidden_loss(x, x_mask, y, y_mask, proj, solver=OTSolver(eps=0.05, tol=1e-9))
         (2 * loss).backward()
         out.append((loss, x.grad, y.grad, proj.grad))
     for got, want in zip(out[1], out[0]):
@@ -468,3 +485,18 @@ def test_a_flat_ot_cost_is_warned_about_once_per_term():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second flat window of the same term: no second warning
         DistillTrainer._warn_flat(fake, {"ot_cost_spread_logits": FLAT_COST / 10, "loss": 1.0})
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"eps": 0.0}, "eps must be > 0"),
+        ({"objective": "entropic"}, "objective must be one of"),
+        ({"eps_scale": "mean"}, "eps_scale must be one of"),
+        ({"tol": -1e-6}, "tol must be > 0"),
+        ({"max_iter": 0}, "max_iter must be an int >= 1"),
+    ],
+)
+def test_ot_solver_settings_are_checked_once_where_they_are_built(kw, match):
+    with pytest.raises(ValueError, match=match):
+        OTSolver(**kw)

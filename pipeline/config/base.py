@@ -160,6 +160,16 @@ def default(cls, name: str):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+def unknown_parameter(cls, where: str, name: str, known) -> ConfigError:
+    """The error for a key `cls` does not have: the new name when the key was renamed (`cls.RENAMED`, old name ->
+    new dotted name within the section), else the known names."""
+    prefix = where + "." if where else ""
+    new = getattr(cls, "RENAMED", {}).get(name)
+    if new:
+        return ConfigError(f"{prefix}{name} was renamed: set {prefix}{new} instead")
+    return ConfigError(f"unknown parameter {prefix}{name} (known: {', '.join(sorted(known))})")
+
+
 def build(cls, values: dict, where: str):
     """Instantiate dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors, and
     every value is validated (by the dataclasses' __post_init__) with its full dotted name in the message."""
@@ -169,9 +179,7 @@ def build(cls, values: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown parameter {where + '.' if where else ''}{unknown[0]} (known: {', '.join(sorted(names))})"
-        )
+        raise unknown_parameter(cls, where, unknown[0], names)
     kwargs = {}
     for name, value in values.items():
         t = hints[name]
@@ -228,6 +236,8 @@ def apply_overrides(cfg, overrides: list[str]):
                 raise ConfigError(f"unknown parameter {key}")
             obj, node = getattr(obj, p), node[p]
         if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
+            if dataclasses.is_dataclass(obj) and leaf in getattr(type(obj), "RENAMED", {}):
+                raise unknown_parameter(type(obj), ".".join(key.strip().split(".")[:-1]), leaf, ())
             raise ConfigError(f"unknown parameter {key}")
         try:
             value = _coerce(text, node[leaf])

@@ -2,7 +2,7 @@
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pipeline.config.base import (
     Bits,
@@ -30,11 +30,7 @@ TEACHER_SETTINGS = (
     "tok_ot_k",
     "tok_ot_eps",
     "tok_ot_adaptive_temp",
-    "ot_eps",
-    "ot_objective",
-    "ot_eps_scale",
-    "ot_tol",
-    "ot_max_iter",
+    "ot",
     "ot_logits_temperature",
 )
 """The settings that only those terms read: a run with every teacher weight 0 does not depend on them, so its DVC
@@ -45,8 +41,46 @@ Optim = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]
 
 
 @dataclass(slots=True)
+class OTConfig:
+    """`distill.ot`: the entropic OT solver shared by the hidden-state and the logits OT terms (Stage 2 passes it to
+    the losses as one `pipeline.losses.ot.OTSolver`)."""
+
+    eps: float = 0.05
+    """Entropic regularisation, > 0: the plan of <T, C> - eps H(T). With C in [0, 1], eps = 10 (a "lambda = 0.1" read
+    as 1/eps) would give a uniform plan that sees only mean(C); 0.05 is OTT-JAX's relative default scale."""
+    objective: Literal["linear", "regularized"] = "linear"
+    """"linear" (<T*, C>, exact implicit gradient) or "regularized" (<T*, C> - eps H(T*), gradient T*)."""
+    eps_scale: Literal["absolute", "std"] = "absolute"
+    """"absolute" (eps as is) or "std" (eps x the standard deviation of each sequence's cost, OTT-JAX's relative
+    epsilon: the same sharpness at every sequence length, since C = 1 - rowsoftmax has a spread that shrinks like
+    1/M). Default absolute: the embedded default's results were measured with it. Measured on the embedded task at
+    initialisation (~7 supervised tokens per sequence): std(C) of the hidden-state cost is 0.06-0.12 per sequence,
+    so eps = 0.6 under "std" is about 0.05 absolute; the logits cost of an untrained student is nearly constant
+    (std < 1e-4), which "std" turns into an ordinary problem instead of a uniform plan."""
+    tol: float = 1e-5
+    """L1 marginal error (rows + columns, total mass 1) at which Sinkhorn stops, > 0. float32 reaches ~1e-6 at
+    best; the gradient error follows it (bench/sinkhorn_bench.py: ~1e-4 at 1e-5, ~1e-5 at 1e-6)."""
+    max_iter: int = 300
+    """Cap on Sinkhorn iterations + Newton steps per sequence and OT loss (logged: sinkhorn_capped_* is the share
+    of sequences that did not reach tol)."""
+
+    def __post_init__(self):
+        check_fields(self)
+        positive(self, "eps", "tol")
+        at_least(self, 1, "max_iter")
+
+
+@dataclass(slots=True)
 class DistillConfig:
     """Stage 2: train the student alone against the streamed teacher cache (CE + KL + OT, weights below)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "ot_eps": "ot.eps",
+        "ot_objective": "ot.objective",
+        "ot_eps_scale": "ot.eps_scale",
+        "ot_tol": "ot.tol",
+        "ot_max_iter": "ot.max_iter",
+    }  # params written before the OT solver settings became one group
 
     student: PathStr = "artifacts/base/student"
     """Student checkpoint: a local folder or a hub name (e.g. unsloth/Qwen2.5-1.5B-bnb-4bit's base). Must share
@@ -131,25 +165,8 @@ class DistillConfig:
     """"bucket" (top-k + one tail bucket on both sides) or "none" (both renormalised over the teacher's top-k)."""
     kl_reverse: bool = False
     """Use KL(student || teacher) over the same buckets instead of KL(teacher || student)."""
-    ot_eps: float = 0.05
-    """Entropic regularisation of both OT losses, > 0: 1/lambda in the original design's <T,C> - (1/lambda) H(T)
-    (see pipeline/losses/ot.py for why not its lambda = 0.1)."""
-    ot_objective: Literal["linear", "regularized"] = "linear"
-    """"linear" (<T*, C>, the original design's loss, exact implicit gradient) or "regularized"
-    (<T*, C> - eps H(T*))."""
-    ot_eps_scale: Literal["absolute", "std"] = "absolute"
-    """"absolute" (ot_eps as is) or "std" (ot_eps x the standard deviation of each sequence's cost, OTT-JAX's
-    relative epsilon: the same sharpness at every sequence length, since C = 1 - rowsoftmax has a spread that
-    shrinks like 1/M). Default absolute: the embedded default's results were measured with it. Measured on the
-    embedded task at initialisation (~7 supervised tokens per sequence): std(C) of the hidden-state cost is
-    0.06-0.12 per sequence, so ot_eps = 0.6 under "std" is about 0.05 absolute; the logits cost of an untrained
-    student is nearly constant (std < 1e-4), which "std" turns into an ordinary problem instead of a uniform plan."""
-    ot_tol: float = 1e-5
-    """L1 marginal error (rows + columns, total mass 1) at which Sinkhorn stops, > 0. float32 reaches ~1e-6 at
-    best; the gradient error follows it (bench/sinkhorn_bench.py: ~1e-4 at 1e-5, ~1e-5 at 1e-6)."""
-    ot_max_iter: int = 300
-    """Cap on Sinkhorn iterations + Newton steps per sequence and OT loss (logged: sinkhorn_capped_* is the share
-    of sequences that did not reach ot_tol)."""
+    ot: OTConfig = field(default_factory=OTConfig)
+    """How both sequence-level OT losses solve their transport problems (`distill.ot.*`)."""
     ot_logits_temperature: float = 1.0
     """Score temperature of the OT-on-logits cost, > 0: C = 1 - softmax_j(S_ij / t). Its similarity S (the chance
     that two positions emit the same token) lies in [0, 1], so at t = 1 every row of C sits near 1 - 1/M (a flat
@@ -209,8 +226,8 @@ class DistillConfig:
             require(w >= 0, n, ">= 0", w)
         if not any(self.weights.values()):
             raise ConfigError(f"{', '.join(self.weights)} are all 0: nothing would train (set one > 0)")
-        positive(self, "temperature", "ot_eps", "ot_tol", "epochs", "lr", "tok_ot_eps", "ot_logits_temperature")
-        at_least(self, 1, "ot_max_iter", "tok_ot_k", "batch_size", "grad_accum", "logging_steps")
+        positive(self, "temperature", "epochs", "lr", "tok_ot_eps", "ot_logits_temperature")
+        at_least(self, 1, "tok_ot_k", "batch_size", "grad_accum", "logging_steps")
         at_least(self, 0, "num_workers", "save_steps", "eval_steps")
         require(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "-1 (all epochs) or >= 1", self.max_steps)
         require(0 < self.train_fraction <= 1, "train_fraction", "in (0, 1]", self.train_fraction)

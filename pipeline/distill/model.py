@@ -14,6 +14,7 @@ nothing about it is special-cased.
 Adding a loss term: a pure function in pipeline/losses/, one line in `forward`, one weight in DistillConfig.
 """
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from pipeline.losses.exact_kl import fused_ce_exact_kl
 from pipeline.losses.fused_ce_kl import fused_ce_kl
 from pipeline.losses.fused_ot import ot_logits_loss_from_hidden
 from pipeline.losses.kl import LOG_FLOOR
-from pipeline.losses.ot import ot_hidden_loss
+from pipeline.losses.ot import OTSolver, ot_hidden_loss
 
 PROJECTION_FILE = "projection.pt"  # the learned teacher -> student projection P, saved next to the student
 TOK_PROJECTION_FILE = "tok_projection.pt"  # P_e of the token-level OT (teacher -> student embedding space)
@@ -68,6 +69,7 @@ class DistillModel(nn.Module):
             self.register_buffer("first_piece", chunk_events[0], persistent=False)
             self.n_teacher = chunk_events[1]
         self.student, self.d, self.vocab_size = student, d, vocab_size
+        self.solver = OTSolver(**dataclasses.asdict(d.ot))  # both OT terms' solver settings, validated once
         # the exact teacher (distill.teacher_head): its lm_head (V, D) (+ bias), or for a low-rank cache that head
         # folded into the code's basis (V, r) (cache/codecs.py fold); a constant like the cache, not state
         self.teacher_head = teacher_head is not None
@@ -203,11 +205,7 @@ class DistillModel(nn.Module):
                 teacher_hidden,
                 row_mask,
                 self.projection,
-                eps=d.ot_eps,
-                objective=d.ot_objective,
-                eps_scale=d.ot_eps_scale,
-                tol=d.ot_tol,
-                max_iter=d.ot_max_iter,
+                solver=self.solver,
             )
             loss = loss + d.w_ot * parts["ot_hidden"] / n_micro
             parts.update(sinkhorn_report(res, row_mask, "hidden"))
@@ -220,12 +218,8 @@ class DistillModel(nn.Module):
                 row_mask,
                 row_mask,
                 bias=bias,
-                eps=d.ot_eps,
+                solver=self.solver,
                 vocab_size=V,
-                objective=d.ot_objective,
-                eps_scale=d.ot_eps_scale,
-                tol=d.ot_tol,
-                max_iter=d.ot_max_iter,
                 score_temperature=d.ot_logits_temperature,
             )
             loss = loss + d.w_ot_logits * parts["ot_logits"] / n_micro
@@ -306,11 +300,7 @@ class DistillModel(nn.Module):
                 teacher_hidden,
                 teacher_mask,
                 self.projection,
-                eps=d.ot_eps,
-                objective=d.ot_objective,
-                eps_scale=d.ot_eps_scale,
-                tol=d.ot_tol,
-                max_iter=d.ot_max_iter,
+                solver=self.solver,
             )
             loss = loss + d.w_ot * parts["ot_hidden"] / n_micro
             parts.update(sinkhorn_report(res, x_mask, "hidden"))
@@ -324,12 +314,8 @@ class DistillModel(nn.Module):
                 x_mask,
                 teacher_mask,
                 bias=bias,
-                eps=d.ot_eps,
+                solver=self.solver,
                 vocab_size=V,
-                objective=d.ot_objective,
-                eps_scale=d.ot_eps_scale,
-                tol=d.ot_tol,
-                max_iter=d.ot_max_iter,
                 score_temperature=d.ot_logits_temperature,
             )
             loss = loss + d.w_ot_logits * parts["ot_logits"] / n_micro
@@ -469,7 +455,7 @@ class DistillModel(nn.Module):
 
 
 def sinkhorn_report(res, row_mask: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
-    """Mean iterations, share of this batch's OT problems that did not reach ot_tol within ot_max_iter, the worst
+    """Mean iterations, share of this batch's OT problems that did not reach ot.tol within ot.max_iter, the worst
     L1 marginal error, and the cost's mean std(C)/mean(C) (how far from flat it is)."""
     live = row_mask.any(-1)  # (B,) sequences with rows: the others are empty problems, never iterated
     n = live.sum().clamp_min(1)

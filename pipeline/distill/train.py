@@ -115,11 +115,11 @@ class DistillTrainer(Trainer):
             self._warned_capped = True
             d = self.model.d
             warnings.warn(
-                f"Sinkhorn did not reach distill.ot_tol={d.ot_tol} within "
-                f"distill.ot_max_iter={d.ot_max_iter} for "
+                f"Sinkhorn did not reach distill.ot.tol={d.ot.tol} within "
+                f"distill.ot.max_iter={d.ot.max_iter} for "
                 + ", ".join(f"{v:.0%} of the {k.rsplit('_', 1)[1]} OT problems" for k, v in capped.items())
-                + f" (ot_eps={d.ot_eps}); their gradients are approximate. Raise distill.ot_max_iter, "
-                "distill.ot_eps or distill.ot_tol; the sinkhorn_capped_* / sinkhorn_err_* columns of the "
+                + f" (ot.eps={d.ot.eps}); their gradients are approximate. Raise distill.ot.max_iter, "
+                "distill.ot.eps or distill.ot.tol; the sinkhorn_capped_* / sinkhorn_err_* columns of the "
                 "loss curves show how often and how far",
                 stacklevel=2,
             )
@@ -135,7 +135,7 @@ class FiniteGradients(TrainerCallback):
             raise NonFiniteLossError(
                 f"non-finite gradient at training step {state.global_step + 1}; training "
                 "stopped — lower distill.lr or the OT weights, or try "
-                "distill.ot_objective=regularized"
+                "distill.ot.objective=regularized"
             )
 
 

@@ -22,8 +22,7 @@ Imports only torch.
 import torch
 
 from pipeline.losses.fused_ce_kl import chunked_logsumexp, default_chunk_rows
-from pipeline.losses.implicit import ot_loss
-from pipeline.losses.ot import OT_EPS, check_ot_args, cost_from_similarity, cost_spread, reduce_sequences, teacher_topk
+from pipeline.losses.ot import OTSolver, check_masks, cost_from_similarity, cost_spread, reduce_sequences, teacher_topk
 from pipeline.losses.sinkhorn import SinkhornResult
 
 
@@ -129,16 +128,12 @@ def ot_logits_loss_from_hidden(
     x_mask: torch.Tensor,
     y_mask: torch.Tensor,
     *,
-    eps: float = OT_EPS,
+    solver: OTSolver = OTSolver(),
     block: int = 64,
     vocab_size: int | None = None,
     bias: torch.Tensor | None = None,
-    objective: str = "linear",
     reduction: str = "mean",
-    tol: float | None = None,
-    max_iter: int = 1000,
     chunk_rows: int | None = None,
-    eps_scale: str = "absolute",
     score_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, SinkhornResult]:
     """`ot_logits_loss` of the logits h W^T (+ bias), without ever building them over the vocabulary.
@@ -149,7 +144,7 @@ def ot_logits_loss_from_hidden(
     N x block x k). chunk_rows: rows per chunk of the vocabulary pass (default `default_chunk_rows(V)`).
     Same value and gradients as `ot_logits_loss(h @ weight.T + bias, ...)` up to float32 rounding.
     """
-    check_ot_args(x_mask, y_mask, eps)
+    check_masks(x_mask, y_mask)
     V = vocab_size or weight.shape[0]
     h = torch.where(x_mask[..., None], h, 0.0)  # padding rows zeroed (where, not *: 0 * NaN = NaN)
     ids, p = teacher_topk(teacher_ids, teacher_logprobs, y_mask, V)  # (B, M, k) each, as ot_logits_loss
@@ -159,6 +154,6 @@ def ot_logits_loss_from_hidden(
         h, weight, bias, ids, p, V, block, chunk_rows or default_chunk_rows(V), *need
     )  # (B, N, M)
     C = cost_from_similarity(S, y_mask, score_temperature)
-    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol, max_iter=max_iter)  # (B,)
+    per_seq, res = solver.loss(C, x_mask, y_mask)  # (B,)
     res = res._replace(cost_spread=cost_spread(C, x_mask, y_mask))
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res

@@ -7,6 +7,7 @@ Imports only torch.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -60,11 +61,49 @@ def reduce_sequences(per_seq: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def check_ot_args(x_mask: torch.Tensor, y_mask: torch.Tensor, eps: float) -> None:
-    """The arguments every OT loss would otherwise turn into a wrong value or NaN (see pipeline/losses/checks.py)."""
+OBJECTIVES = ("linear", "regularized")
+EPS_SCALES = ("absolute", "std")
+
+
+@dataclass(frozen=True, slots=True)
+class OTSolver:
+    """How every sequence-level OT loss solves and differentiates its transport problems, as one value (Stage 2
+    builds it once from `distill.ot`; the config validates the same rules with the parameters' names).
+
+    eps: entropic regularisation, > 0 (absolute, or x each sequence's std(C) with eps_scale="std", see
+        `implicit.relative_eps`). objective: "linear" = <T*, C> with its exact implicit gradient, "regularized" =
+        <T*, C> - eps H(T*) with the envelope gradient T*. tol: the L1 marginal error at which Sinkhorn stops
+        (None: `sinkhorn.default_tol` of the cost's dtype). max_iter: Sinkhorn iterations + Newton steps per sequence.
+    """
+
+    eps: float = OT_EPS
+    objective: str = "linear"
+    eps_scale: str = "absolute"
+    tol: float | None = None
+    max_iter: int = 1000
+
+    def __post_init__(self):
+        check_positive(self.eps, "eps")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.eps_scale not in EPS_SCALES:
+            raise ValueError(f"eps_scale must be one of {EPS_SCALES}, got {self.eps_scale!r}")
+        if self.tol is not None:
+            check_positive(self.tol, "tol")
+        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
+            raise ValueError(f"max_iter must be an int >= 1, got {self.max_iter!r}")
+
+    def loss(self, C: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor):
+        """Per-sequence OT loss (B,) of cost C (B, N, M) between the valid tokens, and the SinkhornResult."""
+        return ot_loss(
+            C, x_mask, y_mask, self.eps, self.objective, eps_scale=self.eps_scale, tol=self.tol, max_iter=self.max_iter
+        )
+
+
+def check_masks(x_mask: torch.Tensor, y_mask: torch.Tensor) -> None:
+    """The masks every OT loss would otherwise turn into a wrong value or NaN (see pipeline/losses/checks.py)."""
     check_mask(x_mask, "x_mask")
     check_mask(y_mask, "y_mask")
-    check_positive(eps, "eps")
 
 
 def teacher_topk(
@@ -110,12 +149,8 @@ def ot_hidden_loss(
     y_mask: torch.Tensor,
     proj: torch.Tensor,
     *,
-    eps: float = OT_EPS,
-    objective: str = "linear",
+    solver: OTSolver = OTSolver(),
     reduction: str = "mean",
-    tol: float | None = None,
-    max_iter: int = 1000,
-    eps_scale: str = "absolute",
 ) -> tuple[torch.Tensor, SinkhornResult]:
     """Entropic OT between student and (projected) teacher hidden states of one sequence, batched.
 
@@ -125,10 +160,10 @@ def ot_hidden_loss(
         C = 1 - softmax_j(S)   over valid j         (B, N, M), in [0, 1]
         loss_b = <T*, C>   T* = entropic OT plan between uniform marginals over the valid tokens
     Gradients reach x and proj (and y if it requires grad) through C: autograd through the softmax, the OT
-    step supplies the exact implicit dL/dC (objective="linear") or T* (objective="regularized", which
+    step supplies the exact implicit dL/dC (solver.objective="linear") or T* ("regularized", which
     optimises <T*, C> - eps H(T*) instead; see pipeline/losses/sinkhorn.py).
 
-    eps: the user's original design notes write <T, C> - (1/lambda) H(T), so eps = 1/lambda. Their "lambda = 0.1"
+    solver.eps: the user's original design notes write <T, C> - (1/lambda) H(T), so eps = 1/lambda. Their "lambda = 0.1"
         would be eps = 10: with C in [0, 1] the plan would be ~exp(-C/10) ~ uniform, so the loss would only see
         mean(C) and no alignment at all. Default 0.05 (OTT-JAX's relative default is 0.05 * std(C)); note that
         C's spread shrinks like 1/M for soft similarities, so a fixed eps is relatively looser on long sequences.
@@ -137,14 +172,14 @@ def ot_hidden_loss(
         none contribute 0.
     Returns (loss scalar, SinkhornResult) - the result's n_iters / err are for logging.
     """
-    check_ot_args(x_mask, y_mask, eps)
+    check_masks(x_mask, y_mask)
     # Padding rows are zeroed with where, not a multiplication: 0 * NaN = NaN, and a NaN row of S would reach
     # proj's gradient through the softmax backward (its upstream gradient is 0, but 0 * NaN is NaN again).
     x = torch.where(x_mask[..., None], x, 0.0)
     y = torch.where(y_mask[..., None], y, 0.0)
     S = x @ (y @ proj).transpose(1, 2) / math.sqrt(x.shape[-1])  # (B, N, M)
     C = cost_from_similarity(S, y_mask)
-    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol, max_iter=max_iter)  # (B,)
+    per_seq, res = solver.loss(C, x_mask, y_mask)  # (B,)
     res = res._replace(cost_spread=cost_spread(C, x_mask, y_mask))
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res
 
@@ -190,14 +225,10 @@ def ot_logits_loss(
     x_mask: torch.Tensor,
     y_mask: torch.Tensor,
     *,
-    eps: float = OT_EPS,
+    solver: OTSolver = OTSolver(),
     block: int = 64,
     vocab_size: int | None = None,
-    objective: str = "linear",
     reduction: str = "mean",
-    tol: float | None = None,
-    max_iter: int = 1000,
-    eps_scale: str = "absolute",
     score_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, SinkhornResult]:
     """Entropic OT between student and teacher next-token distributions of one sequence, batched.
@@ -217,13 +248,13 @@ def ot_logits_loss(
     block: teacher tokens per block of the gather (memory: B x block x N x k, see _TopkSimilarity).
     Returns (loss scalar, SinkhornResult).
     """
-    check_ot_args(x_mask, y_mask, eps)
+    check_masks(x_mask, y_mask)
     z = upcast(student_logits[..., :vocab_size])  # (B, N, V)
     # padding rows zeroed (where, not *: 0 * NaN = NaN), as ot_hidden_loss does with its hidden states
     q = torch.where(x_mask[..., None], z, 0.0).softmax(-1)  # (B, N, V)
     ids, p = teacher_topk(teacher_ids, teacher_logprobs, y_mask, z.shape[-1], q.dtype)  # (B, M, k) each
     S = _TopkSimilarity.apply(q, ids, p, block)  # (B, N, M)
     C = cost_from_similarity(S, y_mask, score_temperature)
-    per_seq, res = ot_loss(C, x_mask, y_mask, eps, objective, eps_scale=eps_scale, tol=tol, max_iter=max_iter)  # (B,)
+    per_seq, res = solver.loss(C, x_mask, y_mask)  # (B,)
     res = res._replace(cost_spread=cost_spread(C, x_mask, y_mask))
     return reduce_sequences(per_seq, x_mask, y_mask, reduction), res

@@ -48,7 +48,7 @@ ASSUMPTIONS = [
     ),
     "backward working set of a layer = its saved activations again (their gradients)",
     (
-        "OT: Sinkhorn converges within ot_max_iter (else +1 B x N x M fp32), the implicit gradient's float32 CG "
+        "OT: Sinkhorn converges within ot.max_iter (else +1 B x N x M fp32), the implicit gradient's float32 CG "
         "converges (a float64 re-solve is not counted), a block's teacher top-k ids are all distinct"
     ),
     "working sets that never coexist (loss chunk, OT, a layer's backward; Stage 1: forward, head) count once",
