@@ -40,6 +40,7 @@ Use float32 or float64 costs (the losses upcast half precision). Imports only to
 """
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -83,6 +84,46 @@ def eps_vector(eps, B: int, like: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"eps must be > 0, got {eps!r}")
         return e
     return like.new_full((B,), check_positive(eps, "eps"))
+
+
+class Marginal(NamedTuple):
+    """One side's marginal over a batch of problems: log-weights (b, n), -inf on padding (only ever read through
+    torch.where), and which tokens are real (b, n) bool."""
+
+    log: torch.Tensor
+    ok: torch.Tensor
+
+    def select(self, sel: torch.Tensor) -> "Marginal":
+        return Marginal(self.log[sel], self.ok[sel])
+
+
+@dataclass
+class SolverState:
+    """What `sinkhorn` keeps per sequence b of the whole batch while the eps stages run; `_stage` updates the rows
+    of the sequences it works on in place."""
+
+    f: torch.Tensor  # (B, N) row potentials so far, units of the shifted C
+    g: torch.Tensor  # (B, M) column potentials so far
+    eps: torch.Tensor  # (B,) target eps
+    eps0: torch.Tensor  # (B,) the first stage's eps
+    stage: torch.Tensor  # (B,) long, eps stage reached
+    n_iters: torch.Tensor  # (B,) long, Sinkhorn iterations + Newton steps so far
+    converged: torch.Tensor  # (B,) bool
+    finished: torch.Tensor  # (B,) bool
+    log_domain: torch.Tensor  # (B,) bool: the kernel iteration broke down, redo in the log domain
+    plan: torch.Tensor  # (B, N, M) returned plans, filled as sequences finish
+    err: torch.Tensor  # (B,) L1 marginal error of each returned plan
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """The settings every stage of one `sinkhorn` call shares (see its arguments)."""
+
+    tol: float
+    max_iter: int
+    newton: bool
+    check_every: int
+    overrelax: bool
 
 
 def _uniform(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -148,23 +189,23 @@ class _Kernel:
             return self
         return _Kernel(True, Z=self.Z[sel]) if self.log else _Kernel(False, K=self.K[sel], Kt=self.Kt[sel])
 
-    def row_update(self, v, la, ao):
+    def row_update(self, v, rows: Marginal):
         """(b, M) -> (b, N): u_i = log a_i - log sum_j exp(Z_ij + v_j) (the plan's rows exact), 0 on padding."""
         if self.log:
             s = torch.logsumexp(self.Z + v[:, None, :], dim=2)
         else:
             ev, m = _exp_shifted(v)
             s = vecmat(ev, self.Kt).log() + m
-        return torch.where(ao, la - s, 0.0)
+        return torch.where(rows.ok, rows.log - s, 0.0)
 
-    def col_update(self, u, lb, bo):
+    def col_update(self, u, cols: Marginal):
         """(b, N) -> (b, M): v_j = log b_j - log sum_i exp(u_i + Z_ij), 0 on padding."""
         if self.log:
             s = torch.logsumexp(self.Z + u[:, :, None], dim=1)
         else:
             eu, m = _exp_shifted(u)
             s = vecmat(eu, self.K).log() + m
-        return torch.where(bo, lb - s, 0.0)
+        return torch.where(cols.ok, cols.log - s, 0.0)
 
     def plan(self, u, v):
         """(b, N, M) exp(u_i + Z_ij + v_j), 0 on padding."""
@@ -201,7 +242,7 @@ def _stage_kernel(Cs, f, g, e, a_ok, b_ok, log: bool):
     return _Kernel.build(Z, log), -r * e[:, None], -c * e[:, None]
 
 
-def _iterate(kern, u, v, la, lb, ao, bo, stop, limit, check_every, overrelax, absorb):
+def _iterate(kern, u, v, rows: Marginal, cols: Marginal, stop, limit, check_every, overrelax, absorb):
     """Sinkhorn on one stage's batch, each sequence until its error <= stop (b,), its iteration limit (b,), or
     its scalings need absorbing (|u|, |v| > absorb) or go non-finite.
 
@@ -218,7 +259,7 @@ def _iterate(kern, u, v, la, lb, ao, bo, stop, limit, check_every, overrelax, ab
     out_it = torch.zeros(nb, dtype=torch.long, device=u.device)
     out_err = u.new_full((nb,), math.inf)
     idx = torch.arange(nb, device=u.device)  # positions in the stage's batch still iterating
-    a, b = la.exp(), lb.exp()
+    a, b = rows.log.exp(), cols.log.exp()
     omega = u.new_ones(nb)
     cap = u.new_full((nb,), OMEGA_MAX)
     err_prev = u.new_full((nb,), math.inf)
@@ -227,10 +268,10 @@ def _iterate(kern, u, v, la, lb, ao, bo, stop, limit, check_every, overrelax, ab
     stops = set(limit.tolist())  # a sequence's iteration limit is also a check
     it, last_check = 0, 0
     while len(idx):
-        u_new = kern.row_update(v, la, ao)  # (b, N)
+        u_new = kern.row_update(v, rows)  # (b, N)
         if it % check_every == 0 or it in stops:  # error of the plan (u, v): rows for free, columns cost one
             err = (a * torch.expm1(u - u_new).abs()).sum(-1) + (
-                b * torch.expm1(v - kern.col_update(u, lb, bo)).abs()
+                b * torch.expm1(v - kern.col_update(u, cols)).abs()
             ).sum(-1)  # (b,)
             if overrelax and it > last_check:
                 ratio = err / err_prev  # (b,) error decay over the last window
@@ -240,7 +281,7 @@ def _iterate(kern, u, v, la, lb, ao, bo, stop, limit, check_every, overrelax, ab
                 u, v = torch.where(bad[:, None], u_snap, u), torch.where(bad[:, None], v_snap, v)
                 err = torch.where(bad, err_prev, err)
                 if bad.any():  # rare: recompute the row update from the restored state only then
-                    u_new = torch.where(bad[:, None], kern.row_update(v, la, ao), u_new)
+                    u_new = torch.where(bad[:, None], kern.row_update(v, rows), u_new)
                 lam = ratio.clamp(1e-30, 1.0) ** (1.0 / (it - last_check))  # observed per-iteration rate
                 mu2 = (lam + omega - 1) ** 2 / (lam * omega**2)  # plain rate (= lam when omega = 1)
                 target = torch.minimum(_young_omega(mu2), cap)
@@ -259,18 +300,18 @@ def _iterate(kern, u, v, la, lb, ao, bo, stop, limit, check_every, overrelax, ab
                 # least half the batch is done; until then the finished ones are computed and discarded.
                 if 2 * int(live.sum()) <= len(live):
                     keep = live.nonzero()[:, 0]
-                    idx, ao, bo, la, lb, a, b = idx[keep], ao[keep], bo[keep], la[keep], lb[keep], a[keep], b[keep]
+                    idx, rows, cols, a, b = idx[keep], rows.select(keep), cols.select(keep), a[keep], b[keep]
                     u, v, u_new, omega, cap = u[keep], v[keep], u_new[keep], omega[keep], cap[keep]
                     u_snap, v_snap, err_prev = u_snap[keep], v_snap[keep], err_prev[keep]
                     kern, live = kern.narrow(keep), live[keep]
         w = torch.where(live, omega, 0.0)[:, None]  # a frozen sequence keeps its returned u, v
         u = u + w * (u_new - u)
-        v = v + w * (kern.col_update(u, lb, bo) - v)
+        v = v + w * (kern.col_update(u, cols) - v)
         it += 1
     return out_u, out_v, out_it, out_err
 
 
-def _newton(kern, u, v, err, la, lb, ao, bo, tol, limit, absorb):
+def _newton(kern, u, v, err, rows: Marginal, cols: Marginal, tol, limit, absorb):
     """Newton steps on the dual of one stage's batch, each sequence until its error <= tol, its step limit
     (b,), or a step the line search cannot accept.
 
@@ -282,11 +323,12 @@ def _newton(kern, u, v, err, la, lb, ao, bo, tol, limit, absorb):
     error.
     Sequences with limit 0 or err <= tol are returned as given. Returns u, v, steps (b,), err (b,), stalled (b,).
     """
-    a, b = la.exp(), lb.exp()
+    a, b = rows.log.exp(), cols.log.exp()
+    ao, bo = rows.ok, cols.ok
 
     def state(v):  # rows exact: u, T^T 1, error
-        u = kern.row_update(v, la, ao)
-        col = torch.where(bo, b * torch.exp(v - kern.col_update(u, lb, bo)), 0.0)  # (b, M)
+        u = kern.row_update(v, rows)
+        col = torch.where(bo, b * torch.exp(v - kern.col_update(u, cols)), 0.0)  # (b, M)
         return u, col, (col - b).abs().sum(-1)
 
     mine = ((limit > 0) & (err > tol))[:, None]  # (b, 1) the sequences this call works on
@@ -334,7 +376,7 @@ def _newton(kern, u, v, err, la, lb, ao, bo, tol, limit, absorb):
     )
 
 
-def _finish(kern, u, v, err, la, lb, ao, bo, tol, limit, check_every, overrelax, absorb):
+def _finish(kern, u, v, err, rows: Marginal, cols: Marginal, tol, limit, check_every, overrelax, absorb):
     """A stage after Sinkhorn reached NEWTON_START, to tol (b,): Newton; a sequence whose Newton step stalls runs
     check_every Sinkhorn iterations and Newton tries again, NEWTON_ROUNDS times at most, then Sinkhorn (which
     converges from anywhere, slowly) up to its limit (b,; 0 = leave this sequence alone). A sequence whose
@@ -350,7 +392,7 @@ def _finish(kern, u, v, err, la, lb, ao, bo, tol, limit, check_every, overrelax,
     def sinkhorn_for(todo, n):  # plain iterations for the sequences todo, at most n each; the others untouched
         nonlocal u, v, err
         u_i, v_i, it, err_i = _iterate(
-            kern, u, v, la, lb, ao, bo, tol, torch.where(todo, n, 0), check_every, overrelax, absorb
+            kern, u, v, rows, cols, tol, torch.where(todo, n, 0), check_every, overrelax, absorb
         )
         u, v = torch.where(todo[:, None], u_i, u), torch.where(todo[:, None], v_i, v)
         err = torch.where(todo, err_i, err)
@@ -361,7 +403,7 @@ def _finish(kern, u, v, err, la, lb, ao, bo, tol, limit, check_every, overrelax,
         if not todo.any():
             return u, v, err, spent
         u, v, steps, err, stalled = _newton(
-            kern, u, v, err, la, lb, ao, bo, tol, torch.where(todo, limit - spent, 0), absorb
+            kern, u, v, err, rows, cols, tol, torch.where(todo, limit - spent, 0), absorb
         )
         spent += steps
         todo = pending() & stalled
@@ -438,94 +480,61 @@ def sinkhorn(
     if eps_scaling and init is None:
         spread = torch.where(pair, Cs, 0.0).amax((1, 2))  # (B,)
         eps0 = torch.maximum(eps, spread / EPS_START_DIVISOR)
-    stage = torch.zeros(B, dtype=torch.long, device=C.device)  # eps stage per sequence
-    n_iters = torch.zeros(B, dtype=torch.long, device=C.device)
     converged = ~a_ok.any(-1)  # empty problems are done before they start
-    finished = converged.clone()
-    log_domain = torch.full((B,), domain == "log", device=C.device)  # per sequence: kernel went non-finite
-    plan = torch.zeros_like(Cs)
-    err = C.new_zeros(B)  # (B,) L1 marginal error of each returned plan, filled as sequences finish
-    while not finished.all():
+    st = SolverState(
+        f=f,
+        g=g,
+        eps=eps,
+        eps0=eps0,
+        stage=torch.zeros(B, dtype=torch.long, device=C.device),
+        n_iters=torch.zeros(B, dtype=torch.long, device=C.device),
+        converged=converged,
+        finished=converged.clone(),
+        log_domain=torch.full((B,), domain == "log", device=C.device),
+        plan=torch.zeros_like(Cs),
+        err=C.new_zeros(B),
+    )
+    opts = StageOptions(tol, max_iter, newton, check_every, overrelax)
+    rows, cols = Marginal(log_a, a_ok), Marginal(log_b, b_ok)
+    while not st.finished.all():
         for log in (False, True):  # the kernel-domain sequences, then any that need the log domain
-            idx = (~finished & (log_domain == log)).nonzero()[:, 0]  # (b,)
+            idx = (~st.finished & (st.log_domain == log)).nonzero()[:, 0]  # (b,)
             if len(idx):
-                _stage(
-                    Cs,
-                    f,
-                    g,
-                    eps,
-                    eps0,
-                    stage,
-                    idx,
-                    a_ok[idx],
-                    b_ok[idx],
-                    log_a[idx],
-                    log_b[idx],
-                    tol,
-                    max_iter,
-                    n_iters,
-                    converged,
-                    finished,
-                    log_domain,
-                    plan,
-                    err,
-                    log,
-                    newton,
-                    check_every,
-                    overrelax,
-                )
+                _stage(Cs, st, idx, rows.select(idx), cols.select(idx), opts, log)
     return SinkhornResult(
-        plan, torch.where(a_ok, f + c_row, 0.0), torch.where(b_ok, g + c_col, 0.0), n_iters, err, converged
+        st.plan,
+        torch.where(a_ok, st.f + c_row, 0.0),
+        torch.where(b_ok, st.g + c_col, 0.0),
+        st.n_iters,
+        st.err,
+        st.converged,
     )
 
 
-def _stage(
-    Cs,
-    f,
-    g,
-    eps,
-    eps0,
-    stage,
-    idx,
-    ao,
-    bo,
-    la,
-    lb,
-    tol,
-    max_iter,
-    n_iters,
-    converged,
-    finished,
-    log_domain,
-    plan,
-    plan_err,
-    log,
-    newton,
-    check_every,
-    overrelax,
-):
-    """One eps stage for the sequences idx (b,), updating the solver's per-sequence state in place: Sinkhorn
-    until NEWTON_START (or NEWTON_AFTER iterations), then Newton to the stage's tolerance (tol in the last
-    stage, STAGE_TOL before it); without Newton, Sinkhorn to the stage's tolerance."""
-    e = torch.maximum(eps[idx], eps0[idx] * EPS_DECAY ** stage[idx].to(Cs.dtype))  # (b,) this stage's eps
-    final = e <= eps[idx]
+def _stage(Cs, st: SolverState, idx, rows: Marginal, cols: Marginal, opts: StageOptions, log: bool):
+    """One eps stage for the sequences idx (b,) (their marginals `rows`, `cols`), updating their rows of `st` in
+    place: Sinkhorn until NEWTON_START (or NEWTON_AFTER iterations), then Newton to the stage's tolerance (tol in
+    the last stage, STAGE_TOL before it); without Newton, Sinkhorn to the stage's tolerance."""
+    tol, max_iter, check_every, overrelax = opts.tol, opts.max_iter, opts.check_every, opts.overrelax
+    e = torch.maximum(st.eps[idx], st.eps0[idx] * EPS_DECAY ** st.stage[idx].to(Cs.dtype))  # (b,) this stage's eps
+    final = e <= st.eps[idx]
     stage_tol = torch.where(final, tol, max(STAGE_TOL, tol))  # (b,)
-    kern, df, dg = _stage_kernel(Cs[idx], f[idx], g[idx], e, ao, bo, log)
-    f[idx], g[idx] = f[idx] + df, g[idx] + dg
+    kern, df, dg = _stage_kernel(Cs[idx], st.f[idx], st.g[idx], e, rows.ok, cols.ok, log)
+    st.f[idx], st.g[idx] = st.f[idx] + df, st.g[idx] + dg
     absorb = math.inf if log else ABSORB
     v = Cs.new_zeros(len(idx), Cs.shape[2])
-    u = kern.row_update(v, la, ao)  # undoes the kernel's row shifts: the stage starts from its potentials' plan
-    limit = max_iter - n_iters[idx]
-    if newton:
+    u = kern.row_update(v, rows)  # undoes the kernel's row shifts: the stage starts from its potentials' plan
+    limit = max_iter - st.n_iters[idx]
+    if opts.newton:
         stop = torch.maximum(stage_tol, torch.full_like(stage_tol, NEWTON_START))
         u, v, it, err = _iterate(
-            kern, u, v, la, lb, ao, bo, stop, limit.clamp(max=NEWTON_AFTER), check_every, overrelax, absorb
+            kern, u, v, rows, cols, stop, limit.clamp(max=NEWTON_AFTER), check_every, overrelax, absorb
         )
     else:
-        u, v, it, err = _iterate(kern, u, v, la, lb, ao, bo, stage_tol, limit, check_every, overrelax, absorb)
-    n_iters[idx] += it
+        u, v, it, err = _iterate(kern, u, v, rows, cols, stage_tol, limit, check_every, overrelax, absorb)
+    st.n_iters[idx] += it
     big = torch.maximum(u.abs().amax(-1), v.abs().amax(-1)) > absorb
-    if newton:
+    if opts.newton:
         fin = ~big & torch.isfinite(err) & (err > stage_tol)  # (b,)
         if fin.any():
             u, v, err, spent = _finish(
@@ -533,20 +542,18 @@ def _stage(
                 u,
                 v,
                 err,
-                la,
-                lb,
-                ao,
-                bo,
+                rows,
+                cols,
                 stage_tol,
                 torch.where(fin, limit - it, 0),
                 check_every,
                 overrelax,
                 absorb,
             )
-            n_iters[idx] += spent
+            st.n_iters[idx] += spent
     big = torch.maximum(u.abs().amax(-1), v.abs().amax(-1)) > absorb  # these fold u, v in and redo their eps
     bad = ~torch.isfinite(err)
-    capped = n_iters[idx] >= max_iter
+    capped = st.n_iters[idx] >= max_iter
     out = final & ~big & ~bad | capped & ~bad | bad & log  # in the log domain a breakdown is final
     ok = out & final & (err <= tol) & ~bad
     if out.any():  # the plan from the stage's own kernel: consistent with the scalings it converged for
@@ -555,26 +562,26 @@ def _stage(
         # The returned plan is the truth: one that overflowed (non-finite) is redone in the log domain, and
         # "converged" needs the plan's own marginal error within 2 x tol (rebuilding it from the scalings
         # rounds a little differently from the solver's own check).
-        rows, cols = p.sum(2), p.sum(1)  # (o, N), (o, M)
-        finite = torch.isfinite(rows.sum(-1))  # (o,) any inf/NaN entry makes its row sum non-finite
+        row_sum, col_sum = p.sum(2), p.sum(1)  # (o, N), (o, M)
+        finite = torch.isfinite(row_sum.sum(-1))  # (o,) any inf/NaN entry makes its row sum non-finite
         if not finite.all():
             p = torch.where(finite[:, None, None], p, 0.0)
-            rows, cols = p.sum(2), p.sum(1)
-        p_err = (rows - la[o].exp().masked_fill(~ao[o], 0.0)).abs().sum(-1) + (
-            cols - lb[o].exp().masked_fill(~bo[o], 0.0)
+            row_sum, col_sum = p.sum(2), p.sum(1)
+        p_err = (row_sum - rows.log[o].exp().masked_fill(~rows.ok[o], 0.0)).abs().sum(-1) + (
+            col_sum - cols.log[o].exp().masked_fill(~cols.ok[o], 0.0)
         ).abs().sum(-1)  # (o,)
         ok[o] &= finite & (p_err <= 2 * tol)
         if not log:
             redo = ~finite & ~capped[o]
             bad[o] |= redo
             out[o] &= ~redo
-        plan[idx[o]], plan_err[idx[o]] = p, p_err
+        st.plan[idx[o]], st.err[idx[o]] = p, p_err
     if bad.any() and not log:  # the kernel iteration broke down: this stage again, in the log domain
-        log_domain[idx[bad & ~out]] = True
+        st.log_domain[idx[bad & ~out]] = True
     good = ~bad[:, None]
-    f[idx] = torch.where(ao & good, f[idx] + e[:, None] * u, f[idx])
-    g[idx] = torch.where(bo & good, g[idx] + e[:, None] * v, g[idx])
+    st.f[idx] = torch.where(rows.ok & good, st.f[idx] + e[:, None] * u, st.f[idx])
+    st.g[idx] = torch.where(cols.ok & good, st.g[idx] + e[:, None] * v, st.g[idx])
     # an intermediate stage only hands over a start, reached or not; absorbed-only sequences redo their eps
-    stage[idx] += (~final & ~big & ~bad).long()
-    converged[idx] = ok
-    finished[idx] = out
+    st.stage[idx] += (~final & ~big & ~bad).long()
+    st.converged[idx] = ok
+    st.finished[idx] = out
