@@ -124,137 +124,25 @@ class CacheWriter:
         """
         path = location.loc(path)
         hidden_codec = None if hidden_codec in (None, "none") else hidden_codec
-        if logprob_dtype not in LOGPROB_DTYPES:
-            raise ValueError(f"logprob_dtype={logprob_dtype!r}: use one of {sorted(LOGPROB_DTYPES)}")
-        if (hidden_codec is None) != (hidden_size is None):
-            raise ValueError("hidden_size and hidden_codec must be given together (or both None)")
-        rank = codecs.parse(hidden_codec)[1] if hidden_codec else None  # ValueError for an unknown codec
-        if rank and not (hidden_basis is not None and hidden_basis.encoder.shape == (rank, hidden_size)):
-            raise ValueError(
-                f"hidden_codec={hidden_codec} needs a hidden_basis of rank {rank} and width "
-                f"{hidden_size}, got {None if hidden_basis is None else hidden_basis.encoder.shape}"
-            )
-        if hidden_codec:
-            codecs.stored_width(hidden_codec, hidden_size)
-        basis = hidden_basis.arrays() if rank else {}
-        if not (isinstance(k, int) and k > 0 and isinstance(shard_rows, int) and shard_rows > 0):
-            raise ValueError(f"k={k!r} and shard_rows={shard_rows!r} must be positive integers")
-        n = len(sample_ids)
-        if n == 0 or len(input_ids_per_seq) != n or len(supervised_per_seq) != n:
-            raise ValueError(
-                f"need >= 1 sequence and equal counts: {n} sample_ids, {len(input_ids_per_seq)} "
-                f"input_ids, {len(supervised_per_seq)} supervised masks"
-            )
-        sids = np.array([sid_to_u64(s) for s in sample_ids], dtype=np.uint64)
-        if len(np.unique(sids)) != n:
-            raise ValueError("sample_ids are not unique: rows are keyed by sample id")
-        ids = [np.asarray(x).reshape(-1) for x in input_ids_per_seq]
-        sup = [np.asarray(x, dtype=bool).reshape(-1) for x in supervised_per_seq]
-        for i, (x, m) in enumerate(zip(ids, sup)):
-            if len(x) != len(m) or len(x) == 0:
-                raise ValueError(f"sequence {i}: {len(x)} input_ids but {len(m)} supervised flags")
-            if m[-1]:  # row j predicts token j+1: the last position has nothing to predict
-                raise ValueError(
-                    f"sequence {i}: last position marked supervised; row j predicts token j+1, "
-                    "so supervised[j] must be labels[j+1] != -100"
-                )
-        token_offsets = np.r_[0, np.cumsum([len(x) for x in ids])].astype(np.int64)
-        row_offsets = np.r_[0, np.cumsum([m.sum() for m in sup])].astype(np.int64)
-        input_ids = np.concatenate(ids).astype(np.int32)
-        supervised = np.concatenate(sup).astype(np.uint8)
-        plan = make_plan(
-            sids,
-            token_offsets,
-            row_offsets,
-            input_ids,
-            supervised,
+        base, plan = validated_inputs(
+            sample_ids,
+            input_ids_per_seq,
+            supervised_per_seq,
             k=k,
             logprob_dtype=logprob_dtype,
-            hidden_codec=hidden_codec,
             hidden_size=hidden_size,
+            hidden_codec=hidden_codec,
+            hidden_basis=hidden_basis,
             shard_rows=shard_rows,
-            basis_arrays=basis,
         )
         want = {"schema_version": SCHEMA_VERSION, "plan": plan, "provenance": canonical(provenance)}
-
         if location.exists(path):
-            have = canonical_meta(read_root_attrs(path))
-            for section in ("provenance", "plan"):
-                # who made it first (teacher, tokenizer, data), so the message names the cause, not a symptom
-                first = [k for k in IDENTITY if k in have[section]]
-                ordered = {**{k: have[section][k] for k in first}, **have[section]}
-                d = first_difference(ordered, want[section])
-                if d:
-                    field, old, new = d
-                    what = (
-                        "another teacher"
-                        if "teacher" in field
-                        else "another tokenizer"
-                        if "tokenizer" in field
-                        else "other inputs"
-                    )
-                    raise CacheMismatchError(
-                        f"output path {path} holds a cache from {what} ({section}.{field}: stored {short_repr(old)} "
-                        f"!= requested {short_repr(new)}); delete it or choose another path"
-                    )
-            if have["schema_version"] != SCHEMA_VERSION:
-                # Same inputs, older layout (schema 3: no observed_logprob). Resuming would mix shards with and
-                # without the new array, and a complete one lacks it for good: the store must be made again
-                # (Stage 1's --replace-mismatched deletes it, as for any other mismatch).
-                raise CacheMismatchError(
-                    f"output path {path} holds a cache of schema {have['schema_version']}, older than the schema "
-                    f"{SCHEMA_VERSION} this otkd writes; delete it or choose another path"
-                )
+            check_matches(path, want)
             if not is_url(path):
                 _remove_stale_temp_files(path)
-            _repair_on_resume(
-                path,
-                {
-                    "sample_ids": sids,
-                    "token_offsets": token_offsets,
-                    "row_offsets": row_offsets,
-                    "input_ids": input_ids,
-                    "supervised": supervised,
-                    **basis,
-                },
-            )
+            _repair_on_resume(path, base)
             return cls(path, zarr.open_group(path, mode="r+"), resumed=True, background=background)
-
-        attrs = {
-            "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "row_contract": ROW_CONTRACT,
-            **{key: plan[key] for key in ("k", "logprob_dtype", "hidden_codec", "hidden_size", "shard_rows")},
-            "n_sequences": n,
-            "n_tokens": plan["n_tokens"],
-            "n_rows": plan["n_rows"],
-            "n_shards": n_shards(plan["n_rows"], shard_rows),
-            "plan": plan,
-            "provenance": want["provenance"],
-            "complete": False,
-        }
-        base = {
-            "sample_ids": sids,
-            "token_offsets": token_offsets,
-            "row_offsets": row_offsets,
-            "input_ids": input_ids,
-            "supervised": supervised,
-            **basis,
-        }
-        if is_url(path):
-            # Object storage has no directory rename: the store is created in place, `manifest/base` written last.
-            # A creation killed midway leaves a store with the right attributes and a missing or short base
-            # manifest, which the resume above repairs from the inputs like any damaged per-sequence data.
-            _create(path, attrs, base, n, plan, k, logprob_dtype, hidden_codec, hidden_size, shard_rows)
-            return cls(path, zarr.open_group(path, mode="r+"), resumed=False, background=background)
-        tmp = path.with_name(path.name + ".creating")
-        if tmp.exists():  # a creation killed midway; the name is ours, but never delete someone else's data
-            if (tmp / "zarr.json").exists():
-                read_root_attrs(tmp)
-            shutil.rmtree(tmp)
-        _create(tmp, attrs, base, n, plan, k, logprob_dtype, hidden_codec, hidden_size, shard_rows)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, path)
+        create_store(path, base, plan, want["provenance"])
         return cls(path, zarr.open_group(path, mode="r+"), resumed=False, background=background)
 
     @classmethod
@@ -475,6 +363,149 @@ def _remove_stale_temp_files(path: Path) -> None:
         for f in files:
             if _TMP_FILE.search(f):
                 os.remove(os.path.join(root, f))
+
+
+def validated_inputs(
+    sample_ids,
+    input_ids_per_seq,
+    supervised_per_seq,
+    *,
+    k: int,
+    logprob_dtype: str,
+    hidden_size: int | None,
+    hidden_codec: str | None,
+    hidden_basis: codecs.Basis | None,
+    shard_rows: int,
+) -> tuple[dict, dict]:
+    """Check what `CacheWriter.create_or_resume` was given (ValueError names the problem) and turn it into the
+    store's per-sequence arrays (`base`: sample ids, offsets, token arrays, a low-rank basis) and its plan."""
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise ValueError(f"logprob_dtype={logprob_dtype!r}: use one of {sorted(LOGPROB_DTYPES)}")
+    if (hidden_codec is None) != (hidden_size is None):
+        raise ValueError("hidden_size and hidden_codec must be given together (or both None)")
+    rank = codecs.parse(hidden_codec)[1] if hidden_codec else None  # ValueError for an unknown codec
+    if rank and not (hidden_basis is not None and hidden_basis.encoder.shape == (rank, hidden_size)):
+        raise ValueError(
+            f"hidden_codec={hidden_codec} needs a hidden_basis of rank {rank} and width "
+            f"{hidden_size}, got {None if hidden_basis is None else hidden_basis.encoder.shape}"
+        )
+    if hidden_codec:
+        codecs.stored_width(hidden_codec, hidden_size)
+    basis = hidden_basis.arrays() if rank else {}
+    if not (isinstance(k, int) and k > 0 and isinstance(shard_rows, int) and shard_rows > 0):
+        raise ValueError(f"k={k!r} and shard_rows={shard_rows!r} must be positive integers")
+    n = len(sample_ids)
+    if n == 0 or len(input_ids_per_seq) != n or len(supervised_per_seq) != n:
+        raise ValueError(
+            f"need >= 1 sequence and equal counts: {n} sample_ids, {len(input_ids_per_seq)} "
+            f"input_ids, {len(supervised_per_seq)} supervised masks"
+        )
+    sids = np.array([sid_to_u64(s) for s in sample_ids], dtype=np.uint64)
+    if len(np.unique(sids)) != n:
+        raise ValueError("sample_ids are not unique: rows are keyed by sample id")
+    ids = [np.asarray(x).reshape(-1) for x in input_ids_per_seq]
+    sup = [np.asarray(x, dtype=bool).reshape(-1) for x in supervised_per_seq]
+    for i, (x, m) in enumerate(zip(ids, sup)):
+        if len(x) != len(m) or len(x) == 0:
+            raise ValueError(f"sequence {i}: {len(x)} input_ids but {len(m)} supervised flags")
+        if m[-1]:  # row j predicts token j+1: the last position has nothing to predict
+            raise ValueError(
+                f"sequence {i}: last position marked supervised; row j predicts token j+1, "
+                "so supervised[j] must be labels[j+1] != -100"
+            )
+    token_offsets = np.r_[0, np.cumsum([len(x) for x in ids])].astype(np.int64)
+    row_offsets = np.r_[0, np.cumsum([m.sum() for m in sup])].astype(np.int64)
+    input_ids = np.concatenate(ids).astype(np.int32)
+    supervised = np.concatenate(sup).astype(np.uint8)
+    plan = make_plan(
+        sids,
+        token_offsets,
+        row_offsets,
+        input_ids,
+        supervised,
+        k=k,
+        logprob_dtype=logprob_dtype,
+        hidden_codec=hidden_codec,
+        hidden_size=hidden_size,
+        shard_rows=shard_rows,
+        basis_arrays=basis,
+    )
+    base = {
+        "sample_ids": sids,
+        "token_offsets": token_offsets,
+        "row_offsets": row_offsets,
+        "input_ids": input_ids,
+        "supervised": supervised,
+        **basis,
+    }
+    return base, plan
+
+
+def check_matches(path, want: dict) -> None:
+    """Refuse an existing store at `path` made from other inputs, or of an older schema (CacheMismatchError,
+    naming the first differing field); CacheError when it is not an otkd cache at all."""
+    have = canonical_meta(read_root_attrs(path))
+    for section in ("provenance", "plan"):
+        # who made it first (teacher, tokenizer, data), so the message names the cause, not a symptom
+        first = [k for k in IDENTITY if k in have[section]]
+        ordered = {**{k: have[section][k] for k in first}, **have[section]}
+        d = first_difference(ordered, want[section])
+        if d:
+            field, old, new = d
+            what = (
+                "another teacher"
+                if "teacher" in field
+                else "another tokenizer"
+                if "tokenizer" in field
+                else "other inputs"
+            )
+            raise CacheMismatchError(
+                f"output path {path} holds a cache from {what} ({section}.{field}: stored {short_repr(old)} "
+                f"!= requested {short_repr(new)}); delete it or choose another path"
+            )
+    if have["schema_version"] != SCHEMA_VERSION:
+        # Same inputs, older layout (schema 3: no observed_logprob). Resuming would mix shards with and
+        # without the new array, and a complete one lacks it for good: the store must be made again
+        # (Stage 1's --replace-mismatched deletes it, as for any other mismatch).
+        raise CacheMismatchError(
+            f"output path {path} holds a cache of schema {have['schema_version']}, older than the schema "
+            f"{SCHEMA_VERSION} this otkd writes; delete it or choose another path"
+        )
+
+
+def create_store(path, base: dict, plan: dict, provenance: dict) -> None:
+    """Write a new store: every per-sequence array now, the row arrays empty; locally in a temporary folder renamed
+    into place (a killed creation leaves no half store at `path`), on object storage in place."""
+    n = len(base["sample_ids"])
+    k, logprob_dtype, shard_rows = plan["k"], plan["logprob_dtype"], plan["shard_rows"]
+    hidden_codec, hidden_size = plan["hidden_codec"], plan["hidden_size"]
+    attrs = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "row_contract": ROW_CONTRACT,
+        **{key: plan[key] for key in ("k", "logprob_dtype", "hidden_codec", "hidden_size", "shard_rows")},
+        "n_sequences": n,
+        "n_tokens": plan["n_tokens"],
+        "n_rows": plan["n_rows"],
+        "n_shards": n_shards(plan["n_rows"], shard_rows),
+        "plan": plan,
+        "provenance": provenance,
+        "complete": False,
+    }
+    if is_url(path):
+        # Object storage has no directory rename: the store is created in place, `manifest/base` written last.
+        # A creation killed midway leaves a store with the right attributes and a missing or short base
+        # manifest, which a resume repairs from the inputs like any damaged per-sequence data.
+        _create(path, attrs, base, n, plan, k, logprob_dtype, hidden_codec, hidden_size, shard_rows)
+        return
+    tmp = path.with_name(path.name + ".creating")
+    if tmp.exists():  # a creation killed midway; the name is ours, but never delete someone else's data
+        if (tmp / "zarr.json").exists():
+            read_root_attrs(tmp)
+        shutil.rmtree(tmp)
+    _create(tmp, attrs, base, n, plan, k, logprob_dtype, hidden_codec, hidden_size, shard_rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(tmp, path)
 
 
 def _create(

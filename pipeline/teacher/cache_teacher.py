@@ -137,46 +137,28 @@ def cache_split(
                 print(f"cache {path}: complete and up to date, nothing to do")
             parallel.barrier()  # rank 0 keeps the lease until every rank has checked it
             return path
-        rows_per_seq = np.array([s.sum() for s in supervised])
-        row_start = np.r_[0, np.cumsum(rows_per_seq)]
-        # The plan depends on the data and batch_tokens only (never on the world size): every row comes out of the
-        # same batch whichever rank computes it, so the store is the same for any number of ranks.
-        batches = length_batches([len(x) for x in input_ids], c.batch_tokens)
-        rows = [(int(row_start[b[0]]), int(row_start[b[-1] + 1])) for b in batches]
+        batches, rows = plan_batches(input_ids, supervised, c.batch_tokens)
         n_all = sum(
             len(input_ids[i]) for b, (r0, r1) in zip(batches, rows) for i in b if not writer.is_row_range_done(r0, r1)
         )  # what one process would run
-        if world > 1:
-            # Dealt out by rank 0 from the records it read before anyone writes, and sent to all: a rank that opened
-            # the store later could otherwise see a shard rank 0 already finished and deal the shards differently.
-            cost = parallel.shard_costs(
-                rows, [len(b) * max(len(input_ids[i]) for i in b) for b in batches], writer.shard_rows, writer.n_shards
-            )
-            owned = parallel.broadcast(
-                parallel.assign_shards(cost, np.flatnonzero(~writer.done), world) if rank == 0 else None
-            )
-            writer.own(owned[rank])
-            if rank == 0 and sum(map(bool, owned)) < world:
-                print(
-                    f"cache {path}: only {int((~writer.done).sum())} shards to write for {world} ranks, some ranks "
-                    f"have nothing to do; a smaller cache.shard_rows (now {writer.shard_rows}) spreads a small split"
-                )
-        todo = [b for b, (r0, r1) in zip(batches, rows) if not writer.is_row_range_done(r0, r1)]
-        n_tok = sum(len(input_ids[i]) for b in todo for i in b)
+        owned = deal_shards(writer, batches, rows, input_ids, path) if world > 1 else None
+        todo = [(b, r0) for b, (r0, r1) in zip(batches, rows) if not writer.is_row_range_done(r0, r1)]
+        n_tok = sum(len(input_ids[i]) for b, _ in todo for i in b)
         who = f"rank {rank}/{world}: {len(owned[rank])} of {writer.n_shards} shards, " if world > 1 else ""
         print(
-            f"cache {path}: {who}{len(ds)} sequences, {row_start[-1]} rows, {len(todo)}/{len(batches)} batches to run"
+            f"cache {path}: {who}{len(ds)} sequences, {rows[-1][1] if rows else 0} rows, "
+            f"{len(todo)}/{len(batches)} batches to run"
         )
         t0 = time.perf_counter()
         with writer, tqdm(total=n_tok, unit="tok", unit_scale=True, desc=f"teacher {name}", disable=rank > 0) as bar:
-            for b in todo:
+            for b, r0 in todo:  # the teacher's forward on one batch, its rows written from row r0 on
                 batch = pad_collate(
                     [{"input_ids": input_ids[i], "labels": labels[i]} for i in b], tokenizer.pad_token_id
                 )
                 ids, lp, tail, hidden, observed = teacher_rows(
                     get_model(), batch, c.k, len(tokenizer), c.chunk_rows, c.hidden_codec != "none"
                 )
-                writer.write_rows(int(row_start[b[0]]), ids, lp, tail, hidden, observed=observed)
+                writer.write_rows(r0, ids, lp, tail, hidden, observed=observed)
                 bar.update(sum(len(input_ids[i]) for i in b))
             writer.close(mark_complete=world == 1)
         seconds = time.perf_counter() - t0
@@ -190,6 +172,33 @@ def cache_split(
             parallel.barrier()
         print(f"cache {path}: done in {seconds:.1f}s")
         return path
+
+
+def plan_batches(input_ids: list, supervised: list, batch_tokens: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """The teacher's batches (sequence indices, by length) and the range of rows [r0, r1) each one writes. They
+    depend on the data and batch_tokens only, never on the world size: every row comes out of the same batch
+    whichever rank computes it, so the store is the same for any number of ranks."""
+    row_start = np.r_[0, np.cumsum([s.sum() for s in supervised])]
+    batches = length_batches([len(x) for x in input_ids], batch_tokens)
+    return batches, [(int(row_start[b[0]]), int(row_start[b[-1] + 1])) for b in batches]
+
+
+def deal_shards(writer: CacheWriter, batches, rows, input_ids, path) -> list:
+    """Data-parallel Stage 1: the shards still to write, dealt out by cost. Rank 0 deals them from the records it
+    read before anyone writes, and sends the deal to all: a rank that opened the store later could otherwise see a
+    shard rank 0 already finished and deal differently. Each rank's writer then owns its part; returns the deal."""
+    rank, world = parallel.world()
+    cost = parallel.shard_costs(
+        rows, [len(b) * max(len(input_ids[i]) for i in b) for b in batches], writer.shard_rows, writer.n_shards
+    )
+    owned = parallel.broadcast(parallel.assign_shards(cost, np.flatnonzero(~writer.done), world) if rank == 0 else None)
+    writer.own(owned[rank])
+    if rank == 0 and sum(map(bool, owned)) < world:
+        print(
+            f"cache {path}: only {int((~writer.done).sum())} shards to write for {world} ranks, some ranks "
+            f"have nothing to do; a smaller cache.shard_rows (now {writer.shard_rows}) spreads a small split"
+        )
+    return owned
 
 
 def report_balance(path: Path, stats: list[tuple[int, float]], n_all: int) -> None:
