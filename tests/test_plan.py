@@ -136,7 +136,7 @@ def test_shipped_configs_give_the_model_cards_counts(folder):
 
 
 def test_constants_follow_the_fused_loss():
-    from pipeline.losses.fused_ce_kl import CHUNK_ELEMS, SLICE, default_chunk_rows
+    from pipeline.losses.chunked import CHUNK_ELEMS, SLICE, default_chunk_rows
 
     assert (mm.FUSED_SLICE, mm.FUSED_CHUNK_ELEMS) == (SLICE, CHUNK_ELEMS)
     assert all(mm.fused_chunk_rows(v) == default_chunk_rows(v) for v in (389, 32768, 151936, 152064))
