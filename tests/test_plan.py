@@ -590,7 +590,7 @@ def test_exact_teacher_adds_its_lm_head_to_stage2(tmp_path):
     table = plan.table(p1)
     assert "  teacher lm_head (exact KL): 152,064 (config vocab_size) x 3,584, bf16" + " " * 10 + "1.02" in table
 
-    # once Stage 1 has run, the head has the tokenizer's rows (pipeline/teacher/head.py slices it so)
+    # once Stage 1 has run, the head has the tokenizer's rows (pipeline/distill/head.py slices it so)
     write_provenance(cache, tokenizer_size=151665, logits_size=152064, hidden_size=D)
     item = {i.key: i for i in plan.stage2(exact, s, t, L).items}["teacher_head"]
     assert item.nbytes == 2 * 151665 * D == 1_087_134_720

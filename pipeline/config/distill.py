@@ -92,7 +92,7 @@ class DistillConfig:
     teacher_head: str = ""
     """The teacher checkpoint (local folder or hub name) whose lm_head rebuilds the teacher's exact distribution
     softmax(W h) from the cached hidden states: then w_kl is the full-vocabulary KL (no top-k, no tail bucket,
-    temperature on the true logits), computed in row chunks. Only lm_head is read (pipeline/teacher/head.py), checked
+    temperature on the true logits), computed in row chunks. Only lm_head is read (pipeline/distill/head.py), checked
     against the cache's provenance. Needs a cache with hidden states and the same tokenizer. "" = top-k KL."""
     jsd_beta: float = 0.0
     """With teacher_head: 0 = KL in the direction kl_reverse says; in (0, 1) the generalised Jensen-Shannon

@@ -293,7 +293,7 @@ def exact_loss_bytes(rows: int, vocab: int, vocab_logits: int, d: int, D: int, h
 
 
 def teacher_head_bytes(rows: int, D: int, stored_bytes: int, bias: bool = False) -> float:
-    """The exact teacher's lm_head in Stage 2 (pipeline/teacher/head.py load_teacher_head, a DistillModel buffer):
+    """The exact teacher's lm_head in Stage 2 (pipeline/distill/head.py load_teacher_head, a DistillModel buffer):
     its first `rows` rows (the tokenizer's size) of D, in the checkpoint's dtype, and its bias if it has one (the
     Qwen2 / Qwen3 / Llama heads have none)."""
     return stored_bytes * rows * (D + bias)
