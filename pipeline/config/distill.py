@@ -81,7 +81,7 @@ class DistillConfig:
     """Recompute activations in the backward pass (less memory, ~30% more time); for real models on one GPU."""
     optim: Optim = "adamw_torch"
     """Optimizer (a transformers `optim` name): "adamw_torch" (two moments in the parameter's dtype: 8 B per fp32
-    LoRA parameter), "adamw_8bit" (bitsandbytes 8-bit moments, ~2 B; the original design's AdamW8bit) or
+    LoRA parameter), "adamw_8bit" (bitsandbytes 8-bit moments, ~2 B: a quarter of the optimizer state) or
     "paged_adamw_8bit"
     (the same, paged to host memory under pressure; CUDA only, plain 8-bit on the CPU)."""
     w_ce: float = 1.0
@@ -106,9 +106,11 @@ class DistillConfig:
     """Weight of ULD (Boizard et al. 2024): the L1 distance between the student's and the teacher's sorted top-k
     probabilities (+ the tail), position by position; tokenizer-agnostic, the cross-tokenizer baseline (0 skips it)."""
     w_tok_ot: float = 0.0
-    """Weight of the token-level OT in embedding geometry (the original design's hybrid): per aligned position, OT
-    between the student's top tok_ot_k next-token distribution placed at its embedding rows and the teacher's
-    cached top-k at its embedding rows projected by a learned P_e; cost 1 - cosine. Needs no string map (0 skips it)."""
+    """Weight of the token-level OT in embedding geometry (a hybrid: position by position like the KL, with OT's
+    cost between tokens, so mass on a token with a similar embedding costs less than on an unrelated one): per
+    aligned position, OT between the student's top tok_ot_k next-token distribution placed at its embedding rows
+    and the teacher's cached top-k at its embedding rows projected by a learned P_e; cost 1 - cosine. Needs no
+    string map (0 skips it)."""
     w_chunk_kl: float = 0.0
     """Cross-tokenizer only: weight of the chunk-level KL (pipeline/losses/chunk.py) - at each student row whose token
     is made of whole teacher tokens, KL between the teacher's exact probabilities of the events the student can emit
@@ -123,8 +125,8 @@ class DistillConfig:
     tok_ot_eps: float = 0.1
     """Entropic regularisation of the token-level OT (cost in [0, 2]), > 0."""
     tok_ot_adaptive_temp: bool = False
-    """Token-level OT on softmax(z / (temperature x std(z))) per row (the original design's adaptive temperature)
-    instead of softmax(z / temperature)."""
+    """Token-level OT on softmax(z / (temperature x std(z))) per row (an adaptive temperature: rows of differently
+    scaled logits give distributions of comparable sharpness) instead of softmax(z / temperature)."""
     temperature: float = 1.0
     """KL temperature, > 0 (student logits / tau, teacher bucket log-probs / tau, loss x tau^2)."""
     kl_tail: Literal["bucket", "none"] = "bucket"
@@ -132,10 +134,10 @@ class DistillConfig:
     kl_reverse: bool = False
     """Use KL(student || teacher) over the same buckets instead of KL(teacher || student)."""
     ot_eps: float = 0.05
-    """Entropic regularisation of both OT losses, > 0: 1/lambda in the original design's <T,C> - (1/lambda) H(T)
-    (see pipeline/losses/ot.py for why not its lambda = 0.1)."""
+    """Entropic regularisation of both OT losses, > 0: 1/lambda in the form <T,C> - (1/lambda) H(T) (see
+    pipeline/losses/ot.py for why lambda = 0.1, eps = 10, would see no alignment)."""
     ot_objective: Literal["linear", "regularized"] = "linear"
-    """"linear" (<T*, C>, the original design's loss, exact implicit gradient) or "regularized"
+    """"linear" (<T*, C>, the transport cost of the entropic plan, exact implicit gradient) or "regularized"
     (<T*, C> - eps H(T*))."""
     ot_eps_scale: Literal["absolute", "std"] = "absolute"
     """"absolute" (ot_eps as is) or "std" (ot_eps x the standard deviation of each sequence's cost, OTT-JAX's
