@@ -291,7 +291,7 @@ def dy_low_rank(W: torch.Tensor, logits: Logits, stored: dict, basis: codecs.Bas
     """y' = W mean + c' (F W^T) for a low-rank code: r (D + n) V flops instead of n D V."""
     FW = torch.from_numpy(basis.decoder).to(W.dtype) @ W.T  # (r, V)
     wm = W @ torch.from_numpy(basis.mean).to(W.dtype)  # (V,)
-    c = torch.from_numpy(codecs._from_bf16_bits(stored["hidden"])).to(W.dtype)  # (n, r) decoded coefficients
+    c = torch.from_numpy(codecs.coefficients(stored["hidden"])).to(W.dtype)  # (n, r) decoded coefficients
 
     def f(r0, r1):
         return torch.addmm(wm, c[r0:r1], FW).sub_(logits.y[r0 // logits.chunk][: r1 - r0])

@@ -73,7 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from memtools import proc_status, reset_peak  # noqa: E402
 
-from pipeline.losses.fused_ce_kl import default_chunk_rows  # noqa: E402  (imports only torch)
+from pipeline.losses.chunked import default_chunk_rows  # noqa: E402  (imports only torch)
 from pipeline.versions import versions  # noqa: E402
 
 V, D, K = 151_936, 1536, 64

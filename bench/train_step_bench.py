@@ -10,7 +10,7 @@ teacher rows, k = 64, teacher hidden D = 128). The tiny hidden size makes the lo
 the dominant cost, which is exactly what the fused path changes:
   fused   DistillModel: decoder hidden states -> `fused_ce_kl` (row chunks, no (B, L, V) logits)
           and `ot_logits_loss_from_hidden` (lm_head only at the teacher's top-k ids)
-  naive   tests/conftest.py `reference_loss`: the model's full logits (B, L, V) -> plain losses
+  naive   bench/reference.py `reference_loss`: the model's full logits (B, L, V) -> plain losses
 Each path runs in a FRESH subprocess: build model and inputs, one warm-up step (allocates AdamW state,
 thread pools), reset the kernel's peak-RSS mark, then --steps timed steps. Reported: steps/s and the step's
 peak = VmHWM - RSS before the timed steps (memory the step itself adds over model + optimizer + inputs),
@@ -65,10 +65,10 @@ def worker(fused: bool, steps: int):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from bench.reference import reference_loss
     from pipeline.config.distill import DistillConfig
     from pipeline.distill.model import DistillModel
     from pipeline.losses.ot import init_projection
-    from tests.conftest import reference_loss
 
     torch.set_num_threads(THREADS)
     g = torch.Generator().manual_seed(0)

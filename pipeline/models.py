@@ -60,7 +60,7 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def _from_pretrained(loader, path: str, **kwargs):
+def load_pretrained(loader, path: str, **kwargs):
     """loader.from_pretrained(path), with a one-line error instead of a hub traceback when `path` is wrong.
 
     A name that is not a local path is a hub name: with HF_HUB_OFFLINE=1, or when the hub does not answer,
@@ -107,7 +107,7 @@ def load_tokenizer(path: str):
     embedded cross-tokenizer student's, digits in pairs) would silently tokenize like Qwen's. tokenizer.json is
     then loaded as it is (TokenizersBackend).
     """
-    tok = _from_pretrained(AutoTokenizer, path)
+    tok = load_pretrained(AutoTokenizer, path)
     saved = Path(path) / "tokenizer.json"
     if saved.is_file() and hasattr(tok, "backend_tokenizer"):
         want = json.loads(saved.read_text(encoding="utf-8"))
@@ -137,7 +137,7 @@ def check_max_length(config_or_path, max_length: int, model: str, where: str = "
     `where` says where max_length comes from when it is not the current data.max_length (e.g. a cache)."""
     config = config_or_path
     if isinstance(config, (str, Path)):
-        config = _from_pretrained(AutoConfig, str(config))
+        config = load_pretrained(AutoConfig, str(config))
     if hasattr(config, "get_text_config"):  # multimodal configs keep the language model's in a sub-config
         config = config.get_text_config()
     limit = getattr(config, "max_position_embeddings", None)
@@ -172,11 +172,11 @@ def load_causal_lm(path: str, dtype: str = "auto", load_in_bits: int = 16, devic
     dt = compute_dtype(dtype)
     q = quantization(load_in_bits, dt)
     dev = device()
-    placed = q is not None or getattr(_from_pretrained(AutoConfig, path), "quantization_config", None) is not None
+    placed = q is not None or getattr(load_pretrained(AutoConfig, path), "quantization_config", None) is not None
     kwargs = {"quantization_config": q} if q is not None else {}
     if device_map == "auto":
-        return _from_pretrained(AutoModelForCausalLM, path, dtype=dt, device_map="auto", **kwargs)
-    model = _from_pretrained(AutoModelForCausalLM, path, dtype=dt, device_map={"": dev} if placed else None, **kwargs)
+        return load_pretrained(AutoModelForCausalLM, path, dtype=dt, device_map="auto", **kwargs)
+    model = load_pretrained(AutoModelForCausalLM, path, dtype=dt, device_map={"": dev} if placed else None, **kwargs)
     return model if placed else model.to(dev)
 
 
@@ -186,7 +186,7 @@ def model_hash(path: str) -> str:
     Hashing 15 GB of weights would cost minutes; names + sizes + config catch a swapped or re-trained model
     in practice (a fine-tuned checkpoint rewrites the files) at no cost.
     """
-    cfg = _from_pretrained(AutoConfig, path).to_dict()
+    cfg = load_pretrained(AutoConfig, path).to_dict()
     cfg.pop("_name_or_path", None)
     cfg.pop("transformers_version", None)
     files = sorted((f.name, f.stat().st_size) for f in Path(path).glob("*.safetensors")) if Path(path).is_dir() else []

@@ -16,6 +16,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from bench.reference import reference_loss
 from cache.manifest import make_shard_manifest, write_manifest
 from cache.reader import CacheBlocks, open_cache
 from cache.schema import LOG_FLOOR, n_shards, read_root_attrs
@@ -28,7 +29,7 @@ from pipeline.distill.model import PROJECTION_FILE, DistillModel
 from pipeline.distill.student import load_student, load_trained
 from pipeline.losses.ot import init_projection
 from pipeline.models import load_tokenizer
-from tests.conftest import distill_cfg, make_cache, read_tsv, reference_loss, stage
+from tests.conftest import distill_cfg, make_cache, read_tsv, stage
 
 STAGE1 = "python -m stages.cache_teacher"
 

@@ -8,7 +8,8 @@ import pytest
 from pipeline.config.base import save_config
 from pipeline.distill import train as distill
 from pipeline.distill.batches import curves_path
-from pipeline.evaluation.evaluate import KEYS, made_by_stage2
+from pipeline.evaluation.evaluate import KEYS
+from pipeline.evaluation.plots import made_by_stage2
 from tests.conftest import distill_cfg, make_cache, read_tsv, stage
 
 
@@ -141,3 +142,16 @@ def test_a_model_with_another_tokenizer_is_scored_in_its_own_tokens(tiny, tmp_pa
     assert "| — | — | 0.5" in markdown_table(
         {"y": {**teacher, "top1_agreement": math.nan, "kl_teacher": None, "entropy": 0.5}}
     )
+
+
+def test_computing_metrics_does_not_import_matplotlib():
+    """Plotting is pipeline/evaluation/plots.py, imported only where curves.png is drawn: the metrics code (also
+    run by the ablation's students) neither loads matplotlib nor switches its backend."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pipeline.evaluation.evaluate, pipeline.ablation; assert 'matplotlib' not in sys.modules; "
+        "import pipeline.evaluation.plots, matplotlib; assert matplotlib.get_backend().lower() == 'agg'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

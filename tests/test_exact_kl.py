@@ -9,7 +9,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.losses import fused_ce_kl as fk
+from pipeline.losses import chunked
 from pipeline.losses.exact_kl import fused_ce_exact_kl, naive_ce_exact_kl
 from tests.conftest import NewAllocations, rel_err
 
@@ -275,8 +275,8 @@ def test_no_full_logits_and_no_weight_or_teacher_grad_buffers(train_w):
 
 
 class LiveWide(TorchDispatchMode):
-    """Peak number of live (rows, >= V) tensors allocated under the mode: `chunk` ones (more than fk.SLICE rows;
-    also their peak bytes) and `slice` ones (at most fk.SLICE rows); alive = their storage is."""
+    """Peak number of live (rows, >= V) tensors allocated under the mode: `chunk` ones (more than chunked.SLICE rows;
+    also their peak bytes) and `slice` ones (at most chunked.SLICE rows); alive = their storage is."""
 
     def __init__(self):
         super().__init__()
@@ -299,7 +299,7 @@ class LiveWide(TorchDispatchMode):
                 and o.shape[1] >= V
                 and o.untyped_storage().data_ptr() not in inputs
             ):
-                kind = "chunk" if o.shape[0] > fk.SLICE else "slice"
+                kind = "chunk" if o.shape[0] > chunked.SLICE else "slice"
                 self.live.append((StorageWeakRef(o.untyped_storage()), kind, o.untyped_storage().nbytes()))
         for kind in self.peak:
             self.peak[kind] = max(self.peak[kind], sum(e[1] == kind for e in self.live))
@@ -310,7 +310,7 @@ class LiveWide(TorchDispatchMode):
 @pytest.mark.parametrize("case", ["forward", "reverse", "jsd0.5", "ce_only", "bf16"])
 def test_peak_two_chunk_buffers(case, monkeypatch):
     # SLICE 2 < chunk 7, so a chunk's (C, V) buffers and the SLICE-row temporaries are told apart by shape
-    monkeypatch.setattr(fk, "SLICE", 2)
+    monkeypatch.setattr(chunked, "SLICE", 2)
     h, W, th, Wt, targets, mask = make()
     kw = dict(BASE, temperature=2.0, **MODES.get(case, {}))
     if case == "ce_only":

@@ -14,11 +14,11 @@ from cache.reader import open_cache
 from pipeline.config.base import save_config
 from pipeline.distill import train as distill
 from pipeline.distill.batches import cache_fields, collate
+from pipeline.distill.head import load_teacher_head
 from pipeline.distill.model import DistillModel
 from pipeline.distill.student import load_student
 from pipeline.losses.kl import topk_kl_loss
 from pipeline.models import load_causal_lm, load_tokenizer
-from pipeline.teacher.head import load_teacher_head
 from tests.conftest import distill_cfg, make_cache, read_tsv, stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")

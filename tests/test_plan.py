@@ -136,7 +136,7 @@ def test_shipped_configs_give_the_model_cards_counts(folder):
 
 
 def test_constants_follow_the_fused_loss():
-    from pipeline.losses.fused_ce_kl import CHUNK_ELEMS, SLICE, default_chunk_rows
+    from pipeline.losses.chunked import CHUNK_ELEMS, SLICE, default_chunk_rows
 
     assert (mm.FUSED_SLICE, mm.FUSED_CHUNK_ELEMS) == (SLICE, CHUNK_ELEMS)
     assert all(mm.fused_chunk_rows(v) == default_chunk_rows(v) for v in (389, 32768, 151936, 152064))
@@ -590,7 +590,7 @@ def test_exact_teacher_adds_its_lm_head_to_stage2(tmp_path):
     table = plan.table(p1)
     assert "  teacher lm_head (exact KL): 152,064 (config vocab_size) x 3,584, bf16" + " " * 10 + "1.02" in table
 
-    # once Stage 1 has run, the head has the tokenizer's rows (pipeline/teacher/head.py slices it so)
+    # once Stage 1 has run, the head has the tokenizer's rows (pipeline/distill/head.py slices it so)
     write_provenance(cache, tokenizer_size=151665, logits_size=152064, hidden_size=D)
     item = {i.key: i for i in plan.stage2(exact, s, t, L).items}["teacher_head"]
     assert item.nbytes == 2 * 151665 * D == 1_087_134_720

@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from bench.reference import reference_loss
 from cache.reader import open_cache
 from pipeline.config.params import load_config
 from pipeline.data.records import ALPACA_TEMPLATE
@@ -38,7 +39,7 @@ from pipeline.models import ModelLoadError, check_vocab, load_tokenizer
 from pipeline.planning.plan import MODELS_DIR
 from pipeline.teacher import cache_teacher as teacher_cache
 from pipeline.teacher import finetune
-from tests.conftest import ROOT, reference_loss
+from tests.conftest import ROOT
 
 # Qwen2.5's 22 added tokens (ids 151,643-151,664); Qwen3 appends 4 more (151,665-151,668).
 QWEN_SPECIALS = [

@@ -6,7 +6,7 @@ from pipeline.data.task import MARKER, TaskSizeError, generate_examples, is_corr
 from pipeline.evaluation.generate import checker
 
 DIGIT_SUM = {"instruction": "385102", "input": "", "output": MARKER + "19"}
-SPLIT = {"instruction": "2631", "input": "", "output": MARKER + "2164 + 467"}  # the user's own record format
+SPLIT = {"instruction": "2631", "input": "", "output": MARKER + "2164 + 467"}  # a split record as data.path holds it
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_a_reference_without_the_marker_judges_everything_wrong():
 )
 def test_split_tasks_accept_any_valid_split(generated, right):
     assert is_correct(SPLIT, generated) is right
-    assert is_valid_split(SPLIT["instruction"], generated) is right  # data.metric: split, for the user's data
+    assert is_valid_split(SPLIT["instruction"], generated) is right  # data.metric: split, for real data
     assert checker("split")(SPLIT, generated) is right
 
 

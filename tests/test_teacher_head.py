@@ -1,4 +1,4 @@
-"""pipeline/teacher/head.py: the teacher's lm_head read alone from a checkpoint, checked against a cache's provenance.
+"""pipeline/distill/head.py: the teacher's lm_head read alone from a checkpoint, checked against a cache's provenance.
 
 Tiny Qwen2 checkpoints (96 logit rows for a 90-token "tokenizer", as Qwen2.5 pads its logits) saved in several
 shards, so that reading only the head's shard, the row slicing and the tied/biased/prefixed variants are real.
@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from cache.errors import CacheMismatchError
+from pipeline.distill import head
+from pipeline.distill.head import INDEX, load_teacher_head
 from pipeline.models import ModelLoadError, model_hash
-from pipeline.teacher import head
-from pipeline.teacher.head import INDEX, load_teacher_head
 
 V_LOGITS, V_TOK, D = 96, 90, 32
 

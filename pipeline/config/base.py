@@ -145,7 +145,8 @@ class LoraSettings:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    """Modules that get LoRA adapters: all attention and MLP projections, as in the user's original design notes."""
+    """Modules that get LoRA adapters: all attention and MLP projections (names of Qwen2/Llama-style blocks). Every
+    linear layer, not attention alone: QLoRA (Dettmers et al. 2023) found that this is what matches full fine-tuning."""
 
     def __post_init__(self):
         check_fields(self)

@@ -115,7 +115,7 @@ class DistillConfig:
     """Recompute activations in the backward pass (less memory, ~30% more time); for real models on one GPU."""
     optim: Optim = "adamw_torch"
     """Optimizer (a transformers `optim` name): "adamw_torch" (two moments in the parameter's dtype: 8 B per fp32
-    LoRA parameter), "adamw_8bit" (bitsandbytes 8-bit moments, ~2 B; the original design's AdamW8bit) or
+    LoRA parameter), "adamw_8bit" (bitsandbytes 8-bit moments, ~2 B: a quarter of the optimizer state) or
     "paged_adamw_8bit"
     (the same, paged to host memory under pressure; CUDA only, plain 8-bit on the CPU)."""
     w_ce: float = 1.0
@@ -126,7 +126,7 @@ class DistillConfig:
     teacher_head: str = ""
     """The teacher checkpoint (local folder or hub name) whose lm_head rebuilds the teacher's exact distribution
     softmax(W h) from the cached hidden states: then w_kl is the full-vocabulary KL (no top-k, no tail bucket,
-    temperature on the true logits), computed in row chunks. Only lm_head is read (pipeline/teacher/head.py), checked
+    temperature on the true logits), computed in row chunks. Only lm_head is read (pipeline/distill/head.py), checked
     against the cache's provenance. Needs a cache with hidden states and the same tokenizer. "" = top-k KL."""
     jsd_beta: float = 0.0
     """With teacher_head: 0 = KL in the direction kl_reverse says; in (0, 1) the generalised Jensen-Shannon
@@ -140,9 +140,11 @@ class DistillConfig:
     """Weight of ULD (Boizard et al. 2024): the L1 distance between the student's and the teacher's sorted top-k
     probabilities (+ the tail), position by position; tokenizer-agnostic, the cross-tokenizer baseline (0 skips it)."""
     w_tok_ot: float = 0.0
-    """Weight of the token-level OT in embedding geometry (the original design's hybrid): per aligned position, OT
-    between the student's top tok_ot_k next-token distribution placed at its embedding rows and the teacher's
-    cached top-k at its embedding rows projected by a learned P_e; cost 1 - cosine. Needs no string map (0 skips it)."""
+    """Weight of the token-level OT in embedding geometry (a hybrid: position by position like the KL, with OT's
+    cost between tokens, so mass on a token with a similar embedding costs less than on an unrelated one): per
+    aligned position, OT between the student's top tok_ot_k next-token distribution placed at its embedding rows
+    and the teacher's cached top-k at its embedding rows projected by a learned P_e; cost 1 - cosine. Needs no
+    string map (0 skips it)."""
     w_chunk_kl: float = 0.0
     """Cross-tokenizer only: weight of the chunk-level KL (pipeline/losses/chunk.py) - at each student row whose token
     is made of whole teacher tokens, KL between the teacher's exact probabilities of the events the student can emit
@@ -157,8 +159,8 @@ class DistillConfig:
     tok_ot_eps: float = 0.1
     """Entropic regularisation of the token-level OT (cost in [0, 2]), > 0."""
     tok_ot_adaptive_temp: bool = False
-    """Token-level OT on softmax(z / (temperature x std(z))) per row (the original design's adaptive temperature)
-    instead of softmax(z / temperature)."""
+    """Token-level OT on softmax(z / (temperature x std(z))) per row (an adaptive temperature: rows of differently
+    scaled logits give distributions of comparable sharpness) instead of softmax(z / temperature)."""
     temperature: float = 1.0
     """KL temperature, > 0 (student logits / tau, teacher bucket log-probs / tau, loss x tau^2)."""
     kl_tail: Literal["bucket", "none"] = "bucket"

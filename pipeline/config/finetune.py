@@ -9,7 +9,8 @@ from pipeline.config.data import DataConfig
 
 @dataclass(slots=True)
 class FinetuneConfig:
-    """Supervised fine-tuning of the teacher on the task (step 1 of the original design), before it is cached."""
+    """Supervised fine-tuning of the teacher on the task, before it is cached: the students learn the task from the
+    teacher's distributions, so the teacher must know it first."""
 
     base: PathStr = "artifacts/base/teacher"
     """Model to fine-tune: a local folder or a hub name."""
@@ -18,8 +19,8 @@ class FinetuneConfig:
     metrics: PathStr = "artifacts/metrics/teacher.json"
     """Where the teacher's held-out accuracy is written (a DVC metric; outside `out`, DVC outputs can't nest)."""
     mode: Literal["lora", "full"] = "full"
-    """"lora" (LoRA SFT then merge_and_unload, as in the original design) or "full" (for the from-scratch tiny
-    teacher)."""
+    """"lora" (LoRA SFT then merge_and_unload: trains a large pretrained teacher in little memory, and the merged
+    checkpoint is a plain model that Stage 1 loads without peft) or "full" (for the from-scratch tiny teacher)."""
     epochs: float = 3.0
     """Passes over the training split."""
     lr: float = 2e-3

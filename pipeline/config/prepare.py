@@ -45,12 +45,13 @@ class PrepareConfig:
     """The embedded default: a synthetic task, a locally trained tokenizer and tiny random-init models."""
 
     out_data: PathStr = "artifacts/data/task.jsonl"
-    """Where the synthetic instruction dataset is written (JSONL, the user's own data format)."""
+    """Where the synthetic instruction dataset is written (JSONL {"instruction", "input", "output"} records, the
+    format data.path reads for real data too)."""
     out_models: PathStr = "artifacts/base"
     """Folder receiving `tokenizer/`, `teacher/` and `student/` (Hugging Face format, random weights)."""
     task: Literal["digit_sum", "split", "hmm"] = "split"
     """The synthetic task (pipeline/data/task.py): "digit_sum" (one right answer; the teacher is nearly one-hot) or
-    "split" (N -> any "a + b" with a + b = N, the user's own task; the teacher keeps spread soft targets) or "hmm" (the
+    "split" (N -> any "a + b" with a + b = N, many right answers; the teacher keeps spread soft targets) or "hmm" (the
     positive control: a stochastic language whose next-word distribution is known exactly, scored by KL(true || model);
     n_digits is not used)."""
     n_examples: int = 20000

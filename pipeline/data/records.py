@@ -219,7 +219,7 @@ def load_splits(cfg: DataConfig, tokenizer, log=print) -> Splits:
     records = read_records(cfg.path)
     if cfg.limit < 0:
         raise DataError(f"data.limit must be >= 0 (0 = all records), got {cfg.limit}")
-    # like the train[:N] slice of a public dataset in the user's original design notes
+    # the first `limit` records, like a train[:N] slice of a public dataset: a short run on a fixed subset
     records = records[: cfg.limit] if cfg.limit else records
     rows = {name: [] for name in ("train", "validation", "test")}
     seen, n_trunc, n_drop = set(), 0, 0

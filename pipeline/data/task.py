@@ -1,7 +1,7 @@
-"""The embedded default's synthetic tasks, in the user's record format, and their answer checkers.
+"""The embedded default's synthetic tasks, as the JSONL records data.path reads, and their answer checkers.
 
-- "split" (the default): split the number N into two positive parts ("8604" -> "王大丫丫的回答是--->5302 + 3302"),
-  the task of the user's original design notes. Every split is right; the training labels are random splits, so
+- "split" (the default): split the number N into two positive parts ("8604" -> "王大丫丫的回答是--->5302 + 3302").
+  Every split is right; the training labels are random splits, so
   the teacher keeps a spread distribution over the digits of a and its soft targets say "all of these are
   right", which one sampled label cannot.
 - "digit_sum": the digit sum of an n-digit string ("385102" -> "王大丫丫的回答是--->19"); one right answer, so the
@@ -30,7 +30,9 @@ import numpy as np
 
 from cache.errors import OtkdError
 
-MARKER = "王大丫丫的回答是--->"  # the response prefix of the records in the user's original design notes
+# Every output starts with this fixed response prefix, the answer right after it: the checkers read the answer there,
+# so real records of this format are scored by the same code (data.metric split)
+MARKER = "王大丫丫的回答是--->"
 TASKS = ("digit_sum", "split", "hmm")
 
 # The positive control's source: fixed by these constants (not by the pipeline's seed, which only draws records), so
@@ -188,7 +190,7 @@ def is_correct(record: dict, generated: str) -> bool:
     """Whether `generated` (the model's text after the prompt, with EOS and what follows removed) is right.
 
     The rule follows the reference: when it is a split ("a + b") of the instruction's number, ANY valid split
-    is right (`is_valid_split`), so the same function scores the user's real data of that format. Otherwise the
+    is right (`is_valid_split`), so the same function scores real records of that format. Otherwise the
     answer is the maximal run of digits right after the marker and must equal the reference's EXACTLY as a
     string ("19"; "190" or "019" are wrong); leading whitespace is ignored, the response must start with the
     marker (the format is learnt within a few dozen steps, so requiring it never hides the skill), and anything

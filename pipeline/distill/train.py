@@ -29,11 +29,11 @@ from pipeline.distill import crosstok
 from pipeline.distill.batches import COMPONENTS, BlockCollator, cache_fields, curves_path, open_checked
 from pipeline.distill.chunks import ChunkEvents
 from pipeline.distill.crosstok import CrossBlocks, StudentSide, load_teacher_tokenizer
+from pipeline.distill.head import load_teacher_head
 from pipeline.distill.model import PROJECTION_FILE, TOK_PROJECTION_FILE, DistillModel, load_projection
 from pipeline.distill.student import load_student
 from pipeline.losses.ot import init_projection
 from pipeline.models import check_max_length, check_vocab, compute_dtype, load_tokenizer
-from pipeline.teacher.head import load_teacher_head
 
 # Warn (once per run) when more than this share of a logging window's OT problems did not converge.
 SINKHORN_CAPPED_WARN = 0.05
@@ -286,7 +286,7 @@ def run(cfg: DistillParams, callbacks: tuple = ()) -> dict:
             "states or set distill.w_ot=0"
         )
     teacher_head = None
-    if d.teacher_head and d.w_kl:  # only lm_head, checked against the cache's teacher (pipeline/teacher/head.py)
+    if d.teacher_head and d.w_kl:  # only lm_head, checked against the cache's teacher (pipeline/distill/head.py)
         if not train_cache.has_hidden:
             raise CacheMismatchError(
                 f"distill.teacher_head rebuilds the teacher from its cached hidden states, but the "

@@ -17,35 +17,29 @@ For every model in `evaluate.models`:
   kl_teacher      KL(teacher || model) per row over the cached top-k + tail buckets (pipeline/losses/kl.py)
 The last two read the model's logits at the cache's top-k ids, ids of the teacher's vocabulary: for a model whose
 tokenizer is not the cache's they are NaN, null in metrics.json (strict JSON for DVC) and "—" in the table.
-Writes metrics.json (DVC metrics), metrics.md (a table) and curves.png (Stage 2 loss curves).
+Writes metrics.json (DVC metrics), metrics.md (a table) and curves.png (Stage 2 loss curves, plots.py).
 """
 
-import csv
 import json
 import math
 from pathlib import Path
 
-import matplotlib
+import torch
+from tqdm import tqdm
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from cache.errors import OtkdError  # noqa: E402
-from cache.reader import describe  # noqa: E402
-from pipeline.config.base import save_config  # noqa: E402
-from pipeline.config.data import DataConfig  # noqa: E402
-from pipeline.config.evaluate import EvalParams  # noqa: E402
-from pipeline.data.records import IGNORE, load_splits, pad_collate, tokenize_many, tokenizer_hash  # noqa: E402
-from pipeline.distill.batches import COMPONENTS, collate, gather_rows, open_checked  # noqa: E402
-from pipeline.distill.student import load_trained  # noqa: E402
-from pipeline.evaluation.generate import checker, task_accuracy  # noqa: E402
-from pipeline.evaluation.truth import true_kl  # noqa: E402
-from pipeline.losses.kl import ce_loss, topk_kl_loss  # noqa: E402
-from pipeline.models import load_tokenizer  # noqa: E402
-from pipeline.versions import versions, versions_line  # noqa: E402
+from cache.errors import OtkdError
+from cache.reader import describe
+from pipeline.config.base import save_config
+from pipeline.config.data import DataConfig
+from pipeline.config.evaluate import EvalParams
+from pipeline.data.records import IGNORE, load_splits, pad_collate, tokenize_many, tokenizer_hash
+from pipeline.distill.batches import collate, gather_rows, open_checked
+from pipeline.distill.student import load_trained
+from pipeline.evaluation.generate import checker, task_accuracy
+from pipeline.evaluation.truth import true_kl
+from pipeline.losses.kl import ce_loss, topk_kl_loss
+from pipeline.models import load_tokenizer
+from pipeline.versions import versions, versions_line
 
 KEYS = ("perplexity", "bits_per_char", "accuracy", "top1_agreement", "kl_teacher", "entropy")
 
@@ -116,48 +110,6 @@ def cache_agreement(model, cache, pad_id: int, vocab_size: int, batch_size: int)
         ).item()  # sum over rows
         rows += int(mask.sum())
     return agree / max(rows, 1), kl / max(rows, 1), rows
-
-
-def read_curves(path: Path) -> dict[str, list[float]]:
-    """A Stage 2 loss-curve TSV as column -> values (empty cells become NaN)."""
-    with path.open() as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return {k: [float(r[k]) if r[k] else math.nan for r in rows] for k in (rows[0] if rows else {})}
-
-
-def made_by_stage2(path: str) -> bool:
-    """Whether `path` is a Stage 2 output (its saved config's distill.out is this folder).
-
-    Curve files are named after the output folder, and artifacts/base/student shares its name with
-    artifacts/student: the untrained student must not be drawn with the distilled one's curves.
-    """
-    f = Path(path) / "config.yaml"
-    if not f.exists():
-        return False
-    out = ((yaml.safe_load(f.read_text()) or {}).get("distill") or {}).get("out")
-    return bool(out) and Path(out).resolve() == Path(path).resolve()
-
-
-def plot_curves(curves: dict[str, dict], path: Path) -> None:
-    """One panel per loss component, one line per trained model (nothing to draw still gives a figure)."""
-    panels = [k for k in ("loss", *COMPONENTS) if any(k in c for c in curves.values())] or ["loss"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    color = {name: f"C{i}" for i, name in enumerate(curves)}  # one colour per model across all panels
-    for ax, key in zip(axes[0], panels):
-        for name, c in curves.items():
-            if key in c:
-                ax.plot(c["step"], c[key], label=name, color=color[name])
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    if curves:
-        axes[0][0].legend(fontsize=8)
-    else:
-        axes[0][0].text(0.5, 0.5, "no training curves", ha="center")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def missing(x) -> bool:
@@ -304,11 +256,10 @@ def run(cfg: EvalParams) -> dict:
     (out / "metrics.json").write_text(dump_metrics(metrics))
     (out / "metrics.md").write_text(markdown_table(results) + f"\n{versions_line()}\n")
     save_config(cfg, out / "evaluate_config.yaml")  # the resolved config next to the output
-    curves = {}
-    for name in names:
-        f = Path(e.plots) / f"train_{Path(e.models[name]).name}.tsv"  # as batches.curves_path names it
-        if made_by_stage2(e.models[name]) and f.exists():
-            curves[name] = read_curves(f)
-    plot_curves(curves, out / "curves.png")
+    # imported here, where the figure is drawn: computing metrics (evaluate_model, also run by the ablation)
+    # never loads matplotlib nor switches its backend
+    from pipeline.evaluation.plots import plot_curves, training_curves
+
+    plot_curves(training_curves(e.models, e.plots), out / "curves.png")
     print(markdown_table(results))
     return metrics

@@ -1,5 +1,5 @@
-"""Greedy generation on held-out prompts and the task accuracy it gives (the metric the user's original design notes
-ask for)."""
+"""Greedy generation on held-out prompts and the task accuracy it gives: whether a model, decoding on its own,
+answers right, which teacher-forced perplexity and KL do not measure."""
 
 from collections.abc import Callable
 

@@ -26,7 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.losses.checks import check_mask
-from pipeline.losses.fused_ce_kl import default_chunk_rows
+from pipeline.losses.chunked import default_chunk_rows
 from pipeline.losses.kl import LOG_FLOOR
 
 

@@ -19,7 +19,7 @@ Imports only torch.
 import torch
 
 from pipeline.losses.checks import check_mask, check_positive
-from pipeline.losses.fused_ce_kl import SLICE, chunked_logsumexp, default_chunk_rows
+from pipeline.losses.chunked import SLICE, chunked_logsumexp, default_chunk_rows
 from pipeline.losses.kl import LOG_FLOOR, upcast
 
 

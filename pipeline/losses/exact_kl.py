@@ -41,17 +41,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import fused_ce_kl as _fk  # _fk.SLICE read at call time, as chunked_logsumexp does
+from pipeline.losses import chunked  # chunked.SLICE read at call time, as chunked_logsumexp does
 from pipeline.losses.checks import check_mask, check_positive
-from pipeline.losses.fused_ce_kl import (
-    _ce_chunk,
-    _count,
+from pipeline.losses.chunked import (
     add_chunk_grads,
+    ce_chunk,
     chunked_logsumexp,
     default_chunk_rows,
     grad_buffers,
     grad_needs,
     loss_parts,
+    normaliser,
     save_grads,
     scaled_grads,
     targets_and_counts,
@@ -60,7 +60,7 @@ from pipeline.losses.fused_ce_kl import (
 
 def _logits_into(out: torch.Tensor, h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """out (C, V) float32 <- h W^T (+ b), SLICE rows at a time, the matmul in W's dtype like the model's lm_head."""
-    for h_s, o_s in zip(h.split(_fk.SLICE), out.split(_fk.SLICE)):
+    for h_s, o_s in zip(h.split(chunked.SLICE), out.split(chunked.SLICE)):
         if W.dtype == torch.float32:
             torch.mm(h_s.float(), W.T, out=o_s)  # straight into the buffer, no temporary
         else:
@@ -94,7 +94,7 @@ def _divergence_(
     teacher log-probs: one pass, SLICE-row temporaries only. (A function, so that the slice views die with it:
     left in the caller's frame they would keep this chunk's buffers alive into the next chunk.)
     """
-    S, lo = _fk.SLICE, torch.finfo(torch.float32).min
+    S, lo = chunked.SLICE, torch.finfo(torch.float32).min
     total = torch.zeros((), device=x.device)
     for x_s, lp_s, m_s, c in zip(x.split(S), lp.split(S), m.split(S), coef.split(S)):  # (S, V), (S, V), (S,), (S, 1)
         lq = (x_s / tau) if tau != 1.0 else x_s.clone()  # (S, V) temporary
@@ -183,7 +183,7 @@ class _FusedCEExactKL(torch.autograd.Function):
                 lp = None
 
             if w_ce:  # CE gradient added into the divergence's buffer (or a new one without the divergence)
-                nll, dx = _ce_chunk(x, targets[r0 : r0 + chunk_rows], c_ce, need_grad, dx)
+                nll, dx = ce_chunk(x, targets[r0 : r0 + chunk_rows], c_ce, need_grad, dx)
                 ce_sum += nll
             x = None  # before dx's bf16 copy and the next chunk's logits: at most two (C, V) buffers live
 
@@ -313,7 +313,7 @@ def naive_ce_exact_kl(
     loss, parts = x.new_zeros(()), {}
     if w_ce:
         nll = F.cross_entropy(x, targets.reshape(R), ignore_index=-100, reduction="sum")
-        parts["ce"] = nll / _count(num_items, (targets != -100).sum()).to(x.dtype)
+        parts["ce"] = nll / normaliser(num_items, (targets != -100).sum()).to(x.dtype)
         loss = loss + w_ce * parts["ce"]
     if w_kl:
         m = check_mask(kl_mask, "kl_mask").reshape(R)
@@ -331,6 +331,6 @@ def naive_ce_exact_kl(
             div = (lq.exp() * (lq - lp)).sum(-1)
         else:
             div = (lp.exp() * (lp - lq)).sum(-1)
-        parts["kl"] = tau**2 * div.sum() / _count(num_items, m.sum()).to(x.dtype)
+        parts["kl"] = tau**2 * div.sum() / normaliser(num_items, m.sum()).to(x.dtype)
         loss = loss + w_kl * parts["kl"]
     return loss, {k: v.detach() for k, v in parts.items()}

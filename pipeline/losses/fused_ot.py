@@ -21,7 +21,7 @@ Imports only torch.
 
 import torch
 
-from pipeline.losses.fused_ce_kl import chunked_logsumexp, default_chunk_rows
+from pipeline.losses.chunked import chunked_logsumexp, default_chunk_rows
 from pipeline.losses.ot import OTSolver, check_masks, cost_from_similarity, cost_spread, reduce_sequences, teacher_topk
 from pipeline.losses.sinkhorn import SinkhornResult
 

@@ -16,8 +16,8 @@ from pipeline.losses.implicit import ot_loss
 from pipeline.losses.kl import upcast
 from pipeline.losses.sinkhorn import SinkhornResult
 
-# Default entropic regularisation for the OT losses; see `ot_hidden_loss` for why not the lambda of
-# the user's original design notes.
+# Default entropic regularisation for the OT losses; see `ot_hidden_loss` for why not eps = 10 (lambda = 0.1 in the
+# <T, C> - (1/lambda) H(T) form).
 OT_EPS = 0.05
 
 
@@ -163,10 +163,11 @@ def ot_hidden_loss(
     step supplies the exact implicit dL/dC (solver.objective="linear") or T* ("regularized", which
     optimises <T*, C> - eps H(T*) instead; see pipeline/losses/sinkhorn.py).
 
-    solver.eps: the user's original design notes write <T, C> - (1/lambda) H(T), so eps = 1/lambda. Their "lambda = 0.1"
-        would be eps = 10: with C in [0, 1] the plan would be ~exp(-C/10) ~ uniform, so the loss would only see
-        mean(C) and no alignment at all. Default 0.05 (OTT-JAX's relative default is 0.05 * std(C)); note that
-        C's spread shrinks like 1/M for soft similarities, so a fixed eps is relatively looser on long sequences.
+    solver.eps: the entropic problem min <T, C> - eps H(T) is also written with 1/lambda for eps, so eps = 1/lambda
+        and lambda = 0.1 would be eps = 10: with C in [0, 1] the plan would be ~exp(-C/10) ~ uniform, so the
+        loss would only see mean(C) and no alignment at all. Default 0.05 (OTT-JAX's relative default is
+        0.05 * std(C)); note that C's spread shrinks like 1/M for soft similarities, so a fixed eps is relatively
+        looser on long sequences.
         eps_scale="std" makes eps relative to each sequence's std(C) instead (see `relative_eps`).
     reduction: "mean" over sequences with at least one valid token on each side, or "sum". Sequences with
         none contribute 0.

@@ -28,7 +28,7 @@ Converged sequences stop changing (and leave the working batch once half of it i
 does not depend on its batch mates (up to the rounding of batched products, and for a fixed domain).
 
 Two objectives can be differentiated (`ot_loss`):
-- "linear":      <T*, C>, the loss of the user's original design notes. T* depends on C, so dL/dC != T*; the
+- "linear":      <T*, C>, the transport cost of the plan (the losses' default). T* depends on C, so dL/dC != T*; the
                  gradient comes from implicit differentiation of the Sinkhorn fixed point (derivation at
                  `_linear_grad`).
 - "regularized": <T*, C> - eps * H(T*) = <T*, C> + eps * sum T* log T*. By the envelope theorem its
@@ -436,7 +436,7 @@ def sinkhorn(
     C: (B, N, M) cost (any finite values; entries on padding are ignored, they may be garbage).
     a_mask: (B, N) bool, b_mask: (B, M) bool, True on real tokens (other dtypes: TypeError). N != M and
          N_valid != M_valid are fine.
-    eps: entropic regularisation (1/lambda in the user's original design notes), > 0 (else ValueError): a float,
+    eps: entropic regularisation (1/lambda in the form <T, C> - (1/lambda) H(T)), > 0 (else ValueError): a float,
          or a (B,) tensor with one value per sequence (relative eps, see `ot_loss`).
     tol: a sequence stops once the L1 marginal error (rows + columns) of its plan is <= tol; default
          `default_tol(C.dtype)`.

@@ -38,7 +38,7 @@ STORED_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 FUSED_SLICE, FUSED_CHUNK_ELEMS = (
     128,
     2**26,
-)  # pipeline/losses/fused_ce_kl.py SLICE, CHUNK_ELEMS (tests check they match)
+)  # pipeline/losses/chunked.py SLICE, CHUNK_ELEMS (tests check they match)
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,7 @@ def infer_layer_bytes(arch: Arch, a: int, padded: bool, seq: int) -> float:
 
 
 def fused_chunk_rows(vocab: int) -> int:
-    """pipeline/losses/fused_ce_kl.py default_chunk_rows: one (rows, V) fp32 buffer holds 2^26 logits."""
+    """pipeline/losses/chunked.py default_chunk_rows: one (rows, V) fp32 buffer holds 2^26 logits."""
     return max(FUSED_SLICE, FUSED_CHUNK_ELEMS // vocab)
 
 
@@ -293,7 +293,7 @@ def exact_loss_bytes(rows: int, vocab: int, vocab_logits: int, d: int, D: int, h
 
 
 def teacher_head_bytes(rows: int, D: int, stored_bytes: int, bias: bool = False) -> float:
-    """The exact teacher's lm_head in Stage 2 (pipeline/teacher/head.py load_teacher_head, a DistillModel buffer):
+    """The exact teacher's lm_head in Stage 2 (pipeline/distill/head.py load_teacher_head, a DistillModel buffer):
     its first `rows` rows (the tokenizer's size) of D, in the checkpoint's dtype, and its bias if it has one (the
     Qwen2 / Qwen3 / Llama heads have none)."""
     return stored_bytes * rows * (D + bias)

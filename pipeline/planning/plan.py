@@ -124,7 +124,7 @@ def teacher_name(cfg: Config) -> str:
 
 def cached_tokenizer_size(cfg: Config, t: mm.Arch) -> int | None:
     """The teacher tokenizer's size as Stage 1 recorded it in the provenance of distill.cache's train split (the rows
-    of the teacher's lm_head that Stage 2 keeps, pipeline/teacher/head.py), if that cache exists and was made by a
+    of the teacher's lm_head that Stage 2 keeps, pipeline/distill/head.py), if that cache exists and was made by a
     teacher of t's logits and hidden sizes; else None. Reads the store's zarr.json only (no zarr, no torch)."""
     f = Path(cfg.distill.cache) / "train.zarr" / "zarr.json"
     try:
@@ -268,7 +268,7 @@ def stage2(cfg: Config, s: mm.Arch, t: mm.Arch, seq: int) -> Budget:
         )
     )
     if exact:
-        # the teacher's lm_head (pipeline/teacher/head.py), a DistillModel buffer: sliced to the tokenizer's rows
+        # the teacher's lm_head (pipeline/distill/head.py), a DistillModel buffer: sliced to the tokenizer's rows
         n = cached_tokenizer_size(cfg, t)
         where = "cache's tokenizer size" if n else "config vocab_size"  # no cache yet: the logits width
         dt = {"float32": "fp32", "float16": "fp16"}.get(t.stored_dtype, "bf16")

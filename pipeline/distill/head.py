@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from cache.errors import CacheMismatchError
-from pipeline.models import ModelLoadError, _from_pretrained, model_hash
+from pipeline.models import ModelLoadError, load_pretrained, model_hash
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -24,7 +24,7 @@ SINGLE = "model.safetensors"
 
 class _HubFile:
     """hf_hub_download behind the `from_pretrained` interface, so that a hub problem (offline, unreachable, no
-    such repo or file) gets `_from_pretrained`'s one-line ModelLoadError and its quick offline fallback."""
+    such repo or file) gets `load_pretrained`'s one-line ModelLoadError and its quick offline fallback."""
 
     @staticmethod
     def from_pretrained(repo_id: str, filename: str, **kwargs) -> str:
@@ -58,7 +58,7 @@ def _weight_files(source: str) -> tuple[dict[str, str], Callable[[str], str]]:
         return names, local
     # A hub name: Stage 1 loaded the same repo with from_pretrained, so the index and the shard are normally in the
     # local HF cache already (nothing is downloaded); only the index and the head's shard are ever fetched.
-    fetch = lambda name: _from_pretrained(_HubFile, source, filename=name)  # noqa: E731
+    fetch = lambda name: load_pretrained(_HubFile, source, filename=name)  # noqa: E731
     try:
         index = fetch(INDEX)
     except ModelLoadError:  # a single-file checkpoint has no index
