@@ -80,7 +80,7 @@ def private_uses(path: Path, root: Path = ROOT) -> list[str]:
     return hits
 
 
-def tests_imports(path: Path, root: Path = ROOT) -> list[str]:
+def imports_from_tests(path: Path, root: Path = ROOT) -> list[str]:
     """`file:line module` for every import of tests/ (or of a bare `conftest`) in `path`."""
     hits = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -107,7 +107,7 @@ def test_no_module_uses_another_modules_private_names():
 def test_bench_imports_nothing_from_tests():
     files = py_files("bench")
     assert files
-    hits = [h for p in files for h in tests_imports(p)]
+    hits = [h for p in files for h in imports_from_tests(p)]
     assert hits == [], "bench/ imports from tests/ (move what it needs under bench/):\n" + "\n".join(hits)
 
 
@@ -155,4 +155,4 @@ def test_the_bench_check_can_fail(source, n, tmp_path):
     path = tmp_path / "bench/x.py"
     path.parent.mkdir()
     path.write_text(source + "\n")
-    assert len(tests_imports(path, tmp_path)) == n
+    assert len(imports_from_tests(path, tmp_path)) == n
