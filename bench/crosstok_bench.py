@@ -118,7 +118,7 @@ def main():
         for name, (c, model, blocks, collate, opt) in runs.items():  # noqa: B007
             batch = collate([blocks[step % len(blocks)]])
             t = time.perf_counter()
-            loss, _ = model(**batch)
+            loss, _ = model(batch)
             loss.backward()
             opt.step()
             opt.zero_grad()

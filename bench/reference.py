@@ -20,7 +20,7 @@ def reference_loss(model, batch: dict, num_items=None) -> tuple[torch.Tensor, di
     from pipeline.losses.kl import ce_loss, topk_kl_loss
     from pipeline.losses.ot import OTSolver, ot_hidden_loss, ot_logits_loss
 
-    d, V = model.d, model.vocab_size
+    d, V = model.cfg, model.vocab_size
     pos, mask = batch["row_pos"], batch["row_mask"]  # (B, M)
     n = mask.sum() if num_items is None else num_items
     out = model.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)

@@ -91,7 +91,7 @@ def worker(fused: bool, steps: int):
     batch = make_batch(g)
 
     def step():
-        loss, logs = model(**batch) if fused else reference_loss(model, batch)
+        loss, logs = model(batch) if fused else reference_loss(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

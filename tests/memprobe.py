@@ -122,7 +122,7 @@ def ot(B, N, V, d, D, k, hidden, logits, max_iter=50, seed=0):
 
 
 def tok_ot(R, n, k, d, D, V, seed=0):
-    """The token-level OT as DistillModel._token_terms runs it: the student's n embedding rows and the teacher's k
+    """The token-level OT as terms.tok_ot runs it: the student's n embedding rows and the teacher's k
     rows gathered by id, token_ot_loss through the learned P_e. saved: what the forward leaves alive for the
     backward; peak: forward + backward."""
     import torch

@@ -1,4 +1,4 @@
-"""pipeline/config.py: params.yaml and the dataclass defaults are one source of truth, and every value is
+"""pipeline/config/: params.yaml and the dataclass defaults are one source of truth, and every value is
 validated (type, choices, range) before any stage imports torch or loads a model."""
 
 import dataclasses

@@ -386,9 +386,9 @@ def test_cross_mode_with_the_teachers_own_tokenizer_equals_the_same_tokenizer_lo
         == torch.arange(cross["row_mask"].shape[1]).expand_as(cross["row_mask"])[cross["row_mask"]]
     ).all()
     model = distill.build_model(d, cache.provenance["hidden_size"], len(tok), 0, None, (events.first_piece, len(tok)))
-    _, a = model(**same)
+    _, a = model(same)
     d.cross_tokenizer = True
-    _, b = model(**cross)
+    _, b = model(cross)
     for k in ("ce", "kl", "ot_hidden", "ot_logits", "uld", "tok_ot"):
         torch.testing.assert_close(b[k], a[k], rtol=2e-5, atol=1e-6, msg=k)
     assert b["kl_aligned_rows"] == 1 and b["mapped_mass"] == 1

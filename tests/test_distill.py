@@ -187,7 +187,7 @@ def test_gradient_accumulation_adds_up_to_the_whole_batch(cached, tmp_path):
     got = []
     for parts in ([reads], [reads[:4], reads[4:]]):
         model.zero_grad()
-        loss = sum(model(**collate(r, tok.pad_token_id), num_items_in_batch=n, n_micro=len(parts))[0] for r in parts)
+        loss = sum(model(collate(r, tok.pad_token_id), num_items_in_batch=n, n_micro=len(parts))[0] for r in parts)
         loss.backward()
         got.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-5, atol=1e-6)
@@ -322,7 +322,7 @@ def test_fused_step_equals_the_full_logits_reference(cached, tmp_path, weights):
     P = init_projection(D, d, torch.Generator().manual_seed(0)) if weights["w_ot"] else None
     model = DistillModel(load_student(cfg.distill), cfg.distill, len(tok), P)
     got = {}
-    for name, step in (("fused", lambda: model(**batch)), ("reference", lambda: reference_loss(model, batch))):
+    for name, step in (("fused", lambda: model(batch)), ("reference", lambda: reference_loss(model, batch))):
         model.zero_grad()
         loss, logs = step()
         loss.backward()
@@ -363,7 +363,7 @@ def test_sharp_ot_on_the_embedded_data_is_finite_and_converges(cached, tmp_path,
     model = DistillModel(
         load_student(cfg.distill), cfg.distill, len(tok), init_projection(D, d, torch.Generator().manual_seed(0))
     )
-    loss, logs = model(**batch)
+    loss, logs = model(batch)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logs["ot_hidden"]) and torch.isfinite(logs["ot_logits"])
     assert logs["sinkhorn_capped_hidden"] == 0 and logs["sinkhorn_capped_logits"] == 0, logs

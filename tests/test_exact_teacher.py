@@ -89,7 +89,7 @@ def test_exact_kl_step_equals_a_float64_reference(cached, tmp_path):
     batch = collate(c.read_many(range(0, len(c), len(c) // 6), cache_fields(cfg.distill)), tok.pad_token_id)
     head = load_teacher_head(cfg.distill.teacher_head, c.provenance)
     model = DistillModel(load_student(cfg.distill), cfg.distill, len(tok), None, teacher_head=head)
-    loss, parts = model(**batch)
+    loss, parts = model(batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -170,7 +170,7 @@ def test_low_rank_cache_folds_the_basis_into_the_head(cached, tmp_path):
         batch = collate(c.read_many(idx, fields), tok.pad_token_id)
         model = DistillModel(student, d, len(tok), None, teacher_head=t_head)
         model.zero_grad()
-        loss, parts = model(**batch)
+        loss, parts = model(batch)
         loss.backward()
         got[name] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert "teacher_code" in batch and "teacher_hidden" not in batch and batch["teacher_code"].shape[-1] == 16

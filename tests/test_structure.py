@@ -6,6 +6,8 @@
   in its home module, so renaming or changing a private one can only break its own module.
 - bench/ imports nothing from tests/: a benchmark runs without the test suite (tests/conftest.py imports pytest
   and sets test-only environment on import); what both need lives under bench/ or in the library.
+- Layers point one way, stages -> pipeline -> cache, and the loss functions (pipeline/losses/) import only torch and
+  each other, so they can be read, tested and reused without the rest of the project.
 """
 
 import ast
@@ -93,6 +95,44 @@ def imports_from_tests(path: Path, root: Path = ROOT) -> list[str]:
     return hits
 
 
+def imported_modules(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import in `path`, relative ones resolved."""
+    own, is_package = module_of(path, root), path.name == "__init__.py"
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            out.append((node.lineno, absolute(node, own, is_package)))
+    return out
+
+
+# folder -> the top-level project packages its code may import (besides its own folder and third-party code)
+LAYERS = {"cache": set(), "pipeline": {"cache"}, "pipeline/losses": set()}
+PROJECT = ("stages", "pipeline", "cache", "bench", "tests")
+
+
+def layer_violations(folder: str, root: Path = ROOT) -> list[str]:
+    """`file:line module` for every import in `folder` of project code outside what LAYERS allows it; for
+    pipeline/losses also of any third-party package but torch (the standard library is fine)."""
+    import sys
+
+    own = folder.replace("/", ".")
+    hits = []
+    for path in py_files(folder, root=root):
+        for line, module in imported_modules(path, root):
+            top = module.split(".")[0]
+            if module == own or module.startswith(own + "."):
+                continue
+            if folder == "pipeline/losses":
+                bad = top != "torch" and top not in sys.stdlib_module_names and top != "__future__"
+            else:
+                bad = top in PROJECT and top != own.split(".")[0] and top not in LAYERS[folder]
+            if bad:
+                hits.append(f"{path.relative_to(root)}:{line} {module}")
+    return hits
+
+
 def py_files(*folders: str, root: Path = ROOT) -> list[Path]:
     return sorted(p for f in folders for p in (root / f).rglob("*.py"))
 
@@ -109,6 +149,33 @@ def test_bench_imports_nothing_from_tests():
     assert files
     hits = [h for p in files for h in imports_from_tests(p)]
     assert hits == [], "bench/ imports from tests/ (move what it needs under bench/):\n" + "\n".join(hits)
+
+
+@pytest.mark.parametrize("folder", list(LAYERS))
+def test_imports_point_down_the_layers(folder):
+    assert py_files(folder)
+    hits = layer_violations(folder)
+    assert hits == [], f"{folder} imports what its layer must not:\n" + "\n".join(hits)
+
+
+@pytest.mark.parametrize(
+    "folder, source, n",
+    [
+        ("cache", "from pipeline.models import x", 1),
+        ("cache", "import stages.common", 1),
+        ("cache", "from cache.reader import open_cache\nimport numpy", 0),
+        ("pipeline", "from stages.common import app", 1),
+        ("pipeline", "from cache.reader import open_cache", 0),
+        ("pipeline/losses", "import numpy as np", 1),
+        ("pipeline/losses", "from pipeline.models import x", 1),
+        ("pipeline/losses", "import math\nimport torch.nn.functional as F\nfrom .kl import LOG_FLOOR", 0),
+    ],
+)
+def test_the_layer_check_can_fail(folder, source, n, tmp_path):
+    path = tmp_path / folder / "x.py"
+    path.parent.mkdir(parents=True)
+    path.write_text(source + "\n")
+    assert len(layer_violations(folder, tmp_path)) == n
 
 
 VIOLATIONS = {

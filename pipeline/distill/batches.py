@@ -23,8 +23,10 @@ from pipeline.config.distill import DistillConfig
 from pipeline.data.records import IGNORE, tokenizer_hash
 from pipeline.losses.kl import LOG_FLOOR
 
-# The loss terms Stage 2 logs and plots, in table order; each has a weight distill.w_<name>.
-COMPONENTS = ("ce", "kl", "ot_hidden", "ot_logits")
+# Every loss term Stage 2 logs, in the order of the loss table (pipeline/distill/terms.py TERMS, which checks it
+# on import): the loss curves' first columns and the run's metrics. Here rather than there because evaluation draws
+# the curves and must not import loss code.
+TERM_NAMES = ("uld", "tok_ot", "ce", "kl", "chunk_kl", "alm", "ot_hidden", "ot_logits")
 
 
 class Batch(TypedDict, total=False):

@@ -26,7 +26,7 @@ from cache.schema import EMBEDDINGS_FILE
 from pipeline.config.base import save_config
 from pipeline.config.distill import DistillConfig, DistillParams
 from pipeline.distill import crosstok
-from pipeline.distill.batches import COMPONENTS, BlockCollator, cache_fields, curves_path, open_checked
+from pipeline.distill.batches import TERM_NAMES, BlockCollator, cache_fields, curves_path, open_checked
 from pipeline.distill.chunks import ChunkEvents
 from pipeline.distill.crosstok import CrossBlocks, StudentSide, load_teacher_tokenizer
 from pipeline.distill.head import load_teacher_head
@@ -58,7 +58,7 @@ class DistillTrainer(Trainer):
         # means, so each micro-batch contributes 1/n_micro of them (CE/KL are normalised by num_items_in_batch).
         world = self.accelerator.num_processes
         n_micro = self.current_gradient_accumulation_steps * world if model.training else 1
-        loss, parts = model(**inputs, num_items_in_batch=num_items_in_batch, n_micro=n_micro)
+        loss, parts = model(inputs, num_items_in_batch=num_items_in_batch, n_micro=n_micro)
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items() if not k.startswith("sinkhorn_"))
             where = f"training step {self.state.global_step + 1}" if model.training else "evaluation"
@@ -113,7 +113,7 @@ class DistillTrainer(Trainer):
         capped = {k: v for k, v in logs.items() if "sinkhorn_capped_" in k and v > SINKHORN_CAPPED_WARN}
         if capped and not self._warned_capped:
             self._warned_capped = True
-            d = self.model.d
+            d = self.model.cfg
             warnings.warn(
                 f"Sinkhorn did not reach distill.ot.tol={d.ot.tol} within "
                 f"distill.ot.max_iter={d.ot.max_iter} for "
@@ -152,7 +152,7 @@ class CurvesCallback(TrainerCallback):
         for path, prefix in ((self.path, ""), (self.eval_path, "eval_")):
             rows = [r for r in state.log_history if prefix + "loss" in r]
             if rows:
-                _write_tsv(path, rows, ["step", "epoch", *(prefix + c for c in ("loss", *COMPONENTS))])
+                _write_tsv(path, rows, ["step", "epoch", *(prefix + c for c in ("loss", *TERM_NAMES))])
 
 
 def _write_tsv(path: Path, rows: list[dict], first: list[str]) -> None:
@@ -251,6 +251,7 @@ def training_args(d: DistillConfig, seed: int) -> TrainingArguments:
         eval_steps=d.eval_steps or None,
         prediction_loss_only=True,
         remove_unused_columns=False,  # the collator's teacher tensors must survive
+        label_names=["labels"],  # forward takes the batch whole: name its labels, or evaluation computes no loss
         # data-parallel (torchrun / accelerate launch): the buffers are constants (the exact teacher's lm_head is
         # 1 GB at 7B), DDP must not re-send them from rank 0 at every forward
         ddp_broadcast_buffers=False,
@@ -364,7 +365,7 @@ def run(cfg: DistillParams, callbacks: tuple = ()) -> dict:
     metrics = {
         "train_loss": result.training_loss,
         "steps": trainer.state.global_step,
-        **{k: last[-1][k] for k in COMPONENTS if last and k in last[-1]},
+        **{k: last[-1][k] for k in TERM_NAMES if last and k in last[-1]},
     }
     if not all(math.isfinite(v) for v in metrics.values()):
         raise NonFiniteLossError(f"non-finite training metrics {metrics}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib
 import yaml
 
-from pipeline.distill.batches import COMPONENTS
+from pipeline.distill.batches import TERM_NAMES
 
 matplotlib.use("Agg")  # files only, no display; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
@@ -50,7 +50,7 @@ def training_curves(models: dict[str, str], plots: str) -> dict[str, dict]:
 
 def plot_curves(curves: dict[str, dict], path: Path) -> None:
     """One panel per loss component, one line per trained model (nothing to draw still gives a figure)."""
-    panels = [k for k in ("loss", *COMPONENTS) if any(k in c for c in curves.values())] or ["loss"]
+    panels = [k for k in ("loss", *TERM_NAMES) if any(k in c for c in curves.values())] or ["loss"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     color = {name: f"C{i}" for i, name in enumerate(curves)}  # one colour per model across all panels
     for ax, key in zip(axes[0], panels):

@@ -341,7 +341,7 @@ def ot_bytes(B: int, N: int, M: int, vocab: int, k: int, hidden: bool, logits: b
 
 def tok_ot_bytes(rows: int, n: int, k: int, d: int, D: int) -> tuple[float, float]:
     """The token-level OT of cross-tokenizer distillation (distill.w_tok_ot; pipeline/losses/crosstok.py
-    token_ot_loss as DistillModel._token_terms calls it). Per supervised row it gathers the student's n = tok_ot_k
+    token_ot_loss as terms.tok_ot calls it). Per supervised row it gathers the student's n = tok_ot_k
     embedding rows (d wide) and the teacher's k cached top-k embedding rows (D wide), projects the teacher's by P_e
     (k x d), normalises both sides and solves an n x k problem. Returns (saved, working):
 
