@@ -12,6 +12,8 @@ Measured on the real artifacts of `dvc repro` (artifacts/cache, artifacts/base/s
               same      the embedded default's student, its own (= the teacher's) tokenizer, CE + KL + both OT
               cross     the cross-tokenizer student (same shape), CE + aligned KL + both OT
               cross_all cross + ULD + token-level OT
+              cross_ce  the cross-tokenizer student, CE only (the cost baseline of the chunk losses)
+              cross_chunk_kl  CE + the chunk-level KL;  cross_alm  CE + chunk likelihood matching
             median seconds over --steps steps after one warm-up, the three interleaved step by step in one process
             (this machine is noisy: only the ratios within one run mean something).
   solver    the token-level OT's Sinkhorn (`entropic_ot`, weighted marginals, batched) against POT's log-domain
@@ -37,9 +39,10 @@ def main():
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument(
         "--only",
-        choices=["coverage", "all"],
+        choices=["coverage", "step", "all"],
         default="all",
-        help="coverage: only the alignment coverage (no step timing, no solver comparison)",
+        help="coverage: only the alignment coverage (no step timing, no solver comparison); step: coverage and step "
+        "times, no solver comparison (the results files then keep no solver table)",
     )
     args = ap.parse_args()
 
@@ -50,7 +53,8 @@ def main():
     from pipeline.config.params import load_config
     from pipeline.distill import train
     from pipeline.distill.batches import BlockCollator, cache_fields
-    from pipeline.distill.crosstok import CrossBlocks, StudentSide, load_teacher_tokenizer, token_map
+    from pipeline.distill.chunks import ChunkEvents
+    from pipeline.distill.crosstok import CrossBlocks, StudentSide, load_teacher_tokenizer, token_bytes, token_map
     from pipeline.models import load_tokenizer
 
     torch.set_num_threads(2)
@@ -94,24 +98,32 @@ def main():
         return
 
     # step time: same-tokenizer vs cross-tokenizer, the same blocks, interleaved
+    events = ChunkEvents(token_bytes(teacher_tok), token_bytes(x_tok), tmap)
+    with_events = StudentSide(cfg.data, x_tok, teacher_tok, log=lambda *_: None, events=events)
+
     def setup(student, cross, **w):
         c = copy.deepcopy(d)
         c.student, c.cross_tokenizer = student, cross
         for k, v in w.items():
             setattr(c, k, v)
         tok = load_tokenizer(student)
-        model = train.build_model(c, cache.provenance["hidden_size"], len(tok), cfg.seed)
+        chunk = (events.first_piece, len(teacher_tok)) if c.w_chunk_kl else None
+        model = train.build_model(c, cache.provenance["hidden_size"], len(tok), cfg.seed, None, chunk)
         blocks = CacheBlocks(cache, c.batch_size, cache_fields(c))
         if cross:
-            blocks = CrossBlocks(blocks, side)
+            blocks = CrossBlocks(blocks, with_events if c.w_chunk_kl else side)
         collate = BlockCollator(tok.pad_token_id, tmap if cross else None)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         return c, model, blocks, collate, opt
 
+    ce_only = {"w_kl": 0.0, "w_ot": 0.0, "w_ot_logits": 0.0}
     runs = {
         "same": setup(d.student, False),
         "cross": setup(x_path, True),
         "cross_all": setup(x_path, True, w_uld=1.0, w_tok_ot=1.0),
+        "cross_ce": setup(x_path, True, **ce_only),
+        "cross_chunk_kl": setup(x_path, True, **ce_only, w_chunk_kl=1.0),
+        "cross_alm": setup(x_path, True, **ce_only, w_alm=1.0),
     }
     times = {k: [] for k in runs}
     for step in range(args.steps + 1):
@@ -125,8 +137,11 @@ def main():
             if step:  # the first step warms up (AdamW state, thread pools)
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    solver = token_ot_vs_pot()
-    steps = {k: {"median_s": med[k], "ratio_to_same": med[k] / med["same"]} for k in runs}
+    solver = token_ot_vs_pot() if args.only == "all" else []
+    steps = {
+        k: {"median_s": med[k], "ratio_to_same": med[k] / med["same"], "ratio_to_cross_ce": med[k] / med["cross_ce"]}
+        for k in runs
+    }
     result = {"coverage": coverage, "step": steps, "steps_timed": args.steps, "threads": 2, "token_ot_solver": solver}
 
     lines = [
@@ -139,11 +154,14 @@ def main():
         f"(student vocabulary {len(x_tok)})",
         "",
         f"step time (median of {args.steps}, one process, interleaved)",
-        "| step | seconds | ratio to same |",
-        "|---|---:|---:|",
+        "| step | seconds | ratio to same | ratio to cross_ce |",
+        "|---|---:|---:|---:|",
     ]
-    lines += [f"| {k} | {v['median_s']:.3f} | {v['ratio_to_same']:.2f} |" for k, v in steps.items()]
     lines += [
+        f"| {k} | {v['median_s']:.3f} | {v['ratio_to_same']:.2f} | {v['ratio_to_cross_ce']:.2f} |"
+        for k, v in steps.items()
+    ]
+    lines += solver and [
         "",
         f"token-level OT solver vs POT (ot.sinkhorn, method sinkhorn_log) on {SOLVER_ROWS} rows x "
         f"{SOLVER_N} x {SOLVER_M}, cost 1 - cosine, random marginals; both at L1 marginal error {SOLVER_TOL:g}",
