@@ -315,7 +315,7 @@ class OTProbe:
         self.X = torch.randn(B, M, d, generator=g)
         self.P = init_projection(D, d, g)
         self.cfg = dcfg
-        self.modes = {"stage2": (torch.float32, dcfg.ot_tol, dcfg.ot_max_iter), "exact": (torch.float64, 1e-10, 20000)}
+        self.modes = {"stage2": (torch.float32, dcfg.ot.tol, dcfg.ot.max_iter), "exact": (torch.float64, 1e-10, 20000)}
         self.ref = None
 
     def run(self, h: np.ndarray) -> dict:

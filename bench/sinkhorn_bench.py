@@ -4,7 +4,7 @@
 
 Problem. B = 4 sequences, d = 64, X ~ N(0, 1) of shape (B, N, d), Y ~ N(0, 1) of shape (B, M, d),
 P ~ N(0, (2/sqrt(d))^2) of shape (d, d), S = X (Y P)^T / sqrt(d), C = 1 - rowsoftmax(S) in [0, 1], uniform
-marginals, loss = mean_b <T*_b, C_b> (the linear OT objective, Stage 2's default ot_objective), gradient
+marginals, loss = mean_b <T*_b, C_b> (the linear OT objective, Stage 2's default ot.objective), gradient
 w.r.t. X. Grid: eps in {0.1, 0.05, 0.01, 0.005} x N = M in {128, 512, 1024, 2048}, plus N = 1024, M = 512 at
 eps 0.05 and 0.01 (--quick: N in {128, 512}, no M != N case). Everything float32 (the training dtype), one
 thread (torch and POT alike: the 2-core box is noisy).
