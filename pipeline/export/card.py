@@ -194,7 +194,8 @@ def model_card(name: str, info: dict) -> str:
         f"- **Student**: `{d.student}`, "
         + ("full fine-tuning" if d.mode == "full" else f"LoRA r={d.lora.r}, alpha={d.lora.alpha}")
         + (f" on its {d.load_in_bits}-bit weights (QLoRA)" if d.load_in_bits != 16 else "")
-        + f"; {o['export']['note']}.",
+        + ("" if d.mode == "full" else f"; {o['export']['note']}")
+        + ".",
         f"- **Teacher**: `{o['teacher']['name']}` (hash {o['teacher']['hash']}).",
         f"- **Data**: `{o['data']['path']}` ({o['data']['template']} template, max_length {o['data']['max_length']}; "
         f"{o['data']['train_sequences']} cached training sequences, {o['data']['supervised_tokens']} supervised "

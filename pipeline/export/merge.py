@@ -39,10 +39,11 @@ ARCHITECTURE = (
 """The config fields that make two checkpoints the same network shape (an adapter fits only its own)."""
 PROBE_SHAPE = (2, 32)
 """(B, N) token ids on which the export's logits are compared with the trained student's."""
-TOLERANCE_EPS = 16
+TOLERANCE_EPS = 8
 """Tolerance of the logits' relative error (see relative_error) in units of the dtype's machine epsilon. Measured on
-the tiny students: 1.1-1.6 eps in bf16 and up to 4.5 eps in float32 (merging reorders the float32 sums), while a
-lost or misscaled LoRA update, or the untrained student, moves the logits by a relative 0.1-1."""
+the tiny students: 1.1-1.6 eps in bf16 and up to 4.5 eps in float32 (merging reorders the float32 sums), 0.5 eps for
+the embedded default's student in bf16, while a lost or misscaled LoRA update, or the untrained student, moves the
+logits by a relative 0.1-1 (bf16: 8 eps = 0.06). The merge itself is checked in float32 first (MERGE_SHARE)."""
 MERGE_SHARE = 0.01
 """Largest relative error of merged vs unmerged logits (float32) as a share of how far the adapter moves them."""
 MAX_WEIGHT_DISTANCE = 0.5
