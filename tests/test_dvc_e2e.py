@@ -49,7 +49,7 @@ def changed(repo: Path) -> set[str]:
 @pytest.mark.slow
 def test_repro_runs_everything_then_nothing_then_only_stage2(repo):
     log = sh("dvc", "repro", cwd=repo)
-    assert ran(log) == {"prepare", "finetune_teacher", "cache_teacher"} | STAGE2
+    assert ran(log) == {"prepare", "finetune_teacher", "cache_teacher", "export_student"} | STAGE2
     m = metrics = json.loads((repo / "artifacts/metrics/metrics.json").read_text())
     base, distilled = m["student_base"], m["student_distilled"]
     assert distilled["kl_teacher"] < base["kl_teacher"] and distilled["perplexity"] < base["perplexity"]
@@ -58,6 +58,9 @@ def test_repro_runs_everything_then_nothing_then_only_stage2(repo):
         assert m[name]["kl_teacher"] is None and 0 < m[name]["bits_per_char"] < m["student_base"]["bits_per_char"]
     assert (repo / "artifacts/metrics/metrics.md").exists() and (repo / "artifacts/metrics/curves.png").exists()
     assert (repo / "dvc.lock").exists()
+    export = repo / "artifacts/export"  # the distilled student, merged and ready to serve, with its model card
+    assert (export / "config.json").exists() and list(export.glob("*.safetensors"))
+    assert (export / "README.md").read_text().startswith("---\n") and not (export / "projection.pt").exists()
 
     assert ran(sh("dvc", "repro", cwd=repo)) == set()  # nothing changed, nothing runs
     assert all(metrics["versions"][k] for k in ("python", "torch", "transformers", "tokenizers", "peft", "zarr"))
@@ -79,4 +82,4 @@ def test_repro_runs_everything_then_nothing_then_only_stage2(repo):
     cfg = load_config(repo / "params.yaml")
     cfg.distill.max_steps = 3  # a Stage-2 parameter only (and a short rerun of the five Stage-2 stages)
     save_config(cfg, repo / "params.yaml")
-    assert ran(sh("dvc", "repro", cwd=repo)) == STAGE2
+    assert ran(sh("dvc", "repro", cwd=repo)) == STAGE2 | {"export_student"}  # a new student is exported again
